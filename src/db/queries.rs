@@ -1,0 +1,448 @@
+//! Typed queries: one function per question or change, each one statement or one transaction.
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use serde::Serialize;
+
+use super::now_ms;
+use crate::domain::{DeploymentId, DeploymentStatus, Stage, StageStatus, Trigger};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Deployment {
+    pub id: DeploymentId,
+    pub app: String,
+    pub status: DeploymentStatus,
+    pub trigger: String,
+    pub branch: String,
+    pub commit_sha: Option<String>,
+    pub commit_message: Option<String>,
+    pub author: Option<String>,
+    pub version: Option<String>,
+    pub port: Option<u16>,
+    pub bundle_key: Option<String>,
+    pub bundle_sha256: Option<String>,
+    pub error: Option<String>,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+}
+
+const DEPLOYMENT_COLUMNS: &str = "id, app, status, trigger, branch, commit_sha, commit_message, \
+     author, version, port, bundle_key, bundle_sha256, error, created_at, started_at, finished_at";
+
+impl Deployment {
+    fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
+        let status: String = row.get(2)?;
+        Ok(Self {
+            id: row.get(0)?,
+            app: row.get(1)?,
+            status: DeploymentStatus::parse(&status).unwrap_or(DeploymentStatus::Interrupted),
+            trigger: row.get(3)?,
+            branch: row.get(4)?,
+            commit_sha: row.get(5)?,
+            commit_message: row.get(6)?,
+            author: row.get(7)?,
+            version: row.get(8)?,
+            port: row.get(9)?,
+            bundle_key: row.get(10)?,
+            bundle_sha256: row.get(11)?,
+            error: row.get(12)?,
+            created_at: row.get(13)?,
+            started_at: row.get(14)?,
+            finished_at: row.get(15)?,
+        })
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StageRow {
+    pub name: Stage,
+    pub status: StageStatus,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub log: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Live {
+    pub app: String,
+    pub port: u16,
+    pub profile: String,
+    pub version: Option<String>,
+    pub deployment_id: Option<DeploymentId>,
+    pub since: i64,
+}
+
+/// What became of an enqueue request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Enqueued {
+    New {
+        id: DeploymentId,
+        superseded: Vec<DeploymentId>,
+    },
+    /// The delivery was seen before; `id` is what it made then (None: it made nothing).
+    Duplicate { id: Option<DeploymentId> },
+}
+
+/// Records a deployment and its pending stages, and supersedes the app's queued ones; with a
+/// delivery id, a second call for the same delivery changes nothing.
+pub fn enqueue(conn: &mut Connection, trigger: &Trigger) -> rusqlite::Result<Enqueued> {
+    let tx = conn.transaction()?;
+    let now = now_ms();
+    if let Some((source, delivery_id)) = &trigger.delivery {
+        let inserted = tx.execute(
+            "INSERT OR IGNORE INTO deliveries (source, delivery_id, received_at) VALUES (?1, ?2, ?3)",
+            params![source, delivery_id, now],
+        )?;
+        if inserted == 0 {
+            let id = tx.query_row(
+                "SELECT deployment_id FROM deliveries WHERE source = ?1 AND delivery_id = ?2",
+                params![source, delivery_id],
+                |row| row.get(0),
+            )?;
+            return Ok(Enqueued::Duplicate { id });
+        }
+    }
+    let superseded = {
+        let mut stmt = tx.prepare(
+            "UPDATE deployments SET status = 'superseded', finished_at = ?2,
+                 error = 'a newer deployment was queued'
+             WHERE app = ?1 AND status = 'queued' RETURNING id",
+        )?;
+        stmt.query_map(params![trigger.app.as_str(), now], |row| row.get(0))?
+            .collect::<rusqlite::Result<Vec<DeploymentId>>>()?
+    };
+    for id in &superseded {
+        tx.execute(
+            "UPDATE stages SET status = 'skipped' WHERE deployment_id = ?1",
+            [id],
+        )?;
+    }
+    tx.execute(
+        "INSERT INTO deployments (app, status, trigger, branch, commit_sha, commit_message, author, created_at)
+         VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            trigger.app.as_str(),
+            trigger.kind.as_str(),
+            trigger.branch,
+            trigger.commit.as_ref().map(|c| c.as_str()),
+            trigger.message,
+            trigger.author,
+            now
+        ],
+    )?;
+    let id = tx.last_insert_rowid();
+    {
+        let mut stmt = tx.prepare(
+            "INSERT INTO stages (deployment_id, position, name, status) VALUES (?1, ?2, ?3, 'pending')",
+        )?;
+        for (position, stage) in Stage::ALL.iter().enumerate() {
+            stmt.execute(params![id, position, stage.as_str()])?;
+        }
+    }
+    if let Some((source, delivery_id)) = &trigger.delivery {
+        tx.execute(
+            "UPDATE deliveries SET deployment_id = ?3 WHERE source = ?1 AND delivery_id = ?2",
+            params![source, delivery_id, id],
+        )?;
+    }
+    tx.commit()?;
+    Ok(Enqueued::New { id, superseded })
+}
+
+/// Records a webhook delivery that deploys nothing (ignored event), so a redelivery is
+/// answered the same way. Returns false when it was already recorded.
+pub fn record_delivery(
+    conn: &Connection,
+    source: &str,
+    delivery_id: &str,
+) -> rusqlite::Result<bool> {
+    let inserted = conn.execute(
+        "INSERT OR IGNORE INTO deliveries (source, delivery_id, received_at) VALUES (?1, ?2, ?3)",
+        params![source, delivery_id, now_ms()],
+    )?;
+    Ok(inserted == 1)
+}
+
+/// Takes the app's queued deployment (there is at most one) and marks it running.
+pub fn claim_next(conn: &mut Connection, app: &str) -> rusqlite::Result<Option<Deployment>> {
+    let tx = conn.transaction()?;
+    let id: Option<DeploymentId> = tx
+        .query_row(
+            "SELECT id FROM deployments WHERE app = ?1 AND status = 'queued' ORDER BY id LIMIT 1",
+            [app],
+            |row| row.get(0),
+        )
+        .optional()?;
+    let Some(id) = id else { return Ok(None) };
+    tx.execute(
+        "UPDATE deployments SET status = 'running', started_at = ?2 WHERE id = ?1",
+        params![id, now_ms()],
+    )?;
+    let deployment = deployment_in(&tx, id)?;
+    tx.commit()?;
+    Ok(deployment)
+}
+
+pub fn deployment(conn: &Connection, id: DeploymentId) -> rusqlite::Result<Option<Deployment>> {
+    deployment_in(conn, id)
+}
+
+fn deployment_in(conn: &Connection, id: DeploymentId) -> rusqlite::Result<Option<Deployment>> {
+    conn.query_row(
+        &format!("SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE id = ?1"),
+        [id],
+        Deployment::from_row,
+    )
+    .optional()
+}
+
+/// Newest first; `app` and `status` filter when given.
+pub fn deployments(
+    conn: &Connection,
+    app: Option<&str>,
+    status: Option<DeploymentStatus>,
+    limit: u32,
+    offset: u32,
+) -> rusqlite::Result<Vec<Deployment>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {DEPLOYMENT_COLUMNS} FROM deployments
+         WHERE (?1 IS NULL OR app = ?1) AND (?2 IS NULL OR status = ?2)
+         ORDER BY id DESC LIMIT ?3 OFFSET ?4"
+    ))?;
+    stmt.query_map(
+        params![app, status.map(|s| s.as_str()), limit, offset],
+        Deployment::from_row,
+    )?
+    .collect()
+}
+
+pub fn stages(conn: &Connection, id: DeploymentId) -> rusqlite::Result<Vec<StageRow>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT name, status, started_at, finished_at, log FROM stages
+         WHERE deployment_id = ?1 ORDER BY position",
+    )?;
+    stmt.query_map([id], |row| {
+        let name: String = row.get(0)?;
+        let status: String = row.get(1)?;
+        Ok(StageRow {
+            name: Stage::parse(&name).unwrap_or(Stage::Fetch),
+            status: StageStatus::parse(&status).unwrap_or(StageStatus::Pending),
+            started_at: row.get(2)?,
+            finished_at: row.get(3)?,
+            log: row.get(4)?,
+        })
+    })?
+    .collect()
+}
+
+pub fn set_commit(
+    conn: &Connection,
+    id: DeploymentId,
+    sha: &str,
+    message: &str,
+    author: &str,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE deployments SET commit_sha = ?2, commit_message = ?3, author = ?4 WHERE id = ?1",
+        params![id, sha, message, author],
+    )?;
+    Ok(())
+}
+
+/// The time the app's newest version was stamped for, in ms.
+pub fn last_stamp(conn: &Connection, app: &str) -> rusqlite::Result<Option<i64>> {
+    conn.query_row(
+        "SELECT MAX(stamped_at) FROM deployments WHERE app = ?1",
+        [app],
+        |row| row.get(0),
+    )
+}
+
+pub fn set_version(
+    conn: &Connection,
+    id: DeploymentId,
+    version: &str,
+    stamped_at: i64,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE deployments SET version = ?2, stamped_at = ?3 WHERE id = ?1",
+        params![id, version, stamped_at],
+    )?;
+    Ok(())
+}
+
+pub fn set_bundle(
+    conn: &Connection,
+    id: DeploymentId,
+    key: &str,
+    sha256: &str,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE deployments SET bundle_key = ?2, bundle_sha256 = ?3 WHERE id = ?1",
+        params![id, key, sha256],
+    )?;
+    Ok(())
+}
+
+pub fn stage_started(conn: &Connection, id: DeploymentId, stage: Stage) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE stages SET status = 'running', started_at = ?3 WHERE deployment_id = ?1 AND name = ?2",
+        params![id, stage.as_str(), now_ms()],
+    )?;
+    Ok(())
+}
+
+pub fn stage_finished(
+    conn: &Connection,
+    id: DeploymentId,
+    stage: Stage,
+    status: StageStatus,
+    log: &str,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE stages SET status = ?3, finished_at = ?4, log = ?5,
+             started_at = COALESCE(started_at, ?4)
+         WHERE deployment_id = ?1 AND name = ?2",
+        params![id, stage.as_str(), status.as_str(), now_ms(), log],
+    )?;
+    Ok(())
+}
+
+/// Ends a deployment; stages that never ran become `skipped`.
+pub fn finish(
+    conn: &mut Connection,
+    id: DeploymentId,
+    status: DeploymentStatus,
+    error: Option<&str>,
+) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    tx.execute(
+        "UPDATE deployments SET status = ?2, error = ?3, finished_at = ?4 WHERE id = ?1",
+        params![id, status.as_str(), error, now_ms()],
+    )?;
+    tx.execute(
+        "UPDATE stages SET status = 'skipped' WHERE deployment_id = ?1 AND status = 'pending'",
+        [id],
+    )?;
+    tx.execute(
+        "UPDATE stages SET status = 'failed', finished_at = ?2
+         WHERE deployment_id = ?1 AND status = 'running'",
+        params![id, now_ms()],
+    )?;
+    tx.commit()
+}
+
+/// At start: whatever was running when the server went away ends `interrupted`.
+pub fn interrupt_running(conn: &mut Connection) -> rusqlite::Result<Vec<DeploymentId>> {
+    let ids: Vec<DeploymentId> = conn
+        .prepare("SELECT id FROM deployments WHERE status = 'running'")?
+        .query_map([], |row| row.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for id in &ids {
+        finish(
+            conn,
+            *id,
+            DeploymentStatus::Interrupted,
+            Some("nonstop stopped while this deployment ran"),
+        )?;
+    }
+    Ok(ids)
+}
+
+/// Apps that have a queued deployment (resumed at start).
+pub fn apps_with_queued(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+    conn.prepare("SELECT DISTINCT app FROM deployments WHERE status = 'queued'")?
+        .query_map([], |row| row.get(0))?
+        .collect()
+}
+
+/// The newest deployment of `app` that went live, other than `except`.
+pub fn last_succeeded(
+    conn: &Connection,
+    app: &str,
+    except: DeploymentId,
+) -> rusqlite::Result<Option<Deployment>> {
+    conn.query_row(
+        &format!(
+            "SELECT {DEPLOYMENT_COLUMNS} FROM deployments
+             WHERE app = ?1 AND status = 'succeeded' AND id != ?2 ORDER BY id DESC LIMIT 1"
+        ),
+        params![app, except],
+        Deployment::from_row,
+    )
+    .optional()
+}
+
+/// Remembers which version was started on `port` (and by which deployment).
+pub fn record_instance(
+    conn: &Connection,
+    app: &str,
+    port: u16,
+    version: &str,
+    id: DeploymentId,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO instances (app, port, version, deployment_id, started_at) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (app, port) DO UPDATE SET version = ?3, deployment_id = ?4, started_at = ?5",
+        params![app, port, version, id, now_ms()],
+    )?;
+    conn.execute(
+        "UPDATE deployments SET port = ?2 WHERE id = ?1",
+        params![id, port],
+    )?;
+    Ok(())
+}
+
+/// Records that traffic of `app` now goes to `port`; returns the previous live row.
+pub fn set_live(
+    conn: &mut Connection,
+    app: &str,
+    port: u16,
+    profile: &str,
+) -> rusqlite::Result<(Live, Option<Live>)> {
+    let tx = conn.transaction()?;
+    let previous = live_in(&tx, app)?;
+    let instance: Option<(String, Option<DeploymentId>)> = tx
+        .query_row(
+            "SELECT version, deployment_id FROM instances WHERE app = ?1 AND port = ?2",
+            params![app, port],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()?;
+    let (version, deployment_id) = instance.unzip();
+    let now = now_ms();
+    tx.execute(
+        "INSERT INTO live (app, port, profile, version, deployment_id, since) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (app) DO UPDATE SET port = ?2, profile = ?3, version = ?4, deployment_id = ?5, since = ?6",
+        params![app, port, profile, version, deployment_id.flatten(), now],
+    )?;
+    tx.execute(
+        "INSERT INTO switches (app, from_port, to_port, deployment_id, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![app, previous.as_ref().map(|l| l.port), port, deployment_id.flatten(), now],
+    )?;
+    let live = live_in(&tx, app)?.expect("the live row was just written in this transaction");
+    tx.commit()?;
+    Ok((live, previous))
+}
+
+pub fn live(conn: &Connection, app: &str) -> rusqlite::Result<Option<Live>> {
+    live_in(conn, app)
+}
+
+fn live_in(conn: &Connection, app: &str) -> rusqlite::Result<Option<Live>> {
+    conn.query_row(
+        "SELECT app, port, profile, version, deployment_id, since FROM live WHERE app = ?1",
+        [app],
+        |row| {
+            Ok(Live {
+                app: row.get(0)?,
+                port: row.get(1)?,
+                profile: row.get(2)?,
+                version: row.get(3)?,
+                deployment_id: row.get(4)?,
+                since: row.get(5)?,
+            })
+        },
+    )
+    .optional()
+}

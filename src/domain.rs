@@ -1,0 +1,241 @@
+//! Domain vocabulary shared by every module: names that can only hold valid values, the
+//! stages of a deployment and the states they move through. Pure data, no I/O.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// An app's name as configured: lowercase letters, digits, `-` and `_`, at most 64 chars,
+/// so it is safe in paths, URLs and log fields.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct AppName(String);
+
+impl AppName {
+    pub fn parse(name: &str) -> Result<Self, String> {
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if valid {
+            Ok(Self(name.to_owned()))
+        } else {
+            Err(format!(
+                "`{name}` is not a valid app name (lowercase letters, digits, - and _, at most 64)"
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for AppName {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(deserializer)?;
+        AppName::parse(&raw).map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for AppName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A full 40-hex git commit id, lowercase.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct CommitSha(String);
+
+impl CommitSha {
+    pub fn parse(sha: &str) -> Result<Self, String> {
+        if sha.len() == 40 && sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+            Ok(Self(sha.to_ascii_lowercase()))
+        } else {
+            Err(format!("`{sha}` is not a 40-hex commit id"))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn short(&self) -> &str {
+        &self.0[..7]
+    }
+}
+
+impl fmt::Display for CommitSha {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+pub type DeploymentId = i64;
+
+/// What started a deployment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TriggerKind {
+    Push,
+    Travis,
+    Manual,
+    Rollback,
+}
+
+impl TriggerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Push => "push",
+            Self::Travis => "travis",
+            Self::Manual => "manual",
+            Self::Rollback => "rollback",
+        }
+    }
+}
+
+/// A request to deploy one commit (or the branch head) of one app.
+#[derive(Clone, Debug)]
+pub struct Trigger {
+    pub app: AppName,
+    /// `None`: deploy whatever the branch head is when Fetch runs.
+    pub commit: Option<CommitSha>,
+    pub branch: String,
+    pub kind: TriggerKind,
+    /// `(source, id)` of the webhook delivery, so a redelivery deploys nothing new.
+    pub delivery: Option<(String, String)>,
+    pub message: Option<String>,
+    pub author: Option<String>,
+}
+
+macro_rules! string_enum {
+    ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name { $(#[serde(rename = $text)] $variant),+ }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+
+            pub fn parse(text: &str) -> Option<Self> {
+                match text { $($text => Some($name::$variant),)+ _ => None }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+string_enum! {
+    /// `queued → running → succeeded | failed | rolled_back | superseded | interrupted`.
+    DeploymentStatus {
+        Queued => "queued",
+        Running => "running",
+        Succeeded => "succeeded",
+        Failed => "failed",
+        RolledBack => "rolled_back",
+        Superseded => "superseded",
+        Interrupted => "interrupted",
+    }
+}
+
+impl DeploymentStatus {
+    pub fn is_finished(self) -> bool {
+        !matches!(self, Self::Queued | Self::Running)
+    }
+}
+
+string_enum! {
+    /// `pending → running → succeeded | failed | skipped`.
+    StageStatus {
+        Pending => "pending",
+        Running => "running",
+        Succeeded => "succeeded",
+        Failed => "failed",
+        Skipped => "skipped",
+    }
+}
+
+string_enum! {
+    /// The appspec lifecycle events, in CodeDeploy's in-place order.
+    Hook {
+        ApplicationStop => "ApplicationStop",
+        DownloadBundle => "DownloadBundle",
+        BeforeInstall => "BeforeInstall",
+        Install => "Install",
+        AfterInstall => "AfterInstall",
+        ApplicationStart => "ApplicationStart",
+        ValidateService => "ValidateService",
+    }
+}
+
+impl Hook {
+    /// DownloadBundle and Install are done by the agent itself; an appspec may not hook them.
+    pub fn is_scriptable(self) -> bool {
+        !matches!(self, Self::DownloadBundle | Self::Install)
+    }
+}
+
+string_enum! {
+    /// Every stage of a deployment, in the order they run: nonstop's own, then the hooks.
+    Stage {
+        Fetch => "Fetch",
+        Build => "Build",
+        Bundle => "Bundle",
+        Upload => "Upload",
+        ApplicationStop => "ApplicationStop",
+        DownloadBundle => "DownloadBundle",
+        BeforeInstall => "BeforeInstall",
+        Install => "Install",
+        AfterInstall => "AfterInstall",
+        ApplicationStart => "ApplicationStart",
+        ValidateService => "ValidateService",
+    }
+}
+
+impl From<Hook> for Stage {
+    fn from(hook: Hook) -> Self {
+        Stage::parse(hook.as_str()).expect("every hook is also a stage of the same name")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn app_names_are_path_safe() {
+        assert!(AppName::parse("hello-world_2").is_ok());
+        for bad in ["", "Hello", "../x", "a b", "a/b", &"x".repeat(65)] {
+            assert!(AppName::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn commit_ids_are_full_hex() {
+        let sha = CommitSha::parse(&"A".repeat(40)).unwrap();
+        assert_eq!(sha.as_str(), "a".repeat(40));
+        assert_eq!(sha.short(), "aaaaaaa");
+        assert!(CommitSha::parse("abc").is_err());
+        assert!(CommitSha::parse(&"g".repeat(40)).is_err());
+    }
+
+    #[test]
+    fn stages_run_in_codedeploy_order_after_nonstops_own() {
+        let names: Vec<_> = Stage::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(names[..4], ["Fetch", "Build", "Bundle", "Upload"]);
+        let hooks: Vec<_> = Hook::ALL.iter().map(|h| Stage::from(*h).as_str()).collect();
+        assert_eq!(names[4..], hooks[..]);
+    }
+}

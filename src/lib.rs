@@ -1,0 +1,18 @@
+//! nonstop: a release server that turns a `git push` into a zero-downtime blue/green deploy
+//! and shows it live. See `DESIGN.md` in the project's shared notes for the architecture;
+//! each module's own doc says what it is for and what it must never do.
+
+pub mod config;
+pub mod db;
+pub mod domain;
+pub mod events;
+pub mod pipeline;
+pub mod process;
+pub mod queue;
+pub mod runner;
+pub mod serve;
+pub mod store;
+pub mod switch;
+pub mod version;
+pub mod web;
+pub mod webhook;

@@ -1,0 +1,190 @@
+//! The `nonstop` command: `serve` runs the server; `deploy` and `status` talk to a running
+//! one through its HTTP API.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use nonstop::config::Config;
+use nonstop::serve;
+
+#[derive(Parser)]
+#[command(
+    name = "nonstop",
+    version,
+    about = "Zero-downtime blue/green releases from a git push"
+)]
+struct Cli {
+    /// The config file.
+    #[arg(
+        long,
+        short,
+        global = true,
+        default_value = "nonstop.toml",
+        env = "NONSTOP_CONFIG"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server: webhooks, pipeline, proxies, dashboard.
+    Serve,
+    /// Queue a deployment of APP (the branch head, or --commit) on the running server.
+    Deploy {
+        app: String,
+        #[arg(long)]
+        commit: Option<String>,
+    },
+    /// Show what is live and the last deployments.
+    Status { app: Option<String> },
+}
+
+#[tokio::main]
+async fn main() {
+    if let Err(err) = run(Cli::parse()).await {
+        eprintln!("nonstop: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let config = Config::load(&cli.config).map_err(|err| anyhow::anyhow!("{err}"))?;
+    match cli.command {
+        Command::Serve => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .init();
+            let shutdown = CancellationToken::new();
+            tokio::spawn(stop_on_signal(shutdown.clone()));
+            serve::serve(config, shutdown).await?;
+            Ok(())
+        }
+        Command::Deploy { app, commit } => deploy(&config, &app, commit).await,
+        Command::Status { app } => status(&config, app.as_deref()).await,
+    }
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("stopping: in-flight deployments will be marked interrupted at next start");
+    shutdown.cancel();
+}
+
+fn server_url(config: &Config) -> String {
+    format!("http://{}", config.server.listen)
+}
+
+fn admin_token(config: &Config) -> Result<String> {
+    if let Ok(token) = std::env::var(&config.server.admin_token_env)
+        && !token.is_empty()
+    {
+        return Ok(token);
+    }
+    let path = serve::admin_token_file(&config.data_dir());
+    read_token(&path).with_context(|| {
+        format!(
+            "no admin token: set {} or start `nonstop serve` once so it writes {}",
+            config.server.admin_token_env,
+            path.display()
+        )
+    })
+}
+
+fn read_token(path: &Path) -> Result<String> {
+    Ok(std::fs::read_to_string(path)?.trim().to_owned())
+}
+
+async fn deploy(config: &Config, app: &str, commit: Option<String>) -> Result<()> {
+    let token = admin_token(config)?;
+    let url = format!("{}/api/apps/{app}/deploy", server_url(config));
+    let response = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(token)
+        .json(&serde_json::json!({ "commit": commit }))
+        .send()
+        .await
+        .with_context(|| {
+            format!("cannot reach the server at {url}: is `nonstop serve` running?")
+        })?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    if !status.is_success() {
+        bail!(
+            "{status}: {}",
+            body["error"].as_str().unwrap_or("no reason given")
+        );
+    }
+    let id = &body["deployment_id"];
+    println!(
+        "deployment {id} queued for {app}: {}/deployments/{id}",
+        server_url(config)
+    );
+    Ok(())
+}
+
+async fn status(config: &Config, app: Option<&str>) -> Result<()> {
+    let base = server_url(config);
+    let client = reqwest::Client::new();
+    let apps: Vec<serde_json::Value> = client
+        .get(format!("{base}/api/apps"))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the server at {base}: is `nonstop serve` running?"))?
+        .json()
+        .await?;
+    for entry in apps
+        .iter()
+        .filter(|a| app.is_none_or(|name| a["name"] == name))
+    {
+        let live = &entry["live"];
+        if live.is_null() {
+            println!(
+                "{}  nothing live yet (proxy {})",
+                entry["name"].as_str().unwrap_or("?"),
+                entry["proxy"].as_str().unwrap_or("?")
+            );
+        } else {
+            println!(
+                "{}  live on {} ({}) version {} — proxy {}",
+                entry["name"].as_str().unwrap_or("?"),
+                live["port"],
+                live["profile"].as_str().unwrap_or("?"),
+                live["version"].as_str().unwrap_or("?"),
+                entry["proxy"].as_str().unwrap_or("?"),
+            );
+        }
+    }
+    let mut url = format!("{base}/api/deployments?limit=10");
+    if let Some(app) = app {
+        url.push_str(&format!("&app={app}"));
+    }
+    let deployments: Vec<serde_json::Value> = client.get(url).send().await?.json().await?;
+    for d in deployments {
+        println!(
+            "  #{:<5} {:<12} {:<11} {}",
+            d["id"],
+            d["app"].as_str().unwrap_or(""),
+            d["status"].as_str().unwrap_or(""),
+            d["version"].as_str().unwrap_or(""),
+        );
+    }
+    Ok(())
+}

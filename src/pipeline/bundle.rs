@@ -1,0 +1,93 @@
+//! Bundle: the zip a runner deploys — `appspec.yml`, `deploy.sh`, the artifact and
+//! `VERSION` — with its sha256. The same bundle serves the local runner and CodeDeploy.
+
+use std::io::Write;
+use std::path::Path;
+
+use crate::store::sha256_file;
+
+/// The one host script, compiled in so every bundle carries the server's own copy.
+pub const DEPLOY_SH: &str = include_str!("../../deploy.sh");
+
+pub struct BundleContents<'a> {
+    pub appspec: &'a str,
+    pub artifact: &'a Path,
+    pub version: &'a str,
+}
+
+/// Writes the bundle to `dest`; returns its sha256 and a short listing for the stage log.
+pub fn create(contents: &BundleContents<'_>, dest: &Path) -> Result<(String, String), String> {
+    let describe = |err: &dyn std::fmt::Display| format!("{}: {err}", dest.display());
+    if let Some(dir) = dest.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| describe(&e))?;
+    }
+    let file = std::fs::File::create(dest).map_err(|e| describe(&e))?;
+    let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(file));
+    let text = zip::write::SimpleFileOptions::default().unix_permissions(0o644);
+    let executable = zip::write::SimpleFileOptions::default().unix_permissions(0o755);
+    let artifact_name = contents
+        .artifact
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| format!("{} has no file name", contents.artifact.display()))?;
+
+    let mut add = |name: &str, options, data: &mut dyn std::io::Read| -> Result<u64, String> {
+        zip.start_file(name, options).map_err(|e| describe(&e))?;
+        std::io::copy(data, &mut zip).map_err(|e| describe(&e))
+    };
+    let mut listing = String::new();
+    for (name, options, data) in [
+        ("appspec.yml", text, contents.appspec.as_bytes()),
+        ("deploy.sh", executable, DEPLOY_SH.as_bytes()),
+        (
+            "VERSION",
+            text,
+            format!("{}\n", contents.version).as_bytes(),
+        ),
+    ] {
+        let size = add(name, options, &mut &data[..])?;
+        listing.push_str(&format!("{name} ({size} bytes)\n"));
+    }
+    let mut artifact = std::fs::File::open(contents.artifact)
+        .map_err(|e| format!("{}: {e}", contents.artifact.display()))?;
+    let size = add(artifact_name, executable, &mut artifact)?;
+    listing.push_str(&format!("{artifact_name} ({size} bytes)\n"));
+    zip.finish()
+        .and_then(|mut out| out.flush().map_err(Into::into))
+        .map_err(|e| describe(&e))?;
+    let sha256 = sha256_file(dest).map_err(|e| describe(&e))?;
+    Ok((sha256, listing))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bundle_holds_appspec_script_artifact_and_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let artifact = dir.path().join("hello");
+        std::fs::write(&artifact, b"binary").unwrap();
+        let dest = dir.path().join("out/bundle.zip");
+        let contents = BundleContents {
+            appspec: "version: 0.0\n",
+            artifact: &artifact,
+            version: "1.0.1-SNAPSHOT-20261125140000",
+        };
+        let (sha256, listing) = create(&contents, &dest).unwrap();
+        assert_eq!(sha256, sha256_file(&dest).unwrap());
+        assert!(listing.contains("hello (6 bytes)"), "{listing}");
+
+        let mut zip = zip::ZipArchive::new(std::fs::File::open(&dest).unwrap()).unwrap();
+        let mut names: Vec<_> = zip.file_names().map(str::to_owned).collect();
+        names.sort();
+        assert_eq!(names, ["VERSION", "appspec.yml", "deploy.sh", "hello"]);
+        assert_eq!(
+            zip.by_name("deploy.sh").unwrap().unix_mode().unwrap() & 0o777,
+            0o755
+        );
+        let mut version = String::new();
+        std::io::Read::read_to_string(&mut zip.by_name("VERSION").unwrap(), &mut version).unwrap();
+        assert_eq!(version, "1.0.1-SNAPSHOT-20261125140000\n");
+    }
+}

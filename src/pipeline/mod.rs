@@ -1,0 +1,316 @@
+//! The pipeline: one deployment from commit to live, stage by stage — Fetch, Build, Bundle,
+//! Upload, then the runner's hooks. Every stage is recorded (status, start, end, output) in
+//! SQLite and published on the bus as it changes. A failed stage ends the deployment
+//! `failed` with its reason; traffic is only ever moved by ValidateService, so a failure
+//! before it leaves the previous version serving. Knows nothing of webhooks or HTTP.
+
+pub mod build;
+pub mod bundle;
+pub mod source;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::config::AppConfig;
+use crate::db::{self, Db, Deployment};
+use crate::domain::{DeploymentId, DeploymentStatus, Hook, Stage, StageStatus};
+use crate::events::{Bus, Event};
+use crate::runner::{self, Job, Progress, Runner};
+use crate::store::ArtifactStore;
+
+/// An app with the backends its config chose, built once at start-up.
+pub struct AppBackends {
+    pub app: Arc<AppConfig>,
+    /// `repo` resolved (a URL, or an absolute local path).
+    pub repo: String,
+    pub store: Arc<dyn ArtifactStore>,
+    pub runner: Arc<dyn Runner>,
+}
+
+#[derive(Clone)]
+pub struct Pipeline {
+    db: Db,
+    bus: Bus,
+    data_dir: PathBuf,
+    /// Env vars holding nonstop's secrets, removed from builds and hooks.
+    scrubbed_env: Arc<Vec<String>>,
+}
+
+/// Records one deployment's stages: the database first, then the bus.
+struct Recorder {
+    db: Db,
+    bus: Bus,
+    id: DeploymentId,
+    app: String,
+}
+
+impl Recorder {
+    async fn started(&self, stage: Stage) {
+        let id = self.id;
+        self.write(move |conn| db::stage_started(conn, id, stage))
+            .await;
+        self.publish(stage, StageStatus::Running);
+    }
+
+    async fn finished(&self, stage: Stage, status: StageStatus, log: &str) {
+        let (id, log) = (self.id, log.to_owned());
+        self.write(move |conn| db::stage_finished(conn, id, stage, status, &log))
+            .await;
+        self.publish(stage, status);
+    }
+
+    fn publish(&self, stage: Stage, status: StageStatus) {
+        self.bus.publish(Event::Stage {
+            deployment_id: self.id,
+            app: self.app.clone(),
+            stage,
+            status,
+        });
+    }
+
+    /// A record that cannot be written is logged, not fatal: the deploy itself goes on.
+    async fn write<F>(&self, work: F)
+    where
+        F: FnOnce(&mut rusqlite::Connection) -> rusqlite::Result<()> + Send + 'static,
+    {
+        if let Err(err) = self.db.call(work).await {
+            tracing::error!(deployment_id = self.id, error = %err, "could not record a stage");
+        }
+    }
+}
+
+#[async_trait]
+impl Progress for Recorder {
+    async fn hook_started(&self, hook: Hook) {
+        self.started(hook.into()).await;
+    }
+
+    async fn hook_finished(&self, hook: Hook, status: StageStatus, log: &str) {
+        self.finished(hook.into(), status, log).await;
+    }
+
+    async fn instance_started(&self, port: u16) {
+        let (id, app) = (self.id, self.app.clone());
+        let version = self
+            .db
+            .call(move |conn| Ok(db::deployment(conn, id)?.and_then(|d| d.version)))
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        self.write(move |conn| db::record_instance(conn, &app, port, &version, id))
+            .await;
+    }
+}
+
+/// A stage that failed: its name and a one-line reason.
+struct Failed(Stage, String);
+
+impl Pipeline {
+    pub fn new(db: Db, bus: Bus, data_dir: PathBuf, scrubbed_env: Vec<String>) -> Self {
+        Self {
+            db,
+            bus,
+            data_dir,
+            scrubbed_env: Arc::new(scrubbed_env),
+        }
+    }
+
+    /// Runs a claimed (`running`) deployment to its end and records how it ended.
+    pub async fn run(&self, deployment: Deployment, backends: &AppBackends) {
+        let id = deployment.id;
+        let recorder = Recorder {
+            db: self.db.clone(),
+            bus: self.bus.clone(),
+            id,
+            app: deployment.app.clone(),
+        };
+        self.publish_deployment(id).await;
+        let outcome = self.stages(&deployment, backends, &recorder).await;
+        let (status, error) = match &outcome {
+            Ok(()) => (DeploymentStatus::Succeeded, None),
+            Err(Failed(stage, reason)) => (
+                DeploymentStatus::Failed,
+                Some(format!("{stage} failed: {reason}")),
+            ),
+        };
+        tracing::info!(deployment_id = id, app = %deployment.app, status = %status, error = error.as_deref(), "deployment ended");
+        let finished = self
+            .db
+            .call(move |conn| db::finish(conn, id, status, error.as_deref()))
+            .await;
+        if let Err(err) = finished {
+            tracing::error!(deployment_id = id, error = %err, "could not record the end of a deployment");
+        }
+        self.publish_deployment(id).await;
+    }
+
+    async fn publish_deployment(&self, id: DeploymentId) {
+        if let Ok(Some(deployment)) = self.db.call(move |conn| db::deployment(conn, id)).await {
+            self.bus.publish(Event::Deployment {
+                id,
+                app: deployment.app,
+                status: deployment.status,
+                version: deployment.version.unwrap_or_default(),
+            });
+        }
+    }
+
+    async fn stages(
+        &self,
+        deployment: &Deployment,
+        backends: &AppBackends,
+        recorder: &Recorder,
+    ) -> Result<(), Failed> {
+        let app = &backends.app;
+        let id = deployment.id;
+        let app_dir = self.data_dir.join("apps").join(app.name.as_str());
+
+        recorder.started(Stage::Fetch).await;
+        let checkout = app_dir.join("checkout");
+        let fetched = source::fetch(
+            &backends.repo,
+            &checkout,
+            &deployment.branch,
+            deployment.commit_sha.as_deref(),
+        )
+        .await;
+        let fetched = self
+            .stage_result(
+                recorder,
+                Stage::Fetch,
+                fetched.map(|f| {
+                    let log = f.log.clone();
+                    (f, log)
+                }),
+            )
+            .await?;
+
+        // The version is stamped once the commit is known ({sha} may be part of it); the
+        // app's deployments run one at a time, so reading the last stamp here is race-free.
+        let version = {
+            let (sha, message, author) = (
+                fetched.sha.clone(),
+                fetched.message.clone(),
+                fetched.author.clone(),
+            );
+            let (app_name, pattern, branch) = (
+                app.name.to_string(),
+                app.version.clone(),
+                deployment.branch.clone(),
+            );
+            let stamped = self
+                .db
+                .call(move |conn| {
+                    db::set_commit(conn, id, &sha, &message, &author)?;
+                    let previous = db::last_stamp(conn, &app_name)?
+                        .and_then(DateTime::<Utc>::from_timestamp_millis);
+                    let at = crate::version::next_stamp_time(Utc::now(), previous);
+                    let version = crate::version::render(&pattern, at, &sha, &branch);
+                    db::set_version(conn, id, &version, at.timestamp_millis())?;
+                    Ok(version)
+                })
+                .await;
+            stamped
+                .map_err(|err| Failed(Stage::Build, format!("could not stamp a version: {err}")))?
+        };
+        self.publish_deployment(id).await;
+
+        recorder.started(Stage::Build).await;
+        let built = build::run(build::BuildInput {
+            app,
+            checkout: &checkout,
+            version: &version,
+            commit: &fetched.sha,
+            branch: &deployment.branch,
+            scrubbed_env: &self.scrubbed_env,
+        })
+        .await;
+        let artifact = self.stage_result(recorder, Stage::Build, built).await?;
+
+        recorder.started(Stage::Bundle).await;
+        let bundle_path = self
+            .data_dir
+            .join("tmp")
+            .join(format!("{}-{id}.zip", app.name));
+        let appspec =
+            runner::appspec::render(&format!("/opt/nonstop/{}", app.name), app.hook_timeout_secs);
+        let bundled = {
+            let (path, version) = (bundle_path.clone(), version.clone());
+            tokio::task::spawn_blocking(move || {
+                let contents = bundle::BundleContents {
+                    appspec: &appspec,
+                    artifact: &artifact,
+                    version: &version,
+                };
+                bundle::create(&contents, &path)
+            })
+            .await
+            .unwrap_or_else(|err| Err(format!("bundle task failed: {err}")))
+            .map(|(sha256, listing)| {
+                let log = format!("{listing}sha256 {sha256}\n");
+                (sha256, log)
+            })
+            .map_err(|reason| (format!("{reason}\n"), reason))
+        };
+        self.stage_result(recorder, Stage::Bundle, bundled).await?;
+
+        recorder.started(Stage::Upload).await;
+        let uploaded = backends
+            .store
+            .put(app.name.as_str(), &version, &bundle_path)
+            .await
+            .map(|stored| {
+                let log = format!(
+                    "stored {} ({} bytes, sha256 {})\n",
+                    stored.key, stored.size, stored.sha256
+                );
+                (stored, log)
+            })
+            .map_err(|err| (format!("{err}\n"), err.to_string()));
+        let _ = tokio::fs::remove_file(&bundle_path).await;
+        let stored = self.stage_result(recorder, Stage::Upload, uploaded).await?;
+        {
+            let (key, sha256) = (stored.key.clone(), stored.sha256.clone());
+            let _ = self
+                .db
+                .call(move |conn| db::set_bundle(conn, id, &key, &sha256))
+                .await;
+        }
+
+        let job = Job {
+            deployment_id: id,
+            app: app.clone(),
+            version,
+            bundle_key: stored.key,
+            bundle_sha256: stored.sha256,
+        };
+        backends
+            .runner
+            .run(&job, recorder)
+            .await
+            .map_err(|err| Failed(err.hook.into(), err.reason))
+    }
+
+    /// Records how a stage ended and passes its value on.
+    async fn stage_result<T>(
+        &self,
+        recorder: &Recorder,
+        stage: Stage,
+        result: Result<(T, String), (String, String)>,
+    ) -> Result<T, Failed> {
+        match result {
+            Ok((value, log)) => {
+                recorder.finished(stage, StageStatus::Succeeded, &log).await;
+                Ok(value)
+            }
+            Err((log, reason)) => {
+                recorder.finished(stage, StageStatus::Failed, &log).await;
+                Err(Failed(stage, reason))
+            }
+        }
+    }
+}

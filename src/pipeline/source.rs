@@ -1,0 +1,279 @@
+//! Fetch: the exact commit into a cached clone per app, checked out clean. Ignored files
+//! (a build's `target/`) survive between deploys so builds stay incremental, as a CI cache.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::process::Command;
+
+use crate::process;
+
+/// Git talks to the network at most this long per command.
+const GIT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The commit a Fetch checked out.
+#[derive(Debug)]
+pub struct Fetched {
+    pub sha: String,
+    pub message: String,
+    pub author: String,
+    pub log: String,
+}
+
+/// A git URL as is; a local path resolved against the config file's folder.
+pub fn resolve_repo(repo: &str, base_dir: &Path) -> String {
+    let is_url = repo.contains("://") || repo.starts_with("git@");
+    if is_url || Path::new(repo).is_absolute() {
+        repo.to_owned()
+    } else {
+        base_dir.join(repo).display().to_string()
+    }
+}
+
+fn git(dir: Option<&Path>) -> Command {
+    let mut command = Command::new("git");
+    if let Some(dir) = dir {
+        command.arg("-C").arg(dir);
+    }
+    // Never wait for a password prompt nobody will answer.
+    command.env("GIT_TERMINAL_PROMPT", "0");
+    command
+}
+
+async fn run_git(command: Command, log: &mut String) -> Result<String, String> {
+    let args: Vec<_> = command
+        .as_std()
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    log.push_str(&format!("$ git {}\n", args.join(" ")));
+    let done = process::run(command, GIT_TIMEOUT)
+        .await
+        .map_err(|err| err.to_string())?;
+    log.push_str(&done.log);
+    if done.success {
+        Ok(done.log)
+    } else {
+        Err(format!("git {} ({})", args.join(" "), done.status))
+    }
+}
+
+/// Makes `checkout` hold `commit` (or the head of `branch` when no commit is given).
+pub async fn fetch(
+    repo: &str,
+    checkout: &Path,
+    branch: &str,
+    commit: Option<&str>,
+) -> Result<Fetched, (String, String)> {
+    let mut log = String::new();
+    let result = fetch_logged(repo, checkout, branch, commit, &mut log).await;
+    match result {
+        Ok((sha, message, author)) => Ok(Fetched {
+            sha,
+            message,
+            author,
+            log,
+        }),
+        Err(reason) => Err((log, reason)),
+    }
+}
+
+async fn fetch_logged(
+    repo: &str,
+    checkout: &Path,
+    branch: &str,
+    commit: Option<&str>,
+    log: &mut String,
+) -> Result<(String, String, String), String> {
+    if !checkout.join(".git").exists() {
+        if let Some(parent) = checkout.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|err| format!("{}: {err}", parent.display()))?;
+        }
+        let mut clone = git(None);
+        clone
+            .arg("clone")
+            .arg("--quiet")
+            .arg("--no-checkout")
+            .arg(repo)
+            .arg(checkout);
+        run_git(clone, log).await?;
+    }
+    let mut fetch = git(Some(checkout));
+    // The branch first: a commit pushed to it is then known even where the server refuses
+    // fetching a bare sha.
+    fetch
+        .args(["fetch", "--quiet", "--force", "origin"])
+        .arg(format!("+refs/heads/{branch}:refs/remotes/origin/{branch}"));
+    run_git(fetch, log).await?;
+    let wanted = match commit {
+        Some(sha) => {
+            let mut has = git(Some(checkout));
+            has.args(["cat-file", "-e"])
+                .arg(format!("{sha}^{{commit}}"));
+            if run_git(has, log).await.is_err() {
+                let mut by_sha = git(Some(checkout));
+                by_sha.args(["fetch", "--quiet", "origin", sha]);
+                run_git(by_sha, log).await?;
+            }
+            sha.to_owned()
+        }
+        None => format!("refs/remotes/origin/{branch}"),
+    };
+    let mut checkout_cmd = git(Some(checkout));
+    checkout_cmd.args(["checkout", "--quiet", "--force", "--detach", &wanted]);
+    run_git(checkout_cmd, log).await?;
+    let mut clean = git(Some(checkout));
+    clean.args(["clean", "-ffd", "--quiet"]);
+    run_git(clean, log).await?;
+    let mut show = git(Some(checkout));
+    show.args(["log", "-1", "--format=%H%n%an%n%s", "HEAD"]);
+    let shown = run_git(show, log).await?;
+    let mut lines = shown.lines();
+    let sha = lines.next().unwrap_or_default().to_owned();
+    let author = lines.next().unwrap_or_default().to_owned();
+    let message = lines.next().unwrap_or_default().to_owned();
+    if sha.len() != 40 {
+        return Err(format!("git log printed no commit id: {shown}"));
+    }
+    Ok((sha, message, author))
+}
+
+/// On first run, turns `seed` (a folder of files) into a git repository at `repo` with one
+/// commit on `branch`, so the shipped example deploys without any setup.
+pub async fn init_from_seed(repo: &Path, seed: &Path, branch: &str) -> Result<(), String> {
+    if repo.exists() {
+        return Ok(());
+    }
+    let copy = {
+        let (seed, repo) = (seed.to_owned(), repo.to_owned());
+        tokio::task::spawn_blocking(move || copy_dir(&seed, &repo))
+    };
+    copy.await
+        .map_err(|err| err.to_string())?
+        .map_err(|err| format!("copying {} to {}: {err}", seed.display(), repo.display()))?;
+    let mut log = String::new();
+    for args in [
+        vec!["init", "--quiet", "-b", branch],
+        vec!["add", "--all"],
+        vec![
+            "-c",
+            "user.name=nonstop",
+            "-c",
+            "user.email=nonstop@localhost",
+            "commit",
+            "--quiet",
+            "-m",
+            "First version, made by nonstop from its example",
+        ],
+    ] {
+        let mut command = git(Some(repo));
+        command.args(args);
+        run_git(command, &mut log)
+            .await
+            .map_err(|err| format!("{err}\n{log}"))?;
+    }
+    Ok(())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        // The example's own build output is not part of its source.
+        if name == "target" {
+            continue;
+        }
+        let target: PathBuf = to.join(&name);
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_paths_are_relative_to_the_config_and_urls_stay() {
+        let base = Path::new("/srv/nonstop");
+        assert_eq!(
+            resolve_repo("examples/hello", base),
+            "/srv/nonstop/examples/hello"
+        );
+        assert_eq!(
+            resolve_repo("https://github.com/a/b.git", base),
+            "https://github.com/a/b.git"
+        );
+        assert_eq!(
+            resolve_repo("git@github.com:a/b.git", base),
+            "git@github.com:a/b.git"
+        );
+        assert_eq!(resolve_repo("/abs/repo", base), "/abs/repo");
+    }
+
+    #[tokio::test]
+    async fn fetches_a_seeded_repository_at_its_head_and_at_a_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = dir.path().join("seed");
+        std::fs::create_dir_all(&seed).unwrap();
+        std::fs::write(seed.join("file.txt"), "one").unwrap();
+        let repo = dir.path().join("repo");
+        init_from_seed(&repo, &seed, "main").await.unwrap();
+
+        let checkout = dir.path().join("checkout");
+        let first = fetch(&repo.display().to_string(), &checkout, "main", None)
+            .await
+            .unwrap();
+        assert_eq!(
+            first.message,
+            "First version, made by nonstop from its example"
+        );
+        assert_eq!(
+            std::fs::read_to_string(checkout.join("file.txt")).unwrap(),
+            "one"
+        );
+
+        std::fs::write(checkout.join("stray.txt"), "left over").unwrap();
+        let again = fetch(
+            &repo.display().to_string(),
+            &checkout,
+            "main",
+            Some(&first.sha),
+        )
+        .await
+        .unwrap();
+        assert_eq!(again.sha, first.sha);
+        assert!(
+            !checkout.join("stray.txt").exists(),
+            "the tree was not cleaned"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unknown_commit_fails_with_the_git_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = dir.path().join("seed");
+        std::fs::create_dir_all(&seed).unwrap();
+        std::fs::write(seed.join("f"), "x").unwrap();
+        let repo = dir.path().join("repo");
+        init_from_seed(&repo, &seed, "main").await.unwrap();
+        let missing = "0".repeat(40);
+        let (log, reason) = fetch(
+            &repo.display().to_string(),
+            &dir.path().join("co"),
+            "main",
+            Some(&missing),
+        )
+        .await
+        .unwrap_err();
+        assert!(reason.contains("git"), "{reason}");
+        assert!(log.contains(&missing), "{log}");
+    }
+}

@@ -1,0 +1,46 @@
+//! Runners execute a stored bundle's appspec hooks in CodeDeploy's in-place order and report
+//! each hook as it starts and ends. `local` runs them on this host, as the CodeDeploy agent
+//! would; the AWS twin will sit beside it. A runner never touches the database: it reports
+//! through `Progress`, and the pipeline records.
+
+pub mod appspec;
+pub mod local;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::config::AppConfig;
+use crate::domain::{DeploymentId, Hook, StageStatus};
+
+/// One deployment of one bundle.
+#[derive(Clone, Debug)]
+pub struct Job {
+    pub deployment_id: DeploymentId,
+    pub app: Arc<AppConfig>,
+    pub version: String,
+    pub bundle_key: String,
+    pub bundle_sha256: String,
+}
+
+/// How a runner tells the pipeline what happens, as it happens.
+#[async_trait]
+pub trait Progress: Send + Sync {
+    async fn hook_started(&self, hook: Hook);
+    async fn hook_finished(&self, hook: Hook, status: StageStatus, log: &str);
+    /// The new version was started on `port` (it may not be live yet).
+    async fn instance_started(&self, port: u16);
+}
+
+/// A hook that failed, with why (its output is already reported through `Progress`).
+#[derive(Debug, thiserror::Error)]
+#[error("{hook} failed: {reason}")]
+pub struct RunnerError {
+    pub hook: Hook,
+    pub reason: String,
+}
+
+#[async_trait]
+pub trait Runner: Send + Sync {
+    async fn run(&self, job: &Job, progress: &dyn Progress) -> Result<(), RunnerError>;
+}

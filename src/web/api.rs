@@ -1,0 +1,271 @@
+//! The JSON API: apps and their live instance, deployments and their stages, and the
+//! actions (deploy, switch) behind tokens.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{AppError, AppState, bearer, require_admin, require_loopback, token_matches};
+use crate::db::{self, Enqueued, Live};
+use crate::domain::{CommitSha, DeploymentId, DeploymentStatus, Trigger, TriggerKind};
+use crate::events::Event;
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/api/apps", get(apps))
+        .route("/api/apps/{app}/live", get(live))
+        .route("/api/apps/{app}/deploy", post(deploy))
+        .route("/api/apps/{app}/switch", post(switch))
+        .route("/api/deployments", get(deployments))
+        .route("/api/deployments/{id}", get(deployment))
+}
+
+async fn apps(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, AppError> {
+    let mut names: Vec<String> = state.apps.keys().cloned().collect();
+    names.sort();
+    let lives = {
+        let names = names.clone();
+        state
+            .db
+            .call(move |conn| {
+                names
+                    .iter()
+                    .map(|n| db::live(conn, n))
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .await?
+    };
+    let apps: Vec<_> = names
+        .iter()
+        .zip(lives)
+        .map(|(name, live)| {
+            let app = &state.apps[name].backends.app;
+            json!({
+                "name": name,
+                "branch": app.branch,
+                "ports": app.ports,
+                "profiles": app.profiles,
+                "proxy": app.proxy_listen().to_string(),
+                "live": live,
+            })
+        })
+        .collect();
+    Ok(Json(apps))
+}
+
+async fn live(
+    State(state): State<Arc<AppState>>,
+    Path(app): Path<String>,
+) -> Result<Json<Live>, AppError> {
+    state.app(&app)?;
+    let name = app.clone();
+    state
+        .db
+        .call(move |conn| db::live(conn, &name))
+        .await?
+        .map(Json)
+        .ok_or_else(|| AppError::NotFound(format!("`{app}` has no live instance yet")))
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    app: Option<String>,
+    status: Option<String>,
+    limit: Option<u32>,
+    offset: Option<u32>,
+}
+
+async fn deployments(
+    State(state): State<Arc<AppState>>,
+    Query(query): Query<ListQuery>,
+) -> Result<impl IntoResponse, AppError> {
+    let status = match query.status.as_deref().filter(|s| !s.is_empty()) {
+        Some(text) => Some(
+            DeploymentStatus::parse(text)
+                .ok_or_else(|| AppError::BadRequest(format!("unknown status `{text}`")))?,
+        ),
+        None => None,
+    };
+    let limit = query.limit.unwrap_or(50).min(500);
+    let offset = query.offset.unwrap_or(0);
+    let app = query.app.filter(|a| !a.is_empty());
+    let rows = state
+        .db
+        .call(move |conn| db::deployments(conn, app.as_deref(), status, limit, offset))
+        .await?;
+    Ok(Json(rows))
+}
+
+async fn deployment(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<DeploymentId>,
+) -> Result<impl IntoResponse, AppError> {
+    let found = state
+        .db
+        .call(move |conn| {
+            let Some(deployment) = db::deployment(conn, id)? else {
+                return Ok(None);
+            };
+            Ok(Some((deployment, db::stages(conn, id)?)))
+        })
+        .await?;
+    let (deployment, stages) =
+        found.ok_or_else(|| AppError::NotFound(format!("no deployment {id}")))?;
+    Ok(Json(json!({ "deployment": deployment, "stages": stages })))
+}
+
+#[derive(Deserialize, Default)]
+struct DeployRequest {
+    commit: Option<String>,
+}
+
+async fn deploy(
+    State(state): State<Arc<AppState>>,
+    Path(app): Path<String>,
+    headers: HeaderMap,
+    body: Option<Json<DeployRequest>>,
+) -> Result<impl IntoResponse, AppError> {
+    require_admin(&state, &headers)?;
+    let runtime = state.app(&app)?;
+    let request = body.map(|Json(b)| b).unwrap_or_default();
+    let commit = request
+        .commit
+        .as_deref()
+        .map(CommitSha::parse)
+        .transpose()
+        .map_err(AppError::BadRequest)?;
+    let trigger = Trigger {
+        app: runtime.backends.app.name.clone(),
+        commit,
+        branch: runtime.backends.app.branch.clone(),
+        kind: TriggerKind::Manual,
+        delivery: None,
+        message: None,
+        author: None,
+    };
+    match state.queue.enqueue(trigger).await? {
+        Enqueued::New { id, .. } => {
+            Ok((StatusCode::ACCEPTED, Json(json!({ "deployment_id": id }))))
+        }
+        Enqueued::Duplicate { .. } => Err(AppError::Internal(
+            "a manual deploy cannot be a duplicate".into(),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+struct SwitchRequest {
+    port: u16,
+}
+
+/// What `deploy.sh` calls in ValidateService: loopback only, with the switch (or admin) token.
+async fn switch(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(app): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<SwitchRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<impl IntoResponse, AppError> {
+    require_loopback(peer)?;
+    let presented = bearer(&headers);
+    if !token_matches(presented, &state.switch_token)
+        && !token_matches(presented, &state.admin_token)
+    {
+        return Err(AppError::Unauthorized(
+            "a switch or admin token is needed".into(),
+        ));
+    }
+    let Json(request) = body.map_err(|err| {
+        AppError::BadRequest(format!("expected {{\"port\": N}}: {}", err.body_text()))
+    })?;
+    let live = switch_traffic(&state, &app, request.port).await?;
+    Ok(Json(live))
+}
+
+/// Points `app`'s traffic at `port` and records it; the one place traffic moves.
+pub async fn switch_traffic(state: &AppState, app: &str, port: u16) -> Result<Live, AppError> {
+    let runtime = state.app(app)?;
+    let config = &runtime.backends.app;
+    let profile = config
+        .profile_of(port)
+        .ok_or_else(|| {
+            AppError::BadRequest(format!(
+                "port {port} is not one of {}'s ports {:?}",
+                app, config.ports
+            ))
+        })?
+        .to_owned();
+    runtime
+        .switch
+        .switch_to(port)
+        .await
+        .map_err(|err| AppError::BadGateway(format!("switch to {port} failed: {err}")))?;
+    let name = app.to_owned();
+    let (live, previous) = state
+        .db
+        .call(move |conn| db::set_live(conn, &name, port, &profile))
+        .await?;
+    tracing::info!(
+        app,
+        port,
+        from_port = previous.as_ref().map(|p| p.port),
+        version = live.version.as_deref(),
+        "traffic switched"
+    );
+    state.bus.publish(Event::Live {
+        app: app.to_owned(),
+        port,
+        profile: live.profile.clone(),
+        version: live.version.clone(),
+        from_port: previous.map(|p| p.port),
+    });
+    Ok(live)
+}
+
+/// Prometheus text: deployments by app and status, and each app's live port.
+async fn metrics(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, AppError> {
+    let rows = state
+        .db
+        .call(|conn| {
+            let mut stmt =
+                conn.prepare("SELECT app, status, COUNT(*) FROM deployments GROUP BY app, status")?;
+            let counts = stmt
+                .query_map([], |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, i64>(2)?,
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut stmt = conn.prepare("SELECT app, port FROM live")?;
+            let live = stmt
+                .query_map([], |row| {
+                    Ok((row.get::<_, String>(0)?, row.get::<_, u16>(1)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok((counts, live))
+        })
+        .await?;
+    let (counts, live) = rows;
+    let mut text = String::from("# TYPE nonstop_deployments_total counter\n");
+    for (app, status, count) in counts {
+        text.push_str(&format!(
+            "nonstop_deployments_total{{app=\"{app}\",status=\"{status}\"}} {count}\n"
+        ));
+    }
+    text.push_str("# TYPE nonstop_live_port gauge\n");
+    for (app, port) in live {
+        text.push_str(&format!("nonstop_live_port{{app=\"{app}\"}} {port}\n"));
+    }
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
+}

@@ -1,0 +1,149 @@
+//! `POST /hooks/github`: verify, interpret, queue — and answer at once with the deployment id.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{AppError, AppRuntime, AppState};
+use crate::db::{self, Enqueued};
+use crate::webhook::{WebhookError, github};
+
+/// GitHub caps webhook payloads at 25 MB.
+pub const MAX_WEBHOOK_BYTES: usize = 25 * 1024 * 1024;
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/hooks/github", post(github_hook))
+        .layer(DefaultBodyLimit::max(MAX_WEBHOOK_BYTES))
+}
+
+#[derive(Deserialize)]
+struct HookQuery {
+    app: Option<String>,
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn github_hook(
+    State(state): State<Arc<AppState>>,
+    Query(query): Query<HookQuery>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, AppError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            AppError::PayloadTooLarge(format!("webhook body is over {MAX_WEBHOOK_BYTES} bytes"))
+        } else {
+            AppError::BadRequest(format!(
+                "could not read the body: {}",
+                rejection.body_text()
+            ))
+        }
+    })?;
+    let signature = header(&headers, github::SIGNATURE_HEADER);
+
+    // Who sent it is settled over the raw bytes before anything is parsed.
+    let runtime = match &query.app {
+        Some(name) => {
+            let runtime = state.app(name)?;
+            let secret = runtime
+                .backends
+                .app
+                .webhook_secret
+                .as_ref()
+                .ok_or_else(|| {
+                    AppError::Unauthorized(format!(
+                        "app `{name}` has no webhook_secret_env configured"
+                    ))
+                })?;
+            github::verify(secret.expose().as_bytes(), signature, &body).map_err(unauthorized)?;
+            runtime
+        }
+        None => find_app_by_signature(&state, signature, &body)?,
+    };
+    let app = &runtime.backends.app;
+
+    let event = header(&headers, github::EVENT_HEADER)
+        .ok_or_else(|| AppError::BadRequest("missing X-GitHub-Event header".into()))?;
+    let delivery = header(&headers, github::DELIVERY_HEADER);
+    let outcome = github::interpret(app, event, delivery, &body).map_err(|err| match err {
+        WebhookError::Malformed(reason) => {
+            AppError::BadRequest(format!("malformed {event} payload: {reason}"))
+        }
+        other => AppError::BadRequest(other.to_string()),
+    })?;
+
+    match outcome {
+        github::Outcome::Pong => Ok(Json(json!({ "ok": "pong", "app": app.name })).into_response()),
+        github::Outcome::Ignored(reason) => {
+            if let Some(id) = delivery.map(str::to_owned) {
+                state.db.call(move |conn| db::record_delivery(conn, "github", &id)).await?;
+            }
+            tracing::info!(app = %app.name, event, reason = %reason, "webhook ignored");
+            Ok((StatusCode::ACCEPTED, Json(json!({ "ignored": reason }))).into_response())
+        }
+        github::Outcome::Deploy(trigger) => match state.queue.enqueue(trigger).await? {
+            Enqueued::New { id, .. } => {
+                Ok((StatusCode::ACCEPTED, Json(json!({ "deployment_id": id }))).into_response())
+            }
+            Enqueued::Duplicate { id } => Ok((
+                StatusCode::OK,
+                Json(json!({ "deployment_id": id, "duplicate": "this delivery was already received" })),
+            )
+                .into_response()),
+        },
+    }
+}
+
+fn unauthorized(err: WebhookError) -> AppError {
+    AppError::Unauthorized(err.to_string())
+}
+
+/// Without `?app=`, the app is the one whose secret signed the body and, when several
+/// share a secret, whose repository the payload names.
+fn find_app_by_signature<'a>(
+    state: &'a AppState,
+    signature: Option<&str>,
+    body: &[u8],
+) -> Result<&'a AppRuntime, AppError> {
+    let mut last_error = WebhookError::BadSignature;
+    let mut signed_by: Vec<&AppRuntime> = Vec::new();
+    for runtime in state.apps.values() {
+        let Some(secret) = &runtime.backends.app.webhook_secret else {
+            continue;
+        };
+        match github::verify(secret.expose().as_bytes(), signature, body) {
+            Ok(()) => signed_by.push(runtime),
+            Err(err) => last_error = err,
+        }
+    }
+    if signed_by.is_empty() {
+        return Err(unauthorized(last_error));
+    }
+    let repository = github::repository_of(body);
+    let by_repository = signed_by.iter().copied().find(|runtime| {
+        let configured = runtime.backends.app.repository.as_deref();
+        configured.is_some()
+            && configured.map(str::to_ascii_lowercase)
+                == repository.as_deref().map(str::to_ascii_lowercase)
+    });
+    match (by_repository, signed_by.as_slice()) {
+        (Some(runtime), _) => Ok(runtime),
+        // One app only: it decides itself (a push from another repository is ignored).
+        (None, [only]) => Ok(only),
+        _ => Err(AppError::NotFound(format!(
+            "no app deploys repository {}; add ?app=NAME to the webhook URL or set `repository`",
+            repository.as_deref().unwrap_or("(none named)")
+        ))),
+    }
+}

@@ -1,0 +1,281 @@
+//! GitHub webhooks: `X-Hub-Signature-256` (HMAC-SHA256 of the raw body, hex, compared in
+//! constant time) and the `push` event. The signature is checked before a byte is parsed.
+
+use hmac::{Hmac, Mac};
+use serde::Deserialize;
+use sha2::Sha256;
+
+use super::WebhookError;
+use crate::config::AppConfig;
+use crate::domain::{CommitSha, Trigger, TriggerKind};
+
+pub const SIGNATURE_HEADER: &str = "x-hub-signature-256";
+pub const EVENT_HEADER: &str = "x-github-event";
+pub const DELIVERY_HEADER: &str = "x-github-delivery";
+
+/// Checks `header` (`sha256=<hex>`) against the HMAC of `body` under `secret`.
+pub fn verify(secret: &[u8], header: Option<&str>, body: &[u8]) -> Result<(), WebhookError> {
+    let header = header.ok_or(WebhookError::MissingHeader("X-Hub-Signature-256"))?;
+    let expected = header
+        .strip_prefix("sha256=")
+        .and_then(|hex_sig| hex::decode(hex_sig).ok())
+        .ok_or(WebhookError::BadSignature)?;
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");
+    mac.update(body);
+    // verify_slice compares in constant time.
+    mac.verify_slice(&expected)
+        .map_err(|_| WebhookError::BadSignature)
+}
+
+/// `sha256=<hex>` for `body`: what GitHub sends (tests and the README's curl use it).
+pub fn sign(secret: &[u8], body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// The parts of a `push` payload nonstop uses.
+#[derive(Debug, Deserialize)]
+pub struct Push {
+    #[serde(rename = "ref")]
+    pub git_ref: String,
+    pub after: String,
+    #[serde(default)]
+    pub deleted: bool,
+    pub repository: Repository,
+    pub head_commit: Option<HeadCommit>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Repository {
+    pub full_name: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct HeadCommit {
+    pub message: String,
+    pub author: Option<Author>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Author {
+    pub name: Option<String>,
+    pub username: Option<String>,
+}
+
+/// The repository a payload names, to find its app when the URL names none.
+pub fn repository_of(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Probe {
+        repository: Repository,
+    }
+    serde_json::from_slice::<Probe>(body)
+        .ok()
+        .map(|probe| probe.repository.full_name)
+}
+
+/// What a verified GitHub event means for `app`.
+#[derive(Debug)]
+pub enum Outcome {
+    Pong,
+    Deploy(Trigger),
+    Ignored(String),
+}
+
+/// Maps a verified event to a deploy or a reason to ignore it.
+pub fn interpret(
+    app: &AppConfig,
+    event: &str,
+    delivery_id: Option<&str>,
+    body: &[u8],
+) -> Result<Outcome, WebhookError> {
+    match event {
+        "ping" => return Ok(Outcome::Pong),
+        "push" => {}
+        other => return Ok(Outcome::Ignored(format!("event `{other}` is not deployed"))),
+    }
+    let push: Push =
+        serde_json::from_slice(body).map_err(|err| WebhookError::Malformed(err.to_string()))?;
+    if let Some(expected) = &app.repository
+        && !push.repository.full_name.eq_ignore_ascii_case(expected)
+    {
+        return Ok(Outcome::Ignored(format!(
+            "push to {} but {} deploys from {expected}",
+            push.repository.full_name, app.name
+        )));
+    }
+    let Some(branch) = push.git_ref.strip_prefix("refs/heads/") else {
+        return Ok(Outcome::Ignored(format!(
+            "{} is not a branch",
+            push.git_ref
+        )));
+    };
+    if push.deleted {
+        return Ok(Outcome::Ignored(format!("branch {branch} was deleted")));
+    }
+    if branch != app.branch {
+        return Ok(Outcome::Ignored(format!(
+            "push to {branch}; {} deploys {}",
+            app.name, app.branch
+        )));
+    }
+    let commit = CommitSha::parse(&push.after).map_err(WebhookError::Malformed)?;
+    let head = push.head_commit;
+    Ok(Outcome::Deploy(Trigger {
+        app: app.name.clone(),
+        commit: Some(commit),
+        branch: branch.to_owned(),
+        kind: TriggerKind::Push,
+        delivery: delivery_id.map(|id| ("github".to_owned(), id.to_owned())),
+        message: head.as_ref().map(|h| h.message.clone()),
+        author: head
+            .and_then(|h| h.author)
+            .and_then(|a| a.username.or(a.name)),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
+
+    fn app() -> AppConfig {
+        let text = r#"
+[[app]]
+name = "hello"
+repo = "x"
+repository = "acme/hello"
+build = "true"
+artifact = "hello"
+run = "{artifact} --port {port}"
+"#;
+        Config::parse(text, std::path::Path::new("n.toml"), |_| None)
+            .unwrap()
+            .apps
+            .remove(0)
+    }
+
+    fn push(git_ref: &str, repo: &str, deleted: bool) -> Vec<u8> {
+        serde_json::json!({
+            "ref": git_ref, "after": SHA, "deleted": deleted,
+            "repository": {"full_name": repo},
+            "head_commit": {"message": "Say hi", "author": {"name": "Ada", "username": "ada"}}
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    #[test]
+    fn accepts_githubs_own_example_signature() {
+        // The example from GitHub's "Validating webhook deliveries" documentation.
+        let header = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
+        assert_eq!(
+            verify(
+                b"It's a Secret to Everybody",
+                Some(header),
+                b"Hello, World!"
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            sign(b"It's a Secret to Everybody", b"Hello, World!"),
+            header
+        );
+    }
+
+    #[test]
+    fn rejects_missing_forged_and_tampered_signatures() {
+        let body = b"{}";
+        let good = sign(b"secret", body);
+        assert_eq!(
+            verify(b"secret", None, body),
+            Err(WebhookError::MissingHeader("X-Hub-Signature-256"))
+        );
+        assert_eq!(
+            verify(b"other", Some(&good), body),
+            Err(WebhookError::BadSignature)
+        );
+        assert_eq!(
+            verify(b"secret", Some(&good), b"{ }"),
+            Err(WebhookError::BadSignature)
+        );
+        for bad in [
+            "",
+            "sha256=",
+            "sha1=abcd",
+            "sha256=zz",
+            &good[..good.len() - 2],
+        ] {
+            assert_eq!(
+                verify(b"secret", Some(bad), body),
+                Err(WebhookError::BadSignature),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_push_to_the_branch_deploys_that_commit() {
+        let outcome = interpret(
+            &app(),
+            "push",
+            Some("d-1"),
+            &push("refs/heads/main", "acme/hello", false),
+        );
+        let Ok(Outcome::Deploy(trigger)) = outcome else {
+            panic!("{outcome:?}")
+        };
+        assert_eq!(trigger.commit.unwrap().as_str(), SHA);
+        assert_eq!(trigger.delivery, Some(("github".into(), "d-1".into())));
+        assert_eq!(trigger.message.as_deref(), Some("Say hi"));
+        assert_eq!(trigger.author.as_deref(), Some("ada"));
+    }
+
+    #[test]
+    fn other_branches_repositories_tags_and_deletions_are_ignored() {
+        let app = app();
+        let cases = [
+            (
+                "push",
+                push("refs/heads/dev", "acme/hello", false),
+                "push to dev",
+            ),
+            (
+                "push",
+                push("refs/heads/main", "evil/hello", false),
+                "deploys from acme/hello",
+            ),
+            (
+                "push",
+                push("refs/tags/v1", "acme/hello", false),
+                "not a branch",
+            ),
+            (
+                "push",
+                push("refs/heads/main", "acme/hello", true),
+                "was deleted",
+            ),
+            ("issues", b"{}".to_vec(), "`issues` is not deployed"),
+        ];
+        for (event, body, reason) in cases {
+            match interpret(&app, event, None, &body) {
+                Ok(Outcome::Ignored(why)) => assert!(why.contains(reason), "{why}"),
+                other => panic!("{reason}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            interpret(&app, "ping", None, b"{}"),
+            Ok(Outcome::Pong)
+        ));
+    }
+
+    #[test]
+    fn a_malformed_push_is_an_error() {
+        assert!(matches!(
+            interpret(&app(), "push", None, b"not json"),
+            Err(WebhookError::Malformed(_))
+        ));
+    }
+}
