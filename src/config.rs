@@ -241,21 +241,51 @@ struct RawConfig {
 }
 
 impl Config {
-    /// Reads, parses and validates `path`, and reads the secrets it names from the environment.
+    /// Reads, parses and validates `path`, and reads the secrets it names from the
+    /// environment: what `serve` needs.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let mut config = Self::load_settings(path)?;
+        config.read_secrets(path, |name| std::env::var(name).ok())?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates `path` without its secrets: what a client command needs.
+    pub fn load_settings(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text, path, |name| std::env::var(name).ok())
+        Self::parse(&text, path)
     }
 
-    /// Parses `text` as if read from `path`; `env` looks up secrets (tests pass their own).
-    pub fn parse(
-        text: &str,
+    /// Fills each app's secrets from `env`; a secret that is named but not set is an error
+    /// for the app that needs it.
+    pub fn read_secrets(
+        &mut self,
         path: &Path,
         env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Self, ConfigError> {
+    ) -> Result<(), ConfigError> {
+        for app in &mut self.apps {
+            if let Some(var) = &app.webhook_secret_env {
+                match env(var) {
+                    Some(value) if !value.is_empty() => app.webhook_secret = Some(Secret(value)),
+                    _ => {
+                        return Err(ConfigError::Invalid {
+                            path: path.to_owned(),
+                            key: format!("app.{}.webhook_secret_env", app.name),
+                            message: format!(
+                                "env var {var} is not set (it holds the webhook secret)"
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Parses and validates `text` as if read from `path` (secrets not read).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|err| ConfigError::Syntax {
             path: path.to_owned(),
             line: err
@@ -269,12 +299,11 @@ impl Config {
             key,
             message,
         };
-        let base_dir = path
-            .parent()
-            .map(Path::to_owned)
-            .unwrap_or_default()
-            .canonicalize()
-            .unwrap_or_else(|_| PathBuf::from("."));
+        let folder = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        let base_dir = folder.canonicalize().unwrap_or_else(|_| folder.to_owned());
         let server = raw.server.unwrap_or_else(|| {
             toml::from_str("").expect("every server key has a default, so empty is valid")
         });
@@ -282,7 +311,7 @@ impl Config {
         let mut names = HashSet::new();
         let mut listens = HashSet::from([server.listen]);
         let mut apps = Vec::with_capacity(raw.apps.len());
-        for mut app in raw.apps {
+        for app in raw.apps {
             let key = |field: &str| format!("app.{}.{field}", app.name);
             if !names.insert(app.name.clone()) {
                 return Err(invalid(key("name"), "two apps have this name".into()));
@@ -326,17 +355,6 @@ impl Config {
                     key("switch.listen"),
                     format!("{listen} is already used by the server or another app"),
                 ));
-            }
-            if let Some(var) = &app.webhook_secret_env {
-                match env(var) {
-                    Some(value) if !value.is_empty() => app.webhook_secret = Some(Secret(value)),
-                    _ => {
-                        return Err(invalid(
-                            key("webhook_secret_env"),
-                            format!("env var {var} is not set (it holds the webhook secret)"),
-                        ));
-                    }
-                }
             }
             apps.push(app);
         }
@@ -400,7 +418,10 @@ run = "{artifact} --port {port}"
 "#;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
-        Config::parse(text, Path::new("nonstop.toml"), |_| None)
+        let path = Path::new("nonstop.toml");
+        let mut config = Config::parse(text, path)?;
+        config.read_secrets(path, |_| None)?;
+        Ok(config)
     }
 
     #[test]
@@ -440,8 +461,12 @@ run = "{artifact} --port {port}"
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("app.hello.webhook_secret_env"), "{err}");
         assert!(err.contains("HELLO_SECRET is not set"), "{err}");
-        let config = Config::parse(&text, Path::new("nonstop.toml"), |_| Some("s3cret".into()));
-        let secret = config.unwrap().apps[0].webhook_secret.clone().unwrap();
+        let path = Path::new("nonstop.toml");
+        let mut config = Config::parse(&text, path).unwrap();
+        config
+            .read_secrets(path, |_| Some("s3cret".into()))
+            .unwrap();
+        let secret = config.apps[0].webhook_secret.clone().unwrap();
         assert_eq!(secret.expose(), "s3cret");
         assert_eq!(format!("{secret:?}"), "Secret(…)");
     }

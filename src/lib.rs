@@ -1,5 +1,5 @@
 //! nonstop: a release server that turns a `git push` into a zero-downtime blue/green deploy
-//! and shows it live. See `DESIGN.md` in the project's shared notes for the architecture;
+//! and shows it live. See `docs/DESIGN.md` for the architecture;
 //! each module's own doc says what it is for and what it must never do.
 
 pub mod config;

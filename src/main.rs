@@ -53,7 +53,11 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let config = Config::load(&cli.config).map_err(|err| anyhow::anyhow!("{err}"))?;
+    let load = match cli.command {
+        Command::Serve => Config::load,
+        Command::Deploy { .. } | Command::Status { .. } => Config::load_settings,
+    };
+    let config = load(&cli.config).map_err(|err| anyhow::anyhow!("{err}"))?;
     match cli.command {
         Command::Serve => {
             tracing_subscriber::fmt()

@@ -43,6 +43,15 @@ pub async fn run(mut command: Command, timeout: Duration) -> Result<Finished, Sp
         // foreground; daemons that `setsid` themselves (the app instances) are not touched.
         .process_group(0)
         .kill_on_drop(true);
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent. If nonstop
+    // itself is killed (SIGKILL skips every destructor) its children die with it instead of
+    // running on unobserved; daemons they start do not inherit this setting.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
     let mut child = command.spawn().map_err(|source| SpawnError {
         program: program.clone(),
         source,

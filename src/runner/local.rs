@@ -109,70 +109,83 @@ impl LocalRunner {
     }
 }
 
-/// Everything a hook script is told, as env vars: CodeDeploy's, then nonstop's.
-pub fn hook_env(
-    job: &Job,
-    hook: Hook,
-    group: &str,
-    live: Option<u16>,
-    release_dir: &Path,
-    run_dir: &Path,
-    switch_url: &str,
-    switch_token: &str,
-) -> Vec<(String, String)> {
-    let app: &AppConfig = &job.app;
-    let idle = app.idle_port(live);
-    let profile = app.profile_of(idle).unwrap_or_default();
-    let artifact = release_dir.join(app.artifact.file_name().unwrap_or_default());
-    // The run command comes from the operator's config, never from a request.
-    let run = app
-        .run
-        .replace("{artifact}", &artifact.display().to_string())
-        .replace("{port}", &idle.to_string())
-        .replace("{profile}", profile);
-    let pairs = [
-        ("LIFECYCLE_EVENT", hook.as_str().to_owned()),
-        ("DEPLOYMENT_ID", format!("d-nonstop-{}", job.deployment_id)),
-        (
-            "DEPLOYMENT_GROUP_ID",
-            format!("nonstop-{}-{group}", app.name),
-        ),
-        ("APPLICATION_NAME", app.name.to_string()),
-        ("DEPLOYMENT_GROUP_NAME", group.to_owned()),
-        ("NONSTOP_VERSION", job.version.clone()),
-        ("NONSTOP_RELEASE_DIR", release_dir.display().to_string()),
-        (
-            "NONSTOP_LIVE_PORT",
-            live.map(|p| p.to_string()).unwrap_or_default(),
-        ),
-        ("NONSTOP_IDLE_PORT", idle.to_string()),
-        ("NONSTOP_IDLE_PROFILE", profile.to_owned()),
-        (
-            "NONSTOP_PORTS",
-            format!("{} {}", app.ports[0], app.ports[1]),
-        ),
-        (
-            "NONSTOP_PROFILES",
-            format!("{} {}", app.profiles[0], app.profiles[1]),
-        ),
-        ("NONSTOP_RUN", run),
-        ("NONSTOP_RUN_DIR", run_dir.display().to_string()),
-        (
-            "NONSTOP_HEALTH_URL",
-            format!("http://127.0.0.1:{idle}{}", app.health.path),
-        ),
-        ("NONSTOP_HEALTH_ATTEMPTS", app.health.attempts.to_string()),
-        (
-            "NONSTOP_HEALTH_INTERVAL_MS",
-            app.health.interval_ms.to_string(),
-        ),
-        (
-            "NONSTOP_SWITCH_URL",
-            format!("{switch_url}/api/apps/{}/switch", app.name),
-        ),
-        ("NONSTOP_SWITCH_TOKEN", switch_token.to_owned()),
-    ];
-    pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+/// What the hooks of one deployment are told; fixed when the deployment starts, so all
+/// its hooks agree on which port is live and which is idle.
+pub struct HookContext<'a> {
+    pub job: &'a Job,
+    pub group: &'a str,
+    pub live: Option<u16>,
+    pub release_dir: &'a Path,
+    pub run_dir: &'a Path,
+    pub switch_url: &'a str,
+    pub switch_token: &'a str,
+}
+
+impl HookContext<'_> {
+    /// Everything a hook script is told, as env vars: CodeDeploy's, then nonstop's.
+    pub fn env(&self, hook: Hook) -> Vec<(String, String)> {
+        let app: &AppConfig = &self.job.app;
+        let idle = app.idle_port(self.live);
+        let profile = app.profile_of(idle).unwrap_or_default();
+        let artifact = self
+            .release_dir
+            .join(app.artifact.file_name().unwrap_or_default());
+        // The run command comes from the operator's config, never from a request.
+        let run = app
+            .run
+            .replace("{artifact}", &artifact.display().to_string())
+            .replace("{port}", &idle.to_string())
+            .replace("{profile}", profile);
+        let pairs = [
+            ("LIFECYCLE_EVENT", hook.as_str().to_owned()),
+            (
+                "DEPLOYMENT_ID",
+                format!("d-nonstop-{}", self.job.deployment_id),
+            ),
+            (
+                "DEPLOYMENT_GROUP_ID",
+                format!("nonstop-{}-{}", app.name, self.group),
+            ),
+            ("APPLICATION_NAME", app.name.to_string()),
+            ("DEPLOYMENT_GROUP_NAME", self.group.to_owned()),
+            ("NONSTOP_VERSION", self.job.version.clone()),
+            (
+                "NONSTOP_RELEASE_DIR",
+                self.release_dir.display().to_string(),
+            ),
+            (
+                "NONSTOP_LIVE_PORT",
+                self.live.map(|p| p.to_string()).unwrap_or_default(),
+            ),
+            ("NONSTOP_IDLE_PORT", idle.to_string()),
+            ("NONSTOP_IDLE_PROFILE", profile.to_owned()),
+            (
+                "NONSTOP_PORTS",
+                format!("{} {}", app.ports[0], app.ports[1]),
+            ),
+            (
+                "NONSTOP_PROFILES",
+                format!("{} {}", app.profiles[0], app.profiles[1]),
+            ),
+            ("NONSTOP_RUN", run),
+            ("NONSTOP_RUN_DIR", self.run_dir.display().to_string()),
+            (
+                "NONSTOP_HEALTH_URL",
+                format!("http://127.0.0.1:{idle}{}", app.health.path),
+            ),
+            ("NONSTOP_HEALTH_ATTEMPTS", app.health.attempts.to_string()),
+            (
+                "NONSTOP_HEALTH_INTERVAL_MS",
+                app.health.interval_ms.to_string(),
+            ),
+            (
+                "NONSTOP_SWITCH_URL",
+                format!("{}/api/apps/{}/switch", self.switch_url, app.name),
+            ),
+            ("NONSTOP_SWITCH_TOKEN", self.switch_token.to_owned()),
+        ];
+        pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+    }
 }
 
 fn last_line(log: &str) -> &str {
@@ -201,18 +214,16 @@ impl Runner for LocalRunner {
         // Idle and live are fixed once per deployment: the hooks of one deploy must agree.
         let live = self.switch.live();
         let default_timeout = Duration::from_secs(job.app.hook_timeout_secs);
-        let env = |hook: Hook| {
-            hook_env(
-                job,
-                hook,
-                &self.group,
-                live,
-                &release_dir,
-                &run_dir,
-                &self.switch_url,
-                self.switch_token.expose(),
-            )
+        let context = HookContext {
+            job,
+            group: &self.group,
+            live,
+            release_dir: &release_dir,
+            run_dir: &run_dir,
+            switch_url: &self.switch_url,
+            switch_token: self.switch_token.expose(),
         };
+        let env = |hook: Hook| context.env(hook);
 
         // ApplicationStop runs the previous revision's scripts, as the agent does.
         progress.hook_started(Hook::ApplicationStop).await;
@@ -452,6 +463,74 @@ mod tests {
         }
         writer.finish().unwrap();
         file
+    }
+
+    fn job() -> Job {
+        let text = r#"
+[[app]]
+name = "hello"
+repo = "x"
+build = "true"
+artifact = "target/release/hello"
+run = "{artifact} --port {port} --profile {profile}"
+"#;
+        let app = crate::config::Config::parse(text, Path::new("n.toml"))
+            .unwrap()
+            .apps
+            .remove(0);
+        Job {
+            deployment_id: 7,
+            app: Arc::new(app),
+            version: "1.0.1-SNAPSHOT-20261125140000".into(),
+            bundle_key: "hello/v.zip".into(),
+            bundle_sha256: "0".repeat(64),
+        }
+    }
+
+    #[test]
+    fn hooks_get_codedeploys_env_and_the_idle_slot() {
+        let job = job();
+        let context = HookContext {
+            job: &job,
+            group: "local",
+            live: Some(8081),
+            release_dir: Path::new("/data/releases/v"),
+            run_dir: Path::new("/data/run"),
+            switch_url: "http://127.0.0.1:9000",
+            switch_token: "t",
+        };
+        let env: std::collections::HashMap<_, _> =
+            context.env(Hook::ApplicationStart).into_iter().collect();
+        assert_eq!(env["LIFECYCLE_EVENT"], "ApplicationStart");
+        assert_eq!(env["DEPLOYMENT_ID"], "d-nonstop-7");
+        assert_eq!(env["APPLICATION_NAME"], "hello");
+        assert_eq!(env["DEPLOYMENT_GROUP_NAME"], "local");
+        assert_eq!(env["NONSTOP_LIVE_PORT"], "8081");
+        assert_eq!(env["NONSTOP_IDLE_PORT"], "8082");
+        assert_eq!(env["NONSTOP_IDLE_PROFILE"], "real2");
+        assert_eq!(
+            env["NONSTOP_RUN"],
+            "/data/releases/v/hello --port 8082 --profile real2"
+        );
+        assert_eq!(env["NONSTOP_HEALTH_URL"], "http://127.0.0.1:8082/profile");
+        assert_eq!(
+            env["NONSTOP_SWITCH_URL"],
+            "http://127.0.0.1:9000/api/apps/hello/switch"
+        );
+
+        let first = HookContext {
+            live: None,
+            ..context
+        };
+        let env: std::collections::HashMap<_, _> =
+            first.env(Hook::AfterInstall).into_iter().collect();
+        assert_eq!(
+            (
+                env["NONSTOP_LIVE_PORT"].as_str(),
+                env["NONSTOP_IDLE_PORT"].as_str()
+            ),
+            ("", "8081")
+        );
     }
 
     #[test]

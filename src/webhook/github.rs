@@ -151,7 +151,7 @@ build = "true"
 artifact = "hello"
 run = "{artifact} --port {port}"
 "#;
-        Config::parse(text, std::path::Path::new("n.toml"), |_| None)
+        Config::parse(text, std::path::Path::new("n.toml"))
             .unwrap()
             .apps
             .remove(0)

@@ -1,0 +1,482 @@
+//! Test helpers: a real `nonstop serve` process on random loopback ports with its own data
+//! dir, a git repository of the example app to push from, signed webhooks, polling with a
+//! deadline, and a bounded keep-alive load loop.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub const SECRET: &str = "test-webhook-secret";
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const REPOSITORY: &str = "acme/hello";
+
+/// A free loopback port (bound, then released for the server to take).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["-c", "user.name=Test", "-c", "user.email=test@localhost"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// A git repository holding the example app, to commit and push from.
+pub struct Repo {
+    pub path: PathBuf,
+}
+
+impl Repo {
+    pub fn new(path: PathBuf) -> Self {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hello");
+        std::fs::create_dir_all(path.join("src")).unwrap();
+        for file in ["Cargo.toml", ".gitignore", "src/main.rs"] {
+            std::fs::copy(example.join(file), path.join(file)).unwrap();
+        }
+        git(&path, &["init", "--quiet", "-b", "main"]);
+        let repo = Self { path };
+        repo.commit_all("First version");
+        repo
+    }
+
+    pub fn commit_all(&self, message: &str) -> String {
+        git(&self.path, &["add", "--all"]);
+        git(
+            &self.path,
+            &["commit", "--quiet", "--allow-empty", "-m", message],
+        );
+        git(&self.path, &["rev-parse", "HEAD"])
+    }
+
+    /// A new commit that changes nothing the build sees (a new version all the same).
+    pub fn commit(&self, message: &str) -> String {
+        std::fs::write(self.path.join("NOTES"), message).unwrap();
+        self.commit_all(message)
+    }
+
+    /// A commit whose build never passes its health check.
+    pub fn commit_unhealthy(&self) -> String {
+        let main = self.path.join("src/main.rs");
+        let source = std::fs::read_to_string(&main).unwrap();
+        let broken = source.replace(
+            "const HEALTHY: bool = true;",
+            "const HEALTHY: bool = false;",
+        );
+        assert_ne!(
+            source, broken,
+            "the example app no longer has the HEALTHY switch"
+        );
+        std::fs::write(&main, broken).unwrap();
+        self.commit_all("Break the health check")
+    }
+}
+
+pub struct Ports {
+    pub server: u16,
+    pub proxy: u16,
+    pub app: [u16; 2],
+}
+
+/// A running `nonstop serve` with its own folder, config and repository.
+pub struct TestApp {
+    pub dir: tempfile::TempDir,
+    pub repo: Repo,
+    pub ports: Ports,
+    pub http: reqwest::Client,
+    server: Option<Child>,
+}
+
+impl TestApp {
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ports.server)
+    }
+
+    pub fn proxy(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ports.proxy)
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir().join("nonstop.db")
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.path().join("nonstop.toml")
+    }
+
+    fn start_server(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_nonstop"))
+            .arg("serve")
+            .arg("--config")
+            .arg(self.config_path())
+            .env("NONSTOP_TEST_SECRET", SECRET)
+            .env("NONSTOP_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.server = Some(child);
+    }
+
+    /// Waits until the server answers `/healthz`.
+    pub async fn wait_ready(&mut self) {
+        let url = format!("{}/healthz", self.base());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(response) = self.http.get(&url).send().await
+                && response.status().is_success()
+            {
+                return;
+            }
+            if let Some(status) = self
+                .server
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "nonstop exited ({status}) before it was ready:\n{}",
+                    self.server_log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nonstop not ready in 30 s:\n{}",
+                self.server_log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn server_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// Stops the server the hard way (SIGKILL) and starts it again on the same folder.
+    pub async fn restart(&mut self) {
+        if let Some(mut child) = self.server.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+        self.start_server();
+        self.wait_ready().await;
+    }
+
+    /// Sends a signed GitHub webhook; returns the status and JSON body.
+    pub async fn webhook(
+        &self,
+        event: &str,
+        delivery: &str,
+        body: &[u8],
+        signature: Option<&str>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .http
+            .post(format!("{}/hooks/github", self.base()))
+            .header("X-GitHub-Event", event)
+            .header("X-GitHub-Delivery", delivery)
+            .header("Content-Type", "application/json")
+            .body(body.to_vec());
+        if let Some(signature) = signature {
+            request = request.header("X-Hub-Signature-256", signature);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let body = response.json().await.unwrap_or(Value::Null);
+        (status, body)
+    }
+
+    /// A push of `sha` to `branch`, signed with the right secret; returns the deployment id.
+    pub async fn push(&self, sha: &str) -> i64 {
+        let body = push_payload("refs/heads/main", sha, REPOSITORY);
+        let (status, answer) = self
+            .webhook(
+                "push",
+                &format!("delivery-{sha}"),
+                &body,
+                Some(&sign(&body)),
+            )
+            .await;
+        assert_eq!(status, 202, "push not accepted: {answer}");
+        answer["deployment_id"].as_i64().expect("a deployment id")
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base()))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Polls the deployment until it is finished; returns it with its stages.
+    pub async fn wait_finished(&self, id: i64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let (_, body) = self.get_json(&format!("/api/deployments/{id}")).await;
+            let status = body["deployment"]["status"].as_str().unwrap_or("");
+            if !["", "queued", "running"].contains(&status) {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "deployment {id} still {status} after 180 s: {body:#}\n{}",
+                self.server_log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Pushes `sha`, waits, and asserts the deployment succeeded; returns its version.
+    pub async fn deploy(&self, sha: &str) -> String {
+        let id = self.push(sha).await;
+        let done = self.wait_finished(id).await;
+        assert_eq!(
+            done["deployment"]["status"], "succeeded",
+            "deployment failed: {done:#}"
+        );
+        done["deployment"]["version"].as_str().unwrap().to_owned()
+    }
+
+    /// What the proxy serves at `/` now (the live version).
+    pub async fn served(&self) -> String {
+        let response = self
+            .http
+            .get(format!("{}/", self.proxy()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.text().await.unwrap().trim().to_owned()
+    }
+
+    /// Counts rows of `table` in the real SQLite file.
+    pub fn count_rows(&self, table: &str) -> i64 {
+        let conn = rusqlite::Connection::open_with_flags(
+            self.db_path(),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |row| {
+            row.get(0)
+        })
+        .unwrap()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.server.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // The app instances are detached on purpose (they outlive nonstop): stop them here.
+        let run_dir = self.data_dir().join("apps/hello/run");
+        for entry in std::fs::read_dir(run_dir).into_iter().flatten().flatten() {
+            if entry.path().extension().is_some_and(|e| e == "pid")
+                && let Ok(pid) = std::fs::read_to_string(entry.path())
+                    .unwrap_or_default()
+                    .trim()
+                    .parse::<i32>()
+            {
+                // SAFETY: kill(2) on a pid this test's server started.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+pub fn sign(body: &[u8]) -> String {
+    nonstop::webhook::github::sign(SECRET.as_bytes(), body)
+}
+
+pub fn push_payload(git_ref: &str, sha: &str, repository: &str) -> Vec<u8> {
+    json!({
+        "ref": git_ref,
+        "before": "0".repeat(40),
+        "after": sha,
+        "deleted": false,
+        "repository": { "full_name": repository, "clone_url": "https://github.com/acme/hello.git" },
+        "pusher": { "name": "ada" },
+        "head_commit": { "id": sha, "message": "A change", "author": { "name": "Ada", "username": "ada" } }
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// Starts nonstop on fresh ports with the example app's repository.
+pub async fn spawn_app() -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Repo::new(dir.path().join("hello-repo"));
+    let ports = Ports {
+        server: free_port(),
+        proxy: free_port(),
+        app: [free_port(), free_port()],
+    };
+    let config = format!(
+        r#"[server]
+listen = "127.0.0.1:{server}"
+data_dir = "data"
+
+[[app]]
+name = "hello"
+repo = "hello-repo"
+repository = "{REPOSITORY}"
+branch = "main"
+webhook_secret_env = "NONSTOP_TEST_SECRET"
+build = "cargo build --release --target-dir target"
+artifact = "target/release/hello"
+version = "1.0.1-SNAPSHOT-{{timestamp}}"
+run = "{{artifact}} --port {{port}} --profile {{profile}}"
+ports = [{a}, {b}]
+profiles = ["real1", "real2"]
+health = {{ path = "/profile", attempts = 40, interval_ms = 100 }}
+hook_timeout_secs = 60
+switch = {{ kind = "proxy", listen = "127.0.0.1:{proxy}" }}
+"#,
+        server = ports.server,
+        proxy = ports.proxy,
+        a = ports.app[0],
+        b = ports.app[1],
+    );
+    std::fs::write(dir.path().join("nonstop.toml"), config).unwrap();
+    let mut app = TestApp {
+        dir,
+        repo,
+        ports,
+        http: reqwest::Client::new(),
+        server: None,
+    };
+    app.start_server();
+    app.wait_ready().await;
+    app
+}
+
+/// What a load loop saw.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub ok: u64,
+    pub failed: u64,
+    pub failures: Vec<String>,
+    pub bodies: std::collections::BTreeMap<String, u64>,
+}
+
+/// A bounded load loop: `clients` keep-alive clients hit `url` until `stop` is set, each at
+/// most `max_per_client` requests and never longer than `max_time`.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<LoadReport>>,
+    pub sent: Arc<AtomicU64>,
+}
+
+impl Load {
+    pub fn start(url: String, clients: usize, max_per_client: u64, max_time: Duration) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let deadline = Instant::now() + max_time;
+        let tasks = (0..clients)
+            .map(|_| {
+                let (url, stop, sent) = (url.clone(), stop.clone(), sent.clone());
+                tokio::spawn(async move {
+                    // One client each, one pooled connection each: keep-alive as a browser.
+                    let client = reqwest::Client::builder()
+                        .pool_max_idle_per_host(1)
+                        .build()
+                        .unwrap();
+                    let mut report = LoadReport::default();
+                    for _ in 0..max_per_client {
+                        if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                            break;
+                        }
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        match client.get(&url).send().await {
+                            Ok(response) if response.status() == 200 => match response.text().await
+                            {
+                                Ok(body) => {
+                                    report.ok += 1;
+                                    *report.bodies.entry(body.trim().to_owned()).or_default() += 1;
+                                }
+                                Err(err) => {
+                                    report.failed += 1;
+                                    report.failures.push(format!("body: {err}"));
+                                }
+                            },
+                            Ok(response) => {
+                                report.failed += 1;
+                                let status = response.status();
+                                report.failures.push(format!(
+                                    "{status}: {}",
+                                    response.text().await.unwrap_or_default()
+                                ));
+                            }
+                            Err(err) => {
+                                report.failed += 1;
+                                report.failures.push(format!("{err:?}"));
+                            }
+                        }
+                    }
+                    report
+                })
+            })
+            .collect();
+        Self { stop, tasks, sent }
+    }
+
+    /// Waits until at least `n` requests were sent (so the load is really flowing).
+    pub async fn wait_sent(&self, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.sent.load(Ordering::Relaxed) < n {
+            assert!(Instant::now() < deadline, "the load loop did not get going");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub async fn finish(self) -> LoadReport {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut total = LoadReport::default();
+        for task in self.tasks {
+            let report = task.await.unwrap();
+            total.ok += report.ok;
+            total.failed += report.failed;
+            total.failures.extend(report.failures);
+            for (body, count) in report.bodies {
+                *total.bodies.entry(body).or_default() += count;
+            }
+        }
+        total
+    }
+}

@@ -1,0 +1,263 @@
+//! A signed push becomes a live release: the story end to end, with the real binary, real
+//! git, a real cargo build of the example app, real child processes and the real proxy.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Load, spawn_app};
+
+#[tokio::test]
+async fn a_signed_push_deploys_the_example_app_and_the_proxy_serves_it() {
+    let app = spawn_app().await;
+    let first = app.repo.commit("Say hello");
+
+    let version = app.deploy(&first).await;
+
+    assert!(version.starts_with("1.0.1-SNAPSHOT-2"), "{version}");
+    assert_eq!(app.served().await, version);
+    let (status, live) = app.get_json("/api/apps/hello/live").await;
+    assert_eq!(status, 200);
+    assert_eq!(live["port"], app.ports.app[0]);
+    assert_eq!(live["profile"], "real1");
+    assert_eq!(live["version"], version);
+
+    // The next push goes to the other port and profile; the first instance keeps running.
+    let second = app.repo.commit("Say hello again");
+    let next = app.deploy(&second).await;
+    assert_ne!(next, version);
+    assert_eq!(app.served().await, next);
+    let (_, live) = app.get_json("/api/apps/hello/live").await;
+    assert_eq!(live["port"], app.ports.app[1]);
+    assert_eq!(live["profile"], "real2");
+    let old = reqwest::get(format!("http://127.0.0.1:{}/", app.ports.app[0]))
+        .await
+        .unwrap();
+    assert_eq!(
+        old.text().await.unwrap().trim(),
+        version,
+        "the old instance is kept for rollback"
+    );
+}
+
+#[tokio::test]
+async fn every_stage_is_recorded_with_its_output() {
+    let app = spawn_app().await;
+    let sha = app.repo.commit("Record me");
+    let id = app.push(&sha).await;
+    let done = app.wait_finished(id).await;
+
+    let deployment = &done["deployment"];
+    assert_eq!(deployment["status"], "succeeded", "{done:#}");
+    assert_eq!(deployment["commit_sha"], sha);
+    assert_eq!(deployment["trigger"], "push");
+    assert_eq!(deployment["bundle_sha256"].as_str().unwrap().len(), 64);
+    let stages: Vec<(&str, &str)> = done["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["name"].as_str().unwrap(), s["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        stages,
+        [
+            ("Fetch", "succeeded"),
+            ("Build", "succeeded"),
+            ("Bundle", "succeeded"),
+            ("Upload", "succeeded"),
+            ("ApplicationStop", "skipped"),
+            ("DownloadBundle", "succeeded"),
+            ("BeforeInstall", "succeeded"),
+            ("Install", "succeeded"),
+            ("AfterInstall", "succeeded"),
+            ("ApplicationStart", "succeeded"),
+            ("ValidateService", "succeeded"),
+        ]
+    );
+    let log_of = |name: &str| {
+        done["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap()["log"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert!(
+        log_of("Build").contains("Compiling hello"),
+        "{}",
+        log_of("Build")
+    );
+    assert!(
+        log_of("Bundle").contains("appspec.yml"),
+        "{}",
+        log_of("Bundle")
+    );
+    assert!(
+        log_of("ValidateService").contains("switched traffic"),
+        "{}",
+        log_of("ValidateService")
+    );
+    for stage in done["stages"].as_array().unwrap() {
+        if stage["status"] == "succeeded" {
+            assert!(
+                stage["finished_at"].as_i64() >= stage["started_at"].as_i64(),
+                "{stage}"
+            );
+        }
+    }
+
+    // A second deploy runs ApplicationStop from the first revision, as CodeDeploy does.
+    let next = app.repo.commit("Again");
+    let id = app.push(&next).await;
+    let done = app.wait_finished(id).await;
+    let stop = done["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "ApplicationStop")
+        .unwrap()
+        .clone();
+    assert_eq!(stop["status"], "succeeded", "{stop}");
+}
+
+#[tokio::test]
+async fn five_deploys_under_load_lose_no_request() {
+    let app = spawn_app().await;
+    let mut versions = vec![app.deploy(&app.repo.commit("Base")).await];
+
+    let load = Load::start(
+        format!("{}/", app.proxy()),
+        8,
+        50_000,
+        Duration::from_secs(240),
+    );
+    load.wait_sent(200).await;
+    for round in 0..5 {
+        let sha = app.repo.commit(&format!("Round {round}"));
+        versions.push(app.deploy(&sha).await);
+        // Let each version serve a while so the count shows every one of them.
+        let served_before = load.sent.load(std::sync::atomic::Ordering::Relaxed);
+        load.wait_sent(served_before + 100).await;
+    }
+    let report = load.finish().await;
+
+    println!(
+        "load: {} ok, {} failed, by version: {:?}",
+        report.ok, report.failed, report.bodies
+    );
+    assert_eq!(
+        report.failed,
+        0,
+        "failed requests: {:?}",
+        &report.failures[..report.failures.len().min(10)]
+    );
+    for version in &versions {
+        assert!(
+            report.bodies.contains_key(version),
+            "{version} was never served: {:?}",
+            report.bodies
+        );
+    }
+    assert_eq!(
+        report.bodies.len(),
+        versions.len(),
+        "something else was served: {:?}",
+        report.bodies
+    );
+}
+
+#[tokio::test]
+async fn a_version_that_never_becomes_healthy_leaves_the_old_one_serving() {
+    let app = spawn_app().await;
+    let good = app.deploy(&app.repo.commit("Good")).await;
+
+    let load = Load::start(
+        format!("{}/", app.proxy()),
+        8,
+        50_000,
+        Duration::from_secs(240),
+    );
+    load.wait_sent(100).await;
+    let bad = app.repo.commit_unhealthy();
+    let id = app.push(&bad).await;
+    let done = app.wait_finished(id).await;
+    let report = load.finish().await;
+
+    let deployment = &done["deployment"];
+    assert_eq!(deployment["status"], "failed", "{done:#}");
+    let error = deployment["error"].as_str().unwrap();
+    assert!(error.starts_with("ValidateService failed"), "{error}");
+    let validate = done["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "ValidateService")
+        .unwrap()
+        .clone();
+    assert_eq!(validate["status"], "failed");
+    assert!(
+        validate["log"].as_str().unwrap().contains("503"),
+        "the hook output is kept: {validate}"
+    );
+
+    assert_eq!(
+        report.failed,
+        0,
+        "failed requests: {:?}",
+        &report.failures[..report.failures.len().min(10)]
+    );
+    assert_eq!(
+        report.bodies.keys().collect::<Vec<_>>(),
+        [&good],
+        "only the good version served"
+    );
+    assert_eq!(app.served().await, good);
+    let (_, live) = app.get_json("/api/apps/hello/live").await;
+    assert_eq!(live["port"], app.ports.app[0]);
+    // The failed instance was stopped: nothing answers on the idle port.
+    let idle = reqwest::get(format!("http://127.0.0.1:{}/", app.ports.app[1])).await;
+    assert!(idle.is_err(), "the failed version still runs: {idle:?}");
+}
+
+#[tokio::test]
+async fn after_a_restart_the_proxy_serves_the_same_live_port() {
+    let mut app = spawn_app().await;
+    app.deploy(&app.repo.commit("One")).await;
+    let version = app.deploy(&app.repo.commit("Two")).await;
+    let (_, before) = app.get_json("/api/apps/hello/live").await;
+
+    app.restart().await;
+
+    assert_eq!(app.served().await, version);
+    let (_, after) = app.get_json("/api/apps/hello/live").await;
+    assert_eq!(after["port"], before["port"]);
+    assert_eq!(after["port"], app.ports.app[1]);
+    assert_eq!(after["since"], before["since"], "a restart is not a switch");
+}
+
+#[tokio::test]
+async fn a_deployment_running_when_the_server_dies_is_interrupted_and_nothing_recorded_is_lost() {
+    let mut app = spawn_app().await;
+    let version = app.deploy(&app.repo.commit("One")).await;
+    let sha = app.repo.commit("Two");
+    let id = app.push(&sha).await;
+    // Kill it while the deployment runs (Fetch or Build: a cargo build takes a while).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, body) = app.get_json(&format!("/api/deployments/{id}")).await;
+        if body["deployment"]["status"] == "running" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never ran: {body}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    app.restart().await;
+
+    let done = app.wait_finished(id).await;
+    assert_eq!(done["deployment"]["status"], "interrupted", "{done:#}");
+    assert_eq!(app.count_rows("deployments"), 2);
+    assert_eq!(app.served().await, version);
+}

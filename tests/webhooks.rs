@@ -1,0 +1,189 @@
+//! The GitHub webhook's guard: signatures, duplicates, ignored events and bad input, checked
+//! against the real server and its real SQLite file.
+
+mod common;
+
+use common::{REPOSITORY, push_payload, sign, spawn_app};
+
+const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
+
+#[tokio::test]
+async fn forged_missing_and_tampered_signatures_are_refused_and_nothing_is_written() {
+    let app = spawn_app().await;
+    let body = push_payload("refs/heads/main", SHA, REPOSITORY);
+    let forged = nonstop::webhook::github::sign(b"not the secret", &body);
+    let mut tampered = body.clone();
+    tampered[10] ^= 1;
+
+    for (what, payload, signature) in [
+        ("forged", &body, Some(forged.as_str())),
+        ("missing", &body, None),
+        ("tampered", &tampered, Some(sign(&body)).as_deref()),
+        ("garbage", &body, Some("sha256=nothex")),
+    ] {
+        let (status, answer) = app
+            .webhook("push", &format!("d-{what}"), payload, signature)
+            .await;
+        assert_eq!(status, 401, "{what}: {answer}");
+        assert!(
+            answer["error"].as_str().is_some_and(|e| !e.contains('\n')),
+            "{what}: {answer}"
+        );
+    }
+    assert_eq!(app.count_rows("deployments"), 0);
+    assert_eq!(app.count_rows("deliveries"), 0);
+}
+
+#[tokio::test]
+async fn a_redelivered_push_makes_one_deployment() {
+    let app = spawn_app().await;
+    let sha = app.repo.commit("Once");
+    let body = push_payload("refs/heads/main", &sha, REPOSITORY);
+    let signature = sign(&body);
+
+    let answers = futures_util::future::join_all(
+        (0..10).map(|_| app.webhook("push", "same-delivery", &body, Some(&signature))),
+    )
+    .await;
+
+    let accepted: Vec<_> = answers
+        .iter()
+        .filter(|(status, _)| *status == 202)
+        .collect();
+    assert_eq!(accepted.len(), 1, "{answers:?}");
+    let id = &accepted[0].1["deployment_id"];
+    for (status, answer) in &answers {
+        assert!(*status == 202 || *status == 200, "{answer}");
+        assert_eq!(&answer["deployment_id"], id, "{answer}");
+    }
+    assert_eq!(app.count_rows("deployments"), 1);
+}
+
+#[tokio::test]
+async fn pushes_that_deploy_nothing_are_answered_with_a_reason() {
+    let app = spawn_app().await;
+    let cases = [
+        (
+            "push",
+            push_payload("refs/heads/feature", SHA, REPOSITORY),
+            "push to feature",
+        ),
+        (
+            "push",
+            push_payload("refs/heads/main", SHA, "someone/else"),
+            "deploys from acme/hello",
+        ),
+        (
+            "push",
+            push_payload("refs/tags/v1.0", SHA, REPOSITORY),
+            "not a branch",
+        ),
+        (
+            "issues",
+            br#"{"action":"opened"}"#.to_vec(),
+            "`issues` is not deployed",
+        ),
+    ];
+    for (index, (event, body, reason)) in cases.iter().enumerate() {
+        let (status, answer) = app
+            .webhook(event, &format!("ignored-{index}"), body, Some(&sign(body)))
+            .await;
+        assert_eq!(status, 202, "{answer}");
+        assert!(
+            answer["ignored"].as_str().unwrap().contains(reason),
+            "{answer}"
+        );
+    }
+    let deleted = serde_json::json!({
+        "ref": "refs/heads/main", "after": "0".repeat(40), "deleted": true,
+        "repository": {"full_name": REPOSITORY}, "head_commit": null
+    })
+    .to_string()
+    .into_bytes();
+    let (status, answer) = app
+        .webhook("push", "deleted", &deleted, Some(&sign(&deleted)))
+        .await;
+    assert_eq!(
+        (status, answer["ignored"].as_str().is_some()),
+        (202, true),
+        "{answer}"
+    );
+
+    let ping = br#"{"zen":"Keep it logically awesome."}"#;
+    let (status, answer) = app.webhook("ping", "ping-1", ping, Some(&sign(ping))).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(app.count_rows("deployments"), 0);
+}
+
+#[tokio::test]
+async fn bad_input_gets_its_own_status_and_a_one_line_reason() {
+    let app = spawn_app().await;
+    let url = format!("{}/hooks/github", app.base());
+
+    // Malformed, but signed: 400.
+    let junk = b"{not json";
+    let (status, answer) = app.webhook("push", "junk", junk, Some(&sign(junk))).await;
+    assert_eq!(status, 400, "{answer}");
+
+    // Unknown app: 404.
+    let body = push_payload("refs/heads/main", SHA, REPOSITORY);
+    let response = app
+        .http
+        .post(format!("{url}?app=nope"))
+        .header("X-GitHub-Event", "push")
+        .header("X-Hub-Signature-256", sign(&body))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    let answer: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(answer["error"], "no app named `nope`");
+
+    // Over 25 MB: 413 with nonstop's own reason.
+    let huge = vec![b' '; 25 * 1024 * 1024 + 1];
+    let response = app
+        .http
+        .post(&url)
+        .header("X-GitHub-Event", "push")
+        .header("X-Hub-Signature-256", sign(&huge))
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    let answer: serde_json::Value = response.json().await.unwrap();
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("over 26214400 bytes"),
+        "{answer}"
+    );
+    assert_eq!(app.count_rows("deployments"), 0);
+}
+
+#[tokio::test]
+async fn the_switch_endpoint_needs_its_token_and_a_port_of_the_app() {
+    let app = spawn_app().await;
+    let url = format!("{}/api/apps/hello/switch", app.base());
+    let response = app
+        .http
+        .post(&url)
+        .json(&serde_json::json!({"port": app.ports.app[0]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    let response = app
+        .http
+        .post(&url)
+        .bearer_auth(common::ADMIN_TOKEN)
+        .json(&serde_json::json!({"port": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let (status, _) = app.get_json("/api/apps/hello/live").await;
+    assert_eq!(status, 404, "nothing is live after refused switches");
+}
