@@ -109,6 +109,19 @@ pub struct Trigger {
     pub delivery: Option<(String, String)>,
     pub message: Option<String>,
     pub author: Option<String>,
+    /// Deploy a bundle already in the store instead of building one (redeploy, rollback).
+    pub reuse: Option<Reuse>,
+}
+
+/// A stored bundle to deploy again, and what it was made from.
+#[derive(Clone, Debug)]
+pub struct Reuse {
+    pub from: DeploymentId,
+    pub version: String,
+    pub bundle_key: String,
+    pub bundle_sha256: String,
+    /// Set when this redeploy undoes the deployment that is live now.
+    pub rollback_of: Option<DeploymentId>,
 }
 
 macro_rules! string_enum {

@@ -1,10 +1,78 @@
-// Reload the page's data when something changes; the page reads fine without this script.
+// Keeps an open dashboard page current without reloading it: every event on /events
+// re-reads this page and swaps in its <main>, keeping open log panels open. After the
+// server restarts, EventSource reconnects by itself and the page catches up the same way.
+// Without JavaScript the pages are complete; this only saves pressing reload.
 (function () {
+  "use strict";
+  const region = () => document.getElementById("live-region");
+  let timer = null;
+  let inFlight = false;
+  let again = false;
+
+  function openPanels() {
+    return new Set(Array.from(document.querySelectorAll("[data-stage] details[open]"))
+      .map((d) => d.closest("[data-stage]").dataset.stage));
+  }
+
+  async function refresh() {
+    if (inFlight) { again = true; return; }
+    inFlight = true;
+    try {
+      const response = await fetch(location.href, { cache: "no-store", credentials: "same-origin" });
+      if (!response.ok) return;
+      const page = new DOMParser().parseFromString(await response.text(), "text/html");
+      const fresh = page.getElementById("live-region");
+      if (!fresh || !region()) return;
+      const open = openPanels();
+      region().replaceChildren(...fresh.childNodes);
+      open.forEach((name) => {
+        const panel = document.querySelector(`[data-stage="${CSS.escape(name)}"] details`);
+        if (panel) panel.open = true;
+      });
+      document.title = page.title;
+      const icon = document.querySelector("link[rel=icon]");
+      if (icon) icon.href = "/favicon.svg?t=" + Date.now();
+      document.body.dataset.refreshedAt = String(Date.now());
+    } catch (_) {
+      // The server is away; the next event after it returns refreshes the page.
+    } finally {
+      inFlight = false;
+      if (again) { again = false; schedule(); }
+    }
+  }
+
+  function schedule() {
+    clearTimeout(timer);
+    timer = setTimeout(refresh, 80);
+  }
+
+  function relative(ms) {
+    const seconds = Math.max(0, Math.floor((Date.now() - ms) / 1000));
+    if (seconds < 5) return "just now";
+    if (seconds < 60) return seconds + " s ago";
+    if (seconds < 3600) return Math.floor(seconds / 60) + " min ago";
+    if (seconds < 86400) return Math.floor(seconds / 3600) + " h ago";
+    const days = Math.floor(seconds / 86400);
+    return days === 1 ? "1 day ago" : days + " days ago";
+  }
+
+  setInterval(() => {
+    document.querySelectorAll("time[datetime]").forEach((t) => {
+      const ms = Number(t.getAttribute("datetime"));
+      if (ms) t.textContent = relative(ms);
+    });
+  }, 10000);
+
   if (!window.EventSource) return;
-  let pending = null;
-  const source = new EventSource("/events");
-  source.onmessage = function () {
-    clearTimeout(pending);
-    pending = setTimeout(function () { location.reload(); }, 150);
+  let lostConnection = false;
+  const events = new EventSource("/events");
+  events.addEventListener("hello", () => {
+    document.body.dataset.live = "connected";
+    if (lostConnection) { lostConnection = false; schedule(); }
+  });
+  events.onmessage = schedule;
+  events.onerror = () => {
+    lostConnection = true;
+    document.body.dataset.live = "reconnecting";
   };
 })();

@@ -27,7 +27,10 @@ pub enum DbError {
 }
 
 /// Each file runs once, in order; `PRAGMA user_version` remembers how many ran.
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/0001_init.sql"),
+    include_str!("../../migrations/0002_redeploys.sql"),
+];
 
 #[derive(Clone)]
 pub struct Db {

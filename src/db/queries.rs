@@ -24,10 +24,13 @@ pub struct Deployment {
     pub created_at: i64,
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
+    /// For a rollback: the deployment it undoes.
+    pub rollback_of: Option<DeploymentId>,
 }
 
 const DEPLOYMENT_COLUMNS: &str = "id, app, status, trigger, branch, commit_sha, commit_message, \
-     author, version, port, bundle_key, bundle_sha256, error, created_at, started_at, finished_at";
+     author, version, port, bundle_key, bundle_sha256, error, created_at, started_at, finished_at, \
+     rollback_of";
 
 impl Deployment {
     fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
@@ -49,6 +52,7 @@ impl Deployment {
             created_at: row.get(13)?,
             started_at: row.get(14)?,
             finished_at: row.get(15)?,
+            rollback_of: row.get(16)?,
         })
     }
 }
@@ -117,9 +121,11 @@ pub fn enqueue(conn: &mut Connection, trigger: &Trigger) -> rusqlite::Result<Enq
             [id],
         )?;
     }
+    let reuse = trigger.reuse.as_ref();
     tx.execute(
-        "INSERT INTO deployments (app, status, trigger, branch, commit_sha, commit_message, author, created_at)
-         VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO deployments (app, status, trigger, branch, commit_sha, commit_message, author,
+             created_at, version, bundle_key, bundle_sha256, rollback_of)
+         VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         params![
             trigger.app.as_str(),
             trigger.kind.as_str(),
@@ -127,7 +133,11 @@ pub fn enqueue(conn: &mut Connection, trigger: &Trigger) -> rusqlite::Result<Enq
             trigger.commit.as_ref().map(|c| c.as_str()),
             trigger.message,
             trigger.author,
-            now
+            now,
+            reuse.map(|r| &r.version),
+            reuse.map(|r| &r.bundle_key),
+            reuse.map(|r| &r.bundle_sha256),
+            reuse.and_then(|r| r.rollback_of),
         ],
     )?;
     let id = tx.last_insert_rowid();
@@ -393,15 +403,21 @@ pub fn record_instance(
     Ok(())
 }
 
-/// Records that traffic of `app` now goes to `port`; returns the previous live row.
+/// Records that traffic of `app` now goes to `port`, switched by deployment `by` (the
+/// running one when `None`); returns the new and the previous live row.
 pub fn set_live(
     conn: &mut Connection,
     app: &str,
     port: u16,
     profile: &str,
+    by: Option<DeploymentId>,
 ) -> rusqlite::Result<(Live, Option<Live>)> {
     let tx = conn.transaction()?;
     let previous = live_in(&tx, app)?;
+    let by = match by {
+        Some(id) => Some(id),
+        None => running_deployment(&tx, app)?,
+    };
     let instance: Option<(String, Option<DeploymentId>)> = tx
         .query_row(
             "SELECT version, deployment_id FROM instances WHERE app = ?1 AND port = ?2",
@@ -418,7 +434,7 @@ pub fn set_live(
     )?;
     tx.execute(
         "INSERT INTO switches (app, from_port, to_port, deployment_id, at) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![app, previous.as_ref().map(|l| l.port), port, deployment_id.flatten(), now],
+        params![app, previous.as_ref().map(|l| l.port), port, by, now],
     )?;
     let live = live_in(&tx, app)?.expect("the live row was just written in this transaction");
     tx.commit()?;
@@ -443,6 +459,158 @@ fn live_in(conn: &Connection, app: &str) -> rusqlite::Result<Option<Live>> {
                 since: row.get(5)?,
             })
         },
+    )
+    .optional()
+}
+
+/// How many deployments match the filters (for pagination).
+pub fn count_deployments(
+    conn: &Connection,
+    app: Option<&str>,
+    status: Option<DeploymentStatus>,
+) -> rusqlite::Result<u64> {
+    conn.prepare_cached(
+        "SELECT COUNT(*) FROM deployments WHERE (?1 IS NULL OR app = ?1) AND (?2 IS NULL OR status = ?2)",
+    )?
+    .query_row(params![app, status.map(|s| s.as_str())], |row| row.get(0))
+}
+
+/// The newest deployment of `app` in one of `statuses`.
+pub fn latest_with_status(
+    conn: &Connection,
+    app: Option<&str>,
+    statuses: &[DeploymentStatus],
+) -> rusqlite::Result<Option<Deployment>> {
+    let wanted: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
+    let list = serde_json::to_string(&wanted).expect("a list of strings is JSON");
+    conn.query_row(
+        &format!(
+            "SELECT {DEPLOYMENT_COLUMNS} FROM deployments
+             WHERE (?1 IS NULL OR app = ?1) AND status IN (SELECT value FROM json_each(?2))
+             ORDER BY id DESC LIMIT 1"
+        ),
+        params![app, list],
+        Deployment::from_row,
+    )
+    .optional()
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Instance {
+    pub port: u16,
+    pub version: String,
+    pub deployment_id: Option<DeploymentId>,
+    pub started_at: i64,
+}
+
+pub fn instance(conn: &Connection, app: &str, port: u16) -> rusqlite::Result<Option<Instance>> {
+    conn.query_row(
+        "SELECT port, version, deployment_id, started_at FROM instances WHERE app = ?1 AND port = ?2",
+        params![app, port],
+        |row| {
+            Ok(Instance {
+                port: row.get(0)?,
+                version: row.get(1)?,
+                deployment_id: row.get(2)?,
+                started_at: row.get(3)?,
+            })
+        },
+    )
+    .optional()
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Switch {
+    pub from_port: Option<u16>,
+    pub to_port: u16,
+    pub at: i64,
+}
+
+/// The traffic switches a deployment made.
+pub fn switches_of(conn: &Connection, id: DeploymentId) -> rusqlite::Result<Vec<Switch>> {
+    conn.prepare_cached("SELECT from_port, to_port, at FROM switches WHERE deployment_id = ?1 ORDER BY id")?
+        .query_map([id], |row| {
+            Ok(Switch {
+                from_port: row.get(0)?,
+                to_port: row.get(1)?,
+                at: row.get(2)?,
+            })
+        })?
+        .collect()
+}
+
+/// Records a rollback that only moved traffic back (no hook ran): a finished deployment
+/// row whose stages are all skipped, and the undone deployment marked `rolled_back`.
+pub fn record_switch_back(
+    conn: &mut Connection,
+    app: &str,
+    branch: &str,
+    instance: &Instance,
+    undone: Option<DeploymentId>,
+) -> rusqlite::Result<DeploymentId> {
+    let tx = conn.transaction()?;
+    let now = now_ms();
+    tx.execute(
+        "INSERT INTO deployments (app, status, trigger, branch, version, port, rollback_of,
+             commit_sha, commit_message, author, created_at, started_at, finished_at)
+         SELECT ?1, 'succeeded', 'rollback', ?2, ?3, ?4, ?5,
+             d.commit_sha, d.commit_message, d.author, ?6, ?6, ?6
+         FROM (SELECT 1) LEFT JOIN deployments d ON d.id = ?7",
+        params![app, branch, instance.version, instance.port, undone, now, instance.deployment_id],
+    )?;
+    let id = tx.last_insert_rowid();
+    for (position, stage) in Stage::ALL.iter().enumerate() {
+        tx.execute(
+            "INSERT INTO stages (deployment_id, position, name, status, log) VALUES (?1, ?2, ?3, 'skipped', ?4)",
+            params![id, position, stage.as_str(), "not needed: the previous instance still runs"],
+        )?;
+    }
+    if let Some(undone) = undone {
+        tx.execute(
+            "UPDATE deployments SET status = 'rolled_back' WHERE id = ?1 AND status = 'succeeded'",
+            [undone],
+        )?;
+    }
+    tx.commit()?;
+    Ok(id)
+}
+
+/// After a rollback redeploy went live: the deployment it undid is `rolled_back`.
+pub fn mark_rolled_back(conn: &Connection, id: DeploymentId) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE deployments SET status = 'rolled_back' WHERE id = ?1 AND status = 'succeeded'",
+        [id],
+    )?;
+    Ok(())
+}
+
+/// Points a deployment's switches at it (the switch endpoint records the running one).
+pub fn running_deployment(conn: &Connection, app: &str) -> rusqlite::Result<Option<DeploymentId>> {
+    conn.query_row(
+        "SELECT id FROM deployments WHERE app = ?1 AND status = 'running' ORDER BY id DESC LIMIT 1",
+        [app],
+        |row| row.get(0),
+    )
+    .optional()
+}
+
+/// The bundle that was live before deployment `undone`: the newest deployment before it
+/// that went live and has a stored bundle of another version.
+pub fn previous_live_bundle(
+    conn: &Connection,
+    app: &str,
+    undone: Option<DeploymentId>,
+) -> rusqlite::Result<Option<Deployment>> {
+    conn.query_row(
+        &format!(
+            "SELECT {DEPLOYMENT_COLUMNS} FROM deployments
+             WHERE app = ?1 AND status IN ('succeeded', 'rolled_back') AND bundle_key IS NOT NULL
+               AND id < COALESCE(?2, 9223372036854775807)
+               AND version IS NOT (SELECT version FROM deployments WHERE id = ?2)
+             ORDER BY id DESC LIMIT 1"
+        ),
+        params![app, undone],
+        Deployment::from_row,
     )
     .optional()
 }

@@ -122,6 +122,7 @@ impl Pipeline {
     /// Runs a claimed (`running`) deployment to its end and records how it ended.
     pub async fn run(&self, deployment: Deployment, backends: &AppBackends) {
         let id = deployment.id;
+        let rollback_of = deployment.rollback_of;
         let recorder = Recorder {
             db: self.db.clone(),
             bus: self.bus.clone(),
@@ -130,6 +131,13 @@ impl Pipeline {
         };
         self.publish_deployment(id).await;
         let outcome = self.stages(&deployment, backends, &recorder).await;
+        if let (Ok(()), Some(undone)) = (&outcome, rollback_of) {
+            let marked = self.db.call(move |conn| db::mark_rolled_back(conn, undone)).await;
+            if let Err(err) = marked {
+                tracing::error!(deployment_id = id, error = %err, "could not mark the undone deployment");
+            }
+            self.publish_deployment(undone).await;
+        }
         let (status, error) = match &outcome {
             Ok(()) => (DeploymentStatus::Succeeded, None),
             Err(Failed(stage, reason)) => (
@@ -167,6 +175,25 @@ impl Pipeline {
     ) -> Result<(), Failed> {
         let app = &backends.app;
         let id = deployment.id;
+        if let (Some(version), Some(key), Some(sha256)) = (
+            &deployment.version,
+            &deployment.bundle_key,
+            &deployment.bundle_sha256,
+        ) {
+            // A redeploy or rollback: the bundle is in the store already.
+            let log = format!("reusing the stored bundle {key} ({version})\n");
+            for stage in [Stage::Fetch, Stage::Build, Stage::Bundle, Stage::Upload] {
+                recorder.finished(stage, StageStatus::Skipped, &log).await;
+            }
+            let job = Job {
+                deployment_id: id,
+                app: app.clone(),
+                version: version.clone(),
+                bundle_key: key.clone(),
+                bundle_sha256: sha256.clone(),
+            };
+            return self.run_hooks(&job, backends, recorder).await;
+        }
         let app_dir = self.data_dir.join("apps").join(app.name.as_str());
 
         recorder.started(Stage::Fetch).await;
@@ -288,9 +315,18 @@ impl Pipeline {
             bundle_key: stored.key,
             bundle_sha256: stored.sha256,
         };
+        self.run_hooks(&job, backends, recorder).await
+    }
+
+    async fn run_hooks(
+        &self,
+        job: &Job,
+        backends: &AppBackends,
+        recorder: &Recorder,
+    ) -> Result<(), Failed> {
         backends
             .runner
-            .run(&job, recorder)
+            .run(job, recorder)
             .await
             .map_err(|err| Failed(err.hook.into(), err.reason))
     }

@@ -5,16 +5,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{AppError, AppState, bearer, require_admin, require_loopback, token_matches};
-use crate::db::{self, Enqueued, Live};
-use crate::domain::{CommitSha, DeploymentId, DeploymentStatus, Trigger, TriggerKind};
+use super::{AppError, AppState, bearer, require_loopback, token_matches};
+use crate::db::{self, Live};
+use crate::domain::{DeploymentId, DeploymentStatus};
 use crate::events::Event;
 
 pub fn routes() -> Router<Arc<AppState>> {
@@ -23,7 +23,6 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/metrics", get(metrics))
         .route("/api/apps", get(apps))
         .route("/api/apps/{app}/live", get(live))
-        .route("/api/apps/{app}/deploy", post(deploy))
         .route("/api/apps/{app}/switch", post(switch))
         .route("/api/deployments", get(deployments))
         .route("/api/deployments/{id}", get(deployment))
@@ -123,45 +122,6 @@ async fn deployment(
     Ok(Json(json!({ "deployment": deployment, "stages": stages })))
 }
 
-#[derive(Deserialize, Default)]
-struct DeployRequest {
-    commit: Option<String>,
-}
-
-async fn deploy(
-    State(state): State<Arc<AppState>>,
-    Path(app): Path<String>,
-    headers: HeaderMap,
-    body: Option<Json<DeployRequest>>,
-) -> Result<impl IntoResponse, AppError> {
-    require_admin(&state, &headers)?;
-    let runtime = state.app(&app)?;
-    let request = body.map(|Json(b)| b).unwrap_or_default();
-    let commit = request
-        .commit
-        .as_deref()
-        .map(CommitSha::parse)
-        .transpose()
-        .map_err(AppError::BadRequest)?;
-    let trigger = Trigger {
-        app: runtime.backends.app.name.clone(),
-        commit,
-        branch: runtime.backends.app.branch.clone(),
-        kind: TriggerKind::Manual,
-        delivery: None,
-        message: None,
-        author: None,
-    };
-    match state.queue.enqueue(trigger).await? {
-        Enqueued::New { id, .. } => {
-            Ok((StatusCode::ACCEPTED, Json(json!({ "deployment_id": id }))))
-        }
-        Enqueued::Duplicate { .. } => Err(AppError::Internal(
-            "a manual deploy cannot be a duplicate".into(),
-        )),
-    }
-}
-
 #[derive(Deserialize)]
 struct SwitchRequest {
     port: u16,
@@ -187,12 +147,18 @@ async fn switch(
     let Json(request) = body.map_err(|err| {
         AppError::BadRequest(format!("expected {{\"port\": N}}: {}", err.body_text()))
     })?;
-    let live = switch_traffic(&state, &app, request.port).await?;
+    let live = switch_traffic(&state, &app, request.port, None).await?;
     Ok(Json(live))
 }
 
-/// Points `app`'s traffic at `port` and records it; the one place traffic moves.
-pub async fn switch_traffic(state: &AppState, app: &str, port: u16) -> Result<Live, AppError> {
+/// Points `app`'s traffic at `port` and records it, as done by deployment `by` (the running
+/// one when `None`); the one place traffic moves.
+pub async fn switch_traffic(
+    state: &AppState,
+    app: &str,
+    port: u16,
+    by: Option<DeploymentId>,
+) -> Result<Live, AppError> {
     let runtime = state.app(app)?;
     let config = &runtime.backends.app;
     let profile = config
@@ -212,7 +178,7 @@ pub async fn switch_traffic(state: &AppState, app: &str, port: u16) -> Result<Li
     let name = app.to_owned();
     let (live, previous) = state
         .db
-        .call(move |conn| db::set_live(conn, &name, port, &profile))
+        .call(move |conn| db::set_live(conn, &name, port, &profile, by))
         .await?;
     tracing::info!(
         app,

@@ -1,147 +1,324 @@
-//! The dashboard: server-rendered pages (askama templates compiled into the binary) and the
-//! `/events` stream that keeps open pages current. Reading works without JavaScript.
+//! The dashboard: server-rendered pages (askama templates compiled into the binary), the
+//! login that unlocks actions, and `/events`, the stream that keeps open pages current.
+//! Every page reads fully without JavaScript; `static/live.js` only refreshes it in place.
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use askama::Template;
-use axum::Router;
-use axum::extract::{Path, State};
-use axum::http::header;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use axum::response::{Html, IntoResponse};
+use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;
+use axum::Router;
 use futures_util::{Stream, StreamExt};
+use serde::Deserialize;
 use tokio_stream::wrappers::BroadcastStream;
 
-use super::{AppError, AppState};
-use crate::db::{self, Deployment, Live, StageRow};
-use crate::domain::DeploymentId;
+use super::session::{self, csrf_token};
+use super::views::{DeploymentView, LiveView, Progress, StageView, SwitchView};
+use super::{AppError, AppState, token_matches};
+use crate::db::{self, now_ms};
+use crate::domain::{DeploymentId, DeploymentStatus, Stage};
+
+const HISTORY_PAGE_SIZE: u32 = 50;
 
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/", get(overview))
+        .route("/deployments", get(history))
         .route("/deployments/{id}", get(deployment_page))
+        .route("/deployments/{id}/stages/{stage}/log", get(stage_log))
+        .route("/login", get(login_page).post(login))
+        .route("/logout", axum::routing::post(logout))
         .route("/events", get(events))
-        .route(
-            "/static/style.css",
-            get(|| async {
-                (
-                    [(header::CONTENT_TYPE, "text/css")],
-                    include_str!("../../static/style.css"),
-                )
-            }),
-        )
-        .route(
-            "/static/live.js",
-            get(|| async {
-                (
-                    [(header::CONTENT_TYPE, "text/javascript")],
-                    include_str!("../../static/live.js"),
-                )
-            }),
-        )
+        .route("/favicon.svg", get(favicon))
+        .route("/static/style.css", get(|| static_file("text/css", include_str!("../../static/style.css"))))
+        .route("/static/live.js", get(|| static_file("text/javascript", include_str!("../../static/live.js"))))
+}
+
+async fn static_file(content_type: &'static str, body: &'static str) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "no-cache")], body)
+}
+
+/// The CSRF token of the request's login session, if logged in (templates show actions).
+fn csrf_of(state: &AppState, headers: &HeaderMap) -> Option<String> {
+    session::session(headers, &state.admin_token, now_ms()).map(|s| csrf_token(&state.admin_token, &s))
+}
+
+fn render(page: &impl Template) -> Result<Response, AppError> {
+    let html = page.render().map_err(|err| AppError::Internal(format!("template: {err}")))?;
+    Ok(Html(html).into_response())
 }
 
 struct AppCard {
     name: String,
     proxy: String,
-    live: Option<Live>,
+    branch: String,
+    ports: String,
+    live: Option<LiveView>,
+    /// Whether the live instance answered its health check just now.
+    healthy: Option<bool>,
+    running: Option<Progress>,
 }
 
 #[derive(Template)]
 #[template(path = "overview.html")]
 struct OverviewPage {
+    csrf: Option<String>,
     apps: Vec<AppCard>,
-    deployments: Vec<Deployment>,
+    deployments: Vec<DeploymentView>,
+}
+
+async fn overview(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, AppError> {
+    let now = now_ms();
+    let mut names: Vec<String> = state.apps.keys().cloned().collect();
+    names.sort();
+    let (per_app, recent) = {
+        let names = names.clone();
+        state
+            .db
+            .call(move |conn| {
+                let mut per_app = Vec::new();
+                for name in &names {
+                    let live = db::live(conn, name)?;
+                    let running = match db::running_deployment(conn, name)? {
+                        Some(id) => db::deployment(conn, id)?.map(|d| (d, db::stages(conn, id))),
+                        None => None,
+                    };
+                    let running = match running {
+                        Some((d, stages)) => Some((d, stages?)),
+                        None => None,
+                    };
+                    per_app.push((live, running));
+                }
+                Ok((per_app, db::deployments(conn, None, None, 10, 0)?))
+            })
+            .await?
+    };
+    let probes = names.iter().zip(&per_app).map(|(name, (live, _))| {
+        let path = state.apps[name].backends.app.health.path.clone();
+        let port = live.as_ref().map(|l| l.port);
+        async move {
+            match port {
+                Some(port) => Some(crate::health::answers(port, &path, Duration::from_millis(300)).await),
+                None => None,
+            }
+        }
+    });
+    let health = futures_util::future::join_all(probes).await;
+    let apps = names
+        .into_iter()
+        .zip(per_app)
+        .zip(health)
+        .map(|((name, (live, running)), healthy)| {
+            let config = &state.apps[&name].backends.app;
+            AppCard {
+                proxy: config.proxy_listen().to_string(),
+                branch: config.branch.clone(),
+                ports: format!("{} / {}", config.ports[0], config.ports[1]),
+                live: live.as_ref().map(|l| LiveView::new(l, now)),
+                healthy,
+                running: running.map(|(d, stages)| Progress {
+                    deployment: DeploymentView::new(&d, now),
+                    done: stages.iter().filter(|s| s.status.as_str() != "pending" && s.status.as_str() != "running").count(),
+                    stages: stages.iter().map(|s| StageView::new(s, now)).collect(),
+                }),
+                name,
+            }
+        })
+        .collect();
+    render(&OverviewPage {
+        csrf: csrf_of(&state, &headers),
+        apps,
+        deployments: recent.iter().map(|d| DeploymentView::new(d, now)).collect(),
+    })
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    app: Option<String>,
+    status: Option<String>,
+    page: Option<u32>,
+}
+
+#[derive(Template)]
+#[template(path = "history.html")]
+struct HistoryPage {
+    csrf: Option<String>,
+    apps: Vec<String>,
+    statuses: Vec<&'static str>,
+    app: String,
+    status: String,
+    page: u32,
+    pages: u32,
+    total: u64,
+    deployments: Vec<DeploymentView>,
+}
+
+impl HistoryPage {
+    fn link(&self, page: u32) -> String {
+        let query = serde_urlencoded::to_string([("app", &self.app), ("status", &self.status), ("page", &page.to_string())])
+            .unwrap_or_default();
+        format!("/deployments?{query}")
+    }
+}
+
+async fn history(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(query): Query<HistoryQuery>,
+) -> Result<Response, AppError> {
+    let now = now_ms();
+    let app = query.app.filter(|a| !a.is_empty());
+    let status = match query.status.as_deref().filter(|s| !s.is_empty()) {
+        Some(text) => Some(
+            DeploymentStatus::parse(text).ok_or_else(|| AppError::BadRequest(format!("unknown status `{text}`")))?,
+        ),
+        None => None,
+    };
+    let page = query.page.unwrap_or(1).max(1);
+    let (total, rows) = {
+        let app = app.clone();
+        state
+            .db
+            .call(move |conn| {
+                let total = db::count_deployments(conn, app.as_deref(), status)?;
+                let rows = db::deployments(conn, app.as_deref(), status, HISTORY_PAGE_SIZE, (page - 1) * HISTORY_PAGE_SIZE)?;
+                Ok((total, rows))
+            })
+            .await?
+    };
+    let mut apps: Vec<String> = state.apps.keys().cloned().collect();
+    apps.sort();
+    render(&HistoryPage {
+        csrf: csrf_of(&state, &headers),
+        apps,
+        statuses: DeploymentStatus::ALL.iter().map(|s| s.as_str()).collect(),
+        app: app.unwrap_or_default(),
+        status: status.map(|s| s.as_str().to_owned()).unwrap_or_default(),
+        page,
+        pages: (total.div_ceil(u64::from(HISTORY_PAGE_SIZE)) as u32).max(1),
+        total,
+        deployments: rows.iter().map(|d| DeploymentView::new(d, now)).collect(),
+    })
 }
 
 #[derive(Template)]
 #[template(path = "deployment.html")]
 struct DeploymentPage {
-    deployment: Deployment,
-    stages: Vec<StageRow>,
-}
-
-fn render(page: &impl Template) -> Result<Html<String>, AppError> {
-    page.render()
-        .map(Html)
-        .map_err(|err| AppError::Internal(format!("template: {err}")))
-}
-
-async fn overview(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, AppError> {
-    let mut names: Vec<String> = state.apps.keys().cloned().collect();
-    names.sort();
-    let (lives, deployments) = {
-        let names = names.clone();
-        state
-            .db
-            .call(move |conn| {
-                let lives = names
-                    .iter()
-                    .map(|n| db::live(conn, n))
-                    .collect::<rusqlite::Result<Vec<_>>>()?;
-                Ok((lives, db::deployments(conn, None, None, 20, 0)?))
-            })
-            .await?
-    };
-    let apps = names
-        .into_iter()
-        .zip(lives)
-        .map(|(name, live)| AppCard {
-            proxy: state.apps[&name].backends.app.proxy_listen().to_string(),
-            name,
-            live,
-        })
-        .collect();
-    render(&OverviewPage { apps, deployments })
+    csrf: Option<String>,
+    deployment: DeploymentView,
+    branch: String,
+    commit: String,
+    stages: Vec<StageView>,
+    switches: Vec<SwitchView>,
+    rollback_of: Option<DeploymentId>,
 }
 
 async fn deployment_page(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     Path(id): Path<DeploymentId>,
-) -> Result<impl IntoResponse, AppError> {
+) -> Result<Response, AppError> {
+    let now = now_ms();
     let found = state
         .db
         .call(move |conn| {
-            let Some(deployment) = db::deployment(conn, id)? else {
-                return Ok(None);
-            };
-            Ok(Some((deployment, db::stages(conn, id)?)))
+            let Some(deployment) = db::deployment(conn, id)? else { return Ok(None) };
+            Ok(Some((deployment, db::stages(conn, id)?, db::switches_of(conn, id)?)))
         })
         .await?;
-    let (deployment, stages) =
-        found.ok_or_else(|| AppError::NotFound(format!("no deployment {id}")))?;
-    render(&DeploymentPage { deployment, stages })
+    let (deployment, stages, switches) = found.ok_or_else(|| AppError::NotFound(format!("no deployment {id}")))?;
+    render(&DeploymentPage {
+        csrf: csrf_of(&state, &headers),
+        branch: deployment.branch.clone(),
+        commit: deployment.commit_sha.clone().unwrap_or_else(|| "branch head".into()),
+        rollback_of: deployment.rollback_of,
+        deployment: DeploymentView::new(&deployment, now),
+        stages: stages.iter().map(|s| StageView::new(s, now)).collect(),
+        switches: switches.iter().map(|s| SwitchView::new(s, now)).collect(),
+    })
+}
+
+/// A stage's whole output, as plain text.
+async fn stage_log(
+    State(state): State<Arc<AppState>>,
+    Path((id, stage)): Path<(DeploymentId, String)>,
+) -> Result<Response, AppError> {
+    let stage = Stage::parse(&stage).ok_or_else(|| AppError::NotFound(format!("no stage `{stage}`")))?;
+    let stages = state.db.call(move |conn| db::stages(conn, id)).await?;
+    let row = stages
+        .into_iter()
+        .find(|s| s.name == stage)
+        .ok_or_else(|| AppError::NotFound(format!("no deployment {id}")))?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], row.log).into_response())
+}
+
+#[derive(Template)]
+#[template(path = "login.html")]
+struct LoginPage {
+    csrf: Option<String>,
+    error: String,
+}
+
+async fn login_page() -> Result<Response, AppError> {
+    render(&LoginPage { csrf: None, error: String::new() })
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    token: String,
+}
+
+async fn login(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, AppError> {
+    let form: LoginForm =
+        serde_urlencoded::from_bytes(&body).map_err(|err| AppError::BadRequest(format!("malformed login form: {err}")))?;
+    if !token_matches(Some(form.token.trim()), &state.admin_token) {
+        let page = LoginPage { csrf: None, error: "That is not the admin token.".into() };
+        let mut response = render(&page)?;
+        *response.status_mut() = StatusCode::UNAUTHORIZED;
+        return Ok(response);
+    }
+    let cookie = session::set_cookie(Some(&session::new_session(&state.admin_token, now_ms())));
+    Ok(([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response())
+}
+
+async fn logout() -> Response {
+    ([(header::SET_COOKIE, session::set_cookie(None))], Redirect::to("/")).into_response()
 }
 
 /// Server-Sent Events: every bus event as JSON. Streams end when the server shuts down, or
-/// they would hold graceful shutdown open forever.
-async fn events(
-    State(state): State<Arc<AppState>>,
-) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+/// they would hold graceful shutdown open forever; browsers reconnect within half a second.
+async fn events(State(state): State<Arc<AppState>>) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let shutdown = state.shutdown.clone();
-    let stream = BroadcastStream::new(state.bus.subscribe())
+    let hello = futures_util::stream::once(async {
+        Ok(SseEvent::default().event("hello").data("{}").retry(Duration::from_millis(500)))
+    });
+    let updates = BroadcastStream::new(state.bus.subscribe())
         .filter_map(|event| std::future::ready(event.ok()))
         .map(|event| {
             let data = serde_json::to_string(&event).unwrap_or_default();
             Ok(SseEvent::default().data(data))
-        })
-        .take_until(async move { shutdown.cancelled().await });
+        });
+    let stream = hello.chain(updates).take_until(async move { shutdown.cancelled().await });
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
-/// `2026-11-25 14:03:07 UTC` for a millisecond timestamp (templates).
-pub fn utc(ms: &i64) -> String {
-    chrono::DateTime::from_timestamp_millis(*ms)
-        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
-        .unwrap_or_default()
-}
-
-/// `1.2 s` between two millisecond timestamps (templates).
-pub fn duration(start: &Option<i64>, end: &Option<i64>) -> String {
-    match (start, end) {
-        (Some(start), Some(end)) => format!("{:.1} s", (end - start) as f64 / 1000.0),
-        _ => String::new(),
-    }
+/// A dot in the colour of the newest deployment's state: green, red, amber (running).
+async fn favicon(State(state): State<Arc<AppState>>) -> Result<Response, AppError> {
+    let latest = state.db.call(|conn| db::deployments(conn, None, None, 1, 0)).await?;
+    let colour = match latest.first().map(|d| d.status) {
+        Some(DeploymentStatus::Succeeded) => "#1a7f37",
+        Some(DeploymentStatus::Failed | DeploymentStatus::Interrupted) => "#cf222e",
+        Some(DeploymentStatus::Running | DeploymentStatus::Queued) => "#bf8700",
+        _ => "#6e7781",
+    };
+    let svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><circle cx="8" cy="8" r="7" fill="{colour}"/></svg>"#
+    );
+    Ok(([(header::CONTENT_TYPE, "image/svg+xml"), (header::CACHE_CONTROL, "no-cache")], svg).into_response())
 }

@@ -2,9 +2,12 @@
 //! check who is asking, call the queue, the database or a switch, and map every error to a
 //! status and a one-line reason in one place (`AppError`).
 
+mod actions;
 mod api;
 mod dashboard;
 mod hooks;
+mod session;
+mod views;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -23,6 +26,7 @@ use crate::pipeline::AppBackends;
 use crate::queue::Queue;
 use crate::switch::TrafficSwitch;
 
+pub use actions::roll_back;
 pub use api::switch_traffic;
 
 /// One configured app at run time: its backends and its traffic switch.
@@ -58,6 +62,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(hooks::routes())
         .merge(api::routes())
+        .merge(actions::routes())
         .merge(dashboard::routes())
         .with_state(state)
 }
@@ -132,20 +137,6 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 fn token_matches(presented: Option<&str>, expected: &Secret) -> bool {
     use subtle::ConstantTimeEq;
     presented.is_some_and(|p| bool::from(p.as_bytes().ct_eq(expected.expose().as_bytes())))
-}
-
-fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), AppError> {
-    if token_matches(bearer(headers), &state.admin_token) {
-        Ok(())
-    } else if bearer(headers).is_none() {
-        Err(AppError::Unauthorized(
-            "an admin token is needed (Authorization: Bearer …)".into(),
-        ))
-    } else {
-        Err(AppError::Unauthorized(
-            "the admin token is not valid".into(),
-        ))
-    }
 }
 
 fn require_loopback(peer: SocketAddr) -> Result<(), AppError> {

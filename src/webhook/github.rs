@@ -131,6 +131,7 @@ pub fn interpret(
         author: head
             .and_then(|h| h.author)
             .and_then(|a| a.username.or(a.name)),
+        reuse: None,
     }))
 }
 
