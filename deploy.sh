@@ -329,7 +329,8 @@ abort_release() {
   fi
   log "stopping the new version; traffic stays where it was"
   stop_instance "$IDLE_PORT"
-  exit 1
+  # The reason again, last: the runner reports a failed hook by its final line.
+  die "$1"
 }
 
 # --- switching traffic ---------------------------------------------------------------------

@@ -528,15 +528,17 @@ pub struct Switch {
 
 /// The traffic switches a deployment made.
 pub fn switches_of(conn: &Connection, id: DeploymentId) -> rusqlite::Result<Vec<Switch>> {
-    conn.prepare_cached("SELECT from_port, to_port, at FROM switches WHERE deployment_id = ?1 ORDER BY id")?
-        .query_map([id], |row| {
-            Ok(Switch {
-                from_port: row.get(0)?,
-                to_port: row.get(1)?,
-                at: row.get(2)?,
-            })
-        })?
-        .collect()
+    conn.prepare_cached(
+        "SELECT from_port, to_port, at FROM switches WHERE deployment_id = ?1 ORDER BY id",
+    )?
+    .query_map([id], |row| {
+        Ok(Switch {
+            from_port: row.get(0)?,
+            to_port: row.get(1)?,
+            at: row.get(2)?,
+        })
+    })?
+    .collect()
 }
 
 /// Records a rollback that only moved traffic back (no hook ran): a finished deployment
@@ -552,11 +554,20 @@ pub fn record_switch_back(
     let now = now_ms();
     tx.execute(
         "INSERT INTO deployments (app, status, trigger, branch, version, port, rollback_of,
-             commit_sha, commit_message, author, created_at, started_at, finished_at)
+             commit_sha, commit_message, author, bundle_key, bundle_sha256,
+             created_at, started_at, finished_at)
          SELECT ?1, 'succeeded', 'rollback', ?2, ?3, ?4, ?5,
-             d.commit_sha, d.commit_message, d.author, ?6, ?6, ?6
+             d.commit_sha, d.commit_message, d.author, d.bundle_key, d.bundle_sha256, ?6, ?6, ?6
          FROM (SELECT 1) LEFT JOIN deployments d ON d.id = ?7",
-        params![app, branch, instance.version, instance.port, undone, now, instance.deployment_id],
+        params![
+            app,
+            branch,
+            instance.version,
+            instance.port,
+            undone,
+            now,
+            instance.deployment_id
+        ],
     )?;
     let id = tx.last_insert_rowid();
     for (position, stage) in Stage::ALL.iter().enumerate() {
@@ -595,7 +606,7 @@ pub fn running_deployment(conn: &Connection, app: &str) -> rusqlite::Result<Opti
 }
 
 /// The bundle that was live before deployment `undone`: the newest deployment before it
-/// that went live and has a stored bundle of another version.
+/// that went live (and was not itself rolled back) with a stored bundle of another version.
 pub fn previous_live_bundle(
     conn: &Connection,
     app: &str,
@@ -604,7 +615,7 @@ pub fn previous_live_bundle(
     conn.query_row(
         &format!(
             "SELECT {DEPLOYMENT_COLUMNS} FROM deployments
-             WHERE app = ?1 AND status IN ('succeeded', 'rolled_back') AND bundle_key IS NOT NULL
+             WHERE app = ?1 AND status = 'succeeded' AND bundle_key IS NOT NULL
                AND id < COALESCE(?2, 9223372036854775807)
                AND version IS NOT (SELECT version FROM deployments WHERE id = ?2)
              ORDER BY id DESC LIMIT 1"

@@ -132,7 +132,10 @@ impl Pipeline {
         self.publish_deployment(id).await;
         let outcome = self.stages(&deployment, backends, &recorder).await;
         if let (Ok(()), Some(undone)) = (&outcome, rollback_of) {
-            let marked = self.db.call(move |conn| db::mark_rolled_back(conn, undone)).await;
+            let marked = self
+                .db
+                .call(move |conn| db::mark_rolled_back(conn, undone))
+                .await;
             if let Err(err) = marked {
                 tracing::error!(deployment_id = id, error = %err, "could not mark the undone deployment");
             }

@@ -90,11 +90,12 @@ impl LocalRunner {
                     log.push_str(&done.log);
                     if !done.success {
                         log.push_str(&format!("{} ended: {}\n", script.location, done.status));
+                        // A script says why it gave up in its last line.
                         let reason = format!(
-                            "{} {}: {}",
+                            "{} ({} {})",
+                            last_line(&done.log),
                             script.location,
-                            done.status,
-                            last_line(&done.log)
+                            done.status
                         );
                         return Err((log, reason));
                     }

@@ -48,9 +48,11 @@ fn read_action(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<Ac
     let input = if body.is_empty() {
         ActionInput::default()
     } else if from_form {
-        serde_urlencoded::from_bytes(body).map_err(|err| AppError::BadRequest(format!("malformed form: {err}")))?
+        serde_urlencoded::from_bytes(body)
+            .map_err(|err| AppError::BadRequest(format!("malformed form: {err}")))?
     } else {
-        serde_json::from_slice(body).map_err(|err| AppError::BadRequest(format!("malformed JSON: {err}")))?
+        serde_json::from_slice(body)
+            .map_err(|err| AppError::BadRequest(format!("malformed JSON: {err}")))?
     };
     authorize(state, headers, input.csrf.as_deref())?;
     Ok(Action { input, from_form })
@@ -68,7 +70,9 @@ fn answer(action: &Action, id: DeploymentId) -> Response {
 async fn enqueue(state: &AppState, trigger: Trigger) -> Result<DeploymentId, AppError> {
     match state.queue.enqueue(trigger).await? {
         Enqueued::New { id, .. } => Ok(id),
-        Enqueued::Duplicate { .. } => Err(AppError::Internal("an action cannot be a redelivery".into())),
+        Enqueued::Duplicate { .. } => Err(AppError::Internal(
+            "an action cannot be a redelivery".into(),
+        )),
     }
 }
 
@@ -115,7 +119,12 @@ async fn redeploy(
         .await?
         .ok_or_else(|| AppError::NotFound(format!("no deployment {id}")))?;
     let runtime = state.app(&past.app)?;
-    let trigger = reuse_of(&past, runtime.backends.app.name.clone(), TriggerKind::Manual, None)?;
+    let trigger = reuse_of(
+        &past,
+        runtime.backends.app.name.clone(),
+        TriggerKind::Manual,
+        None,
+    )?;
     let new_id = enqueue(&state, trigger).await?;
     Ok(answer(&action, new_id))
 }
@@ -127,12 +136,20 @@ fn reuse_of(
     kind: TriggerKind,
     rollback_of: Option<DeploymentId>,
 ) -> Result<Trigger, AppError> {
-    let (Some(version), Some(key), Some(sha256)) = (&past.version, &past.bundle_key, &past.bundle_sha256) else {
-        return Err(AppError::Conflict(format!("deployment {} has no stored bundle to redeploy", past.id)));
+    let (Some(version), Some(key), Some(sha256)) =
+        (&past.version, &past.bundle_key, &past.bundle_sha256)
+    else {
+        return Err(AppError::Conflict(format!(
+            "deployment {} has no stored bundle to redeploy",
+            past.id
+        )));
     };
     Ok(Trigger {
         app,
-        commit: past.commit_sha.as_deref().and_then(|c| CommitSha::parse(c).ok()),
+        commit: past
+            .commit_sha
+            .as_deref()
+            .and_then(|c| CommitSha::parse(c).ok()),
         branch: past.branch.clone(),
         kind,
         delivery: None,
@@ -170,9 +187,13 @@ pub async fn roll_back(state: &AppState, app: &str) -> Result<DeploymentId, AppE
         .call(move |conn| Ok((db::live(conn, &name)?, db::running_deployment(conn, &name)?)))
         .await?;
     if let Some(running) = running {
-        return Err(AppError::Conflict(format!("deployment {running} is running; roll back when it ends")));
+        return Err(AppError::Conflict(format!(
+            "deployment {running} is running; roll back when it ends"
+        )));
     }
-    let live = live.ok_or_else(|| AppError::Conflict(format!("nothing of `{app}` is live to roll back from")))?;
+    let live = live.ok_or_else(|| {
+        AppError::Conflict(format!("nothing of `{app}` is live to roll back from"))
+    })?;
     let other = config.idle_port(Some(live.port));
 
     let name = app.to_owned();
@@ -183,8 +204,12 @@ pub async fn roll_back(state: &AppState, app: &str) -> Result<DeploymentId, AppE
             let instance = db::instance(conn, &name, other)?;
             // Only an instance whose deployment went live is a version to go back to.
             let instance_ok = match instance.as_ref().and_then(|i| i.deployment_id) {
-                Some(id) => db::deployment(conn, id)?
-                    .is_some_and(|d| matches!(d.status, DeploymentStatus::Succeeded | DeploymentStatus::RolledBack)),
+                Some(id) => db::deployment(conn, id)?.is_some_and(|d| {
+                    matches!(
+                        d.status,
+                        DeploymentStatus::Succeeded | DeploymentStatus::RolledBack
+                    )
+                }),
                 None => false,
             };
             let previous = db::previous_live_bundle(conn, &name, undone)?;
@@ -203,18 +228,29 @@ pub async fn roll_back(state: &AppState, app: &str) -> Result<DeploymentId, AppE
             .switch
             .switch_to(instance.port)
             .await
-            .map_err(|err| AppError::BadGateway(format!("switch back to {} failed: {err}", instance.port)))?;
+            .map_err(|err| {
+                AppError::BadGateway(format!("switch back to {} failed: {err}", instance.port))
+            })?;
         let (name, branch) = (app.to_owned(), config.branch.clone());
-        let profile = config.profile_of(instance.port).unwrap_or_default().to_owned();
+        let profile = config
+            .profile_of(instance.port)
+            .unwrap_or_default()
+            .to_owned();
         let (id, live, previous) = state
             .db
             .call(move |conn| {
                 let id = db::record_switch_back(conn, &name, &branch, &instance, undone)?;
-                let (live, previous) = db::set_live(conn, &name, instance.port, &profile, Some(id))?;
+                let (live, previous) =
+                    db::set_live(conn, &name, instance.port, &profile, Some(id))?;
                 Ok((id, live, previous))
             })
             .await?;
-        tracing::info!(app, port = live.port, version = live.version.as_deref(), "rolled back by switching");
+        tracing::info!(
+            app,
+            port = live.port,
+            version = live.version.as_deref(),
+            "rolled back by switching"
+        );
         state.bus.publish(Event::Live {
             app: app.to_owned(),
             port: live.port,
@@ -222,7 +258,10 @@ pub async fn roll_back(state: &AppState, app: &str) -> Result<DeploymentId, AppE
             version: live.version.clone(),
             from_port: previous.map(|p| p.port),
         });
-        for (deployment, status) in [(Some(id), DeploymentStatus::Succeeded), (undone, DeploymentStatus::RolledBack)] {
+        for (deployment, status) in [
+            (Some(id), DeploymentStatus::Succeeded),
+            (undone, DeploymentStatus::RolledBack),
+        ] {
             if let Some(deployment) = deployment {
                 state.bus.publish(Event::Deployment {
                     id: deployment,
@@ -237,6 +276,11 @@ pub async fn roll_back(state: &AppState, app: &str) -> Result<DeploymentId, AppE
     let previous = previous.ok_or_else(|| {
         AppError::Conflict(format!("`{app}` has no earlier version: the previous instance is gone and no earlier bundle is stored"))
     })?;
-    let trigger = reuse_of(&previous, config.name.clone(), TriggerKind::Rollback, undone)?;
+    let trigger = reuse_of(
+        &previous,
+        config.name.clone(),
+        TriggerKind::Rollback,
+        undone,
+    )?;
     enqueue(state, trigger).await
 }

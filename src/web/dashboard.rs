@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use askama::Template;
+use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;
-use axum::Router;
 use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use tokio_stream::wrappers::BroadcastStream;
@@ -36,21 +36,36 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/logout", axum::routing::post(logout))
         .route("/events", get(events))
         .route("/favicon.svg", get(favicon))
-        .route("/static/style.css", get(|| static_file("text/css", include_str!("../../static/style.css"))))
-        .route("/static/live.js", get(|| static_file("text/javascript", include_str!("../../static/live.js"))))
+        .route(
+            "/static/style.css",
+            get(|| static_file("text/css", include_str!("../../static/style.css"))),
+        )
+        .route(
+            "/static/live.js",
+            get(|| static_file("text/javascript", include_str!("../../static/live.js"))),
+        )
 }
 
 async fn static_file(content_type: &'static str, body: &'static str) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "no-cache")], body)
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
 }
 
 /// The CSRF token of the request's login session, if logged in (templates show actions).
 fn csrf_of(state: &AppState, headers: &HeaderMap) -> Option<String> {
-    session::session(headers, &state.admin_token, now_ms()).map(|s| csrf_token(&state.admin_token, &s))
+    session::session(headers, &state.admin_token, now_ms())
+        .map(|s| csrf_token(&state.admin_token, &s))
 }
 
 fn render(page: &impl Template) -> Result<Response, AppError> {
-    let html = page.render().map_err(|err| AppError::Internal(format!("template: {err}")))?;
+    let html = page
+        .render()
+        .map_err(|err| AppError::Internal(format!("template: {err}")))?;
     Ok(Html(html).into_response())
 }
 
@@ -73,7 +88,10 @@ struct OverviewPage {
     deployments: Vec<DeploymentView>,
 }
 
-async fn overview(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, AppError> {
+async fn overview(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, AppError> {
     let now = now_ms();
     let mut names: Vec<String> = state.apps.keys().cloned().collect();
     names.sort();
@@ -104,7 +122,9 @@ async fn overview(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Res
         let port = live.as_ref().map(|l| l.port);
         async move {
             match port {
-                Some(port) => Some(crate::health::answers(port, &path, Duration::from_millis(300)).await),
+                Some(port) => {
+                    Some(crate::health::answers(port, &path, Duration::from_millis(300)).await)
+                }
                 None => None,
             }
         }
@@ -124,7 +144,12 @@ async fn overview(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Res
                 healthy,
                 running: running.map(|(d, stages)| Progress {
                     deployment: DeploymentView::new(&d, now),
-                    done: stages.iter().filter(|s| s.status.as_str() != "pending" && s.status.as_str() != "running").count(),
+                    done: stages
+                        .iter()
+                        .filter(|s| {
+                            s.status.as_str() != "pending" && s.status.as_str() != "running"
+                        })
+                        .count(),
                     stages: stages.iter().map(|s| StageView::new(s, now)).collect(),
                 }),
                 name,
@@ -161,8 +186,12 @@ struct HistoryPage {
 
 impl HistoryPage {
     fn link(&self, page: u32) -> String {
-        let query = serde_urlencoded::to_string([("app", &self.app), ("status", &self.status), ("page", &page.to_string())])
-            .unwrap_or_default();
+        let query = serde_urlencoded::to_string([
+            ("app", &self.app),
+            ("status", &self.status),
+            ("page", &page.to_string()),
+        ])
+        .unwrap_or_default();
         format!("/deployments?{query}")
     }
 }
@@ -176,7 +205,8 @@ async fn history(
     let app = query.app.filter(|a| !a.is_empty());
     let status = match query.status.as_deref().filter(|s| !s.is_empty()) {
         Some(text) => Some(
-            DeploymentStatus::parse(text).ok_or_else(|| AppError::BadRequest(format!("unknown status `{text}`")))?,
+            DeploymentStatus::parse(text)
+                .ok_or_else(|| AppError::BadRequest(format!("unknown status `{text}`")))?,
         ),
         None => None,
     };
@@ -187,7 +217,13 @@ async fn history(
             .db
             .call(move |conn| {
                 let total = db::count_deployments(conn, app.as_deref(), status)?;
-                let rows = db::deployments(conn, app.as_deref(), status, HISTORY_PAGE_SIZE, (page - 1) * HISTORY_PAGE_SIZE)?;
+                let rows = db::deployments(
+                    conn,
+                    app.as_deref(),
+                    status,
+                    HISTORY_PAGE_SIZE,
+                    (page - 1) * HISTORY_PAGE_SIZE,
+                )?;
                 Ok((total, rows))
             })
             .await?
@@ -228,15 +264,25 @@ async fn deployment_page(
     let found = state
         .db
         .call(move |conn| {
-            let Some(deployment) = db::deployment(conn, id)? else { return Ok(None) };
-            Ok(Some((deployment, db::stages(conn, id)?, db::switches_of(conn, id)?)))
+            let Some(deployment) = db::deployment(conn, id)? else {
+                return Ok(None);
+            };
+            Ok(Some((
+                deployment,
+                db::stages(conn, id)?,
+                db::switches_of(conn, id)?,
+            )))
         })
         .await?;
-    let (deployment, stages, switches) = found.ok_or_else(|| AppError::NotFound(format!("no deployment {id}")))?;
+    let (deployment, stages, switches) =
+        found.ok_or_else(|| AppError::NotFound(format!("no deployment {id}")))?;
     render(&DeploymentPage {
         csrf: csrf_of(&state, &headers),
         branch: deployment.branch.clone(),
-        commit: deployment.commit_sha.clone().unwrap_or_else(|| "branch head".into()),
+        commit: deployment
+            .commit_sha
+            .clone()
+            .unwrap_or_else(|| "branch head".into()),
         rollback_of: deployment.rollback_of,
         deployment: DeploymentView::new(&deployment, now),
         stages: stages.iter().map(|s| StageView::new(s, now)).collect(),
@@ -249,13 +295,18 @@ async fn stage_log(
     State(state): State<Arc<AppState>>,
     Path((id, stage)): Path<(DeploymentId, String)>,
 ) -> Result<Response, AppError> {
-    let stage = Stage::parse(&stage).ok_or_else(|| AppError::NotFound(format!("no stage `{stage}`")))?;
+    let stage =
+        Stage::parse(&stage).ok_or_else(|| AppError::NotFound(format!("no stage `{stage}`")))?;
     let stages = state.db.call(move |conn| db::stages(conn, id)).await?;
     let row = stages
         .into_iter()
         .find(|s| s.name == stage)
         .ok_or_else(|| AppError::NotFound(format!("no deployment {id}")))?;
-    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], row.log).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        row.log,
+    )
+        .into_response())
 }
 
 #[derive(Template)]
@@ -266,7 +317,10 @@ struct LoginPage {
 }
 
 async fn login_page() -> Result<Response, AppError> {
-    render(&LoginPage { csrf: None, error: String::new() })
+    render(&LoginPage {
+        csrf: None,
+        error: String::new(),
+    })
 }
 
 #[derive(Deserialize)]
@@ -275,10 +329,13 @@ struct LoginForm {
 }
 
 async fn login(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, AppError> {
-    let form: LoginForm =
-        serde_urlencoded::from_bytes(&body).map_err(|err| AppError::BadRequest(format!("malformed login form: {err}")))?;
+    let form: LoginForm = serde_urlencoded::from_bytes(&body)
+        .map_err(|err| AppError::BadRequest(format!("malformed login form: {err}")))?;
     if !token_matches(Some(form.token.trim()), &state.admin_token) {
-        let page = LoginPage { csrf: None, error: "That is not the admin token.".into() };
+        let page = LoginPage {
+            csrf: None,
+            error: "That is not the admin token.".into(),
+        };
         let mut response = render(&page)?;
         *response.status_mut() = StatusCode::UNAUTHORIZED;
         return Ok(response);
@@ -288,15 +345,24 @@ async fn login(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Respon
 }
 
 async fn logout() -> Response {
-    ([(header::SET_COOKIE, session::set_cookie(None))], Redirect::to("/")).into_response()
+    (
+        [(header::SET_COOKIE, session::set_cookie(None))],
+        Redirect::to("/"),
+    )
+        .into_response()
 }
 
 /// Server-Sent Events: every bus event as JSON. Streams end when the server shuts down, or
 /// they would hold graceful shutdown open forever; browsers reconnect within half a second.
-async fn events(State(state): State<Arc<AppState>>) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+async fn events(
+    State(state): State<Arc<AppState>>,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let shutdown = state.shutdown.clone();
     let hello = futures_util::stream::once(async {
-        Ok(SseEvent::default().event("hello").data("{}").retry(Duration::from_millis(500)))
+        Ok(SseEvent::default()
+            .event("hello")
+            .data("{}")
+            .retry(Duration::from_millis(500)))
     });
     let updates = BroadcastStream::new(state.bus.subscribe())
         .filter_map(|event| std::future::ready(event.ok()))
@@ -304,13 +370,18 @@ async fn events(State(state): State<Arc<AppState>>) -> Sse<impl Stream<Item = Re
             let data = serde_json::to_string(&event).unwrap_or_default();
             Ok(SseEvent::default().data(data))
         });
-    let stream = hello.chain(updates).take_until(async move { shutdown.cancelled().await });
+    let stream = hello
+        .chain(updates)
+        .take_until(async move { shutdown.cancelled().await });
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
 /// A dot in the colour of the newest deployment's state: green, red, amber (running).
 async fn favicon(State(state): State<Arc<AppState>>) -> Result<Response, AppError> {
-    let latest = state.db.call(|conn| db::deployments(conn, None, None, 1, 0)).await?;
+    let latest = state
+        .db
+        .call(|conn| db::deployments(conn, None, None, 1, 0))
+        .await?;
     let colour = match latest.first().map(|d| d.status) {
         Some(DeploymentStatus::Succeeded) => "#1a7f37",
         Some(DeploymentStatus::Failed | DeploymentStatus::Interrupted) => "#cf222e",
@@ -320,5 +391,12 @@ async fn favicon(State(state): State<Arc<AppState>>) -> Result<Response, AppErro
     let svg = format!(
         r#"<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><circle cx="8" cy="8" r="7" fill="{colour}"/></svg>"#
     );
-    Ok(([(header::CONTENT_TYPE, "image/svg+xml"), (header::CACHE_CONTROL, "no-cache")], svg).into_response())
+    Ok((
+        [
+            (header::CONTENT_TYPE, "image/svg+xml"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        svg,
+    )
+        .into_response())
 }

@@ -92,7 +92,7 @@ async fn github_hook(
             tracing::info!(app = %app.name, event, reason = %reason, "webhook ignored");
             Ok((StatusCode::ACCEPTED, Json(json!({ "ignored": reason }))).into_response())
         }
-        github::Outcome::Deploy(trigger) => match state.queue.enqueue(trigger).await? {
+        github::Outcome::Deploy(trigger) => match state.queue.enqueue(*trigger).await? {
             Enqueued::New { id, .. } => {
                 Ok((StatusCode::ACCEPTED, Json(json!({ "deployment_id": id }))).into_response())
             }

@@ -70,12 +70,18 @@ pub fn csrf_token(admin_token: &Secret, session: &str) -> String {
 
 /// Allows an action to the admin token, or to a session whose CSRF token came along (as
 /// the `X-CSRF-Token` header or the form field `csrf`).
-pub fn authorize(state: &AppState, headers: &HeaderMap, form_csrf: Option<&str>) -> Result<(), AppError> {
+pub fn authorize(
+    state: &AppState,
+    headers: &HeaderMap,
+    form_csrf: Option<&str>,
+) -> Result<(), AppError> {
     if token_matches(bearer(headers), &state.admin_token) {
         return Ok(());
     }
     if bearer(headers).is_some() {
-        return Err(AppError::Unauthorized("the admin token is not valid".into()));
+        return Err(AppError::Unauthorized(
+            "the admin token is not valid".into(),
+        ));
     }
     let Some(session) = session(headers, &state.admin_token, crate::db::now_ms()) else {
         return Err(AppError::Unauthorized(
@@ -101,7 +107,10 @@ mod tests {
 
     fn with_cookie(value: &str) -> HeaderMap {
         let mut headers = HeaderMap::new();
-        headers.insert(header::COOKIE, HeaderValue::from_str(&format!("theme=dark; {COOKIE}={value}")).unwrap());
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_str(&format!("theme=dark; {COOKIE}={value}")).unwrap(),
+        );
         headers
     }
 
@@ -109,8 +118,14 @@ mod tests {
     fn a_signed_session_is_accepted_until_it_expires() {
         let token = Secret::new("admin".into());
         let value = new_session(&token, 1_000);
-        assert_eq!(session(&with_cookie(&value), &token, 2_000).as_deref(), Some(value.as_str()));
-        assert_eq!(session(&with_cookie(&value), &token, 1_000 + SESSION_MS + 1), None);
+        assert_eq!(
+            session(&with_cookie(&value), &token, 2_000).as_deref(),
+            Some(value.as_str())
+        );
+        assert_eq!(
+            session(&with_cookie(&value), &token, 1_000 + SESSION_MS + 1),
+            None
+        );
     }
 
     #[test]
@@ -118,7 +133,11 @@ mod tests {
         let token = Secret::new("admin".into());
         let value = new_session(&token, 1_000);
         let other = Secret::new("another token".into());
-        assert_eq!(session(&with_cookie(&value), &other, 2_000), None, "signed with another key");
+        assert_eq!(
+            session(&with_cookie(&value), &other, 2_000),
+            None,
+            "signed with another key"
+        );
         let (body, _) = value.rsplit_once('.').unwrap();
         let forged = format!("{}9.{}", body, "00".repeat(32));
         assert_eq!(session(&with_cookie(&forged), &token, 2_000), None);

@@ -83,8 +83,17 @@ impl DeploymentView {
             app: d.app.clone(),
             status: d.status,
             version: d.version.clone().unwrap_or_default(),
-            short_sha: d.commit_sha.as_deref().map(|s| s.chars().take(7).collect()).unwrap_or_default(),
-            message: d.commit_message.as_deref().and_then(|m| m.lines().next()).unwrap_or_default().to_owned(),
+            short_sha: d
+                .commit_sha
+                .as_deref()
+                .map(|s| s.chars().take(7).collect())
+                .unwrap_or_default(),
+            message: d
+                .commit_message
+                .as_deref()
+                .and_then(|m| m.lines().next())
+                .unwrap_or_default()
+                .to_owned(),
             author: d.author.clone().unwrap_or_default(),
             trigger: d.trigger.clone(),
             created: When::new(d.created_at, now_ms),
@@ -115,7 +124,9 @@ impl StageView {
     pub fn new(stage: &StageRow, now_ms: i64) -> Self {
         let lines: Vec<&str> = stage.log.lines().collect();
         let hidden_lines = lines.len().saturating_sub(LOG_TAIL_LINES);
-        let end = stage.finished_at.or((stage.status == StageStatus::Running).then_some(now_ms));
+        let end = stage
+            .finished_at
+            .or((stage.status == StageStatus::Running).then_some(now_ms));
         Self {
             name: stage.name.to_string(),
             status: stage.status,
@@ -140,7 +151,10 @@ pub struct SwitchView {
 impl SwitchView {
     pub fn new(switch: &Switch, now_ms: i64) -> Self {
         Self {
-            from_port: switch.from_port.map(|p| p.to_string()).unwrap_or_else(|| "nothing".into()),
+            from_port: switch
+                .from_port
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "nothing".into()),
             to_port: switch.to_port,
             at: When::new(switch.at, now_ms),
         }
@@ -185,7 +199,11 @@ mod tests {
         assert_eq!(relative(now - 7_200_000, now), "2 h ago");
         assert_eq!(relative(now - 86_400_000, now), "1 day ago");
         assert_eq!(relative(now - 3 * 86_400_000, now), "3 days ago");
-        assert_eq!(relative(now + 5_000, now), "just now", "a clock a little ahead is not the future");
+        assert_eq!(
+            relative(now + 5_000, now),
+            "just now",
+            "a clock a little ahead is not the future"
+        );
     }
 
     #[test]

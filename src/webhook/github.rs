@@ -78,7 +78,7 @@ pub fn repository_of(body: &[u8]) -> Option<String> {
 #[derive(Debug)]
 pub enum Outcome {
     Pong,
-    Deploy(Trigger),
+    Deploy(Box<Trigger>),
     Ignored(String),
 }
 
@@ -121,7 +121,7 @@ pub fn interpret(
     }
     let commit = CommitSha::parse(&push.after).map_err(WebhookError::Malformed)?;
     let head = push.head_commit;
-    Ok(Outcome::Deploy(Trigger {
+    Ok(Outcome::Deploy(Box::new(Trigger {
         app: app.name.clone(),
         commit: Some(commit),
         branch: branch.to_owned(),
@@ -132,7 +132,7 @@ pub fn interpret(
             .and_then(|h| h.author)
             .and_then(|a| a.username.or(a.name)),
         reuse: None,
-    }))
+    })))
 }
 
 #[cfg(test)]
