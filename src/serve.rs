@@ -38,8 +38,37 @@ pub fn admin_token_file(data_dir: &Path) -> PathBuf {
     data_dir.join("admin-token")
 }
 
+/// A server ready to serve: its state, its bound listener, and the proxies to stop after.
+pub struct Server {
+    pub state: Arc<AppState>,
+    pub listener: tokio::net::TcpListener,
+    proxies: Vec<Arc<Proxy>>,
+}
+
 /// Runs the server until `shutdown` is cancelled.
 pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let server = prepare(config, shutdown.clone()).await?;
+    tracing::info!(listen = %server.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "nonstop serving");
+    let router = web::router(server.state.clone());
+    let served = axum::serve(
+        server.listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await;
+    for proxy in server.proxies {
+        proxy.shutdown();
+    }
+    served.map_err(|source| ServeError::Listen {
+        addr: server.state.config.server.listen,
+        source,
+    })
+}
+
+/// Everything `serve` does before it answers requests: opens the database, marks what the
+/// last stop interrupted, binds the listener and each app's proxy (on the port that was
+/// live), and starts the queue. Benchmarks use it to drive the router without a socket.
+pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Server, ServeError> {
     let data_dir = config.data_dir();
     std::fs::create_dir_all(&data_dir).map_err(|err| {
         ServeError::Setup(format!(
@@ -137,20 +166,10 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
         switch_token,
         shutdown: shutdown.clone(),
     });
-    tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "nonstop serving");
-    let router = web::router(state);
-    let served = axum::serve(
+    Ok(Server {
+        state,
         listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-    .await;
-    for proxy in proxies {
-        proxy.shutdown();
-    }
-    served.map_err(|source| ServeError::Listen {
-        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-        source,
+        proxies,
     })
 }
 

@@ -9,7 +9,10 @@ use common::{ADMIN_TOKEN, spawn_app};
 
 /// Logs in through the form; returns the session cookie and the page's CSRF token.
 async fn log_in(app: &common::TestApp) -> (String, String) {
-    let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
     let response = client
         .post(format!("{}/login", app.base()))
         .form(&[("token", ADMIN_TOKEN)])
@@ -17,8 +20,14 @@ async fn log_in(app: &common::TestApp) -> (String, String) {
         .await
         .unwrap();
     assert_eq!(response.status(), 303);
-    let set_cookie = response.headers()["set-cookie"].to_str().unwrap().to_owned();
-    assert!(set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Strict"), "{set_cookie}");
+    let set_cookie = response.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Strict"),
+        "{set_cookie}"
+    );
     let cookie = set_cookie.split(';').next().unwrap().to_owned();
     let page = client
         .get(format!("{}/", app.base()))
@@ -55,32 +64,75 @@ async fn actions_refuse_without_a_login_or_with_a_forged_csrf_token() {
 
     assert_eq!(post(None, None).await.unwrap().status(), 401);
     assert_eq!(post(None, Some("forged")).await.unwrap().status(), 401);
-    assert_eq!(post(Some("nonstop_session=1.2.3"), Some("forged")).await.unwrap().status(), 401);
+    assert_eq!(
+        post(Some("nonstop_session=1.2.3"), Some("forged"))
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
 
     let (cookie, csrf) = log_in(&app).await;
     assert_eq!(post(Some(&cookie), None).await.unwrap().status(), 403);
-    assert_eq!(post(Some(&cookie), Some("forged")).await.unwrap().status(), 403);
+    assert_eq!(
+        post(Some(&cookie), Some("forged")).await.unwrap().status(),
+        403
+    );
     // With both, the action runs: nothing is live yet, so there is nothing to roll back.
     let response = post(Some(&cookie), Some(&csrf)).await.unwrap();
     assert_eq!(response.status(), 409);
     let answer: serde_json::Value = response.json().await.unwrap();
-    assert!(answer["error"].as_str().unwrap().contains("nothing of `hello` is live"), "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("nothing of `hello` is live"),
+        "{answer}"
+    );
 
     // A wrong bearer token is refused even alongside a good session.
-    let response = app.http.post(&url).bearer_auth("wrong").header("cookie", &cookie).send().await.unwrap();
+    let response = app
+        .http
+        .post(&url)
+        .bearer_auth("wrong")
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 401);
-    assert_eq!(app.count_rows("deployments"), 0, "no refused action wrote anything");
+    assert_eq!(
+        app.count_rows("deployments"),
+        0,
+        "no refused action wrote anything"
+    );
 }
 
 #[tokio::test]
 async fn buttons_show_only_to_a_logged_in_person() {
     let app = spawn_app().await;
-    let anonymous = app.http.get(format!("{}/", app.base())).send().await.unwrap().text().await.unwrap();
-    assert!(!anonymous.contains("data-action"), "actions shown without a login");
+    let anonymous = app
+        .http
+        .get(format!("{}/", app.base()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !anonymous.contains("data-action"),
+        "actions shown without a login"
+    );
     assert!(anonymous.contains("Log in"));
 
     let (cookie, _) = log_in(&app).await;
-    let page = app.http.get(format!("{}/", app.base())).header("cookie", cookie).send().await.unwrap();
+    let page = app
+        .http
+        .get(format!("{}/", app.base()))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
     let page = page.text().await.unwrap();
     assert!(page.contains("data-action=\"deploy\"") && page.contains("data-action=\"rollback\""));
 }
@@ -89,7 +141,10 @@ async fn buttons_show_only_to_a_logged_in_person() {
 async fn a_logged_in_deploy_form_redirects_to_its_deployment_and_history_lists_it() {
     let app = spawn_app().await;
     let (cookie, csrf) = log_in(&app).await;
-    let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
     let response = client
         .post(format!("{}/api/apps/hello/deploy", app.base()))
         .header("cookie", &cookie)
@@ -104,36 +159,101 @@ async fn a_logged_in_deploy_form_redirects_to_its_deployment_and_history_lists_i
     assert_eq!(done["deployment"]["status"], "succeeded", "{done:#}");
     assert_eq!(done["deployment"]["trigger"], "manual");
 
-    let page = app.http.get(format!("{}{location}", app.base())).send().await.unwrap().text().await.unwrap();
-    assert!(page.contains("data-switch="), "the switch is on the timeline");
-    let history = app.http.get(format!("{}/deployments?status=succeeded", app.base())).send().await.unwrap();
+    let page = app
+        .http
+        .get(format!("{}{location}", app.base()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("data-switch="),
+        "the switch is on the timeline"
+    );
+    let history = app
+        .http
+        .get(format!("{}/deployments?status=succeeded", app.base()))
+        .send()
+        .await
+        .unwrap();
     let history = history.text().await.unwrap();
-    assert!(history.contains("data-deployment=\"1\"") && history.contains("1 deployment<"), "{history}");
-    let none = app.http.get(format!("{}/deployments?status=failed", app.base())).send().await.unwrap();
+    assert!(
+        history.contains("data-deployment=\"1\"") && history.contains("1 deployment<"),
+        "{history}"
+    );
+    let none = app
+        .http
+        .get(format!("{}/deployments?status=failed", app.base()))
+        .send()
+        .await
+        .unwrap();
     assert!(none.text().await.unwrap().contains("No deployments yet."));
-    let bad = app.http.get(format!("{}/deployments?status=bogus", app.base())).send().await.unwrap();
+    let bad = app
+        .http
+        .get(format!("{}/deployments?status=bogus", app.base()))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(bad.status(), 400);
-    let log = app.http.get(format!("{}/deployments/1/stages/Build/log", app.base())).send().await.unwrap();
+    let log = app
+        .http
+        .get(format!("{}/deployments/1/stages/Build/log", app.base()))
+        .send()
+        .await
+        .unwrap();
     assert!(log.text().await.unwrap().contains("cargo build"));
-    let favicon = app.http.get(format!("{}/favicon.svg", app.base())).send().await.unwrap().text().await.unwrap();
-    assert!(favicon.contains("#1a7f37"), "the favicon shows the last deployment succeeded: {favicon}");
+    let favicon = app
+        .http
+        .get(format!("{}/favicon.svg", app.base()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        favicon.contains("#1a7f37"),
+        "the favicon shows the last deployment succeeded: {favicon}"
+    );
 }
 
 #[tokio::test]
 async fn the_event_stream_announces_deployments_stages_and_switches() {
     let app = spawn_app().await;
-    let mut stream = app.http.get(format!("{}/events", app.base())).send().await.unwrap();
+    let mut stream = app
+        .http
+        .get(format!("{}/events", app.base()))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(stream.headers()["content-type"], "text/event-stream");
     let id = app.push(&app.repo.commit("Watch me")).await;
 
     let mut seen = String::new();
     let deadline = Instant::now() + Duration::from_secs(120);
-    while !(seen.contains("\"type\":\"live\"") && seen.contains("\"status\":\"succeeded\",\"version\"")) {
+    while !(seen.contains("\"type\":\"live\"")
+        && seen.contains("\"status\":\"succeeded\",\"version\""))
+    {
         let left = deadline.saturating_duration_since(Instant::now());
-        let chunk = tokio::time::timeout(left, stream.chunk()).await.expect("events in time").unwrap();
-        seen.push_str(&String::from_utf8_lossy(&chunk.expect("the stream stays open")));
+        let chunk = tokio::time::timeout(left, stream.chunk())
+            .await
+            .expect("events in time")
+            .unwrap();
+        seen.push_str(&String::from_utf8_lossy(
+            &chunk.expect("the stream stays open"),
+        ));
     }
     assert!(seen.starts_with("event: hello"), "{seen}");
-    assert!(seen.contains(&format!("\"deployment_id\":{id},\"app\":\"hello\",\"stage\":\"Build\",\"status\":\"running\"")), "{seen}");
-    assert!(seen.contains(&format!("\"port\":{}", app.ports.app[0])), "{seen}");
+    assert!(
+        seen.contains(&format!(
+            "\"deployment_id\":{id},\"app\":\"hello\",\"stage\":\"Build\",\"status\":\"running\""
+        )),
+        "{seen}"
+    );
+    assert!(
+        seen.contains(&format!("\"port\":{}", app.ports.app[0])),
+        "{seen}"
+    );
 }

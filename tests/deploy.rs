@@ -267,7 +267,8 @@ async fn a_deployment_running_when_the_server_dies_is_interrupted_and_nothing_re
 }
 
 #[tokio::test]
-async fn a_rollback_switches_back_while_the_old_instance_runs_and_redeploys_its_bundle_once_it_is_gone() {
+async fn a_rollback_switches_back_while_the_old_instance_runs_and_redeploys_its_bundle_once_it_is_gone()
+ {
     let app = spawn_app().await;
     let first = app.deploy(&app.repo.commit("One")).await;
     app.deploy(&app.repo.commit("Two")).await;
@@ -281,7 +282,9 @@ async fn a_rollback_switches_back_while_the_old_instance_runs_and_redeploys_its_
     // The first instance still runs: rolling back is one switch.
     let response = rollback(&app).await.unwrap();
     assert_eq!(response.status(), 202);
-    let id = response.json::<serde_json::Value>().await.unwrap()["deployment_id"].as_i64().unwrap();
+    let id = response.json::<serde_json::Value>().await.unwrap()["deployment_id"]
+        .as_i64()
+        .unwrap();
     let done = app.wait_finished(id).await;
     assert_eq!(done["deployment"]["trigger"], "rollback");
     assert_eq!(done["deployment"]["rollback_of"], 2);
@@ -293,24 +296,47 @@ async fn a_rollback_switches_back_while_the_old_instance_runs_and_redeploys_its_
     // it redeploys the stored bundle of the version that was live before.
     let third = app.deploy(&app.repo.commit("Three")).await;
     let (_, live) = app.get_json("/api/apps/hello/live").await;
-    let other = if live["port"] == app.ports.app[0] { app.ports.app[1] } else { app.ports.app[0] };
+    let other = if live["port"] == app.ports.app[0] {
+        app.ports.app[1]
+    } else {
+        app.ports.app[0]
+    };
     let pid_file = app.data_dir().join(format!("apps/hello/run/{other}.pid"));
-    let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     // SAFETY: kill(2) on the instance this test's server started.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while reqwest::get(format!("http://127.0.0.1:{other}/")).await.is_ok() {
-        assert!(std::time::Instant::now() < deadline, "the old instance did not stop");
+    while reqwest::get(format!("http://127.0.0.1:{other}/"))
+        .await
+        .is_ok()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old instance did not stop"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
     let response = rollback(&app).await.unwrap();
     assert_eq!(response.status(), 202);
-    let id = response.json::<serde_json::Value>().await.unwrap()["deployment_id"].as_i64().unwrap();
+    let id = response.json::<serde_json::Value>().await.unwrap()["deployment_id"]
+        .as_i64()
+        .unwrap();
     let done = app.wait_finished(id).await;
     assert_eq!(done["deployment"]["status"], "succeeded", "{done:#}");
-    assert_eq!(done["deployment"]["version"], first.as_str(), "the version live before {third} was {first}");
-    let skipped: Vec<_> = done["stages"].as_array().unwrap()[..4].iter().map(|s| s["status"].clone()).collect();
+    assert_eq!(
+        done["deployment"]["version"],
+        first.as_str(),
+        "the version live before {third} was {first}"
+    );
+    let skipped: Vec<_> = done["stages"].as_array().unwrap()[..4]
+        .iter()
+        .map(|s| s["status"].clone())
+        .collect();
     assert_eq!(skipped, ["skipped"; 4], "nothing rebuilt: {done:#}");
     assert_eq!(app.served().await, first);
 }
