@@ -131,9 +131,18 @@ impl Default for HealthConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum SwitchConfig {
+    /// The built-in reverse proxy, listening on `listen`.
     Proxy {
         #[serde(default = "default_proxy_listen")]
         listen: SocketAddr,
+    },
+    /// nginx in front: `include` is the file holding `set $service_url …;`.
+    Nginx {
+        include: PathBuf,
+        /// nginx's main config, passed as `-c` (its default location when unset).
+        conf: Option<PathBuf>,
+        #[serde(default = "default_nginx_bin")]
+        bin: String,
     },
 }
 
@@ -227,6 +236,9 @@ fn default_hook_timeout() -> u64 {
 }
 fn default_proxy_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_nginx_bin() -> String {
+    "nginx".into()
 }
 fn default_group() -> String {
     "local".into()
@@ -349,9 +361,11 @@ impl Config {
                     "must contain {port}: each instance listens on its own port".into(),
                 ));
             }
-            let SwitchConfig::Proxy { listen } = app.switch;
-            // Port 0 (any free port, for tests and benchmarks) never collides.
-            if listen.port() != 0 && !listens.insert(listen) {
+            if let SwitchConfig::Proxy { listen } = app.switch
+                // Port 0 (any free port, for tests and benchmarks) never collides.
+                && listen.port() != 0
+                && !listens.insert(listen)
+            {
                 return Err(invalid(
                     key("switch.listen"),
                     format!("{listen} is already used by the server or another app"),
@@ -384,9 +398,12 @@ impl Config {
 }
 
 impl AppConfig {
-    pub fn proxy_listen(&self) -> SocketAddr {
-        let SwitchConfig::Proxy { listen } = self.switch;
-        listen
+    /// Where the app's traffic comes in, for people: `proxy 127.0.0.1:8080` or the include.
+    pub fn entry(&self) -> String {
+        match &self.switch {
+            SwitchConfig::Proxy { listen } => format!("proxy {listen}"),
+            SwitchConfig::Nginx { include, .. } => format!("nginx via {}", include.display()),
+        }
     }
 
     /// The profile that goes with `port`.
@@ -435,7 +452,7 @@ run = "{artifact} --port {port}"
         assert_eq!(app.idle_port(None), 8081);
         assert_eq!(app.idle_port(Some(8081)), 8082);
         assert_eq!(app.idle_port(Some(8082)), 8081);
-        assert_eq!(app.proxy_listen().to_string(), "127.0.0.1:8080");
+        assert_eq!(app.entry(), "proxy 127.0.0.1:8080");
     }
 
     #[test]

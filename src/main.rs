@@ -167,12 +167,12 @@ async fn status(config: &Config, app: Option<&str>) -> Result<()> {
             );
         } else {
             println!(
-                "{}  live on {} ({}) version {} — proxy {}",
+                "{}  live on {} ({}) version {} — {}",
                 entry["name"].as_str().unwrap_or("?"),
                 live["port"],
                 live["profile"].as_str().unwrap_or("?"),
                 live["version"].as_str().unwrap_or("?"),
-                entry["proxy"].as_str().unwrap_or("?"),
+                entry["entry"].as_str().unwrap_or("?"),
             );
         }
     }

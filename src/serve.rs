@@ -8,13 +8,15 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, RunnerConfig, Secret, StoreConfig};
+use crate::config::{Config, RunnerConfig, Secret, StoreConfig, SwitchConfig};
 use crate::db::{self, Db};
 use crate::events::Bus;
 use crate::pipeline::{AppBackends, Pipeline, source};
 use crate::queue::Queue;
 use crate::runner::local::LocalRunner;
 use crate::store::local::LocalStore;
+use crate::switch::TrafficSwitch;
+use crate::switch::nginx::Nginx;
 use crate::switch::proxy::Proxy;
 use crate::web::{self, AppRuntime, AppState};
 
@@ -117,9 +119,26 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
         }
         let name = app.name.to_string();
         let live = db.call(move |conn| db::live(conn, &name)).await?;
-        let proxy = Proxy::start(app.proxy_listen(), live.as_ref().map(|l| l.port)).await?;
-        tracing::info!(app = %app.name, proxy = %proxy.local_addr(), live_port = live.as_ref().map(|l| l.port), "proxy listening");
-        proxies.push(proxy.clone());
+        let switch: Arc<dyn TrafficSwitch> = match &app.switch {
+            SwitchConfig::Proxy { listen } => {
+                let proxy = Proxy::start(*listen, live.as_ref().map(|l| l.port)).await?;
+                tracing::info!(app = %app.name, proxy = %proxy.local_addr(), live_port = live.as_ref().map(|l| l.port), "proxy listening");
+                proxies.push(proxy.clone());
+                proxy
+            }
+            SwitchConfig::Nginx { include, conf, bin } => {
+                let nginx = Nginx::new(
+                    config.base_dir.join(include),
+                    bin.clone(),
+                    conf.as_ref().map(|c| config.base_dir.join(c)),
+                );
+                // nginx's include is what really routes traffic; say so if the record differs.
+                if nginx.live() != live.as_ref().map(|l| l.port) {
+                    tracing::warn!(app = %app.name, include_port = nginx.live(), recorded_port = live.as_ref().map(|l| l.port), "the nginx include and the record disagree; the include wins");
+                }
+                Arc::new(nginx)
+            }
+        };
         let StoreConfig::Local = app.store;
         let store = Arc::new(LocalStore::new(data_dir.join("artifacts")));
         let RunnerConfig::Local { group } = &app.runner;
@@ -127,7 +146,7 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
             data_dir.join("apps").join(app.name.as_str()),
             group.clone(),
             store.clone(),
-            proxy.clone(),
+            switch.clone(),
             control_url.clone(),
             switch_token.clone(),
             scrubbed_env.clone(),
@@ -138,13 +157,7 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
             store,
             runner,
         });
-        apps.insert(
-            app.name.to_string(),
-            AppRuntime {
-                backends,
-                switch: proxy,
-            },
-        );
+        apps.insert(app.name.to_string(), AppRuntime { backends, switch });
     }
 
     let pipeline = Pipeline::new(db.clone(), bus.clone(), data_dir.clone(), scrubbed_env);

@@ -53,7 +53,7 @@ async fn apps(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, A
                 "branch": app.branch,
                 "ports": app.ports,
                 "profiles": app.profiles,
-                "proxy": app.proxy_listen().to_string(),
+                "entry": app.entry(),
                 "live": live,
             })
         })

@@ -71,7 +71,7 @@ fn render(page: &impl Template) -> Result<Response, AppError> {
 
 struct AppCard {
     name: String,
-    proxy: String,
+    entry: String,
     branch: String,
     ports: String,
     live: Option<LiveView>,
@@ -137,7 +137,7 @@ async fn overview(
         .map(|((name, (live, running)), healthy)| {
             let config = &state.apps[&name].backends.app;
             AppCard {
-                proxy: config.proxy_listen().to_string(),
+                entry: config.entry(),
                 branch: config.branch.clone(),
                 ports: format!("{} / {}", config.ports[0], config.ports[1]),
                 live: live.as_ref().map(|l| LiveView::new(l, now)),

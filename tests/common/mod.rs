@@ -282,6 +282,22 @@ impl TestApp {
         response.text().await.unwrap().trim().to_owned()
     }
 
+    /// Polls until the proxy serves `version` (nginx applies a reload a little later).
+    pub async fn wait_served(&self, version: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = self.served().await;
+            if now == version {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still serving {now}, not {version}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Counts rows of `table` in the real SQLite file.
     pub fn count_rows(&self, table: &str) -> i64 {
         let conn = rusqlite::Connection::open_with_flags(
@@ -338,8 +354,20 @@ pub fn push_payload(git_ref: &str, sha: &str, repository: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Starts nonstop on fresh ports with the example app's repository.
+/// Starts nonstop on fresh ports with the example app's repository, behind the built-in
+/// proxy.
 pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|ports, _| {
+        format!(
+            "switch = {{ kind = \"proxy\", listen = \"127.0.0.1:{}\" }}",
+            ports.proxy
+        )
+    })
+    .await
+}
+
+/// Same, with the app's `switch = …` line written by `switch` (given the ports and folder).
+pub async fn spawn_app_with(switch: impl FnOnce(&Ports, &Path) -> String) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
     let repo = Repo::new(dir.path().join("hello-repo"));
     let ports = Ports {
@@ -366,10 +394,10 @@ ports = [{a}, {b}]
 profiles = ["real1", "real2"]
 health = {{ path = "/profile", attempts = 40, interval_ms = 100 }}
 hook_timeout_secs = 60
-switch = {{ kind = "proxy", listen = "127.0.0.1:{proxy}" }}
+{switch}
 "#,
         server = ports.server,
-        proxy = ports.proxy,
+        switch = switch(&ports, dir.path()),
         a = ports.app[0],
         b = ports.app[1],
     );

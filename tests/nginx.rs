@@ -1,0 +1,157 @@
+//! nonstop in front of a real nginx, as in the classic recipe: the switch rewrites the
+//! include file, checks it with `nginx -t` and reloads. A config nginx rejects leaves the
+//! include as it was and the previous version serving.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{Ports, spawn_app_with};
+
+/// A real nginx on `port`, proxying to whatever `service-url.inc` in `dir` says.
+struct Nginx {
+    conf: PathBuf,
+}
+
+impl Nginx {
+    /// `first_upstream` only makes the config valid before anything is deployed.
+    fn start(dir: &Path, port: u16, first_upstream: u16) -> Self {
+        for sub in ["logs", "tmp"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        let include = dir.join("service-url.inc");
+        std::fs::write(
+            &include,
+            nonstop::switch::nginx::render_include(first_upstream),
+        )
+        .unwrap();
+        let conf = dir.join("nginx.conf");
+        std::fs::write(&conf, nginx_conf(dir, port)).unwrap();
+        let out = Command::new("nginx")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-p")
+            .arg(dir)
+            .output()
+            .expect("nginx is installed (scripts/test installs it)");
+        assert!(
+            out.status.success(),
+            "nginx did not start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self { conf }
+    }
+}
+
+fn nginx_conf(dir: &Path, port: u16) -> String {
+    let d = dir.display();
+    format!(
+        r#"daemon on;
+pid {d}/nginx.pid;
+error_log {d}/logs/error.log;
+events {{ worker_connections 512; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/tmp/body;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fastcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        include {d}/service-url.inc;
+        location / {{
+            proxy_pass $service_url;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+        }}
+    }}
+}}
+"#
+    )
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = Command::new("nginx")
+            .arg("-c")
+            .arg(&self.conf)
+            .args(["-s", "stop"])
+            .output();
+    }
+}
+
+fn nginx_switch(_: &Ports, dir: &Path) -> String {
+    format!(
+        "switch = {{ kind = \"nginx\", include = \"{}\", conf = \"{}\" }}",
+        dir.join("nginx/service-url.inc").display(),
+        dir.join("nginx/nginx.conf").display(),
+    )
+}
+
+#[tokio::test]
+async fn deploys_switch_nginx_and_a_rejected_config_keeps_the_old_version() {
+    let app = spawn_app_with(nginx_switch).await;
+    let _nginx = Nginx::start(
+        &app.dir.path().join("nginx"),
+        app.ports.proxy,
+        app.ports.app[0],
+    );
+    let include = app.dir.path().join("nginx/service-url.inc");
+
+    // nginx applies a reload a few milliseconds after `nginx -s reload` returns.
+    let first = app.deploy(&app.repo.commit("Through nginx")).await;
+    app.wait_served(&first).await;
+    assert_eq!(
+        std::fs::read_to_string(&include).unwrap(),
+        nonstop::switch::nginx::render_include(app.ports.app[0])
+    );
+    let second = app.deploy(&app.repo.commit("Again")).await;
+    app.wait_served(&second).await;
+    let (_, live) = app.get_json("/api/apps/hello/live").await;
+    assert_eq!(live["port"], app.ports.app[1]);
+
+    // Someone breaks nginx.conf: `nginx -t` now fails, so the next switch must not happen.
+    let conf = app.dir.path().join("nginx/nginx.conf");
+    let good = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(
+        &conf,
+        good.replace("events {", "not_a_directive on;\nevents {"),
+    )
+    .unwrap();
+    let before = std::fs::read_to_string(&include).unwrap();
+    let id = app.push(&app.repo.commit("Blocked by nginx -t")).await;
+    let done = app.wait_finished(id).await;
+    assert_eq!(done["deployment"]["status"], "failed", "{done:#}");
+    let validate = done["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "ValidateService")
+        .unwrap()
+        .clone();
+    assert!(
+        validate["log"]
+            .as_str()
+            .unwrap()
+            .contains("not_a_directive"),
+        "nginx's complaint is kept: {validate}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&include).unwrap(),
+        before,
+        "the include was restored"
+    );
+    assert_eq!(
+        app.served().await,
+        second,
+        "the previous version keeps serving"
+    );
+
+    // Fixed config: deploys go through again.
+    std::fs::write(&conf, good).unwrap();
+    let third = app.deploy(&app.repo.commit("Unblocked")).await;
+    app.wait_served(&third).await;
+}
