@@ -40,6 +40,9 @@
 # and is meant to be read by a shell, like a line of a Procfile.
 
 set -euo pipefail
+# One stream, in order: a runner reports a failed hook by its last line, and two pipes read
+# side by side could deliver stdout's last line after stderr's.
+exec 2>&1
 
 EVENT=${LIFECYCLE_EVENT:-}
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

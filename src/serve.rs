@@ -13,6 +13,7 @@ use crate::db::{self, Db};
 use crate::events::Bus;
 use crate::pipeline::{AppBackends, Pipeline, source};
 use crate::queue::Queue;
+use crate::runner::Job;
 use crate::runner::local::LocalRunner;
 use crate::store::local::LocalStore;
 use crate::switch::TrafficSwitch;
@@ -81,7 +82,8 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
     let db = Db::open(&data_dir.join("nonstop.db")).await?;
     let interrupted = db.call(db::interrupt_running).await?;
     if !interrupted.is_empty() {
-        tracing::warn!(deployments = ?interrupted, "marked deployments interrupted by the last stop");
+        let ids: Vec<_> = interrupted.iter().map(|(d, _)| d.id).collect();
+        tracing::warn!(deployments = ?ids, "marked deployments interrupted by the last stop");
     }
     let admin_token = admin_token(&config, &data_dir)?;
     let switch_token = Secret::new(random_token());
@@ -160,6 +162,8 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
         apps.insert(app.name.to_string(), AppRuntime { backends, switch });
     }
 
+    clean_up_interrupted(&apps, interrupted);
+
     let pipeline = Pipeline::new(db.clone(), bus.clone(), data_dir.clone(), scrubbed_env);
     let backends: Vec<_> = apps.values().map(|a| a.backends.clone()).collect();
     let queue = Queue::start(
@@ -184,6 +188,37 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
         listener,
         proxies,
     })
+}
+
+/// Stops what deployments cut short by the last stop may have started on an idle port, in
+/// the background: the server answers meanwhile, and traffic never went there.
+fn clean_up_interrupted(
+    apps: &HashMap<String, AppRuntime>,
+    interrupted: Vec<(db::Deployment, bool)>,
+) {
+    for (deployment, started_instances) in interrupted {
+        let (Some(runtime), true) = (apps.get(&deployment.app), started_instances) else {
+            continue;
+        };
+        let backends = runtime.backends.clone();
+        let job = Job {
+            deployment_id: deployment.id,
+            app: backends.app.clone(),
+            version: deployment.version.unwrap_or_default(),
+            bundle_key: deployment.bundle_key.unwrap_or_default(),
+            bundle_sha256: deployment.bundle_sha256.unwrap_or_default(),
+        };
+        tokio::spawn(async move {
+            match backends.runner.clean_up_interrupted(&job).await {
+                Ok(log) => {
+                    tracing::info!(deployment_id = job.deployment_id, output = %log.trim(), "cleaned up after an interrupted deployment")
+                }
+                Err(err) => {
+                    tracing::warn!(deployment_id = job.deployment_id, error = %err, "could not clean up after an interrupted deployment")
+                }
+            }
+        });
+    }
 }
 
 /// The admin token from its env var, else the one kept in the data dir (made on first run).

@@ -281,6 +281,14 @@ pub fn set_version(
     Ok(())
 }
 
+pub fn set_port(conn: &Connection, id: DeploymentId, port: u16) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE deployments SET port = ?2 WHERE id = ?1",
+        params![id, port],
+    )?;
+    Ok(())
+}
+
 pub fn set_bundle(
     conn: &Connection,
     id: DeploymentId,
@@ -342,21 +350,32 @@ pub fn finish(
     tx.commit()
 }
 
-/// At start: whatever was running when the server went away ends `interrupted`.
-pub fn interrupt_running(conn: &mut Connection) -> rusqlite::Result<Vec<DeploymentId>> {
-    let ids: Vec<DeploymentId> = conn
-        .prepare("SELECT id FROM deployments WHERE status = 'running'")?
-        .query_map([], |row| row.get(0))?
+/// At start: whatever was running when the server went away ends `interrupted`. Returns
+/// those deployments as they were, with whether a hook that starts instances had begun.
+pub fn interrupt_running(conn: &mut Connection) -> rusqlite::Result<Vec<(Deployment, bool)>> {
+    let running: Vec<Deployment> = conn
+        .prepare(&format!(
+            "SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE status = 'running'"
+        ))?
+        .query_map([], Deployment::from_row)?
         .collect::<rusqlite::Result<_>>()?;
-    for id in &ids {
+    let mut interrupted = Vec::with_capacity(running.len());
+    for deployment in running {
+        let started_instances: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM stages WHERE deployment_id = ?1
+             AND name IN ('AfterInstall', 'ApplicationStart', 'ValidateService') AND status != 'pending'",
+            [deployment.id],
+            |row| row.get(0),
+        )?;
         finish(
             conn,
-            *id,
+            deployment.id,
             DeploymentStatus::Interrupted,
             Some("nonstop stopped while this deployment ran"),
         )?;
+        interrupted.push((deployment, started_instances));
     }
-    Ok(ids)
+    Ok(interrupted)
 }
 
 /// Apps that have a queued deployment (resumed at start).

@@ -92,6 +92,11 @@ impl Progress for Recorder {
         self.finished(hook.into(), status, log).await;
     }
 
+    async fn target_port(&self, port: u16) {
+        let id = self.id;
+        self.write(move |conn| db::set_port(conn, id, port)).await;
+    }
+
     async fn instance_started(&self, port: u16) {
         let (id, app) = (self.id, self.app.clone());
         let version = self

@@ -198,6 +198,47 @@ fn last_line(log: &str) -> &str {
 
 #[async_trait]
 impl Runner for LocalRunner {
+    async fn clean_up_interrupted(&self, job: &Job) -> Result<String, RunnerError> {
+        let archive = self
+            .app_dir
+            .join("deployments")
+            .join(job.deployment_id.to_string())
+            .join("deployment-archive");
+        let Ok(text) = tokio::fs::read_to_string(archive.join("appspec.yml")).await else {
+            return Ok("its bundle was never unpacked: nothing was started".into());
+        };
+        let spec = appspec::parse(&text).map_err(|reason| RunnerError {
+            hook: Hook::AfterInstall,
+            reason,
+        })?;
+        // AfterInstall is the hook that stops whatever runs on the idle port: the same host
+        // script cleans up, with the live port as it is now.
+        let release_dir = self.app_dir.join("releases").join(&job.version);
+        let run_dir = self.app_dir.join("run");
+        let context = HookContext {
+            job,
+            group: &self.group,
+            live: self.switch.live(),
+            release_dir: &release_dir,
+            run_dir: &run_dir,
+            switch_url: &self.switch_url,
+            switch_token: self.switch_token.expose(),
+        };
+        let timeout = Duration::from_secs(job.app.hook_timeout_secs);
+        self.run_scripts(
+            &spec,
+            &archive,
+            Hook::AfterInstall,
+            &context.env(Hook::AfterInstall),
+            timeout,
+        )
+        .await
+        .map_err(|(_, reason)| RunnerError {
+            hook: Hook::AfterInstall,
+            reason,
+        })
+    }
+
     async fn run(&self, job: &Job, progress: &dyn Progress) -> Result<(), RunnerError> {
         let fail = |hook: Hook, reason: String| RunnerError { hook, reason };
         let deployment_dir = self
@@ -214,6 +255,7 @@ impl Runner for LocalRunner {
         }
         // Idle and live are fixed once per deployment: the hooks of one deploy must agree.
         let live = self.switch.live();
+        progress.target_port(job.app.idle_port(live)).await;
         let default_timeout = Duration::from_secs(job.app.hook_timeout_secs);
         let context = HookContext {
             job,

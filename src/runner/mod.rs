@@ -28,6 +28,9 @@ pub struct Job {
 pub trait Progress: Send + Sync {
     async fn hook_started(&self, hook: Hook);
     async fn hook_finished(&self, hook: Hook, status: StageStatus, log: &str);
+    /// The new version will be started on `port` (known before any hook runs, so that a
+    /// restart after a crash knows where to clean up).
+    async fn target_port(&self, port: u16);
     /// The new version was started on `port` (it may not be live yet).
     async fn instance_started(&self, port: u16);
 }
@@ -43,4 +46,8 @@ pub struct RunnerError {
 #[async_trait]
 pub trait Runner: Send + Sync {
     async fn run(&self, job: &Job, progress: &dyn Progress) -> Result<(), RunnerError>;
+
+    /// After nonstop died in the middle of `job`: stops the instance it may have started on
+    /// the idle port (never the live one). Returns what it did, for the log.
+    async fn clean_up_interrupted(&self, job: &Job) -> Result<String, RunnerError>;
 }

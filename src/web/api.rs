@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, header};
@@ -170,6 +171,14 @@ pub async fn switch_traffic(
             ))
         })?
         .to_owned();
+    // A last look before traffic moves: an instance that died after its health check must
+    // not receive traffic (the earlier live one still runs and keeps it).
+    if !crate::health::answers(port, &config.health.path, Duration::from_secs(2)).await {
+        return Err(AppError::BadGateway(format!(
+            "port {port} does not answer {}; traffic stays where it was",
+            config.health.path
+        )));
+    }
     runtime
         .switch
         .switch_to(port)

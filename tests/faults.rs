@@ -1,0 +1,300 @@
+//! The fault suite: each fault ends with the previous version serving, no client request
+//! lost while traffic flowed, and the deployment recorded with its reason.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Load, REPOSITORY, TestApp, push_payload, sign, spawn_app};
+
+/// Commits a change to the example app's source; the replacement must apply.
+fn commit_source_change(app: &TestApp, from: &str, to: &str, message: &str) -> String {
+    let main = app.repo.path.join("src/main.rs");
+    let source = std::fs::read_to_string(&main).unwrap();
+    assert!(
+        source.contains(from),
+        "the example app changed: `{from}` is gone"
+    );
+    std::fs::write(&main, source.replacen(from, to, 1)).unwrap();
+    app.repo.commit_all(message)
+}
+
+/// Pushes `sha` under load and checks the release failed safely; returns the error.
+async fn fails_safely(app: &TestApp, good: &str, sha: &str) -> String {
+    let (_, live_before) = app.get_json("/api/apps/hello/live").await;
+    let load = Load::start(
+        format!("{}/", app.proxy()),
+        8,
+        50_000,
+        Duration::from_secs(240),
+    );
+    load.wait_sent(100).await;
+    let id = app.push(sha).await;
+    let done = app.wait_finished(id).await;
+    let report = load.finish().await;
+
+    assert_eq!(done["deployment"]["status"], "failed", "{done:#}");
+    assert_eq!(
+        report.failed,
+        0,
+        "failed requests: {:?}",
+        &report.failures[..report.failures.len().min(10)]
+    );
+    assert_eq!(
+        report.bodies.keys().collect::<Vec<_>>(),
+        [good],
+        "only the good version served"
+    );
+    assert_eq!(app.served().await, good);
+    let (_, live) = app.get_json("/api/apps/hello/live").await;
+    assert_eq!(live["port"], live_before["port"]);
+    done["deployment"]["error"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_version_that_exits_at_start_never_gets_traffic() {
+    let app = spawn_app().await;
+    let good = app.deploy(&app.repo.commit("Good")).await;
+    let sha = commit_source_change(
+        &app,
+        "fn main() -> ExitCode {",
+        "fn main() -> ExitCode {\n    if std::env::args().count() > 0 {\n        return ExitCode::from(3);\n    }",
+        "Exit at start",
+    );
+    let error = fails_safely(&app, &good, &sha).await;
+    assert!(error.starts_with("ValidateService failed"), "{error}");
+    assert!(error.contains("exited before it became healthy"), "{error}");
+}
+
+#[tokio::test]
+async fn a_version_that_dies_right_after_its_health_check_never_gets_traffic() {
+    let app = spawn_app().await;
+    let good = app.deploy(&app.repo.commit("Good")).await;
+    let sha = commit_source_change(
+        &app,
+        "        if !keep_alive {\n            return Ok(());\n        }",
+        "        writer.flush()?;\n        if request.target == \"/profile\" {\n            std::process::exit(9);\n        }\n        if !keep_alive {\n            return Ok(());\n        }",
+        "Die after the first health check",
+    );
+    let error = fails_safely(&app, &good, &sha).await;
+    assert!(error.starts_with("ValidateService failed"), "{error}");
+}
+
+#[tokio::test]
+async fn an_unwritable_bundle_or_store_folder_fails_clearly_and_loses_nothing() {
+    let app = spawn_app().await;
+    let good = app.deploy(&app.repo.commit("Good")).await;
+
+    // Where Bundle writes is a file now, not a folder (root ignores permission bits, so a
+    // path that cannot be a folder is how this machine makes a write fail).
+    let tmp = app.data_dir().join("tmp");
+    std::fs::remove_dir_all(&tmp).unwrap();
+    std::fs::write(&tmp, "in the way").unwrap();
+    let error = fails_safely(&app, &good, &app.repo.commit("Cannot bundle")).await;
+    assert!(
+        error.starts_with("Bundle failed:") && error.contains("tmp"),
+        "{error}"
+    );
+    std::fs::remove_file(&tmp).unwrap();
+
+    let store = app.data_dir().join("artifacts/hello");
+    std::fs::remove_dir_all(&store).unwrap();
+    std::fs::write(&store, "in the way").unwrap();
+    let error = fails_safely(&app, &good, &app.repo.commit("Cannot store")).await;
+    assert!(
+        error.starts_with("Upload failed:") && error.contains("artifacts"),
+        "{error}"
+    );
+    std::fs::remove_file(&store).unwrap();
+
+    // Nothing recorded was lost, and the next deploy goes through.
+    let next = app.deploy(&app.repo.commit("Fixed")).await;
+    assert_eq!(app.served().await, next);
+    assert_eq!(app.count_rows("deployments"), 4);
+    let (_, failed) = app.get_json("/api/deployments?status=failed").await;
+    assert_eq!(failed.as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn killed_during_validate_service_the_half_started_instance_is_cleaned_up() {
+    let mut app = spawn_app().await;
+    let good = app.deploy(&app.repo.commit("Good")).await;
+    let (_, live) = app.get_json("/api/apps/hello/live").await;
+    let idle = if live["port"] == app.ports.app[0] {
+        app.ports.app[1]
+    } else {
+        app.ports.app[0]
+    };
+
+    let id = app.push(&app.repo.commit_unhealthy()).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, body) = app.get_json(&format!("/api/deployments/{id}")).await;
+        let validate = body["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == "ValidateService")
+            .cloned();
+        if validate.is_some_and(|s| s["status"] == "running") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ValidateService never ran: {body:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        reqwest::get(format!("http://127.0.0.1:{idle}/"))
+            .await
+            .is_ok(),
+        "the new instance runs"
+    );
+
+    app.restart().await;
+
+    let done = app.wait_finished(id).await;
+    assert_eq!(done["deployment"]["status"], "interrupted");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reqwest::get(format!("http://127.0.0.1:{idle}/"))
+        .await
+        .is_ok()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the half-started instance on {idle} still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(app.served().await, good);
+    let (_, after) = app.get_json("/api/apps/hello/live").await;
+    assert_eq!(after["port"], live["port"]);
+    assert_eq!(app.count_rows("deployments"), 2, "history intact");
+}
+
+#[tokio::test]
+async fn simultaneous_and_repeated_webhooks_make_one_deployment_each() {
+    let app = spawn_app().await;
+    let first = app.repo.commit("First");
+    let second = app.repo.commit("Second");
+    let (a, b) = tokio::join!(app.push(&first), app.push(&second));
+    assert_ne!(a, b);
+
+    let body = push_payload("refs/heads/main", &second, REPOSITORY);
+    let signature = sign(&body);
+    let answers = futures_util::future::join_all(
+        (0..100).map(|_| app.webhook("push", "one-delivery-id", &body, Some(&signature))),
+    )
+    .await;
+    let new: Vec<_> = answers
+        .iter()
+        .filter(|(status, _)| *status == 202)
+        .collect();
+    assert_eq!(new.len(), 1, "{answers:?}");
+    assert!(
+        answers.iter().all(|(status, answer)| *status == 202
+            || (*status == 200 && answer["duplicate"].is_string()))
+    );
+    assert_eq!(app.count_rows("deployments"), 3);
+    assert_eq!(app.count_rows("deliveries"), 3);
+}
+
+/// A small deterministic generator: the same run every time, no extra dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next() as u8).collect()
+    }
+}
+
+#[tokio::test]
+async fn webhook_abuse_never_panics_and_never_deploys() {
+    let app = spawn_app().await;
+    let mut rng = Rng(0x5eed_cafe_f00d_d00d);
+    let valid = push_payload("refs/heads/main", &"a".repeat(40), REPOSITORY);
+    let mut statuses = std::collections::BTreeMap::new();
+    for round in 0..400 {
+        let body = match rng.below(4) {
+            0 => {
+                let len = rng.below(4096) as usize;
+                rng.bytes(len)
+            }
+            1 => valid.clone(),
+            2 => {
+                let mut tampered = valid.clone();
+                let at = rng.below(tampered.len() as u64) as usize;
+                tampered[at] = tampered[at].wrapping_add(1 + rng.below(200) as u8);
+                tampered
+            }
+            _ => Vec::new(),
+        };
+        let signature = match rng.below(6) {
+            0 => None,
+            1 => Some(format!("sha256={}", hex::encode(rng.bytes(32)))),
+            2 => Some(sign(b"some other body")),
+            3 => Some(
+                String::from_utf8_lossy(&rng.bytes(64))
+                    .chars()
+                    .filter(|c| !c.is_control())
+                    .collect(),
+            ),
+            4 => {
+                let len = rng.below(20_000) as usize;
+                Some(format!("sha256={}", "f".repeat(len)))
+            }
+            _ => Some(format!("sha1={}", hex::encode(rng.bytes(20)))),
+        };
+        let event = ["push", "ping", "", "pusH", "release"][rng.below(5) as usize];
+        let content_type = [
+            "application/json",
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "image/png",
+        ][rng.below(4) as usize];
+        let mut request = app
+            .http
+            .post(format!(
+                "{}/hooks/github{}",
+                app.base(),
+                if round % 7 == 0 { "?app=hello" } else { "" }
+            ))
+            .header("X-GitHub-Event", event)
+            .header("X-GitHub-Delivery", format!("fuzz-{round}"))
+            .header("Content-Type", content_type)
+            .body(body);
+        if let Some(signature) =
+            signature.filter(|s| reqwest::header::HeaderValue::from_str(s).is_ok())
+        {
+            request = request.header("X-Hub-Signature-256", signature);
+        }
+        let status = request.send().await.unwrap().status().as_u16();
+        assert!(
+            [400, 401, 404, 413, 431].contains(&status),
+            "round {round}: {status}"
+        );
+        *statuses.entry(status).or_insert(0) += 1;
+    }
+    println!("statuses: {statuses:?}");
+    assert_eq!(app.count_rows("deployments"), 0);
+    assert_eq!(app.count_rows("deliveries"), 0);
+    let health = app
+        .http
+        .get(format!("{}/healthz", app.base()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200, "the server survived");
+}
