@@ -1,0 +1,290 @@
+//! The proxy's control socket, for a proxy that outlives `nonstop serve`. `nonstop proxy`
+//! runs every app's built-in proxy in its own process and takes switch commands on a Unix
+//! socket; `serve` drives it through [`RemoteProxy`], so restarting or upgrading `serve`
+//! never closes a client connection. The protocol is one JSON line each way per
+//! connection. The live ports are also kept in a state file beside the socket, so the proxy
+//! process itself restarts onto the same targets. This module never decides where traffic
+//! goes: it only carries the decision.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+use super::proxy::Proxy;
+use super::{SwitchError, TrafficSwitch};
+
+/// A control command takes microseconds; a hung proxy process is a broken host.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Request {
+    pub app: String,
+    /// `None`: only ask which port is live.
+    pub switch_to: Option<u16>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Answer {
+    pub live: Option<u16>,
+    pub error: Option<String>,
+}
+
+/// `serve`'s handle on one app's proxy in the `nonstop proxy` process.
+pub struct RemoteProxy {
+    socket: PathBuf,
+    app: String,
+    /// The last live port the proxy process reported (0: none), so `live()` needs no I/O.
+    live: AtomicU32,
+}
+
+impl RemoteProxy {
+    /// Connects to the proxy process and learns the app's live port; when the proxy
+    /// process has none yet (its first start), it is told `recorded`.
+    pub async fn connect(
+        socket: PathBuf,
+        app: String,
+        recorded: Option<u16>,
+    ) -> Result<Self, SwitchError> {
+        let remote = Self {
+            socket,
+            app,
+            live: AtomicU32::new(0),
+        };
+        let live = remote.ask(None).await?;
+        remote.remember(live);
+        if let (None, Some(port)) = (live, recorded) {
+            remote.switch_to(port).await?;
+        }
+        Ok(remote)
+    }
+
+    fn remember(&self, live: Option<u16>) {
+        self.live
+            .store(live.map(u32::from).unwrap_or(0), Ordering::SeqCst);
+    }
+
+    async fn ask(&self, switch_to: Option<u16>) -> Result<Option<u16>, SwitchError> {
+        let request = Request {
+            app: self.app.clone(),
+            switch_to,
+        };
+        let exchange = async {
+            let mut stream = UnixStream::connect(&self.socket).await?;
+            let mut line = serde_json::to_vec(&request).map_err(std::io::Error::other)?;
+            line.push(b'\n');
+            stream.write_all(&line).await?;
+            let mut answer = String::new();
+            BufReader::new(stream).read_line(&mut answer).await?;
+            serde_json::from_str::<Answer>(&answer).map_err(std::io::Error::other)
+        };
+        let answer = tokio::time::timeout(CONTROL_TIMEOUT, exchange)
+            .await
+            .map_err(|_| {
+                SwitchError::Rejected(format!(
+                    "the proxy process at {} did not answer",
+                    self.socket.display()
+                ))
+            })?
+            .map_err(|err| {
+                SwitchError::Rejected(format!(
+                    "the proxy process at {}: {err}",
+                    self.socket.display()
+                ))
+            })?;
+        match answer.error {
+            Some(error) => Err(SwitchError::Rejected(error)),
+            None => Ok(answer.live),
+        }
+    }
+}
+
+#[async_trait]
+impl TrafficSwitch for RemoteProxy {
+    fn live(&self) -> Option<u16> {
+        u16::try_from(self.live.load(Ordering::SeqCst))
+            .ok()
+            .filter(|p| *p != 0)
+    }
+
+    async fn switch_to(&self, port: u16) -> Result<(), SwitchError> {
+        let live = self.ask(Some(port)).await?;
+        self.remember(live);
+        Ok(())
+    }
+}
+
+/// Where the proxy process keeps its live ports between its own restarts.
+pub fn state_file(socket: &Path) -> PathBuf {
+    socket.with_extension("state.json")
+}
+
+/// Serves the control socket for `proxies` until `shutdown`.
+pub async fn serve_control(
+    socket: PathBuf,
+    proxies: HashMap<String, Arc<Proxy>>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    // A socket file left by a killed proxy process would make bind fail.
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket)?;
+    let proxies = Arc::new(proxies);
+    // Switches are applied one at a time so the state file always matches the proxies.
+    let order = Arc::new(tokio::sync::Mutex::new(()));
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => accepted?,
+            () = shutdown.cancelled() => return Ok(()),
+        };
+        let (proxies, order, socket) = (proxies.clone(), order.clone(), socket.clone());
+        tokio::spawn(async move {
+            if let Err(err) = handle(stream, &proxies, &order, &socket).await {
+                tracing::warn!(error = %err, "control connection failed");
+            }
+        });
+    }
+}
+
+async fn handle(
+    stream: UnixStream,
+    proxies: &HashMap<String, Arc<Proxy>>,
+    order: &tokio::sync::Mutex<()>,
+    socket: &Path,
+) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).await?;
+    let answer = match serde_json::from_str::<Request>(&line) {
+        Err(err) => Answer {
+            live: None,
+            error: Some(format!("malformed request: {err}")),
+        },
+        Ok(request) => match proxies.get(&request.app) {
+            None => Answer {
+                live: None,
+                error: Some(format!("no proxy for app `{}`", request.app)),
+            },
+            Some(proxy) => match request.switch_to {
+                None => Answer {
+                    live: proxy.live(),
+                    error: None,
+                },
+                Some(port) => {
+                    let _one_at_a_time = order.lock().await;
+                    match proxy.switch_to(port).await {
+                        Ok(()) => {
+                            save_state(socket, proxies).await;
+                            tracing::info!(app = %request.app, port, "proxy switched");
+                            Answer {
+                                live: Some(port),
+                                error: None,
+                            }
+                        }
+                        Err(err) => Answer {
+                            live: proxy.live(),
+                            error: Some(err.to_string()),
+                        },
+                    }
+                }
+            },
+        },
+    };
+    let mut out = serde_json::to_vec(&answer).map_err(std::io::Error::other)?;
+    out.push(b'\n');
+    reader.get_mut().write_all(&out).await
+}
+
+async fn save_state(socket: &Path, proxies: &HashMap<String, Arc<Proxy>>) {
+    let state: HashMap<&str, Option<u16>> = proxies
+        .iter()
+        .map(|(app, p)| (app.as_str(), p.live()))
+        .collect();
+    let path = state_file(socket);
+    let temp = path.with_extension("tmp");
+    let text = serde_json::to_string(&state).unwrap_or_default();
+    let saved = async {
+        tokio::fs::write(&temp, text).await?;
+        tokio::fs::rename(&temp, &path).await
+    };
+    if let Err(err) = saved.await {
+        tracing::error!(path = %path.display(), error = %err, "could not save the proxy state");
+    }
+}
+
+/// The live ports saved by the last run of the proxy process.
+pub fn load_state(socket: &Path) -> HashMap<String, u16> {
+    std::fs::read_to_string(state_file(socket))
+        .ok()
+        .and_then(|text| serde_json::from_str::<HashMap<String, Option<u16>>>(&text).ok())
+        .map(|state| {
+            state
+                .into_iter()
+                .filter_map(|(app, port)| Some((app, port?)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_remote_proxy_switches_the_proxy_process_and_its_state_survives() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("proxy.sock");
+        let proxy = Proxy::start("127.0.0.1:0".parse().unwrap(), None)
+            .await
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve_control(
+            socket.clone(),
+            HashMap::from([("hello".to_owned(), proxy.clone())]),
+            shutdown.clone(),
+        ));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while UnixStream::connect(&socket).await.is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the control socket never opened"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+
+        // First contact: the proxy process knows nothing, so it takes the recorded port.
+        let remote = RemoteProxy::connect(socket.clone(), "hello".into(), Some(8081))
+            .await
+            .unwrap();
+        assert_eq!((remote.live(), proxy.live()), (Some(8081), Some(8081)));
+        remote.switch_to(8082).await.unwrap();
+        assert_eq!((remote.live(), proxy.live()), (Some(8082), Some(8082)));
+        assert_eq!(
+            load_state(&socket),
+            HashMap::from([("hello".to_owned(), 8082)])
+        );
+
+        // A second `serve` finds the proxy process's port, not its own stale record.
+        let again = RemoteProxy::connect(socket.clone(), "hello".into(), Some(8081))
+            .await
+            .unwrap();
+        assert_eq!(again.live(), Some(8082));
+
+        let err = RemoteProxy::connect(socket.clone(), "nope".into(), None)
+            .await
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("no proxy for app `nope`"), "{err}");
+        assert!(remote.switch_to(0).await.is_err());
+        assert_eq!(proxy.live(), Some(8082), "a refused switch moves nothing");
+
+        shutdown.cancel();
+        server.await.unwrap().unwrap();
+    }
+}
