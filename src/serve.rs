@@ -8,13 +8,17 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, RunnerConfig, Secret, StoreConfig};
+use crate::config::{Config, RunnerConfig, Secret};
 use crate::db::{self, Db};
 use crate::events::Bus;
 use crate::pipeline::{AppBackends, Pipeline, source};
 use crate::queue::Queue;
+use crate::runner::Runner;
+use crate::runner::codedeploy::{CodeDeployRunner, CodeDeploySettings};
 use crate::runner::local::LocalRunner;
+use crate::store::ArtifactStore;
 use crate::store::local::LocalStore;
+use crate::store::s3::{S3Settings, S3Store};
 use crate::switch::proxy::Proxy;
 use crate::web::{self, AppRuntime, AppState};
 
@@ -91,18 +95,34 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
         let proxy = Proxy::start(app.proxy_listen(), live.as_ref().map(|l| l.port)).await?;
         tracing::info!(app = %app.name, proxy = %proxy.local_addr(), live_port = live.as_ref().map(|l| l.port), "proxy listening");
         proxies.push(proxy.clone());
-        let StoreConfig::Local = app.store;
-        let store = Arc::new(LocalStore::new(data_dir.join("artifacts")));
-        let RunnerConfig::Local { group } = &app.runner;
-        let runner = Arc::new(LocalRunner::new(
-            data_dir.join("apps").join(app.name.as_str()),
-            group.clone(),
-            store.clone(),
-            proxy.clone(),
-            control_url.clone(),
-            switch_token.clone(),
-            scrubbed_env.clone(),
-        ));
+        let s3 = match S3Settings::from_config(&app.store) {
+            Some(settings) => Some(Arc::new(S3Store::new(settings).await)),
+            None => None,
+        };
+        let store: Arc<dyn ArtifactStore> = match &s3 {
+            Some(s3) => s3.clone(),
+            None => Arc::new(LocalStore::new(data_dir.join("artifacts"))),
+        };
+        let runner: Arc<dyn Runner> = match (&app.runner, CodeDeploySettings::from_app(&app), &s3) {
+            (_, Some(settings), Some(s3)) => {
+                Arc::new(CodeDeployRunner::new(settings, s3.clone()).await)
+            }
+            (RunnerConfig::Local { group }, ..) => Arc::new(LocalRunner::new(
+                data_dir.join("apps").join(app.name.as_str()),
+                group.clone(),
+                store.clone(),
+                proxy.clone(),
+                control_url.clone(),
+                switch_token.clone(),
+                scrubbed_env.clone(),
+            )),
+            _ => {
+                return Err(ServeError::Setup(format!(
+                    "app.{}.runner: codedeploy needs store kind = \"s3\"",
+                    app.name
+                )));
+            }
+        };
         let backends = Arc::new(AppBackends {
             app: app.clone(),
             repo,
