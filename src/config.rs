@@ -163,6 +163,8 @@ pub enum StoreConfig {
     },
 }
 
+// One per app, read once at start-up: its size does not matter, plain matching does.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum RunnerConfig {
@@ -603,6 +605,77 @@ run = "{artifact} --port {port}"
         assert!(err.to_string().contains("app.hello.ports"), "{err}");
         let err = parse(&MINIMAL.replace("\"hello\"", "\"Hello\"")).unwrap_err();
         assert!(err.to_string().contains("not a valid app name"), "{err}");
+    }
+
+    #[test]
+    fn aws_backends_parse_and_their_mistakes_name_the_key() {
+        let s3 =
+            "store = { kind = \"s3\", bucket = \"releases\", prefix = \"nonstop\", keep = 5 }\n";
+        let cd = "runner = { kind = \"codedeploy\", application = \"hello\", group = \"fleet\", public_url = \"https://hello.example\" }\n";
+        let config = parse(&format!("{MINIMAL}{s3}{cd}")).unwrap();
+        let app = &config.apps[0];
+        assert!(
+            matches!(&app.store, StoreConfig::S3 { bucket, keep: Some(5), .. } if bucket == "releases")
+        );
+        assert_eq!(app.public_url(), Some("https://hello.example"));
+
+        for (extra, key, problem) in [
+            (
+                "store = { kind = \"s3\", bucket = \"Releases_1\" }\n".to_owned(),
+                "app.hello.store.bucket",
+                "not a valid S3 bucket name",
+            ),
+            (
+                "store = { kind = \"s3\", bucket = \"releases\", keep = 0 }\n".to_owned(),
+                "app.hello.store.keep",
+                "at least 1",
+            ),
+            (
+                "store = { kind = \"s3\", bucket = \"releases\", endpoint = \"127.0.0.1:9\" }\n"
+                    .to_owned(),
+                "app.hello.store.endpoint",
+                "http://",
+            ),
+            (
+                cd.to_owned(),
+                "app.hello.runner",
+                "set store = { kind = \"s3\"",
+            ),
+            (
+                format!(
+                    "{s3}{}",
+                    cd.replace("public_url", "file_exists_behavior")
+                        .replace("https://hello.example", "overwrite")
+                ),
+                "app.hello.runner.file_exists_behavior",
+                "not one of DISALLOW, OVERWRITE, RETAIN",
+            ),
+            (
+                format!("{s3}{}", cd.replace("group = \"fleet\"", "group = \" \"")),
+                "app.hello.runner.group",
+                "deployment group",
+            ),
+            (
+                format!(
+                    "{s3}{}",
+                    cd.replace("public_url", "destination")
+                        .replace("https://hello.example", "srv/hello")
+                ),
+                "app.hello.runner.destination",
+                "absolute path",
+            ),
+        ] {
+            let err = parse(&format!("{MINIMAL}{extra}")).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(problem), "{extra}: {err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
+        // A missing required key is named by the TOML reader, on its line.
+        let err = parse(&format!(
+            "{MINIMAL}{s3}runner = {{ kind = \"codedeploy\", group = \"fleet\" }}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("application"), "{err}");
     }
 
     #[test]

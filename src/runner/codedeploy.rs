@@ -275,6 +275,8 @@ impl CodeDeployRunner {
                 .list_deployment_targets()
                 .deployment_id(deployment_id)
                 .set_next_token(token.take())
+                .customize()
+                .config_override(no_retries())
                 .send()
                 .await
                 .map_err(|err| aws::classify(&err))?;
@@ -291,6 +293,8 @@ impl CodeDeployRunner {
                 .batch_get_deployment_targets()
                 .deployment_id(deployment_id)
                 .set_target_ids(Some(chunk.to_vec()))
+                .customize()
+                .config_override(no_retries())
                 .send()
                 .await
                 .map_err(|err| aws::classify(&err))?;
@@ -317,6 +321,8 @@ impl CodeDeployRunner {
                 .list_deployment_instances()
                 .deployment_id(deployment_id)
                 .set_next_token(token.take())
+                .customize()
+                .config_override(no_retries())
                 .send()
                 .await
                 .map_err(|err| aws::classify(&err))?;
@@ -333,6 +339,8 @@ impl CodeDeployRunner {
                 .batch_get_deployment_instances()
                 .deployment_id(deployment_id)
                 .set_instance_ids(Some(chunk.to_vec()))
+                .customize()
+                .config_override(no_retries())
                 .send()
                 .await
                 .map_err(|err| aws::classify(&err))?;
@@ -388,6 +396,13 @@ impl CodeDeployRunner {
             }
         }
     }
+}
+
+/// Per-instance detail is best effort and asked again at the next poll anyway: one try
+/// each, so an API that is missing (some emulators) costs one quick answer, not a backoff.
+fn no_retries() -> aws_sdk_codedeploy::config::Builder {
+    aws_sdk_codedeploy::config::Builder::default()
+        .retry_config(aws_sdk_codedeploy::config::retry::RetryConfig::disabled())
 }
 
 /// What has been told to `Progress` so far, so each hook is started and finished once.
