@@ -102,6 +102,15 @@ on_application_start() {
   local pid=$!
 
   write_atomically "$pid_file" "$pid"
+  # The subshell still has to close fds and reach setsid(); until then the pid is not yet a
+  # session leader and would look like a stranger to instance_alive. Wait for it (at most
+  # 5 s), so that ValidateService sees the app as it will stay.
+  local waited
+  for ((waited = 0; waited < 250; waited++)); do
+    leads_session "$pid" && break
+    kill -0 "$pid" 2>/dev/null || break
+    sleep_ms 20
+  done
   log "started ${IDLE_PROFILE:-the new version} ($version) on port $IDLE_PORT: pid $pid, log $log_file"
 }
 
@@ -242,6 +251,17 @@ instance_alive() {
   started=$((btime + fields[19] / ticks))
   # 60 s of slack: btime moves with wall-clock corrections, and a recycled pid needs far longer.
   ((started <= written + 60))
+}
+
+# Whether pid $1 leads its own session (what setsid makes of the app). Without /proc,
+# assume so.
+leads_session() {
+  local pid=$1 stat
+  local -a fields
+  [[ -r /proc/$pid/stat ]] || return 0
+  stat=$(<"/proc/$pid/stat") || return 1
+  read -r -a fields <<<"${stat##*) }"
+  [[ ${fields[3]} == "$pid" ]]
 }
 
 # Stops the app recorded on port $1: SIGTERM, up to 10 s to exit, then SIGKILL. Fine if
