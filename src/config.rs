@@ -159,14 +159,50 @@ impl Default for SwitchConfig {
 pub enum StoreConfig {
     #[default]
     Local,
+    /// `s3://{bucket}/{prefix}/{app}/{version}.zip`; credentials from AWS's standard chain.
+    S3 {
+        bucket: String,
+        #[serde(default)]
+        prefix: String,
+        /// An S3-compatible server instead of AWS (path-style addressing then).
+        endpoint: Option<String>,
+        region: Option<String>,
+        /// Keep the newest `keep` bundles per app (the live and previous ones always stay).
+        keep: Option<u32>,
+    },
 }
 
+// One per app, read once at start-up: its size does not matter, plain matching does.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum RunnerConfig {
     Local {
         #[serde(default = "default_group")]
         group: String,
+    },
+    /// AWS CodeDeploy deploys the S3 bundle to a fleet; needs `store.kind = "s3"`.
+    #[serde(rename = "codedeploy")]
+    CodeDeploy {
+        application: String,
+        group: String,
+        deployment_config: Option<String>,
+        /// `DISALLOW` (CodeDeploy's default), `OVERWRITE` or `RETAIN`.
+        file_exists_behavior: Option<String>,
+        #[serde(default)]
+        auto_rollback: bool,
+        /// Where the fleet is reached from outside; its `/profile` tells the live slot.
+        public_url: Option<String>,
+        /// A CodeDeploy-compatible endpoint instead of AWS (emulators, tests).
+        endpoint: Option<String>,
+        region: Option<String>,
+        /// How long a deployment may take, queueing included; default: every hook's
+        /// timeout plus ten minutes.
+        timeout_secs: Option<u64>,
+        /// The appspec's `files` destination on each host.
+        destination: Option<String>,
+        /// The user the hooks run as on each host (the appspec's `runas`).
+        runas: Option<String>,
     },
 }
 
@@ -361,6 +397,9 @@ impl Config {
                     "must contain {port}: each instance listens on its own port".into(),
                 ));
             }
+            if let Err((field, message)) = check_aws_backends(&app) {
+                return Err(invalid(key(field), message));
+            }
             if let SwitchConfig::Proxy { listen } = app.switch
                 // Port 0 (any free port, for tests and benchmarks) never collides.
                 && listen.port() != 0
@@ -397,7 +436,120 @@ impl Config {
     }
 }
 
+/// The S3 store's and CodeDeploy runner's settings, checked: `(key under the app, problem)`.
+fn check_aws_backends(app: &AppConfig) -> Result<(), (&'static str, String)> {
+    let http_url = |url: &str| url.starts_with("http://") || url.starts_with("https://");
+    if let StoreConfig::S3 {
+        bucket,
+        endpoint,
+        keep,
+        ..
+    } = &app.store
+    {
+        // S3's bucket naming rules, the part a typo breaks.
+        let valid = (3..=63).contains(&bucket.len())
+            && bucket
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        if !valid {
+            return Err((
+                "store.bucket",
+                format!(
+                    "`{bucket}` is not a valid S3 bucket name (3-63 lowercase letters, digits, - and .)"
+                ),
+            ));
+        }
+        if endpoint.as_deref().is_some_and(|e| !http_url(e)) {
+            return Err((
+                "store.endpoint",
+                "must be an http:// or https:// URL".into(),
+            ));
+        }
+        if *keep == Some(0) {
+            return Err((
+                "store.keep",
+                "must be at least 1 (or left out to keep every bundle)".into(),
+            ));
+        }
+    }
+    if let RunnerConfig::CodeDeploy {
+        application,
+        group,
+        file_exists_behavior,
+        public_url,
+        endpoint,
+        timeout_secs,
+        destination,
+        runas,
+        ..
+    } = &app.runner
+    {
+        if !matches!(app.store, StoreConfig::S3 { .. }) {
+            return Err((
+                "runner",
+                "kind = \"codedeploy\" deploys bundles from S3: set store = { kind = \"s3\", bucket = … }".into(),
+            ));
+        }
+        if application.trim().is_empty() {
+            return Err((
+                "runner.application",
+                "must name the CodeDeploy application".into(),
+            ));
+        }
+        if group.trim().is_empty() {
+            return Err((
+                "runner.group",
+                "must name the CodeDeploy deployment group".into(),
+            ));
+        }
+        if let Some(behavior) = file_exists_behavior
+            && !["DISALLOW", "OVERWRITE", "RETAIN"].contains(&behavior.as_str())
+        {
+            return Err((
+                "runner.file_exists_behavior",
+                format!("`{behavior}` is not one of DISALLOW, OVERWRITE, RETAIN"),
+            ));
+        }
+        if public_url.as_deref().is_some_and(|u| !http_url(u)) {
+            return Err((
+                "runner.public_url",
+                "must be an http:// or https:// URL".into(),
+            ));
+        }
+        if endpoint.as_deref().is_some_and(|e| !http_url(e)) {
+            return Err((
+                "runner.endpoint",
+                "must be an http:// or https:// URL".into(),
+            ));
+        }
+        if *timeout_secs == Some(0) {
+            return Err(("runner.timeout_secs", "must be at least 1".into()));
+        }
+        if destination.as_deref().is_some_and(|d| !d.starts_with('/')) {
+            return Err((
+                "runner.destination",
+                "must be an absolute path on the hosts".into(),
+            ));
+        }
+        if runas
+            .as_deref()
+            .is_some_and(|u| u.is_empty() || u.contains(char::is_whitespace))
+        {
+            return Err(("runner.runas", "must be one user name".into()));
+        }
+    }
+    Ok(())
+}
+
 impl AppConfig {
+    /// Where the fleet answers from outside, when it runs elsewhere (CodeDeploy).
+    pub fn public_url(&self) -> Option<&str> {
+        match &self.runner {
+            RunnerConfig::CodeDeploy { public_url, .. } => public_url.as_deref(),
+            RunnerConfig::Local { .. } => None,
+        }
+    }
+
     /// Where the app's traffic comes in, for people: `proxy 127.0.0.1:8080` or the include.
     pub fn entry(&self) -> String {
         match &self.switch {
@@ -471,6 +623,77 @@ run = "{artifact} --port {port}"
         assert!(err.to_string().contains("app.hello.ports"), "{err}");
         let err = parse(&MINIMAL.replace("\"hello\"", "\"Hello\"")).unwrap_err();
         assert!(err.to_string().contains("not a valid app name"), "{err}");
+    }
+
+    #[test]
+    fn aws_backends_parse_and_their_mistakes_name_the_key() {
+        let s3 =
+            "store = { kind = \"s3\", bucket = \"releases\", prefix = \"nonstop\", keep = 5 }\n";
+        let cd = "runner = { kind = \"codedeploy\", application = \"hello\", group = \"fleet\", public_url = \"https://hello.example\" }\n";
+        let config = parse(&format!("{MINIMAL}{s3}{cd}")).unwrap();
+        let app = &config.apps[0];
+        assert!(
+            matches!(&app.store, StoreConfig::S3 { bucket, keep: Some(5), .. } if bucket == "releases")
+        );
+        assert_eq!(app.public_url(), Some("https://hello.example"));
+
+        for (extra, key, problem) in [
+            (
+                "store = { kind = \"s3\", bucket = \"Releases_1\" }\n".to_owned(),
+                "app.hello.store.bucket",
+                "not a valid S3 bucket name",
+            ),
+            (
+                "store = { kind = \"s3\", bucket = \"releases\", keep = 0 }\n".to_owned(),
+                "app.hello.store.keep",
+                "at least 1",
+            ),
+            (
+                "store = { kind = \"s3\", bucket = \"releases\", endpoint = \"127.0.0.1:9\" }\n"
+                    .to_owned(),
+                "app.hello.store.endpoint",
+                "http://",
+            ),
+            (
+                cd.to_owned(),
+                "app.hello.runner",
+                "set store = { kind = \"s3\"",
+            ),
+            (
+                format!(
+                    "{s3}{}",
+                    cd.replace("public_url", "file_exists_behavior")
+                        .replace("https://hello.example", "overwrite")
+                ),
+                "app.hello.runner.file_exists_behavior",
+                "not one of DISALLOW, OVERWRITE, RETAIN",
+            ),
+            (
+                format!("{s3}{}", cd.replace("group = \"fleet\"", "group = \" \"")),
+                "app.hello.runner.group",
+                "deployment group",
+            ),
+            (
+                format!(
+                    "{s3}{}",
+                    cd.replace("public_url", "destination")
+                        .replace("https://hello.example", "srv/hello")
+                ),
+                "app.hello.runner.destination",
+                "absolute path",
+            ),
+        ] {
+            let err = parse(&format!("{MINIMAL}{extra}")).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(problem), "{extra}: {err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
+        // A missing required key is named by the TOML reader, on its line.
+        let err = parse(&format!(
+            "{MINIMAL}{s3}runner = {{ kind = \"codedeploy\", group = \"fleet\" }}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("application"), "{err}");
     }
 
     #[test]

@@ -8,14 +8,17 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, RunnerConfig, Secret, StoreConfig, SwitchConfig};
+use crate::config::{Config, RunnerConfig, Secret, SwitchConfig};
 use crate::db::{self, Db};
 use crate::events::Bus;
 use crate::pipeline::{AppBackends, Pipeline, source};
 use crate::queue::Queue;
-use crate::runner::Job;
+use crate::runner::codedeploy::{CodeDeployRunner, CodeDeploySettings};
 use crate::runner::local::LocalRunner;
+use crate::runner::{Job, Runner};
+use crate::store::ArtifactStore;
 use crate::store::local::LocalStore;
+use crate::store::s3::{S3Settings, S3Store};
 use crate::switch::TrafficSwitch;
 use crate::switch::nginx::Nginx;
 use crate::switch::proxy::Proxy;
@@ -141,18 +144,34 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
                 Arc::new(nginx)
             }
         };
-        let StoreConfig::Local = app.store;
-        let store = Arc::new(LocalStore::new(data_dir.join("artifacts")));
-        let RunnerConfig::Local { group } = &app.runner;
-        let runner = Arc::new(LocalRunner::new(
-            data_dir.join("apps").join(app.name.as_str()),
-            group.clone(),
-            store.clone(),
-            switch.clone(),
-            control_url.clone(),
-            switch_token.clone(),
-            scrubbed_env.clone(),
-        ));
+        let s3 = match S3Settings::from_config(&app.store) {
+            Some(settings) => Some(Arc::new(S3Store::new(settings).await)),
+            None => None,
+        };
+        let store: Arc<dyn ArtifactStore> = match &s3 {
+            Some(s3) => s3.clone(),
+            None => Arc::new(LocalStore::new(data_dir.join("artifacts"))),
+        };
+        let runner: Arc<dyn Runner> = match (&app.runner, CodeDeploySettings::from_app(&app), &s3) {
+            (_, Some(settings), Some(s3)) => {
+                Arc::new(CodeDeployRunner::new(settings, s3.clone()).await)
+            }
+            (RunnerConfig::Local { group }, ..) => Arc::new(LocalRunner::new(
+                data_dir.join("apps").join(app.name.as_str()),
+                group.clone(),
+                store.clone(),
+                switch.clone(),
+                control_url.clone(),
+                switch_token.clone(),
+                scrubbed_env.clone(),
+            )),
+            _ => {
+                return Err(ServeError::Setup(format!(
+                    "app.{}.runner: codedeploy needs store kind = \"s3\"",
+                    app.name
+                )));
+            }
+        };
         let backends = Arc::new(AppBackends {
             app: app.clone(),
             repo,

@@ -271,8 +271,7 @@ impl Pipeline {
             .data_dir
             .join("tmp")
             .join(format!("{}-{id}.zip", app.name));
-        let appspec =
-            runner::appspec::render(&format!("/opt/nonstop/{}", app.name), app.hook_timeout_secs);
+        let appspec = runner::appspec::render_for(app);
         let bundled = {
             let (path, version) = (bundle_path.clone(), version.clone());
             tokio::task::spawn_blocking(move || {
@@ -336,7 +335,39 @@ impl Pipeline {
             .runner
             .run(job, recorder)
             .await
-            .map_err(|err| Failed(err.hook.into(), err.reason))
+            .map_err(|err| Failed(err.hook.into(), err.reason))?;
+        self.prune(backends, job.deployment_id, &job.bundle_key)
+            .await;
+        Ok(())
+    }
+
+    /// Retention once a deployment went live: its bundle and the previous live one are
+    /// protected. A store that cannot prune is a warning, never a failed deployment.
+    async fn prune(&self, backends: &AppBackends, id: DeploymentId, live_key: &str) {
+        let app = backends.app.name.to_string();
+        let previous = self
+            .db
+            .call(move |conn| db::last_succeeded(conn, &app, id))
+            .await
+            .ok()
+            .flatten()
+            .and_then(|d| d.bundle_key);
+        let protect: Vec<String> = std::iter::once(live_key.to_owned())
+            .chain(previous)
+            .collect();
+        match backends
+            .store
+            .prune(backends.app.name.as_str(), &protect)
+            .await
+        {
+            Ok(deleted) if !deleted.is_empty() => {
+                tracing::info!(deployment_id = id, app = %backends.app.name, deleted = ?deleted, "old bundles deleted")
+            }
+            Ok(_) => {}
+            Err(err) => {
+                tracing::warn!(deployment_id = id, app = %backends.app.name, error = %err, "could not prune old bundles")
+            }
+        }
     }
 
     /// Records how a stage ended and passes its value on.

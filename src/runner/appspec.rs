@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::{AppConfig, RunnerConfig};
 use crate::domain::Hook;
 
 /// CodeDeploy refuses hook timeouts above an hour.
@@ -37,8 +38,29 @@ pub struct HookScript {
     pub runas: Option<String>,
 }
 
+/// The appspec for `app`'s bundles: the `files` destination and `runas` come from its
+/// CodeDeploy runner settings (defaults: `/opt/nonstop/<app>`, the agent's own user).
+pub fn render_for(app: &AppConfig) -> String {
+    let default_destination = format!("/opt/nonstop/{}", app.name);
+    let (destination, runas) = match &app.runner {
+        RunnerConfig::CodeDeploy {
+            destination, runas, ..
+        } => (
+            destination.as_deref().unwrap_or(&default_destination),
+            runas.as_deref(),
+        ),
+        RunnerConfig::Local { .. } => (default_destination.as_str(), None),
+    };
+    render_with(destination, app.hook_timeout_secs, runas)
+}
+
 /// The appspec nonstop bundles: every scriptable hook runs `deploy.sh` with `timeout_secs`.
 pub fn render(destination: &str, timeout_secs: u64) -> String {
+    render_with(destination, timeout_secs, None)
+}
+
+/// `render`, with the hooks run as `runas` on each host when given.
+pub fn render_with(destination: &str, timeout_secs: u64, runas: Option<&str>) -> String {
     let hooks = Hook::ALL
         .iter()
         .filter(|hook| hook.is_scriptable())
@@ -46,7 +68,7 @@ pub fn render(destination: &str, timeout_secs: u64) -> String {
             let script = HookScript {
                 location: "deploy.sh".into(),
                 timeout: Some(timeout_secs.min(MAX_HOOK_TIMEOUT_SECS)),
-                runas: None,
+                runas: runas.map(str::to_owned),
             };
             (hook.as_str().to_owned(), vec![script])
         })
@@ -76,6 +98,14 @@ pub fn parse(text: &str) -> Result<AppSpec, String> {
     if spec.os != "linux" {
         return Err(format!("appspec.yml: os must be linux, not {}", spec.os));
     }
+    for file in &spec.files {
+        if !file.destination.starts_with('/') {
+            return Err(format!(
+                "appspec.yml: files destination {} must be an absolute path",
+                file.destination
+            ));
+        }
+    }
     for (name, scripts) in &spec.hooks {
         let hook = Hook::parse(name).ok_or_else(|| format!("appspec.yml: unknown hook {name}"))?;
         if !hook.is_scriptable() {
@@ -96,6 +126,13 @@ pub fn parse(text: &str) -> Result<AppSpec, String> {
                     "appspec.yml: {name} script {} must be a path inside the bundle",
                     script.location
                 ));
+            }
+            if script
+                .runas
+                .as_deref()
+                .is_some_and(|u| u.is_empty() || u.contains(char::is_whitespace))
+            {
+                return Err(format!("appspec.yml: {name} runas must be one user name"));
             }
             if script
                 .timeout
@@ -148,6 +185,50 @@ mod tests {
     }
 
     #[test]
+    fn a_codedeploy_app_gets_its_destination_and_runas_in_every_hook() {
+        let text = r#"
+[[app]]
+name = "hello"
+repo = "x"
+build = "true"
+artifact = "hello"
+run = "{artifact} --port {port}"
+hook_timeout_secs = 5000
+store = { kind = "s3", bucket = "releases" }
+runner = { kind = "codedeploy", application = "hello", group = "fleet", destination = "/srv/hello", runas = "deploy" }
+"#;
+        let config = crate::config::Config::parse(text, std::path::Path::new("n.toml")).unwrap();
+        let yaml = render_for(&config.apps[0]);
+        let spec = parse(&yaml).unwrap();
+        assert_eq!(
+            spec.files,
+            [FileMapping {
+                source: "/".into(),
+                destination: "/srv/hello".into()
+            }]
+        );
+        // Every hook the agent runs scripts for, each as `deploy`, within the agent's hour.
+        let scriptable: Vec<_> = Hook::ALL.iter().filter(|h| h.is_scriptable()).collect();
+        assert_eq!(spec.hooks.len(), scriptable.len(), "{yaml}");
+        for hook in scriptable {
+            let scripts = spec.scripts(*hook);
+            assert_eq!(scripts.len(), 1, "{hook}: {yaml}");
+            assert_eq!(scripts[0].runas.as_deref(), Some("deploy"), "{hook}");
+            assert_eq!(scripts[0].timeout, Some(MAX_HOOK_TIMEOUT_SECS), "{hook}");
+        }
+        assert!(yaml.contains("runas: deploy"), "{yaml}");
+
+        let local = crate::config::Config::parse(
+            &text.replace("store = {", "#").replace("runner = {", "#"),
+            std::path::Path::new("n.toml"),
+        )
+        .unwrap();
+        let spec = parse(&render_for(&local.apps[0])).unwrap();
+        assert_eq!(spec.files[0].destination, "/opt/nonstop/hello");
+        assert_eq!(spec.scripts(Hook::AfterInstall)[0].runas, None);
+    }
+
+    #[test]
     fn timeouts_are_capped_at_an_hour() {
         let spec = parse(&render("/x", 7200)).unwrap();
         assert_eq!(spec.scripts(Hook::ValidateService)[0].timeout, Some(3600));
@@ -166,6 +247,10 @@ mod tests {
             (
                 "  AfterInstall:\n    - location: x.sh\n      timeout: 3601\n",
                 "timeout",
+            ),
+            (
+                "  AfterInstall:\n    - location: x.sh\n      runas: two users\n",
+                "runas",
             ),
         ] {
             let err = parse(&format!("{base}{hooks}")).unwrap_err();

@@ -4,6 +4,8 @@
 //! through `Progress`, and the pipeline records.
 
 pub mod appspec;
+pub mod codedeploy;
+pub mod lifecycle;
 pub mod local;
 
 use std::sync::Arc;

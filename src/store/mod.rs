@@ -3,6 +3,7 @@
 //! only moves files and checks their sha256; it never decides what to deploy.
 
 pub mod local;
+pub mod s3;
 
 use std::path::Path;
 
@@ -23,6 +24,13 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
+    /// A remote store (S3) refused or failed a call; `message` is one line, safe to log.
+    #[error("{operation} {target}: {message}")]
+    Remote {
+        operation: &'static str,
+        target: String,
+        message: String,
+    },
 }
 
 /// A bundle as the store holds it.
@@ -40,6 +48,13 @@ pub trait ArtifactStore: Send + Sync {
     async fn put(&self, app: &str, version: &str, file: &Path) -> Result<StoredBundle, StoreError>;
     /// Copies the bundle `key` to `dest`, checking it against `sha256`.
     async fn get(&self, key: &str, sha256: &str, dest: &Path) -> Result<(), StoreError>;
+    /// Retention: deletes `app`'s older bundles as the store's settings say, never one of
+    /// `protect` (the live and previous bundles). Returns the deleted keys. Stores without a
+    /// retention setting keep everything.
+    async fn prune(&self, app: &str, protect: &[String]) -> Result<Vec<String>, StoreError> {
+        let _ = (app, protect);
+        Ok(Vec::new())
+    }
 }
 
 /// The sha256 of a file, hex, read in chunks (bundles can be large).

@@ -35,7 +35,8 @@ pub fn parse_include(text: &str) -> Option<u16> {
         .lines()
         .map(str::trim)
         .find_map(|line| line.strip_prefix("set $service_url "))?
-        .trim_end_matches(';')
+        .split(';')
+        .next()?
         .trim();
     let port = url.strip_prefix("http://127.0.0.1:")?.trim_end_matches('/');
     port.parse().ok().filter(|p| *p != 0)

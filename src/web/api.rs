@@ -66,12 +66,36 @@ async fn live(
     State(state): State<Arc<AppState>>,
     Path(app): Path<String>,
 ) -> Result<Json<Live>, AppError> {
-    state.app(&app)?;
+    let runtime = state.app(&app)?;
     let name = app.clone();
-    state
-        .db
-        .call(move |conn| db::live(conn, &name))
-        .await?
+    let recorded = state.db.call(move |conn| db::live(conn, &name)).await?;
+    // A fleet's live slot is asked of its public URL; the version is the last that went live.
+    if let Some(public_url) = runtime.backends.app.public_url() {
+        let slot = crate::switch::fleet::probe(&runtime.backends.app, public_url)
+            .await
+            .map_err(AppError::BadGateway)?;
+        let name = app.clone();
+        let last = state
+            .db
+            .call(move |conn| {
+                db::deployments(conn, Some(&name), Some(DeploymentStatus::Succeeded), 1, 0)
+            })
+            .await?
+            .into_iter()
+            .next();
+        return Ok(Json(Live {
+            app,
+            port: slot.port,
+            profile: slot.profile,
+            version: last.as_ref().and_then(|d| d.version.clone()),
+            deployment_id: last.as_ref().map(|d| d.id),
+            since: last
+                .and_then(|d| d.finished_at)
+                .or(recorded.map(|r| r.since))
+                .unwrap_or_default(),
+        }));
+    }
+    recorded
         .map(Json)
         .ok_or_else(|| AppError::NotFound(format!("`{app}` has no live instance yet")))
 }

@@ -1,0 +1,672 @@
+//! The AWS CodeDeploy runner: the fleet is the deployment target. It asks CodeDeploy to
+//! deploy the bundle the S3 store holds (CreateDeployment: the app's application and
+//! deployment group, an S3 zip revision pinned by eTag/version), then follows the deployment
+//! until it ends — GetDeployment for the overall status, ListDeploymentTargets and
+//! BatchGetDeploymentTargets for each instance's lifecycle events (ListDeploymentInstances and
+//! BatchGetDeploymentInstances where targets are unavailable) — and reports them as the same
+//! hook stages the local runner makes, folded per hook across instances as
+//! `runner::lifecycle` describes (one log section per instance, the worst status wins).
+//!
+//! A deployment AWS reports Failed or Stopped ends failed with AWS's reason
+//! (`errorInformation`, and the failing instance's diagnostics). Throttling and transient
+//! errors are retried with backoff; a poll that still fails is tried again at the next tick.
+//! When the runner's future is dropped (shutdown, cancel) it asks AWS to stop the
+//! deployment (StopDeployment, best effort, spawned). It never edits traffic itself and never
+//! logs a credential.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_codedeploy::Client;
+use aws_sdk_codedeploy::types::{
+    AutoRollbackConfiguration, AutoRollbackEvent, BundleType, DeploymentStatus, FileExistsBehavior,
+    RevisionLocation, RevisionLocationType, S3Location,
+};
+use tokio::time::Instant;
+
+use super::appspec::MAX_HOOK_TIMEOUT_SECS;
+use super::lifecycle::{self, InstanceTarget, StageReport};
+use super::{Job, Progress, Runner, RunnerError};
+use crate::aws::{self, AwsFailure, Backoff, Endpoint, FailureKind, Timeouts};
+use crate::config::{AppConfig, RunnerConfig};
+use crate::domain::{Hook, StageStatus};
+use crate::store::s3::S3Store;
+
+/// What `nonstop.toml` says about an app's CodeDeploy runner.
+#[derive(Clone, Debug)]
+pub struct CodeDeploySettings {
+    pub application: String,
+    pub group: String,
+    pub deployment_config: Option<String>,
+    /// `DISALLOW`, `OVERWRITE` or `RETAIN` (validated by config).
+    pub file_exists_behavior: Option<String>,
+    /// Let CodeDeploy redeploy the last good revision when this deployment fails or stops.
+    pub auto_rollback: bool,
+    /// How long a deployment may take, queueing included, before nonstop stops it.
+    pub timeout: Duration,
+    pub endpoint: Endpoint,
+}
+
+impl CodeDeploySettings {
+    /// The settings of a `codedeploy` runner; `None` for any other kind.
+    pub fn from_app(app: &AppConfig) -> Option<Self> {
+        match &app.runner {
+            RunnerConfig::CodeDeploy {
+                application,
+                group,
+                deployment_config,
+                file_exists_behavior,
+                auto_rollback,
+                endpoint,
+                region,
+                timeout_secs,
+                ..
+            } => Some(Self {
+                application: application.clone(),
+                group: group.clone(),
+                deployment_config: deployment_config.clone(),
+                file_exists_behavior: file_exists_behavior.clone(),
+                auto_rollback: *auto_rollback,
+                // Every hook may take its whole timeout; queueing and the agent's own steps
+                // get ten minutes more.
+                timeout: Duration::from_secs(timeout_secs.unwrap_or_else(|| {
+                    app.hook_timeout_secs.min(MAX_HOOK_TIMEOUT_SECS) * Hook::ALL.len() as u64 + 600
+                })),
+                endpoint: Endpoint {
+                    region: region.clone(),
+                    url: endpoint.clone(),
+                },
+            }),
+            RunnerConfig::Local { .. } => None,
+        }
+    }
+}
+
+pub struct CodeDeployRunner {
+    client: Client,
+    settings: CodeDeploySettings,
+    store: Arc<S3Store>,
+    poll_interval: Duration,
+}
+
+/// Where per-instance detail comes from; CodeDeploy's newer target API first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Detail {
+    Targets,
+    Instances,
+    Unavailable,
+}
+
+/// The overall state of a deployment, from GetDeployment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Overall {
+    status: String,
+    error: Option<String>,
+}
+
+impl Overall {
+    fn is_done(&self) -> bool {
+        matches!(self.status.as_str(), "Succeeded" | "Failed" | "Stopped")
+    }
+}
+
+/// Asks AWS to stop the deployment if the runner is dropped while following it.
+struct StopOnDrop {
+    client: Client,
+    deployment_id: String,
+    armed: bool,
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (client, id) = (self.client.clone(), self.deployment_id.clone());
+        // Outside a runtime (process exit) there is nobody to send it: best effort.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            tracing::warn!(aws_deployment_id = %id, "deployment abandoned: asking CodeDeploy to stop it");
+            runtime.spawn(async move { stop(&client, &id).await });
+        }
+    }
+}
+
+async fn stop(client: &Client, deployment_id: &str) {
+    match client
+        .stop_deployment()
+        .deployment_id(deployment_id)
+        .send()
+        .await
+    {
+        Ok(answer) => tracing::info!(
+            aws_deployment_id = deployment_id,
+            status = answer.status().map(|s| s.as_str()).unwrap_or("unknown"),
+            "asked CodeDeploy to stop the deployment"
+        ),
+        Err(err) => tracing::warn!(
+            aws_deployment_id = deployment_id,
+            error = %aws::classify(&err),
+            "could not stop the CodeDeploy deployment"
+        ),
+    }
+}
+
+impl CodeDeployRunner {
+    pub async fn new(settings: CodeDeploySettings, store: Arc<S3Store>) -> Self {
+        let sdk = aws::sdk_config(&settings.endpoint, Timeouts::CONTROL).await;
+        Self {
+            client: Client::new(&sdk),
+            settings,
+            store,
+            poll_interval: Duration::from_secs(3),
+        }
+    }
+
+    /// How often the deployment is polled (tests poll faster).
+    pub fn with_poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    async fn create(&self, job: &Job) -> Result<String, String> {
+        let object = self
+            .store
+            .locate(&job.bundle_key, &job.bundle_sha256)
+            .await
+            .map_err(|err| err.to_string())?;
+        let location = S3Location::builder()
+            .bucket(&object.bucket)
+            .key(&object.key)
+            .bundle_type(BundleType::Zip)
+            .set_e_tag(object.e_tag.clone())
+            .set_version(object.version_id.clone())
+            .build();
+        let revision = RevisionLocation::builder()
+            .revision_type(RevisionLocationType::S3)
+            .s3_location(location)
+            .build();
+        let description = format!(
+            "nonstop deployment {} of {} {}",
+            job.deployment_id, job.app.name, job.version
+        );
+        // Throttling only: a create that may have reached AWS must not be sent twice.
+        let created = aws::retry(
+            Backoff::POLL,
+            |err: &AwsFailure| err.kind == FailureKind::Throttled,
+            || async {
+                let mut request = self
+                    .client
+                    .create_deployment()
+                    .application_name(&self.settings.application)
+                    .deployment_group_name(&self.settings.group)
+                    .revision(revision.clone())
+                    .description(&description)
+                    .set_deployment_config_name(self.settings.deployment_config.clone());
+                if let Some(behavior) = &self.settings.file_exists_behavior {
+                    request =
+                        request.file_exists_behavior(FileExistsBehavior::from(behavior.as_str()));
+                }
+                request = request.auto_rollback_configuration(
+                    AutoRollbackConfiguration::builder()
+                        .enabled(self.settings.auto_rollback)
+                        .events(AutoRollbackEvent::DeploymentFailure)
+                        .events(AutoRollbackEvent::DeploymentStopOnRequest)
+                        .build(),
+                );
+                request.send().await.map_err(|err| aws::classify(&err))
+            },
+        )
+        .await
+        .map_err(|failure| {
+            format!(
+                "CreateDeployment for application `{}`, group `{}`: {failure}",
+                self.settings.application, self.settings.group
+            )
+        })?;
+        created
+            .deployment_id()
+            .map(str::to_owned)
+            .ok_or_else(|| "CreateDeployment answered without a deployment id".to_owned())
+    }
+
+    async fn overall(&self, deployment_id: &str) -> Result<Overall, AwsFailure> {
+        let answer = aws::retry(
+            Backoff::POLL,
+            |err: &AwsFailure| err.kind.is_retryable(),
+            || async {
+                self.client
+                    .get_deployment()
+                    .deployment_id(deployment_id)
+                    .send()
+                    .await
+                    .map_err(|err| aws::classify(&err))
+            },
+        )
+        .await?;
+        let info = answer.deployment_info();
+        let status = info
+            .and_then(|i| i.status())
+            .map(|s| s.as_str().to_owned())
+            .unwrap_or_else(|| DeploymentStatus::Created.as_str().to_owned());
+        let error = info.and_then(|i| i.error_information()).and_then(|e| {
+            let code = e.code().map(|c| c.as_str());
+            let message = e.message();
+            match (code, message) {
+                (None, None) => None,
+                (code, message) => Some(format!(
+                    "{}{}",
+                    code.map(|c| format!("{c}: ")).unwrap_or_default(),
+                    message.unwrap_or("no message")
+                )),
+            }
+        });
+        Ok(Overall { status, error })
+    }
+
+    /// Each instance's lifecycle events, from the targets API (paged; 25 per batch).
+    async fn targets(&self, deployment_id: &str) -> Result<Vec<InstanceTarget>, AwsFailure> {
+        let mut ids = Vec::new();
+        let mut token = None;
+        // Bounded: 20 pages is thousands of instances.
+        for _ in 0..20 {
+            let page = self
+                .client
+                .list_deployment_targets()
+                .deployment_id(deployment_id)
+                .set_next_token(token.take())
+                .customize()
+                .config_override(no_retries())
+                .send()
+                .await
+                .map_err(|err| aws::classify(&err))?;
+            ids.extend(page.target_ids().iter().cloned());
+            match page.next_token() {
+                Some(next) => token = Some(next.to_owned()),
+                None => break,
+            }
+        }
+        let mut instances = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(25) {
+            let batch = self
+                .client
+                .batch_get_deployment_targets()
+                .deployment_id(deployment_id)
+                .set_target_ids(Some(chunk.to_vec()))
+                .customize()
+                .config_override(no_retries())
+                .send()
+                .await
+                .map_err(|err| aws::classify(&err))?;
+            instances.extend(
+                batch
+                    .deployment_targets()
+                    .iter()
+                    .filter_map(|t| t.instance_target())
+                    .map(lifecycle::from_sdk_target),
+            );
+        }
+        Ok(instances)
+    }
+
+    /// The same from the older instances API (paged; 100 per batch). AWS deprecated it for
+    /// the targets API, but some deployments and emulators only answer this one.
+    #[allow(deprecated)]
+    async fn instances(&self, deployment_id: &str) -> Result<Vec<InstanceTarget>, AwsFailure> {
+        let mut ids = Vec::new();
+        let mut token = None;
+        for _ in 0..20 {
+            let page = self
+                .client
+                .list_deployment_instances()
+                .deployment_id(deployment_id)
+                .set_next_token(token.take())
+                .customize()
+                .config_override(no_retries())
+                .send()
+                .await
+                .map_err(|err| aws::classify(&err))?;
+            ids.extend(page.instances_list().iter().cloned());
+            match page.next_token() {
+                Some(next) => token = Some(next.to_owned()),
+                None => break,
+            }
+        }
+        let mut instances = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(100) {
+            let batch = self
+                .client
+                .batch_get_deployment_instances()
+                .deployment_id(deployment_id)
+                .set_instance_ids(Some(chunk.to_vec()))
+                .customize()
+                .config_override(no_retries())
+                .send()
+                .await
+                .map_err(|err| aws::classify(&err))?;
+            instances.extend(
+                batch
+                    .instances_summary()
+                    .iter()
+                    .map(lifecycle::from_sdk_instance),
+            );
+        }
+        Ok(instances)
+    }
+
+    /// Per-instance detail with fallback: targets, else instances, else none. A source is
+    /// given up after two failures in a row (one may be a blip); throttling never counts.
+    async fn detail(
+        &self,
+        deployment_id: &str,
+        source: &mut Detail,
+        failures: &mut u32,
+        note: &mut Option<String>,
+    ) -> Option<Vec<InstanceTarget>> {
+        loop {
+            let answer = match *source {
+                Detail::Targets => self.targets(deployment_id).await,
+                Detail::Instances => self.instances(deployment_id).await,
+                Detail::Unavailable => return None,
+            };
+            match answer {
+                Ok(instances) => {
+                    *failures = 0;
+                    return Some(instances);
+                }
+                Err(failure) if failure.kind == FailureKind::Throttled => return None,
+                Err(failure) => {
+                    *failures += 1;
+                    tracing::debug!(aws_deployment_id = deployment_id, source = ?source, error = %failure, "per-instance detail failed");
+                    if *failures < 2 {
+                        return None;
+                    }
+                    *failures = 0;
+                    *source = match *source {
+                        Detail::Targets => Detail::Instances,
+                        _ => Detail::Unavailable,
+                    };
+                    if *source == Detail::Unavailable {
+                        tracing::warn!(aws_deployment_id = deployment_id, error = %failure, "no per-instance lifecycle events from CodeDeploy: following the overall status only");
+                        *note = Some(format!(
+                            "per-instance lifecycle events unavailable ({failure})"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Per-instance detail is best effort and asked again at the next poll anyway: one try
+/// each, so an API that is missing (some emulators) costs one quick answer, not a backoff.
+fn no_retries() -> aws_sdk_codedeploy::config::Builder {
+    aws_sdk_codedeploy::config::Builder::default()
+        .retry_config(aws_sdk_codedeploy::config::retry::RetryConfig::disabled())
+}
+
+/// What has been told to `Progress` so far, so each hook is started and finished once.
+#[derive(Default)]
+struct Told {
+    started: Vec<Hook>,
+    finished: Vec<Hook>,
+}
+
+impl Told {
+    async fn report(&mut self, progress: &dyn Progress, report: &StageReport) {
+        if self.finished.contains(&report.hook) || report.status == StageStatus::Pending {
+            return;
+        }
+        if !self.started.contains(&report.hook) {
+            progress.hook_started(report.hook).await;
+            self.started.push(report.hook);
+        }
+        if report.status != StageStatus::Running {
+            progress
+                .hook_finished(report.hook, report.status, &report.log)
+                .await;
+            self.finished.push(report.hook);
+        }
+    }
+}
+
+/// The reports to give when the deployment has ended, from the last known instance detail.
+/// Pure. Hooks still open are closed: on success as succeeded (AWS says the fleet got there;
+/// without per-instance detail every hook is so), on failure the first open hook carries
+/// AWS's reason and the rest are left unreported, as the local runner leaves them.
+fn final_reports(
+    instances: Option<&[InstanceTarget]>,
+    overall: &Overall,
+    deployment_id: &str,
+    note: Option<&str>,
+) -> (Vec<StageReport>, Option<(Hook, String)>) {
+    let mut reports = lifecycle::stage_reports(instances.unwrap_or(&[]));
+    let header = format!(
+        "CodeDeploy deployment {deployment_id}: {}{}\n{}",
+        overall.status,
+        overall
+            .error
+            .as_deref()
+            .map(|e| format!(" — {e}"))
+            .unwrap_or_default(),
+        note.map(|n| format!("{n}\n")).unwrap_or_default()
+    );
+    if overall.status == "Succeeded" {
+        for report in &mut reports {
+            if matches!(report.status, StageStatus::Pending | StageStatus::Running) {
+                report.status = StageStatus::Succeeded;
+                report.log.insert_str(0, &header);
+            }
+        }
+        return (reports, None);
+    }
+    let instances = instances.unwrap_or(&[]);
+    let failed_event = lifecycle::first_failure(instances);
+    let reason = match (&overall.error, &failed_event) {
+        (Some(error), Some((_, event))) => format!("{error} ({event})"),
+        (Some(error), None) => error.clone(),
+        (None, Some((_, event))) => event.clone(),
+        (None, None) => format!("deployment {deployment_id} ended {}", overall.status),
+    };
+    // The hook to blame: the failed one, else the first that did not succeed.
+    let blamed = reports
+        .iter()
+        .find(|r| r.status == StageStatus::Failed)
+        .or_else(|| {
+            reports
+                .iter()
+                .find(|r| !matches!(r.status, StageStatus::Succeeded | StageStatus::Skipped))
+        })
+        .map(|r| r.hook)
+        .unwrap_or(Hook::ValidateService);
+    let mut open = false;
+    for report in &mut reports {
+        if report.hook == blamed {
+            report.status = StageStatus::Failed;
+            report.log.insert_str(0, &header);
+            open = true;
+        } else if open {
+            // After the failure: whatever the instances show, it did not complete.
+            if matches!(report.status, StageStatus::Running) {
+                report.status = StageStatus::Failed;
+            }
+        }
+    }
+    (reports, Some((blamed, reason)))
+}
+
+#[async_trait]
+impl Runner for CodeDeployRunner {
+    async fn clean_up_interrupted(&self, _job: &Job) -> Result<String, RunnerError> {
+        // Nothing of a fleet deployment runs on this host; CodeDeploy ends (or rolls back)
+        // the deployment itself, and dropping the runner already asked it to stop.
+        Ok("a CodeDeploy deployment: nothing ran on this host".into())
+    }
+
+    async fn run(&self, job: &Job, progress: &dyn Progress) -> Result<(), RunnerError> {
+        let deployment_id = match self.create(job).await {
+            Ok(id) => id,
+            Err(reason) => {
+                // Nothing ran on the fleet: the first hook stage carries why.
+                progress.hook_started(Hook::ApplicationStop).await;
+                progress
+                    .hook_finished(
+                        Hook::ApplicationStop,
+                        StageStatus::Failed,
+                        &format!("{reason}\n"),
+                    )
+                    .await;
+                return Err(RunnerError {
+                    hook: Hook::ApplicationStop,
+                    reason,
+                });
+            }
+        };
+        tracing::info!(deployment_id = job.deployment_id, app = %job.app.name, aws_deployment_id = %deployment_id, application = %self.settings.application, group = %self.settings.group, "CodeDeploy deployment created");
+        let mut guard = StopOnDrop {
+            client: self.client.clone(),
+            deployment_id: deployment_id.clone(),
+            armed: true,
+        };
+        let deadline = Instant::now() + self.settings.timeout;
+        let mut told = Told::default();
+        let mut source = Detail::Targets;
+        let mut failures = 0;
+        let mut note = None;
+        let mut last_instances: Option<Vec<InstanceTarget>> = None;
+        let mut overall = Overall {
+            status: "Created".into(),
+            error: None,
+        };
+        let mut poll_errors = 0u32;
+        // Bounded by the deadline; each turn waits `poll_interval`.
+        loop {
+            match self.overall(&deployment_id).await {
+                Ok(now) => {
+                    poll_errors = 0;
+                    overall = now;
+                }
+                Err(failure) => {
+                    poll_errors += 1;
+                    tracing::warn!(aws_deployment_id = %deployment_id, error = %failure, "GetDeployment failed");
+                    // Refused credentials or a vanished deployment will not come back.
+                    if !failure.kind.is_retryable() || poll_errors >= 5 {
+                        overall = Overall {
+                            status: "Unknown".into(),
+                            error: Some(format!("lost track of the deployment: {failure}")),
+                        };
+                        break;
+                    }
+                }
+            }
+            if let Some(instances) = self
+                .detail(&deployment_id, &mut source, &mut failures, &mut note)
+                .await
+            {
+                last_instances = Some(instances);
+            }
+            if overall.is_done() {
+                break;
+            }
+            if let Some(instances) = &last_instances {
+                for report in lifecycle::stage_reports(instances) {
+                    told.report(progress, &report).await;
+                }
+            }
+            if Instant::now() >= deadline {
+                overall.error = Some(format!(
+                    "still {} after {} s; asked CodeDeploy to stop it",
+                    overall.status,
+                    self.settings.timeout.as_secs()
+                ));
+                overall.status = "TimedOut".into();
+                stop(&self.client, &deployment_id).await;
+                break;
+            }
+            tokio::time::sleep(self.poll_interval.min(deadline - Instant::now())).await;
+        }
+        // The deployment ended (or was stopped/lost): nothing to stop on drop any more,
+        // except when it was lost, where stopping is the safe side.
+        guard.armed = overall.status == "Unknown";
+        let (reports, failure) = final_reports(
+            last_instances.as_deref(),
+            &overall,
+            &deployment_id,
+            note.as_deref(),
+        );
+        for report in &reports {
+            told.report(progress, report).await;
+        }
+        tracing::info!(deployment_id = job.deployment_id, aws_deployment_id = %deployment_id, status = %overall.status, error = overall.error.as_deref(), "CodeDeploy deployment ended");
+        match failure {
+            None => Ok(()),
+            Some((hook, reason)) => Err(RunnerError { hook, reason }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runner::lifecycle::LifecycleEvent;
+
+    fn overall(status: &str, error: Option<&str>) -> Overall {
+        Overall {
+            status: status.into(),
+            error: error.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn a_success_without_instance_detail_closes_every_hook_as_succeeded() {
+        let (reports, failure) =
+            final_reports(None, &overall("Succeeded", None), "d-1", Some("no detail"));
+        assert!(failure.is_none());
+        assert!(reports.iter().all(|r| r.status == StageStatus::Succeeded));
+        assert!(
+            reports[0]
+                .log
+                .starts_with("CodeDeploy deployment d-1: Succeeded\nno detail\n")
+        );
+    }
+
+    #[test]
+    fn a_failure_blames_the_failed_hook_with_aws_reason() {
+        let instances = [InstanceTarget {
+            target_id: "i-1".into(),
+            lifecycle_events: vec![
+                LifecycleEvent {
+                    lifecycle_event_name: "ApplicationStop".into(),
+                    status: Some("Succeeded".into()),
+                    ..Default::default()
+                },
+                LifecycleEvent {
+                    lifecycle_event_name: "DownloadBundle".into(),
+                    status: Some("Failed".into()),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        }];
+        let (reports, failure) = final_reports(
+            Some(&instances),
+            &overall("Failed", Some("HEALTH_CONSTRAINTS: too many failed")),
+            "d-2",
+            None,
+        );
+        let (hook, reason) = failure.unwrap();
+        assert_eq!(hook, Hook::DownloadBundle);
+        assert_eq!(
+            reason,
+            "HEALTH_CONSTRAINTS: too many failed (i-1 DownloadBundle)"
+        );
+        assert_eq!(reports[1].status, StageStatus::Failed);
+        assert_eq!(reports[2].status, StageStatus::Pending);
+
+        let (_, failure) = final_reports(None, &overall("Stopped", None), "d-3", None);
+        assert_eq!(
+            failure.unwrap(),
+            (Hook::ApplicationStop, "deployment d-3 ended Stopped".into())
+        );
+    }
+}
