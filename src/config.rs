@@ -52,6 +52,10 @@ pub struct ServerConfig {
     pub admin_token_env: String,
     /// How hooks reach this server's switch endpoint; derived from `listen` when unset.
     pub control_url: Option<String>,
+    /// When set, the built-in proxies run in `nonstop proxy`, which takes switch commands on
+    /// this Unix socket, so restarting `serve` never drops a client connection. Unset: the
+    /// proxies run inside `serve`.
+    pub proxy_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -426,6 +430,14 @@ impl Config {
     /// `data_dir`, resolved against the config file's folder.
     pub fn data_dir(&self) -> PathBuf {
         self.base_dir.join(&self.server.data_dir)
+    }
+
+    /// `server.proxy_socket`, resolved against the config file's folder.
+    pub fn proxy_socket(&self) -> Option<PathBuf> {
+        self.server
+            .proxy_socket
+            .as_ref()
+            .map(|p| self.base_dir.join(p))
     }
 
     pub fn control_url(&self) -> String {

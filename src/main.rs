@@ -34,6 +34,9 @@ struct Cli {
 enum Command {
     /// Run the server: webhooks, pipeline, proxies, dashboard.
     Serve,
+    /// Run the built-in proxies in a process of their own (set `server.proxy_socket`), so
+    /// that restarting `serve` drops no connection.
+    Proxy,
     /// Queue a deployment of APP (the branch head, or --commit) on the running server.
     Deploy {
         app: String,
@@ -55,25 +58,37 @@ async fn main() {
 async fn run(cli: Cli) -> Result<()> {
     let load = match cli.command {
         Command::Serve => Config::load,
+        Command::Proxy => Config::load_settings,
         Command::Deploy { .. } | Command::Status { .. } => Config::load_settings,
     };
     let config = load(&cli.config).map_err(|err| anyhow::anyhow!("{err}"))?;
     match cli.command {
         Command::Serve => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "info".into()),
-                )
-                .init();
-            let shutdown = CancellationToken::new();
-            tokio::spawn(stop_on_signal(shutdown.clone()));
+            let shutdown = start_logging_and_signals();
             serve::serve(config, shutdown).await?;
+            Ok(())
+        }
+        Command::Proxy => {
+            let shutdown = start_logging_and_signals();
+            serve::run_proxies(config, shutdown).await?;
             Ok(())
         }
         Command::Deploy { app, commit } => deploy(&config, &app, commit).await,
         Command::Status { app } => status(&config, app.as_deref()).await,
     }
+}
+
+/// For the long-running commands: logs to stderr (`RUST_LOG`, default info) and a token
+/// cancelled on SIGTERM or SIGINT.
+fn start_logging_and_signals() -> CancellationToken {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    shutdown
 }
 
 async fn stop_on_signal(shutdown: CancellationToken) {

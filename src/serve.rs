@@ -20,6 +20,7 @@ use crate::store::ArtifactStore;
 use crate::store::local::LocalStore;
 use crate::store::s3::{S3Settings, S3Store};
 use crate::switch::TrafficSwitch;
+use crate::switch::control::{self, RemoteProxy};
 use crate::switch::nginx::Nginx;
 use crate::switch::proxy::Proxy;
 use crate::web::{self, AppRuntime, AppState};
@@ -114,6 +115,7 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
 
     let mut apps = HashMap::new();
     let mut proxies = Vec::new();
+    let proxy_socket = config.proxy_socket();
     for app in &config.apps {
         let app = Arc::new(app.clone());
         let repo = source::resolve_repo(&app.repo, &config.base_dir);
@@ -125,6 +127,17 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
         let name = app.name.to_string();
         let live = db.call(move |conn| db::live(conn, &name)).await?;
         let switch: Arc<dyn TrafficSwitch> = match &app.switch {
+            SwitchConfig::Proxy { .. } if proxy_socket.is_some() => {
+                let socket = proxy_socket.clone().expect("matched Some just above");
+                let remote = RemoteProxy::connect(
+                    socket,
+                    app.name.to_string(),
+                    live.as_ref().map(|l| l.port),
+                )
+                .await?;
+                tracing::info!(app = %app.name, live_port = remote.live(), "driving the proxy process");
+                Arc::new(remote)
+            }
             SwitchConfig::Proxy { listen } => {
                 let proxy = Proxy::start(*listen, live.as_ref().map(|l| l.port)).await?;
                 tracing::info!(app = %app.name, proxy = %proxy.local_addr(), live_port = live.as_ref().map(|l| l.port), "proxy listening");
@@ -207,6 +220,33 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
         listener,
         proxies,
     })
+}
+
+/// `nonstop proxy`: every app's built-in proxy, in a process of its own that `serve` drives
+/// through `server.proxy_socket`; runs until `shutdown`. Starts on the live ports it saved.
+pub async fn run_proxies(config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let socket = config.proxy_socket().ok_or_else(|| {
+        ServeError::Setup(
+            "server.proxy_socket is not set: `nonstop proxy` listens there for `serve`".into(),
+        )
+    })?;
+    let saved = control::load_state(&socket);
+    let mut proxies = HashMap::new();
+    for app in &config.apps {
+        if let SwitchConfig::Proxy { listen } = app.switch {
+            let live = saved.get(app.name.as_str()).copied();
+            let proxy = Proxy::start(listen, live).await?;
+            tracing::info!(app = %app.name, proxy = %proxy.local_addr(), live_port = live, "proxy listening");
+            proxies.insert(app.name.to_string(), proxy);
+        }
+    }
+    let all: Vec<_> = proxies.values().cloned().collect();
+    tracing::info!(socket = %socket.display(), "taking switch commands");
+    let served = control::serve_control(socket.clone(), proxies, shutdown).await;
+    for proxy in all {
+        proxy.shutdown();
+    }
+    served.map_err(|err| ServeError::Setup(format!("control socket {}: {err}", socket.display())))
 }
 
 /// Stops what deployments cut short by the last stop may have started on an idle port, in

@@ -104,6 +104,8 @@ pub struct TestApp {
     pub ports: Ports,
     pub http: reqwest::Client,
     server: Option<Child>,
+    /// `nonstop proxy`, when the proxies run apart from the server.
+    proxy_process: Option<Child>,
 }
 
 impl TestApp {
@@ -183,12 +185,42 @@ impl TestApp {
 
     /// Stops the server the hard way (SIGKILL) and starts it again on the same folder.
     pub async fn restart(&mut self) {
+        self.restart_with(libc::SIGKILL).await;
+    }
+
+    /// Stops the server with `signal`, waits until it is gone, and starts it again.
+    pub async fn restart_with(&mut self, signal: i32) {
         if let Some(mut child) = self.server.take() {
-            child.kill().unwrap();
+            // SAFETY: kill(2) on the server process this helper started.
+            unsafe { libc::kill(child.id() as i32, signal) };
             child.wait().unwrap();
         }
         self.start_server();
         self.wait_ready().await;
+    }
+
+    fn start_proxy_process(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("proxy.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_nonstop"))
+            .arg("proxy")
+            .arg("--config")
+            .arg(self.config_path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.proxy_process = Some(child);
+        let socket = self.dir.path().join("proxy.sock");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nonstop proxy did not open {}",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Sends a signed GitHub webhook; returns the status and JSON body.
@@ -314,7 +346,10 @@ impl TestApp {
 
 impl Drop for TestApp {
     fn drop(&mut self) {
-        if let Some(mut child) = self.server.take() {
+        for mut child in [self.server.take(), self.proxy_process.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -368,6 +403,21 @@ pub async fn spawn_app() -> TestApp {
 
 /// Same, with the app's `switch = …` line written by `switch` (given the ports and folder).
 pub async fn spawn_app_with(switch: impl FnOnce(&Ports, &Path) -> String) -> TestApp {
+    spawn(switch, false).await
+}
+
+/// The built-in proxy in a `nonstop proxy` process of its own, driven by the server.
+pub async fn spawn_app_with_proxy_process() -> TestApp {
+    let switch = |ports: &Ports, _: &Path| {
+        format!(
+            "switch = {{ kind = \"proxy\", listen = \"127.0.0.1:{}\" }}",
+            ports.proxy
+        )
+    };
+    spawn(switch, true).await
+}
+
+async fn spawn(switch: impl FnOnce(&Ports, &Path) -> String, proxy_process: bool) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
     let repo = Repo::new(dir.path().join("hello-repo"));
     let ports = Ports {
@@ -379,6 +429,7 @@ pub async fn spawn_app_with(switch: impl FnOnce(&Ports, &Path) -> String) -> Tes
         r#"[server]
 listen = "127.0.0.1:{server}"
 data_dir = "data"
+{proxy_socket}
 
 [[app]]
 name = "hello"
@@ -397,6 +448,11 @@ hook_timeout_secs = 60
 {switch}
 "#,
         server = ports.server,
+        proxy_socket = if proxy_process {
+            "proxy_socket = \"proxy.sock\""
+        } else {
+            ""
+        },
         switch = switch(&ports, dir.path()),
         a = ports.app[0],
         b = ports.app[1],
@@ -408,7 +464,11 @@ hook_timeout_secs = 60
         ports,
         http: reqwest::Client::new(),
         server: None,
+        proxy_process: None,
     };
+    if proxy_process {
+        app.start_proxy_process();
+    }
     app.start_server();
     app.wait_ready().await;
     app
