@@ -4,6 +4,7 @@
 //! keeps every multi-row change (dedupe + supersede + insert) one transaction.
 //! This module knows rows and states, never HTTP or processes.
 
+mod ci;
 mod queries;
 
 use std::path::Path;
@@ -11,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::Connection;
 
+pub use ci::*;
 pub use queries::*;
 
 #[derive(Debug, thiserror::Error)]
@@ -27,7 +29,10 @@ pub enum DbError {
 }
 
 /// Each file runs once, in order; `PRAGMA user_version` remembers how many ran.
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/0001_init.sql"),
+    include_str!("../../migrations/0002_ci_builds.sql"),
+];
 
 #[derive(Clone)]
 pub struct Db {

@@ -24,10 +24,14 @@ pub struct Deployment {
     pub created_at: i64,
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
+    /// The CI build that let this deployment through or failed it (Travis's number and page).
+    pub ci_build_number: Option<String>,
+    pub ci_build_url: Option<String>,
 }
 
 const DEPLOYMENT_COLUMNS: &str = "id, app, status, trigger, branch, commit_sha, commit_message, \
-     author, version, port, bundle_key, bundle_sha256, error, created_at, started_at, finished_at";
+     author, version, port, bundle_key, bundle_sha256, error, created_at, started_at, finished_at, \
+     ci_build_number, ci_build_url";
 
 impl Deployment {
     fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
@@ -49,6 +53,8 @@ impl Deployment {
             created_at: row.get(13)?,
             started_at: row.get(14)?,
             finished_at: row.get(15)?,
+            ci_build_number: row.get(16)?,
+            ci_build_url: row.get(17)?,
         })
     }
 }

@@ -104,6 +104,7 @@ pub struct TestApp {
     pub ports: Ports,
     pub http: reqwest::Client,
     server: Option<Child>,
+    env: Vec<(String, String)>,
 }
 
 impl TestApp {
@@ -140,6 +141,7 @@ impl TestApp {
             .env("NONSTOP_TEST_SECRET", SECRET)
             .env("NONSTOP_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -340,6 +342,21 @@ pub fn push_payload(git_ref: &str, sha: &str, repository: &str) -> Vec<u8> {
 
 /// Starts nonstop on fresh ports with the example app's repository.
 pub async fn spawn_app() -> TestApp {
+    spawn_app_with(Extra::default()).await
+}
+
+/// Additions to the test config: lines for `[server]` and for the app, tables after the app
+/// (`[slack]`, `[travis]`, …), and env vars for the server process.
+#[derive(Default)]
+pub struct Extra {
+    pub server: String,
+    pub app: String,
+    pub tables: String,
+    pub env: Vec<(String, String)>,
+}
+
+/// `spawn_app` with `extra` added to the config and the environment.
+pub async fn spawn_app_with(extra: Extra) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
     let repo = Repo::new(dir.path().join("hello-repo"));
     let ports = Ports {
@@ -351,7 +368,7 @@ pub async fn spawn_app() -> TestApp {
         r#"[server]
 listen = "127.0.0.1:{server}"
 data_dir = "data"
-
+{extra_server}
 [[app]]
 name = "hello"
 repo = "hello-repo"
@@ -367,7 +384,11 @@ profiles = ["real1", "real2"]
 health = {{ path = "/profile", attempts = 40, interval_ms = 100 }}
 hook_timeout_secs = 60
 switch = {{ kind = "proxy", listen = "127.0.0.1:{proxy}" }}
-"#,
+{extra_app}
+{extra_tables}"#,
+        extra_server = extra.server,
+        extra_app = extra.app,
+        extra_tables = extra.tables,
         server = ports.server,
         proxy = ports.proxy,
         a = ports.app[0],
@@ -380,6 +401,7 @@ switch = {{ kind = "proxy", listen = "127.0.0.1:{proxy}" }}
         ports,
         http: reqwest::Client::new(),
         server: None,
+        env: extra.env,
     };
     app.start_server();
     app.wait_ready().await;
