@@ -402,6 +402,13 @@ impl Config {
                     format!("env var {var} is not set (it holds the GitHub token)"),
                 )
             })?;
+            // It becomes a header value: a stray newline would break every request.
+            if !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(invalid(
+                    "github.token_env",
+                    format!("env var {var} holds characters a token cannot have"),
+                ));
+            }
             github.token = Some(Secret(token));
         }
         Ok(())

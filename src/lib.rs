@@ -6,6 +6,7 @@ pub mod config;
 pub mod db;
 pub mod domain;
 pub mod events;
+pub mod notify;
 pub mod pipeline;
 pub mod process;
 pub mod queue;

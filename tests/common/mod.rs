@@ -3,6 +3,8 @@
 //! deadline, and a bounded keep-alive load loop.
 #![allow(dead_code)]
 
+pub mod recorder;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
