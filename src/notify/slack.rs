@@ -22,8 +22,8 @@ impl Slack {
         let url = config.webhook_url.clone().ok_or_else(|| {
             NotifyError::Setup("slack.webhook_url_env was not read at start".into())
         })?;
+        // No client timeout: `with_retries` cuts every try off after `TIMEOUT`.
         let client = reqwest::Client::builder()
-            .timeout(super::TIMEOUT)
             .build()
             .map_err(|err| NotifyError::Setup(format!("Slack client: {err}")))?;
         let channels = apps
@@ -48,7 +48,7 @@ impl Slack {
             .send()
             .await
             // The URL is the secret: keep it out of the error.
-            .map_err(|err| NotifyError::Retryable(err.without_url().to_string()))?;
+            .map_err(|err| NotifyError::Retryable(describe(err.without_url())))?;
         let status = response.status();
         if status.is_success() {
             return Ok(());
@@ -80,6 +80,18 @@ impl Notifier for Slack {
         )
         .await;
     }
+}
+
+/// The error and its causes on one line ("error sending request" alone says little).
+fn describe(err: reqwest::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 fn kind_name(kind: Kind) -> &'static str {
@@ -418,6 +430,21 @@ channel = "#deploys"
         assert_eq!(wanted, [true, true, false]);
         assert_eq!(slack.channels["loud"].as_deref(), Some("#loud"));
         assert_eq!(slack.channels["plain"].as_deref(), Some("#deploys"));
+    }
+
+    #[tokio::test]
+    async fn a_failed_request_is_described_without_the_url() {
+        // Port 1 on loopback: nothing listens, the connection is refused at once.
+        let slack = Slack {
+            client: reqwest::Client::new(),
+            url: Secret::new("http://127.0.0.1:1/services/T0/B0/secret-part".into()),
+            channels: HashMap::new(),
+        };
+        let Err(NotifyError::Retryable(reason)) = slack.post(&json!({})).await else {
+            panic!("a refused connection is worth another try")
+        };
+        assert!(!reason.contains("secret-part"), "{reason}");
+        assert!(reason.contains("error sending request: "), "{reason}");
     }
 
     #[test]
