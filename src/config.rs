@@ -520,6 +520,12 @@ impl Config {
             if let Some(source) = &app.travis {
                 check_travis_source(source).map_err(|message| invalid(key("travis"), message))?;
             }
+            if app.trigger == TriggerMode::Travis && app.repository.is_none() {
+                return Err(invalid(
+                    key("repository"),
+                    "trigger = \"travis\" needs it: Travis signs every project's builds with one key, so only the repository ties a build to this app".into(),
+                ));
+            }
             if app.trigger == TriggerMode::Travis && app.travis.is_none() && raw.travis.is_none() {
                 return Err(invalid(
                     key("trigger"),
@@ -791,6 +797,14 @@ run = "{artifact} --port {port}"
             err.contains("github.token_env: env var GITHUB_TOKEN is not set"),
             "{err}"
         );
+        let err = with_env(&github, &[("GITHUB_TOKEN", "ghp_x\ny")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("github.token_env: env var GITHUB_TOKEN holds characters"),
+            "{err}"
+        );
+        assert!(!err.contains("ghp_x"), "{err}");
 
         let override_without_section = format!("{MINIMAL}slack = {{ mute = true }}\n");
         let err = with_env(&override_without_section, &[])
@@ -805,8 +819,15 @@ run = "{artifact} --port {port}"
     }
 
     #[test]
-    fn travis_needs_a_readable_rsa_key() {
-        let travis_app = format!("{MINIMAL}trigger = \"travis\"\n");
+    fn travis_needs_a_readable_rsa_key_and_the_repository() {
+        let err = with_env(&format!("{MINIMAL}trigger = \"travis\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("app.hello.repository: trigger = \"travis\" needs it"),
+            "{err}"
+        );
+        let travis_app = format!("{MINIMAL}trigger = \"travis\"\nrepository = \"acme/hello\"\n");
         let err = with_env(&travis_app, &[]).unwrap_err().to_string();
         assert!(
             err.contains("app.hello.trigger: \"travis\" needs Travis CI's public key"),
