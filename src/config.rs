@@ -5,6 +5,7 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -37,6 +38,12 @@ pub struct Config {
     pub apps: Vec<AppConfig>,
     /// Where the file was read from: relative paths in it are relative to its folder.
     pub base_dir: PathBuf,
+    /// `[travis]`: Travis CI's public key for every app (an app may name its own).
+    pub travis: Option<TravisKeyConfig>,
+    /// `[slack]`: deployment messages to a Slack incoming webhook.
+    pub slack: Option<SlackConfig>,
+    /// `[github]`: GitHub deployments and their statuses for apps that name a `repository`.
+    pub github: Option<GitHubConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -56,6 +63,8 @@ pub struct ServerConfig {
     /// this Unix socket, so restarting `serve` never drops a client connection. Unset: the
     /// proxies run inside `serve`.
     pub proxy_socket: Option<PathBuf>,
+    /// Where people reach the dashboard (links in Slack and GitHub); `http://<listen>` when unset.
+    pub public_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -98,9 +107,73 @@ pub struct AppConfig {
     pub store: StoreConfig,
     #[serde(default)]
     pub runner: RunnerConfig,
+    /// Where users reach the app (GitHub's environment URL); `http://<switch listen>` when unset.
+    pub public_url: Option<String>,
+    /// This app's own Travis CI key, instead of the server-wide `[travis]` one.
+    pub travis: Option<TravisKeyConfig>,
+    /// Slack overrides for this app: another channel, or no messages at all.
+    pub slack: Option<AppSlackConfig>,
+    /// GitHub overrides for this app.
+    pub github: Option<AppGitHubConfig>,
     /// Filled from `webhook_secret_env` at load time; never serialised or logged.
     #[serde(skip)]
     pub webhook_secret: Option<Secret>,
+    /// Travis CI's public key for this app (its own or the server-wide one), read at load time.
+    #[serde(skip)]
+    pub travis_key: Option<Arc<rsa::PublicKey>>,
+}
+
+/// Where Travis CI's public key is: a PEM file, or an env var holding the PEM text. Travis
+/// publishes it at `/config` of its API (`notifications.webhook.public_key`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TravisKeyConfig {
+    /// Relative to the config file.
+    pub public_key_file: Option<PathBuf>,
+    pub public_key_env: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlackConfig {
+    /// Env var holding the incoming webhook URL (the URL is the secret).
+    pub webhook_url_env: String,
+    /// A channel to post in instead of the webhook's own (legacy webhooks honour it).
+    pub channel: Option<String>,
+    /// Filled from `webhook_url_env` at load time; never logged.
+    #[serde(skip)]
+    pub webhook_url: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppSlackConfig {
+    pub channel: Option<String>,
+    /// No Slack messages for this app.
+    #[serde(default)]
+    pub mute: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitHubConfig {
+    /// Env var holding a token that may create deployments (`repo_deployment` scope).
+    #[serde(default = "default_github_token_env")]
+    pub token_env: String,
+    /// The REST API's root; GitHub Enterprise Server's is `https://HOST/api/v3`.
+    #[serde(default = "default_github_api_url")]
+    pub api_url: String,
+    /// Filled from `token_env` at load time; never logged.
+    #[serde(skip)]
+    pub token: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppGitHubConfig {
+    /// No GitHub deployments for this app.
+    #[serde(default)]
+    pub mute: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -283,6 +356,12 @@ fn default_nginx_bin() -> String {
 fn default_group() -> String {
     "local".into()
 }
+fn default_github_token_env() -> String {
+    "GITHUB_TOKEN".into()
+}
+fn default_github_api_url() -> String {
+    "https://api.github.com".into()
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -290,6 +369,9 @@ struct RawConfig {
     server: Option<ServerConfig>,
     #[serde(default, rename = "app")]
     apps: Vec<AppConfig>,
+    travis: Option<TravisKeyConfig>,
+    slack: Option<SlackConfig>,
+    github: Option<GitHubConfig>,
 }
 
 impl Config {
@@ -332,6 +414,82 @@ impl Config {
                     }
                 }
             }
+        }
+        self.read_notifier_secrets(path, &env)?;
+        self.read_travis_keys(path, &env)
+    }
+
+    fn read_notifier_secrets(
+        &mut self,
+        path: &Path,
+        env: &impl Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        if let Some(slack) = &mut self.slack {
+            let var = &slack.webhook_url_env;
+            let url = env(var).filter(|v| !v.is_empty()).ok_or_else(|| {
+                invalid(
+                    "slack.webhook_url_env",
+                    format!("env var {var} is not set (it holds the Slack webhook URL)"),
+                )
+            })?;
+            // The URL is the secret: the message names the variable, never its value.
+            if http_url(&url).is_err() {
+                return Err(invalid(
+                    "slack.webhook_url_env",
+                    format!("env var {var} does not hold an http(s) URL"),
+                ));
+            }
+            slack.webhook_url = Some(Secret(url));
+        }
+        if let Some(github) = &mut self.github {
+            let var = &github.token_env;
+            let token = env(var).filter(|v| !v.is_empty()).ok_or_else(|| {
+                invalid(
+                    "github.token_env",
+                    format!("env var {var} is not set (it holds the GitHub token)"),
+                )
+            })?;
+            // It becomes a header value: a stray newline would break every request.
+            if !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(invalid(
+                    "github.token_env",
+                    format!("env var {var} holds characters a token cannot have"),
+                ));
+            }
+            github.token = Some(Secret(token));
+        }
+        Ok(())
+    }
+
+    /// Reads and parses Travis CI's public key(s): the server-wide one, and any app's own.
+    fn read_travis_keys(
+        &mut self,
+        path: &Path,
+        env: &impl Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        let server_key = match &self.travis {
+            Some(source) => Some(read_travis_key(
+                source,
+                "travis",
+                &self.base_dir,
+                path,
+                env,
+            )?),
+            None => None,
+        };
+        for app in &mut self.apps {
+            app.travis_key = match &app.travis {
+                Some(source) => {
+                    let key = format!("app.{}.travis", app.name);
+                    Some(read_travis_key(source, &key, &self.base_dir, path, env)?)
+                }
+                None => server_key.clone(),
+            };
         }
         Ok(())
     }
@@ -414,12 +572,55 @@ impl Config {
                     format!("{listen} is already used by the server or another app"),
                 ));
             }
+            if let Some(url) = &app.public_url {
+                http_url(url).map_err(|message| invalid(key("public_url"), message))?;
+            }
+            if let Some(source) = &app.travis {
+                check_travis_source(source).map_err(|message| invalid(key("travis"), message))?;
+            }
+            if app.trigger == TriggerMode::Travis && app.repository.is_none() {
+                return Err(invalid(
+                    key("repository"),
+                    "trigger = \"travis\" needs it: Travis signs every project's builds with one key, so only the repository ties a build to this app".into(),
+                ));
+            }
+            if app.trigger == TriggerMode::Travis && app.travis.is_none() && raw.travis.is_none() {
+                return Err(invalid(
+                    key("trigger"),
+                    "\"travis\" needs Travis CI's public key: add [travis] public_key_file or public_key_env".into(),
+                ));
+            }
+            if app.slack.is_some() && raw.slack.is_none() {
+                return Err(invalid(
+                    key("slack"),
+                    "there is no [slack] section for this to override".into(),
+                ));
+            }
+            if app.github.is_some() && raw.github.is_none() {
+                return Err(invalid(
+                    key("github"),
+                    "there is no [github] section for this to override".into(),
+                ));
+            }
             apps.push(app);
+        }
+        if let Some(url) = &server.public_url {
+            http_url(url).map_err(|message| invalid("server.public_url".into(), message))?;
+        }
+        if let Some(source) = &raw.travis {
+            check_travis_source(source).map_err(|message| invalid("travis".into(), message))?;
+        }
+        if let Some(github) = &raw.github {
+            http_url(&github.api_url)
+                .map_err(|message| invalid("github.api_url".into(), message))?;
         }
         Ok(Self {
             server,
             apps,
             base_dir,
+            travis: raw.travis,
+            slack: raw.slack,
+            github: raw.github,
         })
     }
 
@@ -438,6 +639,14 @@ impl Config {
             .proxy_socket
             .as_ref()
             .map(|p| self.base_dir.join(p))
+    }
+
+    /// Where people reach the dashboard, without a trailing `/`.
+    pub fn public_url(&self) -> String {
+        match &self.server.public_url {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => format!("http://{}", self.server.listen),
+        }
     }
 
     pub fn control_url(&self) -> String {
@@ -555,10 +764,23 @@ fn check_aws_backends(app: &AppConfig) -> Result<(), (&'static str, String)> {
 
 impl AppConfig {
     /// Where the fleet answers from outside, when it runs elsewhere (CodeDeploy).
-    pub fn public_url(&self) -> Option<&str> {
+    pub fn fleet_url(&self) -> Option<&str> {
         match &self.runner {
             RunnerConfig::CodeDeploy { public_url, .. } => public_url.as_deref(),
             RunnerConfig::Local { .. } => None,
+        }
+    }
+
+    /// Where users reach the app, without a trailing `/`: `public_url`, else the fleet's,
+    /// else the built-in proxy's address (nginx in front: the host's port 80, as in the
+    /// classic recipe).
+    pub fn public_url(&self) -> String {
+        if let Some(url) = self.public_url.as_deref().or(self.fleet_url()) {
+            return url.trim_end_matches('/').to_owned();
+        }
+        match &self.switch {
+            SwitchConfig::Proxy { listen } => format!("http://{listen}"),
+            SwitchConfig::Nginx { .. } => "http://127.0.0.1".into(),
         }
     }
 
@@ -584,6 +806,71 @@ impl AppConfig {
             self.ports[0]
         }
     }
+}
+
+/// `Ok` when `text` is an absolute http(s) URL; the error is one line without the value.
+fn http_url(text: &str) -> Result<(), String> {
+    match url::Url::parse(text) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Ok(()),
+        _ => Err("must be an absolute http:// or https:// URL".into()),
+    }
+}
+
+fn check_travis_source(source: &TravisKeyConfig) -> Result<(), String> {
+    match (&source.public_key_file, &source.public_key_env) {
+        (Some(_), None) | (None, Some(_)) => Ok(()),
+        _ => Err("give exactly one of public_key_file and public_key_env".into()),
+    }
+}
+
+/// Reads a Travis key from its file or env var and parses the PEM (SubjectPublicKeyInfo, as
+/// Travis publishes it, or PKCS#1).
+fn read_travis_key(
+    source: &TravisKeyConfig,
+    key: &str,
+    base_dir: &Path,
+    path: &Path,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<Arc<rsa::PublicKey>, ConfigError> {
+    use rsa::pkcs1::DecodeRsaPublicKey;
+    use rsa::pkcs8::DecodePublicKey;
+    let invalid = |field: &str, message: String| ConfigError::Invalid {
+        path: path.to_owned(),
+        key: format!("{key}.{field}"),
+        message,
+    };
+    let (field, pem) = match (&source.public_key_file, &source.public_key_env) {
+        (Some(file), _) => {
+            let file = base_dir.join(file);
+            let pem = std::fs::read_to_string(&file).map_err(|err| {
+                invalid(
+                    "public_key_file",
+                    format!("cannot read {}: {err}", file.display()),
+                )
+            })?;
+            ("public_key_file", pem)
+        }
+        (None, Some(var)) => {
+            let pem = env(var).filter(|v| !v.is_empty()).ok_or_else(|| {
+                invalid(
+                    "public_key_env",
+                    format!("env var {var} is not set (it holds Travis CI's public key)"),
+                )
+            })?;
+            ("public_key_env", pem)
+        }
+        (None, None) => {
+            return Err(invalid(
+                "public_key_file",
+                "give public_key_file or public_key_env".into(),
+            ));
+        }
+    };
+    let pem = pem.trim();
+    rsa::PublicKey::from_public_key_pem(pem)
+        .or_else(|_| rsa::PublicKey::from_pkcs1_pem(pem))
+        .map(Arc::new)
+        .map_err(|_| invalid(field, "not an RSA public key in PEM form".into()))
 }
 
 #[cfg(test)]
@@ -647,7 +934,8 @@ run = "{artifact} --port {port}"
         assert!(
             matches!(&app.store, StoreConfig::S3 { bucket, keep: Some(5), .. } if bucket == "releases")
         );
-        assert_eq!(app.public_url(), Some("https://hello.example"));
+        assert_eq!(app.fleet_url(), Some("https://hello.example"));
+        assert_eq!(app.public_url(), "https://hello.example");
 
         for (extra, key, problem) in [
             (
@@ -722,5 +1010,118 @@ run = "{artifact} --port {port}"
         let secret = config.apps[0].webhook_secret.clone().unwrap();
         assert_eq!(secret.expose(), "s3cret");
         assert_eq!(format!("{secret:?}"), "Secret(…)");
+    }
+
+    fn with_env(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let path = Path::new("nonstop.toml");
+        let mut config = Config::parse(text, path)?;
+        config.read_secrets(path, |name| {
+            env.iter()
+                .find(|(var, _)| *var == name)
+                .map(|(_, value)| value.to_string())
+        })?;
+        Ok(config)
+    }
+
+    #[test]
+    fn notifier_settings_are_checked_and_their_secrets_never_shown() {
+        let slack = format!("{MINIMAL}\n[slack]\nwebhook_url_env = \"SLACK_URL\"\n");
+        let err = with_env(&slack, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("slack.webhook_url_env: env var SLACK_URL is not set"),
+            "{err}"
+        );
+        let err = with_env(&slack, &[("SLACK_URL", "hooks.slack.com/T0/B0/s3cret")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("slack.webhook_url_env"), "{err}");
+        assert!(!err.contains("s3cret"), "{err}");
+        let config = with_env(
+            &slack,
+            &[("SLACK_URL", "https://hooks.slack.com/T0/B0/s3cret")],
+        )
+        .unwrap();
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("s3cret"), "{debug}");
+
+        let github = format!("{MINIMAL}\n[github]\napi_url = \"ftp://x\"\n");
+        let err = with_env(&github, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("github.api_url: must be an absolute http"),
+            "{err}"
+        );
+        let github = format!("{MINIMAL}\n[github]\n");
+        let err = with_env(&github, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("github.token_env: env var GITHUB_TOKEN is not set"),
+            "{err}"
+        );
+        let err = with_env(&github, &[("GITHUB_TOKEN", "ghp_x\ny")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("github.token_env: env var GITHUB_TOKEN holds characters"),
+            "{err}"
+        );
+        assert!(!err.contains("ghp_x"), "{err}");
+
+        let override_without_section = format!("{MINIMAL}slack = {{ mute = true }}\n");
+        let err = with_env(&override_without_section, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("app.hello.slack: there is no [slack] section"),
+            "{err}"
+        );
+        let err = with_env(&format!("{MINIMAL}public_url = \"nope\"\n"), &[]).unwrap_err();
+        assert!(err.to_string().contains("app.hello.public_url"), "{err}");
+    }
+
+    #[test]
+    fn travis_needs_a_readable_rsa_key_and_the_repository() {
+        let err = with_env(&format!("{MINIMAL}trigger = \"travis\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("app.hello.repository: trigger = \"travis\" needs it"),
+            "{err}"
+        );
+        let travis_app = format!("{MINIMAL}trigger = \"travis\"\nrepository = \"acme/hello\"\n");
+        let err = with_env(&travis_app, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("app.hello.trigger: \"travis\" needs Travis CI's public key"),
+            "{err}"
+        );
+
+        let both = format!(
+            "{travis_app}\n[travis]\npublic_key_env = \"K\"\npublic_key_file = \"k.pem\"\n"
+        );
+        let err = with_env(&both, &[]).unwrap_err().to_string();
+        assert!(err.contains("travis: give exactly one of"), "{err}");
+
+        let by_env = format!("{travis_app}\n[travis]\npublic_key_env = \"TRAVIS_KEY\"\n");
+        let err = with_env(&by_env, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("travis.public_key_env: env var TRAVIS_KEY is not set"),
+            "{err}"
+        );
+        let err = with_env(
+            &by_env,
+            &[(
+                "TRAVIS_KEY",
+                "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----",
+            )],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("travis.public_key_env: not an RSA public key in PEM form"),
+            "{err}"
+        );
+
+        let by_file = format!("{travis_app}\n[travis]\npublic_key_file = \"no-such.pem\"\n");
+        let err = with_env(&by_file, &[]).unwrap_err().to_string();
+        assert!(err.contains("travis.public_key_file: cannot read"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
     }
 }

@@ -124,6 +124,13 @@ pub struct Reuse {
     pub rollback_of: Option<DeploymentId>,
 }
 
+/// A CI build as shown with the deployment it let through or failed: its number and page.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CiBuild {
+    pub number: Option<String>,
+    pub url: Option<String>,
+}
+
 macro_rules! string_enum {
     ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
         $(#[$meta])*
@@ -151,8 +158,10 @@ macro_rules! string_enum {
 }
 
 string_enum! {
-    /// `queued → running → succeeded | failed | rolled_back | superseded | interrupted`.
+    /// `queued → running → succeeded | failed | rolled_back | superseded | interrupted`;
+    /// an app with `trigger = "travis"` records a push as `waiting` until CI passed it.
     DeploymentStatus {
+        Waiting => "waiting",
         Queued => "queued",
         Running => "running",
         Succeeded => "succeeded",
@@ -165,7 +174,7 @@ string_enum! {
 
 impl DeploymentStatus {
     pub fn is_finished(self) -> bool {
-        !matches!(self, Self::Queued | Self::Running)
+        !matches!(self, Self::Waiting | Self::Queued | Self::Running)
     }
 }
 

@@ -8,6 +8,7 @@ pub mod db;
 pub mod domain;
 pub mod events;
 pub mod health;
+pub mod notify;
 pub mod pipeline;
 pub mod process;
 pub mod queue;

@@ -57,7 +57,7 @@ pub async fn run(mut command: Command, timeout: Duration) -> Result<Finished, Sp
         source,
     })?;
     let pid = child.id();
-    let _group = GroupGuard(pid);
+    let mut group = GroupGuard(pid);
 
     let (lines_tx, mut lines_rx) = mpsc::unbounded_channel();
     let stdout = child
@@ -80,6 +80,11 @@ pub async fn run(mut command: Command, timeout: Duration) -> Result<Finished, Sp
     })
     .await;
 
+    // Ended on its own: what it left in its group is not killed. A daemon it started may not
+    // have reached its own `setsid` yet (deploy.sh's app instance, on a loaded host).
+    if status.is_ok() {
+        group.0 = None;
+    }
     let (success, status) = match status {
         Ok(Ok(status)) => (status.success(), describe(status)),
         Ok(Err(err)) => (false, format!("could not wait for it: {err}")),

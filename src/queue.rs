@@ -9,8 +9,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::db::{self, Db, DbError, Enqueued};
-use crate::domain::{DeploymentStatus, Trigger};
+use crate::db::{self, CiOutcome, Db, DbError, Enqueued};
+use crate::domain::{CiBuild, DeploymentId, DeploymentStatus, Trigger};
 use crate::events::{Bus, Event};
 use crate::pipeline::{AppBackends, Pipeline};
 
@@ -78,6 +78,66 @@ impl Queue {
             }
         }
         Ok(enqueued)
+    }
+
+    /// Records a push that waits for CI to pass its commit (`trigger = "travis"`).
+    pub async fn hold(&self, trigger: Trigger) -> Result<Enqueued, DbError> {
+        let app = trigger.app.to_string();
+        let held = self.db.call(move |conn| db::hold(conn, &trigger)).await?;
+        if let Enqueued::New { id, superseded } = &held {
+            tracing::info!(deployment_id = id, app = %app, "push waits for CI");
+            self.publish_all(&app, superseded, DeploymentStatus::Superseded);
+            self.publish_all(&app, &[*id], DeploymentStatus::Waiting);
+        }
+        Ok(held)
+    }
+
+    /// CI passed `trigger.commit`: its waiting deployment (or a new one) joins the queue.
+    pub async fn ci_passed(&self, trigger: Trigger, build: CiBuild) -> Result<CiOutcome, DbError> {
+        let app = trigger.app.to_string();
+        let outcome = self
+            .db
+            .call(move |conn| db::ci_passed(conn, &trigger, &build))
+            .await?;
+        if let CiOutcome::Released { id, superseded } = &outcome {
+            tracing::info!(deployment_id = id, app = %app, "CI passed; deployment queued");
+            self.publish_all(&app, superseded, DeploymentStatus::Superseded);
+            self.publish_all(&app, &[*id], DeploymentStatus::Queued);
+            if let Some(notify) = self.wake.get(&app) {
+                notify.notify_one();
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// CI failed `trigger.commit`: recorded as a failed deployment; nothing deploys.
+    pub async fn ci_failed(
+        &self,
+        trigger: Trigger,
+        build: CiBuild,
+        reason: String,
+    ) -> Result<CiOutcome, DbError> {
+        let app = trigger.app.to_string();
+        let outcome = self
+            .db
+            .call(move |conn| db::ci_failed(conn, &trigger, &build, &reason))
+            .await?;
+        if let CiOutcome::Failed { id } = &outcome {
+            tracing::info!(deployment_id = id, app = %app, "CI failed; nothing deploys");
+            self.publish_all(&app, &[*id], DeploymentStatus::Failed);
+        }
+        Ok(outcome)
+    }
+
+    fn publish_all(&self, app: &str, ids: &[DeploymentId], status: DeploymentStatus) {
+        for id in ids {
+            self.bus.publish(Event::Deployment {
+                id: *id,
+                app: app.to_owned(),
+                status,
+                version: String::new(),
+            });
+        }
     }
 }
 

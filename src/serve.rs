@@ -98,6 +98,8 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
                 .iter()
                 .filter_map(|a| a.webhook_secret_env.clone()),
         )
+        .chain(config.slack.iter().map(|s| s.webhook_url_env.clone()))
+        .chain(config.github.iter().map(|g| g.token_env.clone()))
         .collect();
     let bus = Bus::new();
     let listener = tokio::net::TcpListener::bind(config.server.listen)
@@ -112,6 +114,16 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
             listener.local_addr().unwrap_or(config.server.listen)
         )
     });
+
+    // Notifiers subscribe before the queue starts, so resumed deployments are reported too.
+    let dashboard_url = config.server.public_url.clone().unwrap_or_else(|| {
+        format!(
+            "http://{}",
+            listener.local_addr().unwrap_or(config.server.listen)
+        )
+    });
+    crate::notify::start(&config, &dashboard_url, db.clone(), &bus, shutdown.clone())
+        .map_err(|err| ServeError::Setup(err.to_string()))?;
 
     let mut apps = HashMap::new();
     let mut proxies = Vec::new();

@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Ports, spawn_app_with};
+use common::{Extra, Ports, spawn_app_with};
 
 /// A real nginx on `port`, proxying to whatever `service-url.inc` in `dir` says.
 struct Nginx {
@@ -93,7 +93,11 @@ fn nginx_switch(_: &Ports, dir: &Path) -> String {
 
 #[tokio::test]
 async fn deploys_switch_nginx_and_a_rejected_config_keeps_the_old_version() {
-    let app = spawn_app_with(nginx_switch).await;
+    let app = spawn_app_with(Extra {
+        switch: Some(nginx_switch),
+        ..Extra::default()
+    })
+    .await;
     let _nginx = Nginx::start(
         &app.dir.path().join("nginx"),
         app.ports.proxy,

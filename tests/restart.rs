@@ -7,11 +7,15 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{Load, spawn_app_with_proxy_process};
+use common::{Extra, Load, spawn_app_with};
 
 #[tokio::test]
 async fn restarting_serve_three_times_under_load_loses_no_request() {
-    let mut app = spawn_app_with_proxy_process().await;
+    let mut app = spawn_app_with(Extra {
+        proxy_process: true,
+        ..Extra::default()
+    })
+    .await;
     let first = app.deploy(&app.repo.commit("Before the restarts")).await;
 
     let load = Load::start(

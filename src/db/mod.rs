@@ -4,6 +4,7 @@
 //! keeps every multi-row change (dedupe + supersede + insert) one transaction.
 //! This module knows rows and states, never HTTP or processes.
 
+mod ci;
 mod queries;
 
 use std::path::Path;
@@ -11,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::Connection;
 
+pub use ci::*;
 pub use queries::*;
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +32,7 @@ pub enum DbError {
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0001_init.sql"),
     include_str!("../../migrations/0002_redeploys.sql"),
+    include_str!("../../migrations/0003_ci_builds.sql"),
 ];
 
 #[derive(Clone)]

@@ -26,11 +26,14 @@ pub struct Deployment {
     pub finished_at: Option<i64>,
     /// For a rollback: the deployment it undoes.
     pub rollback_of: Option<DeploymentId>,
+    /// The CI build that let this deployment through or failed it (Travis's number and page).
+    pub ci_build_number: Option<String>,
+    pub ci_build_url: Option<String>,
 }
 
 const DEPLOYMENT_COLUMNS: &str = "id, app, status, trigger, branch, commit_sha, commit_message, \
      author, version, port, bundle_key, bundle_sha256, error, created_at, started_at, finished_at, \
-     rollback_of";
+     rollback_of, ci_build_number, ci_build_url";
 
 impl Deployment {
     fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
@@ -53,6 +56,8 @@ impl Deployment {
             started_at: row.get(14)?,
             finished_at: row.get(15)?,
             rollback_of: row.get(16)?,
+            ci_build_number: row.get(17)?,
+            ci_build_url: row.get(18)?,
         })
     }
 }

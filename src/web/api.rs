@@ -70,7 +70,7 @@ async fn live(
     let name = app.clone();
     let recorded = state.db.call(move |conn| db::live(conn, &name)).await?;
     // A fleet's live slot is asked of its public URL; the version is the last that went live.
-    if let Some(public_url) = runtime.backends.app.public_url() {
+    if let Some(public_url) = runtime.backends.app.fleet_url() {
         let slot = crate::switch::fleet::probe(&runtime.backends.app, public_url)
             .await
             .map_err(AppError::BadGateway)?;

@@ -1,4 +1,6 @@
-//! `POST /hooks/github`: verify, interpret, queue — and answer at once with the deployment id.
+//! `POST /hooks/github` and `POST /hooks/travis`: verify, interpret, queue — and answer at
+//! once with the deployment id. An app with `trigger = "travis"` records a push as waiting;
+//! Travis's report of that commit releases it or fails it.
 
 use std::sync::Arc;
 
@@ -13,8 +15,9 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{AppError, AppRuntime, AppState};
-use crate::db::{self, Enqueued};
-use crate::webhook::{WebhookError, github};
+use crate::config::TriggerMode;
+use crate::db::{self, CiOutcome, Enqueued};
+use crate::webhook::{WebhookError, github, travis};
 
 /// GitHub caps webhook payloads at 25 MB.
 pub const MAX_WEBHOOK_BYTES: usize = 25 * 1024 * 1024;
@@ -22,6 +25,7 @@ pub const MAX_WEBHOOK_BYTES: usize = 25 * 1024 * 1024;
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/hooks/github", post(github_hook))
+        .route("/hooks/travis", post(travis_hook))
         .layer(DefaultBodyLimit::max(MAX_WEBHOOK_BYTES))
 }
 
@@ -92,6 +96,21 @@ async fn github_hook(
             tracing::info!(app = %app.name, event, reason = %reason, "webhook ignored");
             Ok((StatusCode::ACCEPTED, Json(json!({ "ignored": reason }))).into_response())
         }
+        github::Outcome::Deploy(trigger) if app.trigger == TriggerMode::Travis => {
+            let commit = trigger.commit.as_ref().map(|c| c.to_string()).unwrap_or_default();
+            match state.queue.hold(*trigger).await? {
+                Enqueued::New { id, .. } => Ok((
+                    StatusCode::ACCEPTED,
+                    Json(json!({ "deployment_id": id, "waiting": format!("for Travis CI to pass {commit}") })),
+                )
+                    .into_response()),
+                Enqueued::Duplicate { id } => Ok((
+                    StatusCode::OK,
+                    Json(json!({ "deployment_id": id, "duplicate": "this delivery was already received" })),
+                )
+                    .into_response()),
+            }
+        }
         github::Outcome::Deploy(trigger) => match state.queue.enqueue(*trigger).await? {
             Enqueued::New { id, .. } => {
                 Ok((StatusCode::ACCEPTED, Json(json!({ "deployment_id": id }))).into_response())
@@ -103,6 +122,116 @@ async fn github_hook(
                 .into_response()),
         },
     }
+}
+
+/// Travis CI's build notification: the form field `payload`, signed with Travis's key.
+async fn travis_hook(
+    State(state): State<Arc<AppState>>,
+    Query(query): Query<HookQuery>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, AppError> {
+    let body = body.map_err(body_error)?;
+    let signature = header(&headers, travis::SIGNATURE_HEADER);
+    if signature.is_none() {
+        return Err(AppError::Unauthorized("missing Signature header".into()));
+    }
+    let payload = travis::payload_of(&body).map_err(malformed)?;
+
+    // Who sent it is settled over the raw payload before the JSON is parsed.
+    let signed_by: Vec<&AppRuntime> = match &query.app {
+        Some(name) => {
+            let runtime = state.app(name)?;
+            let key = runtime.backends.app.travis_key.as_ref().ok_or_else(|| {
+                AppError::Unauthorized(format!("app `{name}` has no Travis CI key configured"))
+            })?;
+            travis::verify(key, signature, payload.as_bytes()).map_err(unauthorized)?;
+            vec![runtime]
+        }
+        None => {
+            let signed_by: Vec<_> = state
+                .apps
+                .values()
+                .filter(|runtime| {
+                    runtime.backends.app.travis_key.as_ref().is_some_and(|key| {
+                        travis::verify(key, signature, payload.as_bytes()).is_ok()
+                    })
+                })
+                .collect();
+            if signed_by.is_empty() {
+                return Err(unauthorized(WebhookError::BadSignature));
+            }
+            signed_by
+        }
+    };
+
+    let build = travis::parse(payload.as_bytes()).map_err(malformed)?;
+    let slug = build.slug();
+    // Several apps may share the key: the build's repository picks the app.
+    let runtime = match signed_by.as_slice() {
+        [only] => *only,
+        several => several
+            .iter()
+            .copied()
+            .find(|runtime| {
+                runtime
+                    .backends
+                    .app
+                    .repository
+                    .as_deref()
+                    .is_some_and(|r| r.eq_ignore_ascii_case(&slug))
+            })
+            .ok_or_else(|| {
+                AppError::NotFound(format!(
+                    "no app deploys repository {slug}; add ?app=NAME to the webhook URL or set `repository`"
+                ))
+            })?,
+    };
+    let app = &runtime.backends.app;
+    let outcome = travis::interpret(app, &build).map_err(malformed)?;
+    let answer = match outcome {
+        travis::Outcome::Ignored(reason) => {
+            tracing::info!(app = %app.name, build_id = build.id, reason = %reason, "Travis notification ignored");
+            return Ok((StatusCode::ACCEPTED, Json(json!({ "ignored": reason }))).into_response());
+        }
+        travis::Outcome::Passed(trigger, ci) => state.queue.ci_passed(trigger, ci).await?,
+        travis::Outcome::Failed(trigger, ci, reason) => {
+            state.queue.ci_failed(trigger, ci, reason).await?
+        }
+    };
+    Ok(match answer {
+        CiOutcome::Released { id, .. } => {
+            (StatusCode::ACCEPTED, Json(json!({ "deployment_id": id }))).into_response()
+        }
+        CiOutcome::Failed { id } => (
+            StatusCode::ACCEPTED,
+            Json(json!({ "deployment_id": id, "failed": "the build failed; nothing deploys" })),
+        )
+            .into_response(),
+        CiOutcome::Duplicate { id } => (
+            StatusCode::OK,
+            Json(json!({ "deployment_id": id, "duplicate": "this build was already reported" })),
+        )
+            .into_response(),
+        CiOutcome::Ignored(reason) => {
+            (StatusCode::ACCEPTED, Json(json!({ "ignored": reason }))).into_response()
+        }
+    })
+}
+
+fn body_error(rejection: BytesRejection) -> AppError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        AppError::PayloadTooLarge(format!("webhook body is over {MAX_WEBHOOK_BYTES} bytes"))
+    } else {
+        AppError::BadRequest(format!(
+            "could not read the body: {}",
+            rejection.body_text()
+        ))
+    }
+}
+
+fn malformed(err: WebhookError) -> AppError {
+    AppError::BadRequest(err.to_string())
 }
 
 fn unauthorized(err: WebhookError) -> AppError {

@@ -73,6 +73,9 @@ pub struct DeploymentView {
     pub error: String,
     pub port: String,
     pub can_redeploy: bool,
+    /// The CI build that gated it, when its page is an http(s) link.
+    pub ci_build_url: String,
+    pub ci_build_number: String,
 }
 
 impl DeploymentView {
@@ -104,6 +107,12 @@ impl DeploymentView {
             error: d.error.clone().unwrap_or_default(),
             port: d.port.map(|p| p.to_string()).unwrap_or_default(),
             can_redeploy: d.bundle_key.is_some() && d.status.is_finished(),
+            ci_build_url: d
+                .ci_build_url
+                .clone()
+                .filter(|url| url.starts_with("https://") || url.starts_with("http://"))
+                .unwrap_or_default(),
+            ci_build_number: d.ci_build_number.clone().unwrap_or_default(),
         }
     }
 }

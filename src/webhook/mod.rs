@@ -3,6 +3,7 @@
 //! or the database; `web` calls it and answers.
 
 pub mod github;
+pub mod travis;
 
 /// Why a webhook was not accepted.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

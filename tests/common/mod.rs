@@ -3,6 +3,8 @@
 //! deadline, and a bounded keep-alive load loop.
 #![allow(dead_code)]
 
+pub mod recorder;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -106,6 +108,7 @@ pub struct TestApp {
     server: Option<Child>,
     /// `nonstop proxy`, when the proxies run apart from the server.
     proxy_process: Option<Child>,
+    env: Vec<(String, String)>,
 }
 
 impl TestApp {
@@ -142,6 +145,7 @@ impl TestApp {
             .env("NONSTOP_TEST_SECRET", SECRET)
             .env("NONSTOP_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -392,32 +396,25 @@ pub fn push_payload(git_ref: &str, sha: &str, repository: &str) -> Vec<u8> {
 /// Starts nonstop on fresh ports with the example app's repository, behind the built-in
 /// proxy.
 pub async fn spawn_app() -> TestApp {
-    spawn_app_with(|ports, _| {
-        format!(
-            "switch = {{ kind = \"proxy\", listen = \"127.0.0.1:{}\" }}",
-            ports.proxy
-        )
-    })
-    .await
+    spawn_app_with(Extra::default()).await
 }
 
-/// Same, with the app's `switch = …` line written by `switch` (given the ports and folder).
-pub async fn spawn_app_with(switch: impl FnOnce(&Ports, &Path) -> String) -> TestApp {
-    spawn(switch, false).await
+/// Additions to the test config: lines for `[server]` and for the app, tables after the app
+/// (`[slack]`, `[travis]`, …), env vars for the server process, the app's `switch = …` line
+/// (given the ports and the folder; the built-in proxy when `None`), and whether the proxy
+/// runs in a `nonstop proxy` process of its own.
+#[derive(Default)]
+pub struct Extra {
+    pub server: String,
+    pub app: String,
+    pub tables: String,
+    pub env: Vec<(String, String)>,
+    pub switch: Option<fn(&Ports, &Path) -> String>,
+    pub proxy_process: bool,
 }
 
-/// The built-in proxy in a `nonstop proxy` process of its own, driven by the server.
-pub async fn spawn_app_with_proxy_process() -> TestApp {
-    let switch = |ports: &Ports, _: &Path| {
-        format!(
-            "switch = {{ kind = \"proxy\", listen = \"127.0.0.1:{}\" }}",
-            ports.proxy
-        )
-    };
-    spawn(switch, true).await
-}
-
-async fn spawn(switch: impl FnOnce(&Ports, &Path) -> String, proxy_process: bool) -> TestApp {
+/// `spawn_app` with `extra` added to the config and the environment.
+pub async fn spawn_app_with(extra: Extra) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
     let repo = Repo::new(dir.path().join("hello-repo"));
     let ports = Ports {
@@ -430,6 +427,7 @@ async fn spawn(switch: impl FnOnce(&Ports, &Path) -> String, proxy_process: bool
 listen = "127.0.0.1:{server}"
 data_dir = "data"
 {proxy_socket}
+{extra_server}
 
 [[app]]
 name = "hello"
@@ -446,14 +444,24 @@ profiles = ["real1", "real2"]
 health = {{ path = "/profile", attempts = 40, interval_ms = 100 }}
 hook_timeout_secs = 60
 {switch}
-"#,
+{extra_app}
+{extra_tables}"#,
+        extra_server = extra.server,
+        extra_app = extra.app,
+        extra_tables = extra.tables,
         server = ports.server,
-        proxy_socket = if proxy_process {
+        proxy_socket = if extra.proxy_process {
             "proxy_socket = \"proxy.sock\""
         } else {
             ""
         },
-        switch = switch(&ports, dir.path()),
+        switch = match extra.switch {
+            Some(switch) => switch(&ports, dir.path()),
+            None => format!(
+                "switch = {{ kind = \"proxy\", listen = \"127.0.0.1:{}\" }}",
+                ports.proxy
+            ),
+        },
         a = ports.app[0],
         b = ports.app[1],
     );
@@ -465,8 +473,9 @@ hook_timeout_secs = 60
         http: reqwest::Client::new(),
         server: None,
         proxy_process: None,
+        env: extra.env,
     };
-    if proxy_process {
+    if extra.proxy_process {
         app.start_proxy_process();
     }
     app.start_server();
