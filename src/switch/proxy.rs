@@ -25,8 +25,9 @@ use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::{SwitchError, TrafficSwitch};
@@ -94,43 +95,56 @@ impl Target {
 
 /// The reverse proxy of one app. Dropping the last handle stops accepting, like
 /// [`Proxy::shutdown`].
+///
+/// It runs one worker thread per core, each with its own single-threaded runtime, its own
+/// listening socket on the same address (`SO_REUSEPORT`: the kernel spreads connections)
+/// and its own upstream pool, like nginx's worker processes. A request and its upstream
+/// connection then never change threads (a work-stealing runtime hands them between its
+/// threads at every wake-up), and the proxy never waits behind the server's own work.
 pub struct Proxy {
-    forwarder: Arc<Forwarder>,
+    live: Arc<ArcSwapOption<Target>>,
     local_addr: SocketAddr,
-    /// `true` once shutdown started; dropping the sender means the same to the tasks.
+    /// `true` once shutdown started; dropping the sender means the same to the workers.
     shutdown: watch::Sender<bool>,
 }
 
-/// What the connection tasks share: the live target and the pooled client that reaches it.
-/// Kept apart from [`Proxy`] so that the background tasks do not keep the handle alive.
+/// What one worker's connection tasks share: the live target (the same cell in every
+/// worker) and this worker's pooled client that reaches it.
 struct Forwarder {
-    live: ArcSwapOption<Target>,
+    live: Arc<ArcSwapOption<Target>>,
     client: UpstreamClient,
 }
 
 impl Proxy {
-    /// Binds `listen` and starts serving in a background tokio task. `live` is the initial
-    /// upstream port (`None` = answer 503 until switched).
+    /// Binds `listen` and starts serving on worker threads of its own. `live` is the
+    /// initial upstream port (`None` = answer 503 until switched).
     pub async fn start(listen: SocketAddr, live: Option<u16>) -> Result<Arc<Proxy>, SwitchError> {
         let live = live.map(Target::new).transpose()?.map(Arc::new);
-        let listener = TcpListener::bind(listen)
-            .await
-            .map_err(|source| SwitchError::Bind {
-                addr: listen,
-                source,
-            })?;
-        let local_addr = listener.local_addr()?;
+        let bind_error = |source| SwitchError::Bind {
+            addr: listen,
+            source,
+        };
+        let first = reuseport_listener(listen).map_err(bind_error)?;
+        let local_addr = first.local_addr()?;
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut listeners = vec![first];
+        for _ in 1..workers {
+            // Every worker binds the address the first one got (port 0 included).
+            listeners.push(reuseport_listener(local_addr).map_err(bind_error)?);
+        }
 
-        let forwarder = Arc::new(Forwarder {
-            live: ArcSwapOption::new(live),
-            client: upstream_client(),
-        });
+        let live = Arc::new(ArcSwapOption::new(live));
         let (shutdown, shutdown_rx) = watch::channel(false);
-        tokio::spawn(accept_loop(listener, Arc::clone(&forwarder), shutdown_rx));
-        info!(addr = %local_addr, live = ?forwarder.live_port(), "proxy listening");
+        for (index, listener) in listeners.into_iter().enumerate() {
+            let (live, shutdown_rx) = (Arc::clone(&live), shutdown_rx.clone());
+            std::thread::Builder::new()
+                .name(format!("proxy-{}-{index}", local_addr.port()))
+                .spawn(move || run_worker(listener, live, shutdown_rx))?;
+        }
+        info!(addr = %local_addr, workers, live = ?live.load().as_ref().map(|t| t.port), "proxy listening");
 
         Ok(Arc::new(Proxy {
-            forwarder,
+            live,
             local_addr,
             shutdown,
         }))
@@ -147,27 +161,74 @@ impl Proxy {
     }
 }
 
+/// A listening socket that other sockets may bind too, handed over as a std socket so a
+/// worker's own runtime can take it.
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    // The backlog nginx uses on Linux.
+    socket.listen(511)?.into_std()
+}
+
+/// One worker: accepts on its own socket until shutdown, then waits for its connections
+/// to finish their requests.
+fn run_worker(
+    listener: std::net::TcpListener,
+    live: Arc<ArcSwapOption<Target>>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            warn!(error = %err, "proxy worker could not start its runtime");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(listener) => listener,
+            Err(err) => {
+                warn!(error = %err, "proxy worker could not take its socket");
+                return;
+            }
+        };
+        let forwarder = Arc::new(Forwarder {
+            live,
+            client: upstream_client(),
+        });
+        let connections = TaskTracker::new();
+        accept_loop(listener, forwarder, shutdown, &connections).await;
+        connections.close();
+        connections.wait().await;
+    });
+}
+
 #[async_trait]
 impl TrafficSwitch for Proxy {
     fn live(&self) -> Option<u16> {
-        self.forwarder.live_port()
+        self.live.load().as_ref().map(|target| target.port)
     }
 
     async fn switch_to(&self, port: u16) -> Result<(), SwitchError> {
         let target = Arc::new(Target::new(port)?);
         // The whole switch: one atomic store. Requests that already loaded the old target
         // keep their `Arc` to it and finish there.
-        let previous = self.forwarder.live.swap(Some(target));
+        let previous = self.live.swap(Some(target));
         info!(from = ?previous.map(|t| t.port), to = port, "traffic switched");
         Ok(())
     }
 }
 
 impl Forwarder {
-    fn live_port(&self) -> Option<u16> {
-        self.live.load().as_ref().map(|target| target.port)
-    }
-
     async fn forward(
         &self,
         client_addr: SocketAddr,
@@ -237,12 +298,13 @@ async fn accept_loop(
     listener: TcpListener,
     forwarder: Arc<Forwarder>,
     mut shutdown: watch::Receiver<bool>,
+    connections: &TaskTracker,
 ) {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, client_addr)) => {
-                    tokio::spawn(serve_connection(
+                    connections.spawn(serve_connection(
                         stream,
                         client_addr,
                         Arc::clone(&forwarder),
