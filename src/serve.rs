@@ -33,7 +33,7 @@ pub enum ServeError {
     Db(#[from] db::DbError),
     #[error(transparent)]
     Switch(#[from] crate::switch::SwitchError),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         addr: SocketAddr,
         source: std::io::Error,
