@@ -110,15 +110,7 @@ async fn actions_refuse_without_a_login_or_with_a_forged_csrf_token() {
 #[tokio::test]
 async fn buttons_show_only_to_a_logged_in_person() {
     let app = spawn_app().await;
-    let anonymous = app
-        .http
-        .get(format!("{}/", app.base()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let (_, anonymous) = app.get_text("/").await;
     assert!(
         !anonymous.contains("data-action"),
         "actions shown without a login"
@@ -159,15 +151,7 @@ async fn a_logged_in_deploy_form_redirects_to_its_deployment_and_history_lists_i
     assert_eq!(done["deployment"]["status"], "succeeded", "{done:#}");
     assert_eq!(done["deployment"]["trigger"], "manual");
 
-    let page = app
-        .http
-        .get(format!("{}{location}", app.base()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let (_, page) = app.get_text(&location).await;
     assert!(
         page.contains("data-switch="),
         "the switch is on the timeline"
@@ -183,36 +167,13 @@ async fn a_logged_in_deploy_form_redirects_to_its_deployment_and_history_lists_i
         history.contains("data-deployment=\"1\"") && history.contains("1 deployment<"),
         "{history}"
     );
-    let none = app
-        .http
-        .get(format!("{}/deployments?status=failed", app.base()))
-        .send()
-        .await
-        .unwrap();
-    assert!(none.text().await.unwrap().contains("No deployments yet."));
-    let bad = app
-        .http
-        .get(format!("{}/deployments?status=bogus", app.base()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(bad.status(), 400);
-    let log = app
-        .http
-        .get(format!("{}/deployments/1/stages/Build/log", app.base()))
-        .send()
-        .await
-        .unwrap();
-    assert!(log.text().await.unwrap().contains("cargo build"));
-    let favicon = app
-        .http
-        .get(format!("{}/favicon.svg", app.base()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let (_, none) = app.get_text("/deployments?status=failed").await;
+    assert!(none.contains("No deployments yet."));
+    let (status, _) = app.get_text("/deployments?status=bogus").await;
+    assert_eq!(status, 400);
+    let (_, log) = app.get_text("/deployments/1/stages/Build/log").await;
+    assert!(log.contains("cargo build"));
+    let (_, favicon) = app.get_text("/favicon.svg").await;
     assert!(
         favicon.contains("#1a7f37"),
         "the favicon shows the last deployment succeeded: {favicon}"

@@ -203,15 +203,7 @@ async fn a_failed_build_is_recorded_with_its_number_and_page_and_deploys_nothing
     );
     let (status, _) = app.get_json("/api/apps/hello/live").await;
     assert_eq!(status, 404, "nothing went live");
-    let page = app
-        .http
-        .get(format!("{}/deployments/{id}", app.base()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let (_, page) = app.get_text(&format!("/deployments/{id}")).await;
     assert!(
         page.contains(&format!(
             "<a href=\"https://travis-ci.com/{REPOSITORY}/builds/202\">build #202</a>"

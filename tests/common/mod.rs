@@ -266,6 +266,18 @@ impl TestApp {
         answer["deployment_id"].as_i64().expect("a deployment id")
     }
 
+    /// GETs a page of the server; returns the status and the body as text.
+    pub async fn get_text(&self, path: &str) -> (u16, String) {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base()))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap_or_default())
+    }
+
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
         let response = self
             .http
