@@ -103,7 +103,7 @@ async fn stop_on_signal(shutdown: CancellationToken) {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-    tracing::info!("stopping: in-flight deployments will be marked interrupted at next start");
+    tracing::info!("stopping");
     shutdown.cancel();
 }
 
