@@ -148,12 +148,7 @@ async fn five_deploys_under_load_lose_no_request() {
         "load: {} ok, {} failed, by version: {:?}",
         report.ok, report.failed, report.bodies
     );
-    assert_eq!(
-        report.failed,
-        0,
-        "failed requests: {:?}",
-        &report.failures[..report.failures.len().min(10)]
-    );
+    report.assert_none_failed();
     for version in &versions {
         assert!(
             report.bodies.contains_key(version),
@@ -207,12 +202,7 @@ async fn a_version_that_never_becomes_healthy_leaves_the_old_one_serving() {
         "the hook output is kept: {validate}"
     );
 
-    assert_eq!(
-        report.failed,
-        0,
-        "failed requests: {:?}",
-        &report.failures[..report.failures.len().min(10)]
-    );
+    report.assert_none_failed();
     assert_eq!(
         report.bodies.keys().collect::<Vec<_>>(),
         [&good],

@@ -278,15 +278,10 @@ impl TestApp {
         (status, response.text().await.unwrap_or_default())
     }
 
+    /// GETs a JSON answer; `Null` when the body is not JSON.
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
-        let response = self
-            .http
-            .get(format!("{}{path}", self.base()))
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
+        let (status, text) = self.get_text(path).await;
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
     /// Polls the deployment until it is finished; returns it with its stages.
@@ -502,6 +497,14 @@ pub struct LoadReport {
     pub failed: u64,
     pub failures: Vec<String>,
     pub bodies: std::collections::BTreeMap<String, u64>,
+}
+
+impl LoadReport {
+    /// Fails the test with the first few failures when any request failed.
+    pub fn assert_none_failed(&self) {
+        let shown = &self.failures[..self.failures.len().min(10)];
+        assert_eq!(self.failed, 0, "failed requests: {shown:?}");
+    }
 }
 
 /// A bounded load loop: `clients` keep-alive clients hit `url` until `stop` is set, each at
