@@ -7,6 +7,7 @@ pub mod config;
 pub mod db;
 pub mod domain;
 pub mod events;
+pub mod fault;
 pub mod health;
 pub mod notify;
 pub mod pipeline;

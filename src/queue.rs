@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -22,12 +23,14 @@ pub struct Queue {
 }
 
 impl Queue {
-    /// Starts one worker per app; each first runs what was left queued.
+    /// Starts one worker per app; each first waits for its app's task in `before` (the
+    /// clean-up after an interrupted deployment), then runs what was left queued.
     pub fn start(
         db: Db,
         bus: Bus,
         pipeline: Pipeline,
         apps: &[Arc<AppBackends>],
+        mut before: HashMap<String, JoinHandle<()>>,
         shutdown: CancellationToken,
     ) -> Self {
         let mut wake = HashMap::new();
@@ -38,6 +41,7 @@ impl Queue {
                 db.clone(),
                 pipeline.clone(),
                 backends.clone(),
+                before.remove(backends.app.name.as_str()),
                 notify,
                 shutdown.clone(),
             ));
@@ -145,10 +149,17 @@ async fn worker(
     db: Db,
     pipeline: Pipeline,
     backends: Arc<AppBackends>,
+    before: Option<JoinHandle<()>>,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
     let app = backends.app.name.to_string();
+    if let Some(before) = before {
+        tokio::select! {
+            _ = before => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
     loop {
         loop {
             let name = app.clone();

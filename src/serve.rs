@@ -5,12 +5,13 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, RunnerConfig, Secret, SwitchConfig};
 use crate::db::{self, Db};
-use crate::events::Bus;
+use crate::events::{Bus, Event};
 use crate::pipeline::{AppBackends, Pipeline, source};
 use crate::queue::Queue;
 use crate::runner::codedeploy::{CodeDeployRunner, CodeDeploySettings};
@@ -84,6 +85,7 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
         ))
     })?;
     let db = Db::open(&data_dir.join("nonstop.db")).await?;
+    remove_leftover_bundles(&data_dir.join("tmp"));
     let interrupted = db.call(db::interrupt_running).await?;
     if !interrupted.is_empty() {
         let ids: Vec<_> = interrupted.iter().map(|(d, _)| d.id).collect();
@@ -206,7 +208,7 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
         apps.insert(app.name.to_string(), AppRuntime { backends, switch });
     }
 
-    clean_up_interrupted(&apps, interrupted);
+    let recoveries = recover_interrupted(&apps, interrupted, &db, &bus);
 
     let pipeline = Pipeline::new(db.clone(), bus.clone(), data_dir.clone(), scrubbed_env);
     let backends: Vec<_> = apps.values().map(|a| a.backends.clone()).collect();
@@ -215,6 +217,7 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
         bus.clone(),
         pipeline,
         &backends,
+        recoveries,
         shutdown.clone(),
     );
     let state = Arc::new(AppState {
@@ -261,34 +264,144 @@ pub async fn run_proxies(config: Config, shutdown: CancellationToken) -> Result<
     served.map_err(|err| ServeError::Setup(format!("control socket {}: {err}", socket.display())))
 }
 
-/// Stops what deployments cut short by the last stop may have started on an idle port, in
-/// the background: the server answers meanwhile, and traffic never went there.
-fn clean_up_interrupted(
+/// Puts each app back where it was before a deployment the last stop cut short, in the
+/// background (the server answers meanwhile): traffic that deployment moved goes back to the
+/// instance it came from, and what it started on the idle port is stopped. Returns, per app,
+/// the task its queue must wait for, so no new deployment races the clean-up.
+fn recover_interrupted(
     apps: &HashMap<String, AppRuntime>,
     interrupted: Vec<(db::Deployment, bool)>,
-) {
+    db: &Db,
+    bus: &Bus,
+) -> HashMap<String, tokio::task::JoinHandle<()>> {
+    let mut by_app: HashMap<String, Vec<(db::Deployment, bool)>> = HashMap::new();
     for (deployment, started_instances) in interrupted {
-        let (Some(runtime), true) = (apps.get(&deployment.app), started_instances) else {
-            continue;
-        };
-        let backends = runtime.backends.clone();
-        let job = Job {
-            deployment_id: deployment.id,
-            app: backends.app.clone(),
-            version: deployment.version.unwrap_or_default(),
-            bundle_key: deployment.bundle_key.unwrap_or_default(),
-            bundle_sha256: deployment.bundle_sha256.unwrap_or_default(),
-        };
-        tokio::spawn(async move {
-            match backends.runner.clean_up_interrupted(&job).await {
-                Ok(log) => {
-                    tracing::info!(deployment_id = job.deployment_id, output = %log.trim(), "cleaned up after an interrupted deployment")
+        by_app
+            .entry(deployment.app.clone())
+            .or_default()
+            .push((deployment, started_instances));
+    }
+    by_app
+        .into_iter()
+        .filter_map(|(app, deployments)| {
+            let runtime = apps.get(&app)?;
+            let (backends, switch) = (runtime.backends.clone(), runtime.switch.clone());
+            let (db, bus) = (db.clone(), bus.clone());
+            let task = tokio::spawn(async move {
+                for (deployment, started_instances) in deployments {
+                    let id = deployment.id;
+                    if !move_traffic_back(&db, &bus, &backends, switch.as_ref(), id).await {
+                        continue;
+                    }
+                    if started_instances {
+                        stop_half_started(&backends, deployment).await;
+                    }
+                }
+            });
+            Some((app, task))
+        })
+        .collect()
+}
+
+/// When the interrupted deployment `id` had moved traffic (its last switch is still live),
+/// moves it back to where it came from. False when it stays, because the instance it came
+/// from no longer answers: the live instance is then kept, whoever started it.
+async fn move_traffic_back(
+    db: &Db,
+    bus: &Bus,
+    backends: &AppBackends,
+    switch: &dyn TrafficSwitch,
+    id: crate::domain::DeploymentId,
+) -> bool {
+    let app = &backends.app;
+    let last = db
+        .call(move |conn| Ok(db::switches_of(conn, id)?.pop()))
+        .await;
+    let moved = match last {
+        Ok(Some(moved)) if switch.live() == Some(moved.to_port) => moved,
+        Ok(_) => return true,
+        Err(err) => {
+            tracing::error!(deployment_id = id, error = %err, "could not read the switches of an interrupted deployment");
+            return false;
+        }
+    };
+    let answers = match moved.from_port {
+        Some(from) => crate::health::answers(from, &app.health.path, Duration::from_secs(2))
+            .await
+            .then_some(from),
+        None => None,
+    };
+    let Some(from) = answers else {
+        tracing::warn!(deployment_id = id, app = %app.name, port = moved.to_port, "an interrupted deployment moved traffic and the instance before it is gone: traffic stays");
+        return false;
+    };
+    if let Err(err) = switch.switch_to(from).await {
+        tracing::error!(deployment_id = id, app = %app.name, port = from, error = %err, "could not move traffic back from an interrupted deployment");
+        return false;
+    }
+    let (name, profile) = (
+        app.name.to_string(),
+        app.profile_of(from).unwrap_or_default().to_owned(),
+    );
+    match db
+        .call(move |conn| db::set_live(conn, &name, from, &profile, None))
+        .await
+    {
+        Ok((live, _)) => {
+            tracing::info!(deployment_id = id, app = %app.name, port = from, version = live.version.as_deref(), "moved traffic back from an interrupted deployment");
+            bus.publish(Event::Live {
+                app: app.name.to_string(),
+                port: from,
+                profile: live.profile,
+                version: live.version,
+                from_port: Some(moved.to_port),
+            });
+            true
+        }
+        Err(err) => {
+            tracing::error!(deployment_id = id, error = %err, "moved traffic back but could not record it");
+            true
+        }
+    }
+}
+
+/// Stops what an interrupted deployment may have started on the idle port.
+async fn stop_half_started(backends: &AppBackends, deployment: db::Deployment) {
+    let job = Job {
+        deployment_id: deployment.id,
+        app: backends.app.clone(),
+        version: deployment.version.unwrap_or_default(),
+        bundle_key: deployment.bundle_key.unwrap_or_default(),
+        bundle_sha256: deployment.bundle_sha256.unwrap_or_default(),
+    };
+    match backends.runner.clean_up_interrupted(&job).await {
+        Ok(log) => {
+            tracing::info!(deployment_id = job.deployment_id, output = %log.trim(), "cleaned up after an interrupted deployment")
+        }
+        Err(err) => {
+            tracing::warn!(deployment_id = job.deployment_id, error = %err, "could not clean up after an interrupted deployment")
+        }
+    }
+}
+
+/// Bundles being written when the last stop came (in `tmp`, which only in-flight
+/// deployments use) are of no use to anyone now.
+fn remove_leftover_bundles(tmp: &Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "zip") && path.is_file() {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "removed a bundle left by the last stop")
                 }
                 Err(err) => {
-                    tracing::warn!(deployment_id = job.deployment_id, error = %err, "could not clean up after an interrupted deployment")
+                    tracing::warn!(path = %path.display(), error = %err, "could not remove a leftover bundle")
                 }
             }
-        });
+        }
     }
 }
 

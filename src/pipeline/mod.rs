@@ -56,6 +56,7 @@ impl Recorder {
     }
 
     async fn finished(&self, stage: Stage, status: StageStatus, log: &str) {
+        crate::fault::hold_before_recording_end(self.id, stage).await;
         let (id, log) = (self.id, log.to_owned());
         self.write(move |conn| db::stage_finished(conn, id, stage, status, &log))
             .await;
@@ -290,7 +291,11 @@ impl Pipeline {
             })
             .map_err(|reason| (format!("{reason}\n"), reason))
         };
-        self.stage_result(recorder, Stage::Bundle, bundled).await?;
+        if let Err(failed) = self.stage_result(recorder, Stage::Bundle, bundled).await {
+            // A half-written zip (a full disk, say) must not take the space of the next try.
+            let _ = tokio::fs::remove_file(&bundle_path).await;
+            return Err(failed);
+        }
 
         recorder.started(Stage::Upload).await;
         let uploaded = backends

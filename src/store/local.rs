@@ -47,14 +47,22 @@ impl ArtifactStore for LocalStore {
         tokio::task::spawn_blocking(move || {
             let dir = dest.parent().expect("a key has a folder part");
             std::fs::create_dir_all(dir).map_err(io(dir))?;
+            remove_stale_partials(dir);
             let partial = dest.with_extension("zip.partial");
-            let size = std::fs::copy(&file, &partial).map_err(io(&partial))?;
-            std::fs::File::open(&partial)
-                .and_then(|f| f.sync_all())
-                .map_err(io(&partial))?;
-            let sha256 = sha256_file(&partial).map_err(io(&partial))?;
-            std::fs::rename(&partial, &dest).map_err(io(&dest))?;
-            Ok(StoredBundle { key, sha256, size })
+            let written = (|| {
+                let size = std::fs::copy(&file, &partial).map_err(io(&partial))?;
+                std::fs::File::open(&partial)
+                    .and_then(|f| f.sync_all())
+                    .map_err(io(&partial))?;
+                let sha256 = sha256_file(&partial).map_err(io(&partial))?;
+                std::fs::rename(&partial, &dest).map_err(io(&dest))?;
+                Ok(StoredBundle { key, sha256, size })
+            })();
+            if written.is_err() {
+                // On a full disk, what was copied must not stay to fill it.
+                let _ = std::fs::remove_file(&partial);
+            }
+            written
         })
         .await
         .map_err(|err| StoreError::Io {
@@ -86,6 +94,21 @@ impl ArtifactStore for LocalStore {
             path: "store task".into(),
             source: std::io::Error::other(err),
         })?
+    }
+}
+
+/// An app's uploads run one at a time, so a `.partial` already in its folder was cut short
+/// by a stop and will never be finished.
+fn remove_stale_partials(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "partial") {
+            tracing::info!(path = %path.display(), "removing an upload cut short by a stop");
+            let _ = std::fs::remove_file(&path);
+        }
     }
 }
 
