@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Load, REPOSITORY, TestApp, push_payload, sign, spawn_app};
+use common::{Extra, Load, REPOSITORY, TestApp, push_payload, sign, spawn_app, spawn_app_with};
 
 /// Commits a change to the example app's source; the replacement must apply.
 fn commit_source_change(app: &TestApp, from: &str, to: &str, message: &str) -> String {
@@ -104,6 +104,63 @@ async fn an_unwritable_bundle_or_store_folder_fails_clearly_and_loses_nothing() 
 
     // Nothing recorded was lost, and the next deploy goes through.
     let next = app.deploy(&app.repo.commit("Fixed")).await;
+    assert_eq!(app.served().await, next);
+    assert_eq!(app.count_rows("deployments"), 4);
+    let (_, failed) = app.get_json("/api/deployments?status=failed").await;
+    assert_eq!(failed.as_array().unwrap().len(), 2);
+}
+
+/// The names of the files in `dir`, sorted.
+fn file_names(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn a_full_disk_during_bundle_or_upload_fails_clearly_and_loses_nothing() {
+    let app = spawn_app_with(Extra {
+        tmpfs: &[("data/tmp", "32m"), ("data/artifacts", "32m")],
+        ..Extra::default()
+    })
+    .await;
+    let good = app.deploy(&app.repo.commit("Good")).await;
+    let stored = app.as_server_sees(&app.data_dir().join("artifacts/hello"));
+    let good_bundle = file_names(&stored);
+    assert_eq!(good_bundle.len(), 1, "{good_bundle:?}");
+
+    let tmp = app.data_dir().join("tmp");
+    let filler = app.fill_disk(&tmp);
+    let error = fails_safely(&app, &good, &app.repo.commit("No room to bundle")).await;
+    assert!(
+        error.starts_with("Bundle failed:") && error.contains("No space left on device"),
+        "{error}"
+    );
+    assert_eq!(
+        file_names(&app.as_server_sees(&tmp)),
+        ["filler"],
+        "the half-written bundle was removed"
+    );
+    std::fs::remove_file(&filler).unwrap();
+
+    let filler = app.fill_disk(&app.data_dir().join("artifacts"));
+    let error = fails_safely(&app, &good, &app.repo.commit("No room to store")).await;
+    assert!(
+        error.starts_with("Upload failed:") && error.contains("No space left on device"),
+        "{error}"
+    );
+    assert_eq!(
+        file_names(&stored),
+        good_bundle,
+        "the half-stored bundle was removed"
+    );
+    std::fs::remove_file(&filler).unwrap();
+
+    // Nothing recorded was lost, and with room again the next deploy goes through.
+    let next = app.deploy(&app.repo.commit("Room again")).await;
     assert_eq!(app.served().await, next);
     assert_eq!(app.count_rows("deployments"), 4);
     let (_, failed) = app.get_json("/api/deployments?status=failed").await;

@@ -15,6 +15,14 @@ pub struct BundleContents<'a> {
     pub version: &'a str,
 }
 
+/// The zip crate's i/o error says only "i/o error": the reason (a full disk, say) is inside.
+fn zip_reason(err: zip::result::ZipError) -> String {
+    match err {
+        zip::result::ZipError::Io(io) => io.to_string(),
+        other => other.to_string(),
+    }
+}
+
 /// Writes the bundle to `dest`; returns its sha256 and a short listing for the stage log.
 pub fn create(contents: &BundleContents<'_>, dest: &Path) -> Result<(String, String), String> {
     let describe = |err: &dyn std::fmt::Display| format!("{}: {err}", dest.display());
@@ -32,7 +40,8 @@ pub fn create(contents: &BundleContents<'_>, dest: &Path) -> Result<(String, Str
         .ok_or_else(|| format!("{} has no file name", contents.artifact.display()))?;
 
     let mut add = |name: &str, options, data: &mut dyn std::io::Read| -> Result<u64, String> {
-        zip.start_file(name, options).map_err(|e| describe(&e))?;
+        zip.start_file(name, options)
+            .map_err(|e| describe(&zip_reason(e)))?;
         std::io::copy(data, &mut zip).map_err(|e| describe(&e))
     };
     let mut listing = String::new();
@@ -53,7 +62,8 @@ pub fn create(contents: &BundleContents<'_>, dest: &Path) -> Result<(String, Str
     let size = add(artifact_name, executable, &mut artifact)?;
     listing.push_str(&format!("{artifact_name} ({size} bytes)\n"));
     zip.finish()
-        .and_then(|mut out| out.flush().map_err(Into::into))
+        .map_err(zip_reason)
+        .and_then(|mut out| out.flush().map_err(|e| e.to_string()))
         .map_err(|e| describe(&e))?;
     let sha256 = sha256_file(dest).map_err(|e| describe(&e))?;
     Ok((sha256, listing))

@@ -109,6 +109,7 @@ pub struct TestApp {
     /// `nonstop proxy`, when the proxies run apart from the server.
     proxy_process: Option<Child>,
     env: Vec<(String, String)>,
+    tmpfs: &'static [(&'static str, &'static str)],
 }
 
 impl TestApp {
@@ -138,7 +139,30 @@ impl TestApp {
             .append(true)
             .open(self.dir.path().join("server.log"))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_nonstop"))
+        let bin = env!("CARGO_BIN_EXE_nonstop");
+        let mut command = if self.tmpfs.is_empty() {
+            Command::new(bin)
+        } else {
+            // A mount namespace of its own, so the small filesystems go away with the server.
+            let mounts: String = self
+                .tmpfs
+                .iter()
+                .map(|(dir, size)| {
+                    let dir = self.dir.path().join(dir);
+                    format!(
+                        "mkdir -p '{d}' && mount -t tmpfs -o size={size} tmpfs '{d}' && ",
+                        d = dir.display()
+                    )
+                })
+                .collect();
+            let mut command = Command::new("unshare");
+            command
+                .args(["--mount", "--propagation", "private", "sh", "-c"])
+                .arg(format!("{mounts}exec \"$@\""))
+                .args(["sh", bin]);
+            command
+        };
+        let child = command
             .arg("serve")
             .arg("--config")
             .arg(self.config_path())
@@ -181,6 +205,33 @@ impl TestApp {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// `path` as the server sees it, its own mounts included (see `Extra::tmpfs`).
+    pub fn as_server_sees(&self, path: &Path) -> PathBuf {
+        let pid = self.server.as_ref().expect("the server runs").id();
+        PathBuf::from(format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap())
+    }
+
+    /// Fills the filesystem that holds `dir` (a path inside the test's folder, as the server
+    /// sees it) until the kernel answers ENOSPC; returns the filler file to remove later.
+    pub fn fill_disk(&self, dir: &Path) -> PathBuf {
+        use std::io::Write;
+        let filler = self.as_server_sees(dir).join("filler");
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        let full = loop {
+            if let Err(err) = file.write_all(&chunk).and_then(|()| file.sync_data()) {
+                break err;
+            }
+        };
+        assert_eq!(
+            full.raw_os_error(),
+            Some(libc::ENOSPC),
+            "filling {}: {full}",
+            dir.display()
+        );
+        filler
     }
 
     pub fn server_log(&self) -> String {
@@ -418,6 +469,9 @@ pub struct Extra {
     pub env: Vec<(String, String)>,
     pub switch: Option<fn(&Ports, &Path) -> String>,
     pub proxy_process: bool,
+    /// Folders (relative to the test's folder) that the server sees as small filesystems
+    /// of their own, with their sizes (`"8m"`): a disk that can fill up.
+    pub tmpfs: &'static [(&'static str, &'static str)],
 }
 
 /// `spawn_app` with `extra` added to the config and the environment.
@@ -481,6 +535,7 @@ hook_timeout_secs = 60
         server: None,
         proxy_process: None,
         env: extra.env,
+        tmpfs: extra.tmpfs,
     };
     if extra.proxy_process {
         app.start_proxy_process();
