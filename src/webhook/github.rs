@@ -279,4 +279,42 @@ run = "{artifact} --port {port}"
             Err(WebhookError::Malformed(_))
         ));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        const SECRET: &[u8] = b"s3cret";
+
+        proptest! {
+            #[test]
+            fn only_the_signature_of_this_very_body_verifies(
+                body in vec(any::<u8>(), 0..512),
+                other in vec(any::<u8>(), 0..512),
+                header in ".{0,100}",
+            ) {
+                let own = sign(SECRET, &body);
+                prop_assert!(verify(SECRET, Some(&own), &body).is_ok());
+                prop_assert_eq!(
+                    verify(SECRET, Some(&sign(SECRET, &other)), &body).is_ok(),
+                    other == body
+                );
+                // hex is read in either case; anything else is refused.
+                prop_assert_eq!(
+                    verify(SECRET, Some(&header), &body).is_ok(),
+                    header.eq_ignore_ascii_case(&own)
+                );
+            }
+
+            #[test]
+            fn any_event_and_body_is_answered_without_a_panic(
+                event in prop_oneof![Just("push".to_owned()), Just("ping".to_owned()), ".{0,20}"],
+                body in vec(any::<u8>(), 0..2048),
+            ) {
+                let _ = interpret(&app(), &event, Some("d"), &body);
+                let _ = repository_of(&body);
+            }
+        }
+    }
 }

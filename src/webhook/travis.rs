@@ -382,4 +382,20 @@ public_key_env = "TRAVIS_PUBLIC_KEY"
             }
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn any_body_is_answered_without_a_panic(body in vec(any::<u8>(), 0..2048)) {
+                let _ = payload_of(&body);
+                if let Ok(build) = parse(&body) {
+                    let _ = interpret(&app("travis"), &build);
+                }
+            }
+        }
+    }
 }
