@@ -231,11 +231,15 @@ impl Default for SwitchConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum StoreConfig {
-    #[default]
-    Local,
+    /// `<data_dir>/artifacts/{app}/{version}.zip`.
+    Local {
+        /// Keep the newest `keep` bundles per app (the live and previous ones always stay).
+        #[serde(default = "default_local_bundles")]
+        keep: u32,
+    },
     /// `s3://{bucket}/{prefix}/{app}/{version}.zip`; credentials from AWS's standard chain.
     S3 {
         bucket: String,
@@ -257,6 +261,10 @@ pub enum RunnerConfig {
     Local {
         #[serde(default = "default_group")]
         group: String,
+        /// Keep the newest `keep` unpacked revisions and releases on this host, as the
+        /// CodeDeploy agent's `max_revisions` does; those of running instances always stay.
+        #[serde(default = "default_local_revisions")]
+        keep: u32,
     },
     /// AWS CodeDeploy deploys the S3 bundle to a fleet; needs `store.kind = "s3"`.
     #[serde(rename = "codedeploy")]
@@ -287,6 +295,15 @@ impl Default for RunnerConfig {
     fn default() -> Self {
         Self::Local {
             group: default_group(),
+            keep: default_local_revisions(),
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self::Local {
+            keep: default_local_bundles(),
         }
     }
 }
@@ -355,6 +372,12 @@ fn default_nginx_bin() -> String {
 }
 fn default_group() -> String {
     "local".into()
+}
+fn default_local_bundles() -> u32 {
+    10
+}
+fn default_local_revisions() -> u32 {
+    5
 }
 fn default_github_token_env() -> String {
     "GITHUB_TOKEN".into()
@@ -561,6 +584,22 @@ impl Config {
             }
             if let Err((field, message)) = check_aws_backends(&app) {
                 return Err(invalid(key(field), message));
+            }
+            let local_keeps = [
+                (
+                    "store.keep",
+                    matches!(app.store, StoreConfig::Local { keep: 0 }),
+                ),
+                (
+                    "runner.keep",
+                    matches!(app.runner, RunnerConfig::Local { keep: 0, .. }),
+                ),
+            ];
+            if let Some((field, _)) = local_keeps.into_iter().find(|(_, zero)| *zero) {
+                return Err(invalid(
+                    key(field),
+                    "must be at least 1: the live revision always stays".into(),
+                ));
             }
             if let SwitchConfig::Proxy { listen } = app.switch
                 // Port 0 (any free port, for tests and benchmarks) never collides.
@@ -946,6 +985,16 @@ run = "{artifact} --port {port}"
             (
                 "store = { kind = \"s3\", bucket = \"releases\", keep = 0 }\n".to_owned(),
                 "app.hello.store.keep",
+                "at least 1",
+            ),
+            (
+                "store = { kind = \"local\", keep = 0 }\n".to_owned(),
+                "app.hello.store.keep",
+                "at least 1",
+            ),
+            (
+                "runner = { kind = \"local\", keep = 0 }\n".to_owned(),
+                "app.hello.runner.keep",
                 "at least 1",
             ),
             (

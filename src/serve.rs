@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, RunnerConfig, Secret, SwitchConfig};
+use crate::config::{Config, RunnerConfig, Secret, StoreConfig, SwitchConfig};
 use crate::db::{self, Db};
 use crate::events::{Bus, Event};
 use crate::pipeline::{AppBackends, Pipeline, source};
@@ -177,13 +177,19 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
         };
         let store: Arc<dyn ArtifactStore> = match &s3 {
             Some(s3) => s3.clone(),
-            None => Arc::new(LocalStore::new(data_dir.join("artifacts"))),
+            None => {
+                let keep = match app.store {
+                    StoreConfig::Local { keep } => keep,
+                    StoreConfig::S3 { .. } => unreachable!("S3 settings were found just above"),
+                };
+                Arc::new(LocalStore::new(data_dir.join("artifacts"), keep))
+            }
         };
         let runner: Arc<dyn Runner> = match (&app.runner, CodeDeploySettings::from_app(&app), &s3) {
             (_, Some(settings), Some(s3)) => {
                 Arc::new(CodeDeployRunner::new(settings, s3.clone()).await)
             }
-            (RunnerConfig::Local { group }, ..) => Arc::new(LocalRunner::new(
+            (RunnerConfig::Local { group, .. }, ..) => Arc::new(LocalRunner::new(
                 data_dir.join("apps").join(app.name.as_str()),
                 group.clone(),
                 store.clone(),

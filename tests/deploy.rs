@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Load, spawn_app};
+use common::{Extra, Load, spawn_app, spawn_app_with};
 
 #[tokio::test]
 async fn a_signed_push_deploys_the_example_app_and_the_proxy_serves_it() {
@@ -329,4 +329,59 @@ async fn a_rollback_switches_back_while_the_old_instance_runs_and_redeploys_its_
         .collect();
     assert_eq!(skipped, ["skipped"; 4], "nothing rebuilt: {done:#}");
     assert_eq!(app.served().await, first);
+}
+
+#[tokio::test]
+async fn old_bundles_revisions_and_releases_are_pruned_but_never_the_live_or_previous_one() {
+    let app = spawn_app_with(Extra {
+        app: "store = { kind = \"local\", keep = 2 }\nrunner = { kind = \"local\", keep = 2 }"
+            .into(),
+        ..Extra::default()
+    })
+    .await;
+    let mut versions = Vec::new();
+    for n in 1..=4 {
+        versions.push(app.deploy(&app.repo.commit(&format!("Release {n}"))).await);
+    }
+    let names = |dir: &str| {
+        let mut names: Vec<String> = std::fs::read_dir(app.data_dir().join(dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    };
+    let (live, previous) = (&versions[3], &versions[2]);
+    assert_eq!(
+        names("artifacts/hello"),
+        [format!("{previous}.zip"), format!("{live}.zip")]
+    );
+    assert_eq!(
+        names("apps/hello/releases"),
+        [previous.clone(), live.clone()]
+    );
+    assert_eq!(names("apps/hello/deployments"), ["3", "4"]);
+    assert_eq!(
+        names("apps/hello/deployments/4"),
+        ["deployment-archive"],
+        "the zip went once unpacked"
+    );
+
+    // The previous instance still runs from its release: rolling back is one switch.
+    let response = app
+        .http
+        .post(format!("{}/api/apps/hello/rollback", app.base()))
+        .bearer_auth(common::ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let id = response.json::<serde_json::Value>().await.unwrap()["deployment_id"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(
+        app.wait_finished(id).await["deployment"]["status"],
+        "succeeded"
+    );
+    assert_eq!(app.served().await, *previous);
 }

@@ -343,7 +343,40 @@ impl Pipeline {
             .map_err(|err| Failed(err.hook.into(), err.reason))?;
         self.prune(backends, job.deployment_id, &job.bundle_key)
             .await;
+        self.prune_host(backends, job).await;
         Ok(())
+    }
+
+    /// Host retention once a deployment went live: the runner's older revisions and
+    /// releases go, never the version an instance on one of the app's ports runs.
+    async fn prune_host(&self, backends: &AppBackends, job: &Job) {
+        let (app, ports) = (backends.app.name.to_string(), backends.app.ports);
+        let running = self
+            .db
+            .call(move |conn| {
+                let mut versions = Vec::new();
+                for port in ports {
+                    versions.extend(db::instance(conn, &app, port)?.map(|i| i.version));
+                }
+                Ok(versions)
+            })
+            .await;
+        let running = match running {
+            Ok(running) => running,
+            Err(err) => {
+                tracing::warn!(deployment_id = job.deployment_id, error = %err, "could not read the running instances; nothing pruned on this host");
+                return;
+            }
+        };
+        match backends.runner.prune(job, &running).await {
+            Ok(deleted) if !deleted.is_empty() => {
+                tracing::info!(deployment_id = job.deployment_id, deleted = ?deleted, "old revisions deleted on this host")
+            }
+            Ok(_) => {}
+            Err(err) => {
+                tracing::warn!(deployment_id = job.deployment_id, error = %err, "could not prune old revisions on this host")
+            }
+        }
     }
 
     /// Retention once a deployment went live: its bundle and the previous live one are

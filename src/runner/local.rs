@@ -14,7 +14,7 @@ use tokio::process::Command;
 
 use super::appspec::{self, AppSpec};
 use super::{Job, Progress, Runner, RunnerError};
-use crate::config::{AppConfig, Secret};
+use crate::config::{AppConfig, RunnerConfig, Secret};
 use crate::domain::{Hook, StageStatus};
 use crate::process;
 use crate::store::ArtifactStore;
@@ -239,6 +239,31 @@ impl Runner for LocalRunner {
         })
     }
 
+    async fn prune(&self, job: &Job, running: &[String]) -> Result<Vec<String>, String> {
+        let keep = match &job.app.runner {
+            RunnerConfig::Local { keep, .. } => *keep as usize,
+            RunnerConfig::CodeDeploy { .. } => return Ok(Vec::new()),
+        };
+        let app_dir = self.app_dir.clone();
+        // The revision the next ApplicationStop runs from, and this one, always stay.
+        let mut revisions = vec![job.deployment_id.to_string()];
+        if let Some(last) = tokio::fs::read_to_string(self.last_revision_marker())
+            .await
+            .ok()
+            .and_then(|archive| Some(Path::new(&archive).parent()?.file_name()?.to_owned()))
+        {
+            revisions.push(last.to_string_lossy().into_owned());
+        }
+        let running = running.to_vec();
+        tokio::task::spawn_blocking(move || {
+            let mut deleted = prune_folder(&app_dir.join("deployments"), keep, &revisions)?;
+            deleted.extend(prune_folder(&app_dir.join("releases"), keep, &running)?);
+            Ok(deleted)
+        })
+        .await
+        .map_err(|err| err.to_string())?
+    }
+
     async fn run(&self, job: &Job, progress: &dyn Progress) -> Result<(), RunnerError> {
         let fail = |hook: Hook, reason: String| RunnerError { hook, reason };
         let deployment_dir = self
@@ -326,6 +351,8 @@ impl Runner for LocalRunner {
             let files = tokio::task::spawn_blocking(move || extract(&zip, &dest))
                 .await
                 .map_err(|err| err.to_string())??;
+            // Unpacked, the zip is one more copy of the artifact on this host's disk.
+            let _ = tokio::fs::remove_file(&zip_path).await;
             let text = tokio::fs::read_to_string(archive.join("appspec.yml"))
                 .await
                 .map_err(|err| format!("bundle has no appspec.yml: {err}"))?;
@@ -402,6 +429,34 @@ impl Runner for LocalRunner {
         }
         Ok(())
     }
+}
+
+/// Deletes the folders in `dir` beyond the newest `keep` (by last change: a deployment's
+/// folder and a release are made as it runs), except those named in `protect`. Returns
+/// their paths. A folder that is not there has nothing to prune.
+fn prune_folder(dir: &Path, keep: usize, protect: &[String]) -> Result<Vec<String>, String> {
+    let describe = |err: std::io::Error| format!("{}: {err}", dir.display());
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => return Err(describe(err)),
+    };
+    let mut folders = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(describe)?;
+        let metadata = entry.metadata().map_err(describe)?;
+        if metadata.is_dir() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            folders.push((crate::store::modified(&metadata), name));
+        }
+    }
+    let mut deleted = Vec::new();
+    for name in crate::store::beyond_retention(folders, keep, protect) {
+        let path = dir.join(&name);
+        std::fs::remove_dir_all(&path).map_err(|err| format!("{}: {err}", path.display()))?;
+        deleted.push(path.display().to_string());
+    }
+    Ok(deleted)
 }
 
 /// Install: the bundle's files go to `releases/<version>` (the appspec's `files` destination

@@ -52,4 +52,13 @@ pub trait Runner: Send + Sync {
     /// After nonstop died in the middle of `job`: stops the instance it may have started on
     /// the idle port (never the live one). Returns what it did, for the log.
     async fn clean_up_interrupted(&self, job: &Job) -> Result<String, RunnerError>;
+
+    /// Retention once `job` went live: deletes what the runner keeps on its host of older
+    /// deployments beyond the app's limit, never a version in `running` (the instances on
+    /// the app's ports). Returns what it deleted. Runners whose hosts keep their own
+    /// revisions (the CodeDeploy agent) leave this as is.
+    async fn prune(&self, job: &Job, running: &[String]) -> Result<Vec<String>, String> {
+        let _ = (job, running);
+        Ok(Vec::new())
+    }
 }

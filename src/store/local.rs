@@ -5,15 +5,20 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
-use super::{ArtifactStore, StoreError, StoredBundle, sha256_file};
+use super::{ArtifactStore, StoreError, StoredBundle, beyond_retention, modified, sha256_file};
 
 pub struct LocalStore {
     root: PathBuf,
+    /// The newest bundles kept per app (`store.keep`).
+    keep: usize,
 }
 
 impl LocalStore {
-    pub fn new(root: PathBuf) -> Self {
-        Self { root }
+    pub fn new(root: PathBuf, keep: u32) -> Self {
+        Self {
+            root,
+            keep: keep as usize,
+        }
     }
 
     fn path_of(&self, key: &str) -> Result<PathBuf, StoreError> {
@@ -95,6 +100,38 @@ impl ArtifactStore for LocalStore {
             source: std::io::Error::other(err),
         })?
     }
+
+    async fn prune(&self, app: &str, protect: &[String]) -> Result<Vec<String>, StoreError> {
+        let dir = self.path_of(app)?;
+        let (app, keep, protect) = (app.to_owned(), self.keep, protect.to_vec());
+        tokio::task::spawn_blocking(move || {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(err) => return Err(io(&dir)(err)),
+            };
+            let mut bundles = Vec::new();
+            for entry in entries {
+                let entry = entry.map_err(io(&dir))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.ends_with(".zip") {
+                    let metadata = entry.metadata().map_err(io(&entry.path()))?;
+                    bundles.push((modified(&metadata), format!("{app}/{name}")));
+                }
+            }
+            let doomed = beyond_retention(bundles, keep, &protect);
+            for key in &doomed {
+                let path = dir.join(key.rsplit('/').next().unwrap_or(key));
+                std::fs::remove_file(&path).map_err(io(&path))?;
+            }
+            Ok(doomed)
+        })
+        .await
+        .map_err(|err| StoreError::Io {
+            path: "store task".into(),
+            source: std::io::Error::other(err),
+        })?
+    }
 }
 
 /// An app's uploads run one at a time, so a `.partial` already in its folder was cut short
@@ -119,7 +156,7 @@ mod tests {
     #[tokio::test]
     async fn put_then_get_round_trips_with_its_checksum() {
         let dir = tempfile::tempdir().unwrap();
-        let store = LocalStore::new(dir.path().join("artifacts"));
+        let store = LocalStore::new(dir.path().join("artifacts"), 10);
         let bundle = dir.path().join("b.zip");
         std::fs::write(&bundle, b"zip bytes").unwrap();
 
@@ -133,9 +170,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn prune_keeps_the_newest_and_the_protected_bundles() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path().join("artifacts"), 2);
+        assert!(store.prune("hello", &[]).await.unwrap().is_empty());
+        let bundle = dir.path().join("b.zip");
+        std::fs::write(&bundle, b"zip bytes").unwrap();
+        for version in ["v1", "v2", "v3", "v4"] {
+            store.put("hello", version, &bundle).await.unwrap();
+        }
+        let mut doomed = store
+            .prune("hello", &["hello/v1.zip".into()])
+            .await
+            .unwrap();
+        doomed.sort();
+        assert_eq!(doomed, ["hello/v2.zip"]);
+        let mut left: Vec<_> = std::fs::read_dir(dir.path().join("artifacts/hello"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["v1.zip", "v3.zip", "v4.zip"]);
+    }
+
+    #[tokio::test]
     async fn a_corrupt_or_missing_bundle_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let store = LocalStore::new(dir.path().join("artifacts"));
+        let store = LocalStore::new(dir.path().join("artifacts"), 10);
         let bundle = dir.path().join("b.zip");
         std::fs::write(&bundle, b"zip bytes").unwrap();
         let stored = store.put("hello", "v1", &bundle).await.unwrap();

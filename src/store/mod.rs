@@ -73,3 +73,55 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     }
     Ok(hex::encode(hasher.finalize()))
 }
+
+/// Retention, pure: of `items` (last-modified, name), the names to delete so that the newest
+/// `keep` stay, plus every name in `protect` whatever its age. Ties in time are broken by
+/// name, which sorts by version for nonstop's stamped versions. Stores prune bundles with
+/// it, the local runner its revisions and releases.
+pub fn beyond_retention(
+    mut items: Vec<(Option<(i64, u32)>, String)>,
+    keep: usize,
+    protect: &[String],
+) -> Vec<String> {
+    items.sort_by(|a, b| b.cmp(a));
+    items
+        .into_iter()
+        .skip(keep)
+        .map(|(_, name)| name)
+        .filter(|name| !protect.contains(name))
+        .collect()
+}
+
+/// A file's or folder's last-modified time, as `beyond_retention` sorts it.
+pub fn modified(metadata: &std::fs::Metadata) -> Option<(i64, u32)> {
+    let since_epoch = metadata
+        .modified()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
+    Some((since_epoch.as_secs() as i64, since_epoch.subsec_nanos()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_keeps_the_newest_and_every_protected_bundle() {
+        let bundles = (1..=6)
+            .map(|n| (Some((1_000 + n, 0)), format!("p/hello/v{n}.zip")))
+            .collect();
+        let protect = ["p/hello/v1.zip".to_owned()];
+        let doomed = beyond_retention(bundles, 3, &protect);
+        assert_eq!(doomed, ["p/hello/v3.zip", "p/hello/v2.zip"]);
+
+        // Same second: the key (the stamped version) decides.
+        let bundles = vec![
+            (Some((5, 0)), "a/v2.zip".to_owned()),
+            (Some((5, 0)), "a/v3.zip".to_owned()),
+            (Some((5, 0)), "a/v1.zip".to_owned()),
+        ];
+        assert_eq!(beyond_retention(bundles, 2, &[]), ["a/v1.zip"]);
+        assert!(beyond_retention(Vec::new(), 0, &[]).is_empty());
+    }
+}

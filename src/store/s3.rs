@@ -15,7 +15,7 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectI
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use super::{ArtifactStore, StoreError, StoredBundle, sha256_file};
+use super::{ArtifactStore, StoreError, StoredBundle, beyond_retention, sha256_file};
 use crate::aws::{self, AwsFailure, Endpoint, FailureKind, Timeouts};
 use crate::config::StoreConfig;
 
@@ -83,7 +83,7 @@ impl S3Settings {
                 },
                 keep: *keep,
             }),
-            StoreConfig::Local => None,
+            StoreConfig::Local { .. } => None,
         }
     }
 }
@@ -445,7 +445,7 @@ impl ArtifactStore for S3Store {
                 _ => break,
             }
         }
-        let doomed = bundles_to_delete(bundles, keep as usize, protect);
+        let doomed = beyond_retention(bundles, keep as usize, protect);
         for chunk in doomed.chunks(1000) {
             let objects = chunk
                 .iter()
@@ -489,46 +489,5 @@ impl ArtifactStore for S3Store {
             tracing::info!(bucket = %self.settings.bucket, app, deleted = doomed.len(), keep, "pruned old bundles");
         }
         Ok(doomed)
-    }
-}
-
-/// Retention, pure: of `bundles` (last-modified, key), the keys to delete so that the newest
-/// `keep` stay, plus every key in `protect` whatever its age. Ties in time are broken by key,
-/// which sorts by version for nonstop's stamped versions.
-pub fn bundles_to_delete(
-    mut bundles: Vec<(Option<(i64, u32)>, String)>,
-    keep: usize,
-    protect: &[String],
-) -> Vec<String> {
-    bundles.sort_by(|a, b| b.cmp(a));
-    bundles
-        .into_iter()
-        .skip(keep)
-        .map(|(_, key)| key)
-        .filter(|key| !protect.contains(key))
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retention_keeps_the_newest_and_every_protected_bundle() {
-        let bundles = (1..=6)
-            .map(|n| (Some((1_000 + n, 0)), format!("p/hello/v{n}.zip")))
-            .collect();
-        let protect = ["p/hello/v1.zip".to_owned()];
-        let doomed = bundles_to_delete(bundles, 3, &protect);
-        assert_eq!(doomed, ["p/hello/v3.zip", "p/hello/v2.zip"]);
-
-        // Same second: the key (the stamped version) decides.
-        let bundles = vec![
-            (Some((5, 0)), "a/v2.zip".to_owned()),
-            (Some((5, 0)), "a/v3.zip".to_owned()),
-            (Some((5, 0)), "a/v1.zip".to_owned()),
-        ];
-        assert_eq!(bundles_to_delete(bundles, 2, &[]), ["a/v1.zip"]);
-        assert!(bundles_to_delete(Vec::new(), 0, &[]).is_empty());
     }
 }
