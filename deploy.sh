@@ -34,6 +34,13 @@
 #   NONSTOP_PROFILE_URL         asked for the live profile, default http://127.0.0.1/profile
 #   NONSTOP_PORTS               default "8081 8082"
 #   NONSTOP_PROFILES            default "real1 real2"
+#   NONSTOP_RUN_TEMPLATE        when NONSTOP_RUN is unset: the app's `run` line, with
+#                               {artifact}, {port} and {profile} filled in here
+#   NONSTOP_ARTIFACT            what {artifact} stands for
+#   NONSTOP_HEALTH_PATH         when NONSTOP_HEALTH_URL is unset, default /profile
+# On a fleet host nobody sets these: nonstop bundles them as `nonstop.env` beside this
+# script, one NAME=value per line. It is read, never sourced, and a variable already set
+# wins, so the local runner's own values always come first.
 #
 # Needs bash, curl and setsid (util-linux). Every value above is only ever used quoted, as
 # one argument; the one exception is NONSTOP_RUN, which comes from nonstop's trusted config
@@ -69,6 +76,9 @@ on_application_start() {
   resolve_slots
   require_run_dir
   local run=${NONSTOP_RUN:-}
+  if [[ -z $run && -n ${NONSTOP_RUN_TEMPLATE:-} ]]; then
+    run=$(fill_run_template)
+  fi
   [[ -n $run ]] || die "NONSTOP_RUN is empty: nothing to start"
   command -v setsid >/dev/null || die "setsid (util-linux) is needed to detach the app from this hook"
   mkdir -p "$RUN_DIR"
@@ -122,7 +132,7 @@ on_validate_service() {
   require_run_dir
   local attempts=${NONSTOP_HEALTH_ATTEMPTS:-20}
   local interval_ms=${NONSTOP_HEALTH_INTERVAL_MS:-250}
-  local url=${NONSTOP_HEALTH_URL:-http://127.0.0.1:$IDLE_PORT/profile}
+  local url=${NONSTOP_HEALTH_URL:-http://127.0.0.1:$IDLE_PORT${NONSTOP_HEALTH_PATH:-/profile}}
   require_number NONSTOP_HEALTH_ATTEMPTS "$attempts"
   require_number NONSTOP_HEALTH_INTERVAL_MS "$interval_ms"
   ((attempts >= 1)) || die "NONSTOP_HEALTH_ATTEMPTS must be at least 1"
@@ -405,6 +415,35 @@ switch_with_nginx() {
   abort_release "nginx refused the switch, $include restored: $(one_line "$output")"
 }
 
+# --- settings bundled for fleet hosts -------------------------------------------------------
+
+# Reads nonstop.env beside this script: NONSTOP_* names only, each exported unless already
+# set. Values are taken as they are, never evaluated.
+load_host_env() {
+  local file=$SCRIPT_DIR/nonstop.env line name value
+  [[ -f $file ]] || return 0
+  while IFS= read -r line || [[ -n $line ]]; do
+    [[ -z $line || $line == \#* ]] && continue
+    name=${line%%=*}
+    value=${line#*=}
+    [[ $name =~ ^NONSTOP_[A-Z0-9_]+$ && $line == *=* ]] || die "nonstop.env: not NAME=value: '$(one_line "$line")'"
+    if [[ -z ${!name+set} ]]; then
+      export "$name=$value"
+    fi
+  done <"$file"
+}
+
+# The app's run line for the idle slot, from NONSTOP_RUN_TEMPLATE.
+fill_run_template() {
+  local run=$NONSTOP_RUN_TEMPLATE
+  [[ -n ${NONSTOP_ARTIFACT:-} || $run != *"{artifact}"* ]] ||
+    die "NONSTOP_RUN_TEMPLATE names {artifact} but NONSTOP_ARTIFACT is not set"
+  run=${run//\{artifact\}/${NONSTOP_ARTIFACT:-}}
+  run=${run//\{port\}/$IDLE_PORT}
+  run=${run//\{profile\}/$IDLE_PROFILE}
+  printf '%s' "$run"
+}
+
 # --- small helpers -------------------------------------------------------------------------
 
 log() { printf 'deploy.sh %s: %s\n' "$EVENT" "$*"; }
@@ -465,6 +504,7 @@ one_line() {
 }
 
 main() {
+  load_host_env
   case $EVENT in
     ApplicationStop | BeforeInstall) on_nothing_to_do ;;
     AfterInstall) on_after_install ;;

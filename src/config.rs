@@ -288,6 +288,12 @@ pub enum RunnerConfig {
         destination: Option<String>,
         /// The user the hooks run as on each host (the appspec's `runas`).
         runas: Option<String>,
+        /// The file nginx on each host includes for `$service_url`, which deploy.sh
+        /// rewrites to switch (default `/etc/nginx/conf.d/service-url.inc`).
+        nginx_include: Option<String>,
+        /// What deploy.sh asks on each host for the live profile (default
+        /// `http://127.0.0.1/profile`: the host's nginx, hence the live instance).
+        profile_url: Option<String>,
     },
 }
 
@@ -741,6 +747,8 @@ fn check_aws_backends(app: &AppConfig) -> Result<(), (&'static str, String)> {
         timeout_secs,
         destination,
         runas,
+        nginx_include,
+        profile_url,
         ..
     } = &app.runner
     {
@@ -796,6 +804,21 @@ fn check_aws_backends(app: &AppConfig) -> Result<(), (&'static str, String)> {
             .is_some_and(|u| u.is_empty() || u.contains(char::is_whitespace))
         {
             return Err(("runner.runas", "must be one user name".into()));
+        }
+        if nginx_include
+            .as_deref()
+            .is_some_and(|d| !d.starts_with('/'))
+        {
+            return Err((
+                "runner.nginx_include",
+                "must be an absolute path on the hosts".into(),
+            ));
+        }
+        if profile_url.as_deref().is_some_and(|u| !http_url(u)) {
+            return Err((
+                "runner.profile_url",
+                "must be an http:// or https:// URL".into(),
+            ));
         }
     }
     Ok(())

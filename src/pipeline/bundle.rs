@@ -1,5 +1,5 @@
-//! Bundle: the zip a runner deploys — `appspec.yml`, `deploy.sh`, the artifact and
-//! `VERSION` — with its sha256. The same bundle serves the local runner and CodeDeploy.
+//! Bundle: the zip a runner deploys — `appspec.yml`, `deploy.sh` and its `nonstop.env`, the
+//! artifact and `VERSION` — with its sha256. The same bundle serves the local runner and CodeDeploy.
 
 use std::io::Write;
 use std::path::Path;
@@ -11,6 +11,8 @@ pub const DEPLOY_SH: &str = include_str!("../../deploy.sh");
 
 pub struct BundleContents<'a> {
     pub appspec: &'a str,
+    /// `nonstop.env`: deploy.sh's settings on fleet hosts.
+    pub host_env: &'a str,
     pub artifact: &'a Path,
     pub version: &'a str,
 }
@@ -48,6 +50,7 @@ pub fn create(contents: &BundleContents<'_>, dest: &Path) -> Result<(String, Str
     for (name, options, data) in [
         ("appspec.yml", text, contents.appspec.as_bytes()),
         ("deploy.sh", executable, DEPLOY_SH.as_bytes()),
+        ("nonstop.env", text, contents.host_env.as_bytes()),
         (
             "VERSION",
             text,
@@ -81,6 +84,7 @@ mod tests {
         let dest = dir.path().join("out/bundle.zip");
         let contents = BundleContents {
             appspec: "version: 0.0\n",
+            host_env: "NONSTOP_PORTS=8081 8082\n",
             artifact: &artifact,
             version: "1.0.1-SNAPSHOT-20261125140000",
         };
@@ -91,7 +95,16 @@ mod tests {
         let mut zip = zip::ZipArchive::new(std::fs::File::open(&dest).unwrap()).unwrap();
         let mut names: Vec<_> = zip.file_names().map(str::to_owned).collect();
         names.sort();
-        assert_eq!(names, ["VERSION", "appspec.yml", "deploy.sh", "hello"]);
+        assert_eq!(
+            names,
+            [
+                "VERSION",
+                "appspec.yml",
+                "deploy.sh",
+                "hello",
+                "nonstop.env"
+            ]
+        );
         assert_eq!(
             zip.by_name("deploy.sh").unwrap().unix_mode().unwrap() & 0o777,
             0o755

@@ -273,11 +273,13 @@ impl Pipeline {
             .join("tmp")
             .join(format!("{}-{id}.zip", app.name));
         let appspec = runner::appspec::render_for(app);
+        let host_env = runner::appspec::render_host_env(app);
         let bundled = {
             let (path, version) = (bundle_path.clone(), version.clone());
             tokio::task::spawn_blocking(move || {
                 let contents = bundle::BundleContents {
                     appspec: &appspec,
+                    host_env: &host_env,
                     artifact: &artifact,
                     version: &version,
                 };

@@ -39,19 +39,84 @@ pub struct HookScript {
 }
 
 /// The appspec for `app`'s bundles: the `files` destination and `runas` come from its
-/// CodeDeploy runner settings (defaults: `/opt/nonstop/<app>`, the agent's own user).
+/// CodeDeploy runner settings (defaults: `destination_of`, the agent's own user).
 pub fn render_for(app: &AppConfig) -> String {
-    let default_destination = format!("/opt/nonstop/{}", app.name);
-    let (destination, runas) = match &app.runner {
-        RunnerConfig::CodeDeploy {
-            destination, runas, ..
-        } => (
-            destination.as_deref().unwrap_or(&default_destination),
-            runas.as_deref(),
-        ),
-        RunnerConfig::Local { .. } => (default_destination.as_str(), None),
+    let runas = match &app.runner {
+        RunnerConfig::CodeDeploy { runas, .. } => runas.as_deref(),
+        RunnerConfig::Local { .. } => None,
     };
-    render_with(destination, app.hook_timeout_secs, runas)
+    render_with(&destination_of(app), app.hook_timeout_secs, runas)
+}
+
+/// Where the agent installs `app`'s bundles on each host: the runner's `destination`, else
+/// `/opt/nonstop/<app>`.
+pub fn destination_of(app: &AppConfig) -> String {
+    match &app.runner {
+        RunnerConfig::CodeDeploy {
+            destination: Some(destination),
+            ..
+        } => destination.clone(),
+        _ => format!("/opt/nonstop/{}", app.name),
+    }
+}
+
+/// `nonstop.env`, bundled beside `deploy.sh`: what the script needs on a host where the
+/// CodeDeploy agent runs the hooks and nobody sets nonstop's env vars. deploy.sh reads it
+/// (it never sources it) and a variable already set wins, so the local runner's own values
+/// always come first. One `NAME=value` per line; values are single lines.
+pub fn render_host_env(app: &AppConfig) -> String {
+    let destination = destination_of(app);
+    let (nginx_include, profile_url) = match &app.runner {
+        RunnerConfig::CodeDeploy {
+            nginx_include,
+            profile_url,
+            ..
+        } => (nginx_include.as_deref(), profile_url.as_deref()),
+        RunnerConfig::Local { .. } => (None, None),
+    };
+    let artifact = app
+        .artifact
+        .file_name()
+        .map(|name| format!("{destination}/{}", name.to_string_lossy()))
+        .unwrap_or_default();
+    let one_line = |value: &str| value.replace(['\r', '\n'], " ");
+    let pairs = [
+        ("NONSTOP_RUN_TEMPLATE", one_line(&app.run)),
+        ("NONSTOP_ARTIFACT", artifact),
+        ("NONSTOP_RUN_DIR", format!("{destination}/run")),
+        (
+            "NONSTOP_PORTS",
+            format!("{} {}", app.ports[0], app.ports[1]),
+        ),
+        (
+            "NONSTOP_PROFILES",
+            format!("{} {}", app.profiles[0], app.profiles[1]),
+        ),
+        ("NONSTOP_HEALTH_PATH", one_line(&app.health.path)),
+        ("NONSTOP_HEALTH_ATTEMPTS", app.health.attempts.to_string()),
+        (
+            "NONSTOP_HEALTH_INTERVAL_MS",
+            app.health.interval_ms.to_string(),
+        ),
+        (
+            "NONSTOP_NGINX_INCLUDE",
+            nginx_include
+                .unwrap_or("/etc/nginx/conf.d/service-url.inc")
+                .to_owned(),
+        ),
+        (
+            "NONSTOP_PROFILE_URL",
+            profile_url.unwrap_or("http://127.0.0.1/profile").to_owned(),
+        ),
+    ];
+    let mut text = String::from(
+        "# Written by nonstop for hosts where the CodeDeploy agent runs this bundle's hooks.\n\
+         # deploy.sh reads it (never sources it); a variable already set wins.\n",
+    );
+    for (name, value) in pairs {
+        text.push_str(&format!("{name}={value}\n"));
+    }
+    text
 }
 
 /// The appspec nonstop bundles: every scriptable hook runs `deploy.sh` with `timeout_secs`.
@@ -226,6 +291,46 @@ runner = { kind = "codedeploy", application = "hello", group = "fleet", destinat
         let spec = parse(&render_for(&local.apps[0])).unwrap();
         assert_eq!(spec.files[0].destination, "/opt/nonstop/hello");
         assert_eq!(spec.scripts(Hook::AfterInstall)[0].runas, None);
+    }
+
+    #[test]
+    fn the_host_env_tells_deploy_sh_what_a_fleet_host_needs() {
+        let text = r#"
+[[app]]
+name = "hello"
+repo = "x"
+build = "true"
+artifact = "target/release/hello"
+run = "{artifact} --port {port} --profile {profile}"
+health = { path = "/health", attempts = 7, interval_ms = 300 }
+store = { kind = "s3", bucket = "releases" }
+runner = { kind = "codedeploy", application = "hello", group = "fleet", destination = "/srv/hello", profile_url = "http://127.0.0.1:81/profile" }
+"#;
+        let config = crate::config::Config::parse(text, std::path::Path::new("n.toml")).unwrap();
+        let env = render_host_env(&config.apps[0]);
+        let pairs: BTreeMap<_, _> = env
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| l.split_once('=').unwrap())
+            .collect();
+        assert_eq!(
+            pairs,
+            BTreeMap::from([
+                (
+                    "NONSTOP_RUN_TEMPLATE",
+                    "{artifact} --port {port} --profile {profile}"
+                ),
+                ("NONSTOP_ARTIFACT", "/srv/hello/hello"),
+                ("NONSTOP_RUN_DIR", "/srv/hello/run"),
+                ("NONSTOP_PORTS", "8081 8082"),
+                ("NONSTOP_PROFILES", "real1 real2"),
+                ("NONSTOP_HEALTH_PATH", "/health"),
+                ("NONSTOP_HEALTH_ATTEMPTS", "7"),
+                ("NONSTOP_HEALTH_INTERVAL_MS", "300"),
+                ("NONSTOP_NGINX_INCLUDE", "/etc/nginx/conf.d/service-url.inc"),
+                ("NONSTOP_PROFILE_URL", "http://127.0.0.1:81/profile"),
+            ])
+        );
     }
 
     #[test]

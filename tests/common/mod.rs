@@ -3,6 +3,7 @@
 //! deadline, and a bounded keep-alive load loop.
 #![allow(dead_code)]
 
+pub mod nginx;
 pub mod recorder;
 
 use std::net::TcpListener;
