@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, RunnerConfig, Secret, StoreConfig, SwitchConfig};
 use crate::db::{self, Db};
+use crate::domain::DeploymentStatus;
 use crate::events::{Bus, Event};
 use crate::pipeline::{AppBackends, Pipeline, source};
 use crate::queue::Queue;
@@ -126,6 +127,16 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
     });
     crate::notify::start(&config, &dashboard_url, db.clone(), &bus, shutdown.clone())
         .map_err(|err| ServeError::Setup(err.to_string()))?;
+    // What the last stop cut short is reported as ended (GitHub's `in_progress` must not
+    // stay forever), now that the notifiers listen.
+    for (deployment, _) in &interrupted {
+        bus.publish(Event::Deployment {
+            id: deployment.id,
+            app: deployment.app.clone(),
+            status: DeploymentStatus::Interrupted,
+            version: deployment.version.clone().unwrap_or_default(),
+        });
+    }
 
     let mut apps = HashMap::new();
     let mut proxies = Vec::new();

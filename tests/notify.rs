@@ -33,6 +33,15 @@ fn github_api() -> impl FnMut(usize, &Recorded) -> Reply + Send + 'static {
 /// nonstop with Slack and GitHub pointed at the two receivers (GitHub with an Enterprise-style
 /// `/api/v3` prefix), a dashboard URL and an app URL.
 async fn spawn_notifying_app(slack: &Recorder, github: &Recorder) -> TestApp {
+    spawn_notifying_app_with(slack, github, Vec::new()).await
+}
+
+/// `spawn_notifying_app`, with more env vars for the server.
+async fn spawn_notifying_app_with(
+    slack: &Recorder,
+    github: &Recorder,
+    env: Vec<(String, String)>,
+) -> TestApp {
     spawn_app_with(Extra {
         server: "public_url = \"https://deploy.example.com/\"\n".into(),
         app:
@@ -43,13 +52,16 @@ async fn spawn_notifying_app(slack: &Recorder, github: &Recorder) -> TestApp {
              [github]\ntoken_env = \"NONSTOP_TEST_GITHUB_TOKEN\"\napi_url = \"{}/api/v3\"\n",
             github.url
         ),
-        env: vec![
+        env: [
             (
                 "NONSTOP_TEST_SLACK_URL".into(),
                 format!("{}{SLACK_PATH}", slack.url),
             ),
             ("NONSTOP_TEST_GITHUB_TOKEN".into(), GITHUB_TOKEN.into()),
-        ],
+        ]
+        .into_iter()
+        .chain(env)
+        .collect(),
         ..Extra::default()
     })
     .await
@@ -281,5 +293,118 @@ async fn a_flaky_receiver_gets_three_tries_and_a_hanging_one_never_holds_up_a_de
     assert!(
         !log.contains("slack-secret-part"),
         "the Slack URL was logged"
+    );
+}
+
+#[tokio::test]
+async fn a_deployment_cut_short_by_a_stop_gets_its_last_status_after_the_restart() {
+    let slack = Recorder::start(|_, _| Reply::Status(200, json!("ok"))).await;
+    let github = Recorder::start(github_api()).await;
+    // Debug builds hold deployment 1 in Build (src/fault.rs), so the stop lands mid-deploy.
+    let mut app = spawn_notifying_app_with(
+        &slack,
+        &github,
+        vec![("NONSTOP_TEST_HOLD".into(), "Build@1".into())],
+    )
+    .await;
+    let id = app.push(&app.repo.commit("Cut short")).await;
+    let calls = github.wait_for(2, WAIT).await;
+    assert_eq!(states(&calls), ["create", "in_progress"]);
+    let deadline = std::time::Instant::now() + WAIT;
+    while !app.server_log().contains("NONSTOP_TEST_HOLD: holding") {
+        assert!(std::time::Instant::now() < deadline, "Build never held");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    app.restart().await;
+
+    // The GitHub deployment made before the stop gets the last word, not a new one.
+    let calls = github.wait_for(3, WAIT).await;
+    let repo = "/api/v3/repos/acme/hello/deployments";
+    assert_eq!(paths(&calls[2..]), [format!("POST {repo}/101/statuses")]);
+    assert_eq!(calls[2].body["state"], "error");
+    assert_eq!(
+        calls[2].body["description"],
+        "nonstop stopped while this deployment ran"
+    );
+    let messages = slack.wait_for(2, WAIT).await;
+    assert_eq!(
+        messages[1].body["text"],
+        format!("hello deployment #{id} was interrupted")
+    );
+    assert_eq!(
+        app.wait_finished(id).await["deployment"]["status"],
+        "interrupted"
+    );
+    assert_eq!(
+        app.count_rows("github_deployments"),
+        0,
+        "nothing left to say"
+    );
+}
+
+#[tokio::test]
+async fn a_rollback_marks_the_undone_deployment_inactive_on_github_and_tells_slack() {
+    let slack = Recorder::start(|_, _| Reply::Status(200, json!("ok"))).await;
+    let github = Recorder::start(github_api()).await;
+    let app = spawn_notifying_app(&slack, &github).await;
+    let first = app.deploy(&app.repo.commit("One")).await;
+    let second = app.deploy(&app.repo.commit("Two")).await;
+    github.wait_for(6, WAIT).await;
+
+    let response = app
+        .http
+        .post(format!("{}/api/apps/hello/rollback", app.base()))
+        .bearer_auth(common::ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    assert_eq!(app.served().await, first);
+
+    // The rollback is a deployment of the first version's commit that succeeds at once, and
+    // the deployment it undid (GitHub's 102) turns inactive.
+    let calls = github.wait_for(9, WAIT).await;
+    let repo = "/api/v3/repos/acme/hello/deployments";
+    let mut last: Vec<_> = calls[6..]
+        .iter()
+        .map(|c| {
+            format!(
+                "{} {}",
+                c.path,
+                c.body["state"].as_str().unwrap_or("create")
+            )
+        })
+        .collect();
+    last.sort();
+    assert_eq!(
+        last,
+        [
+            format!("{repo} create"),
+            format!("{repo}/102/statuses inactive"),
+            format!("{repo}/103/statuses success"),
+        ]
+    );
+    let inactive = calls
+        .iter()
+        .find(|c| c.body["state"] == "inactive")
+        .unwrap();
+    assert_eq!(
+        inactive.body["description"],
+        format!("{second} was rolled back")
+    );
+
+    let messages = slack.wait_for(6, WAIT).await;
+    let texts: Vec<_> = messages[4..]
+        .iter()
+        .map(|m| m.body["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        texts.contains(&format!("hello {second} was rolled back")),
+        "{texts:?}"
+    );
+    assert!(
+        texts.contains(&format!("hello {first} is live")),
+        "{texts:?}"
     );
 }

@@ -33,6 +33,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0001_init.sql"),
     include_str!("../../migrations/0002_redeploys.sql"),
     include_str!("../../migrations/0003_ci_builds.sql"),
+    include_str!("../../migrations/0004_github_deployments.sql"),
 ];
 
 #[derive(Clone)]

@@ -649,3 +649,35 @@ pub fn previous_live_bundle(
     )
     .optional()
 }
+
+/// The GitHub Deployment reporting deployment `id`, while it has one.
+pub fn github_deployment(conn: &Connection, id: DeploymentId) -> rusqlite::Result<Option<u64>> {
+    conn.query_row(
+        "SELECT github_id FROM github_deployments WHERE deployment_id = ?1",
+        [id],
+        |row| row.get(0),
+    )
+    .optional()
+}
+
+pub fn set_github_deployment(
+    conn: &Connection,
+    id: DeploymentId,
+    github_id: u64,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO github_deployments (deployment_id, github_id) VALUES (?1, ?2)
+         ON CONFLICT (deployment_id) DO UPDATE SET github_id = ?2",
+        params![id, github_id],
+    )?;
+    Ok(())
+}
+
+/// Once its last status is sent, a deployment has nothing more to say to GitHub.
+pub fn forget_github_deployment(conn: &Connection, id: DeploymentId) -> rusqlite::Result<()> {
+    conn.execute(
+        "DELETE FROM github_deployments WHERE deployment_id = ?1",
+        [id],
+    )?;
+    Ok(())
+}

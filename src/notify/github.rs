@@ -13,14 +13,15 @@ use serde_json::{Value, json};
 
 use super::{Kind, Notice, Notifier, NotifyError, status_error, with_retries};
 use crate::config::{AppConfig, GitHubConfig};
-use crate::domain::DeploymentId;
+use crate::db::{self, Db};
 
 pub struct GitHub {
     client: Octocrab,
     /// `owner/name` per app that reports to GitHub.
     repositories: HashMap<String, String>,
-    /// nonstop's deployment id → GitHub's, from creation until the last status.
-    created: HashMap<DeploymentId, u64>,
+    /// Where nonstop's deployment id → GitHub's is kept, from creation until the last
+    /// status (a live deployment's until it is rolled back), so a restart loses nothing.
+    db: Db,
 }
 
 #[derive(Deserialize)]
@@ -29,7 +30,7 @@ struct Created {
 }
 
 impl GitHub {
-    pub fn new(config: &GitHubConfig, apps: &[AppConfig]) -> Result<Self, NotifyError> {
+    pub fn new(config: &GitHubConfig, apps: &[AppConfig], db: Db) -> Result<Self, NotifyError> {
         let token = config
             .token
             .clone()
@@ -45,7 +46,7 @@ impl GitHub {
         Ok(Self {
             client,
             repositories,
-            created: HashMap::new(),
+            db,
         })
     }
 
@@ -104,20 +105,41 @@ impl Notifier for GitHub {
             Kind::Started => "in_progress",
             Kind::Succeeded => "success",
             Kind::Failed => "failure",
+            // GitHub's word for a deployment that ended without a verdict.
+            Kind::Interrupted => "error",
             Kind::RolledBack => "inactive",
         };
-        let github_id = match self.created.get(&id) {
-            Some(github_id) => *github_id,
+        let known = self
+            .db
+            .call(move |conn| db::github_deployment(conn, id))
+            .await
+            .unwrap_or_else(|err| {
+                tracing::warn!(deployment_id = id, error = %err, "cannot read the GitHub deployment id");
+                None
+            });
+        let github_id = match known {
+            Some(github_id) => github_id,
+            // A rollback only marks what GitHub already shows; GitHub itself set the older
+            // deployment inactive when the newer one succeeded.
+            None if notice.kind == Kind::RolledBack => return,
             // Not created at start (GitHub was down, or the start notice was lost): now.
             None => match self.create(&repository, notice).await {
                 Some(github_id) => github_id,
                 None => return,
             },
         };
-        if notice.kind == Kind::Started {
-            self.created.insert(id, github_id);
+        // A deployment that went live may still be rolled back: its id stays until then.
+        let kept = if matches!(notice.kind, Kind::Started | Kind::Succeeded) {
+            self.db
+                .call(move |conn| db::set_github_deployment(conn, id, github_id))
+                .await
         } else {
-            self.created.remove(&id);
+            self.db
+                .call(move |conn| db::forget_github_deployment(conn, id))
+                .await
+        };
+        if let Err(err) = kept {
+            tracing::warn!(deployment_id = id, error = %err, "cannot keep the GitHub deployment id");
         }
         self.status(&repository, github_id, notice, state).await;
     }
@@ -168,6 +190,10 @@ pub fn status_request(notice: &Notice, state: &str) -> Value {
             Some(failed) => format!("{} failed", failed.stage),
             None => deployment.error.clone().unwrap_or_else(|| "failed".into()),
         },
+        Kind::Interrupted => deployment
+            .error
+            .clone()
+            .unwrap_or_else(|| "interrupted".into()),
         Kind::RolledBack => format!("{version} was rolled back"),
     };
     json!({

@@ -51,6 +51,8 @@ pub enum Kind {
     Started,
     Succeeded,
     Failed,
+    /// nonstop stopped while it ran; reported after the restart.
+    Interrupted,
     RolledBack,
 }
 
@@ -106,7 +108,11 @@ pub fn start(
         notifiers.push(Box::new(slack::Slack::new(slack, &config.apps)?));
     }
     if let Some(github) = &config.github {
-        notifiers.push(Box::new(github::GitHub::new(github, &config.apps)?));
+        notifiers.push(Box::new(github::GitHub::new(
+            github,
+            &config.apps,
+            db.clone(),
+        )?));
     }
     if notifiers.is_empty() {
         return Ok(());
@@ -197,7 +203,8 @@ impl Dispatcher {
         let kind = match status {
             DeploymentStatus::Running if !self.started.contains(&id) => Kind::Started,
             DeploymentStatus::Succeeded => Kind::Succeeded,
-            DeploymentStatus::Failed | DeploymentStatus::Interrupted => Kind::Failed,
+            DeploymentStatus::Failed => Kind::Failed,
+            DeploymentStatus::Interrupted => Kind::Interrupted,
             DeploymentStatus::RolledBack => Kind::RolledBack,
             _ => return,
         };

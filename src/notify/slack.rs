@@ -99,6 +99,7 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::Started => "started",
         Kind::Succeeded => "succeeded",
         Kind::Failed => "failed",
+        Kind::Interrupted => "interrupted",
         Kind::RolledBack => "rolled back",
     }
 }
@@ -200,6 +201,26 @@ pub fn message(notice: &Notice, channel: Option<&str>) -> Value {
                 )
             }
         },
+        Kind::Interrupted => {
+            let why = escape(&clip(
+                deployment.error.as_deref().unwrap_or("interrupted"),
+                500,
+            ));
+            (
+                format!("{app} deployment #{} was interrupted", deployment.id),
+                vec![
+                    section(format!(
+                        ":warning: *{app} deployment was interrupted*: {why}"
+                    )),
+                    fields(&[
+                        ("Version", version_text.clone()),
+                        ("Commit", commit),
+                        ("Live", live),
+                    ]),
+                    link,
+                ],
+            )
+        }
         Kind::RolledBack => (
             format!("{app} {version_text} was rolled back"),
             vec![
