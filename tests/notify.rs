@@ -33,7 +33,9 @@ fn github_api() -> impl FnMut(usize, &Recorded) -> Reply + Send + 'static {
 /// nonstop with Slack and GitHub pointed at the two receivers (GitHub with an Enterprise-style
 /// `/api/v3` prefix), a dashboard URL and an app URL.
 async fn spawn_notifying_app(slack: &Recorder, github: &Recorder) -> TestApp {
-    spawn_notifying_app_with(slack, github, Vec::new()).await
+    // Every crate's debug and trace logs too: a secret must not leak from any of them.
+    let all_logs = vec![("RUST_LOG".into(), "trace".into())];
+    spawn_notifying_app_with(slack, github, all_logs).await
 }
 
 /// `spawn_notifying_app`, with more env vars for the server.
@@ -238,6 +240,7 @@ async fn slack_and_github_hear_of_a_deploy_that_succeeds_and_one_that_fails() {
     );
 
     let log = app.server_log();
+    assert!(log.contains("TRACE"), "every crate's logs were on");
     assert!(!log.contains("slack-secret-part") && !log.contains(GITHUB_TOKEN));
 }
 
