@@ -43,6 +43,9 @@ enum Command {
         #[arg(long)]
         commit: Option<String>,
     },
+    /// Undo APP's live deployment on the running server: switch back to the previous
+    /// instance while it runs, else redeploy the previous version's bundle.
+    Rollback { app: String },
     /// Show what is live and the last deployments.
     Status { app: Option<String> },
 }
@@ -59,7 +62,9 @@ async fn run(cli: Cli) -> Result<()> {
     let load = match cli.command {
         Command::Serve => Config::load,
         Command::Proxy => Config::load_settings,
-        Command::Deploy { .. } | Command::Status { .. } => Config::load_settings,
+        Command::Deploy { .. } | Command::Rollback { .. } | Command::Status { .. } => {
+            Config::load_settings
+        }
     };
     let config = load(&cli.config).map_err(|err| anyhow::anyhow!("{err}"))?;
     match cli.command {
@@ -73,7 +78,24 @@ async fn run(cli: Cli) -> Result<()> {
             serve::run_proxies(config, shutdown).await?;
             Ok(())
         }
-        Command::Deploy { app, commit } => deploy(&config, &app, commit).await,
+        Command::Deploy { app, commit } => {
+            let body = serde_json::json!({ "commit": commit });
+            let id = post_action(&config, &format!("/api/apps/{app}/deploy"), &body).await?;
+            println!(
+                "deployment {id} queued for {app}: {}/deployments/{id}",
+                server_url(&config)
+            );
+            Ok(())
+        }
+        Command::Rollback { app } => {
+            let body = serde_json::json!({});
+            let id = post_action(&config, &format!("/api/apps/{app}/rollback"), &body).await?;
+            println!(
+                "rollback of {app}: deployment {id}, {}/deployments/{id}",
+                server_url(&config)
+            );
+            Ok(())
+        }
         Command::Status { app } => status(&config, app.as_deref()).await,
     }
 }
@@ -131,13 +153,19 @@ fn read_token(path: &Path) -> Result<String> {
     Ok(std::fs::read_to_string(path)?.trim().to_owned())
 }
 
-async fn deploy(config: &Config, app: &str, commit: Option<String>) -> Result<()> {
+/// POSTs an action to the running server with the admin token; returns the deployment id
+/// it answers, or the server's one-line reason as the error.
+async fn post_action(
+    config: &Config,
+    path: &str,
+    body: &serde_json::Value,
+) -> Result<serde_json::Value> {
     let token = admin_token(config)?;
-    let url = format!("{}/api/apps/{app}/deploy", server_url(config));
+    let url = format!("{}{path}", server_url(config));
     let response = reqwest::Client::new()
         .post(&url)
         .bearer_auth(token)
-        .json(&serde_json::json!({ "commit": commit }))
+        .json(body)
         .send()
         .await
         .with_context(|| {
@@ -151,12 +179,7 @@ async fn deploy(config: &Config, app: &str, commit: Option<String>) -> Result<()
             body["error"].as_str().unwrap_or("no reason given")
         );
     }
-    let id = &body["deployment_id"];
-    println!(
-        "deployment {id} queued for {app}: {}/deployments/{id}",
-        server_url(config)
-    );
-    Ok(())
+    Ok(body["deployment_id"].clone())
 }
 
 async fn status(config: &Config, app: Option<&str>) -> Result<()> {

@@ -367,21 +367,31 @@ async fn old_bundles_revisions_and_releases_are_pruned_but_never_the_live_or_pre
         "the zip went once unpacked"
     );
 
-    // The previous instance still runs from its release: rolling back is one switch.
-    let response = app
-        .http
-        .post(format!("{}/api/apps/hello/rollback", app.base()))
-        .bearer_auth(common::ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 202);
-    let id = response.json::<serde_json::Value>().await.unwrap()["deployment_id"]
-        .as_i64()
-        .unwrap();
+    // The previous instance still runs from its release: rolling back (from the CLI) is
+    // one switch.
+    let out = app.cli(&["rollback", "hello"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.starts_with("rollback of hello: deployment 5,"),
+        "{said}"
+    );
     assert_eq!(
-        app.wait_finished(id).await["deployment"]["status"],
+        app.wait_finished(5).await["deployment"]["status"],
         "succeeded"
     );
     assert_eq!(app.served().await, *previous);
+
+    // An app the server does not know: the CLI says so in one line.
+    let out = app.cli(&["rollback", "nope"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        said.starts_with("nonstop: 404") && said.lines().count() == 1,
+        "{said}"
+    );
 }

@@ -208,6 +208,17 @@ impl TestApp {
         }
     }
 
+    /// Runs the `nonstop` CLI against this server (its config, the admin token).
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_nonstop"))
+            .arg("--config")
+            .arg(self.config_path())
+            .args(args)
+            .env("NONSTOP_ADMIN_TOKEN", ADMIN_TOKEN)
+            .output()
+            .unwrap()
+    }
+
     /// `path` as the server sees it, its own mounts included (see `Extra::tmpfs`).
     pub fn as_server_sees(&self, path: &Path) -> PathBuf {
         let pid = self.server.as_ref().expect("the server runs").id();
