@@ -3,14 +3,16 @@
 
 mod common;
 
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use common::{ADMIN_TOKEN, REPOSITORY, SECRET, spawn_app};
 
 #[tokio::test]
 async fn the_dashboard_in_a_real_browser() {
-    let app = spawn_app().await;
+    let mut app = spawn_app().await;
     app.deploy(&app.repo.commit("First live version")).await;
+    let started = Instant::now();
 
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
     assert!(
@@ -19,6 +21,8 @@ async fn the_dashboard_in_a_real_browser() {
     );
     let shots = std::env::var("NONSTOP_SHOTS")
         .unwrap_or_else(|_| dir.join("screenshots").display().to_string());
+    // The browser tests ask for a server restart by leaving a file here (see restartServer).
+    let handshake = tempfile::tempdir().unwrap();
     let mut command = Command::new("node");
     command
         .args(["--test", "--test-concurrency=1", "dashboard.test.mjs"])
@@ -33,11 +37,34 @@ async fn the_dashboard_in_a_real_browser() {
             "NONSTOP_PORTS",
             format!("{},{}", app.ports.app[0], app.ports.app[1]),
         )
-        .env("NONSTOP_SHOTS", &shots);
-    let output = tokio::task::spawn_blocking(move || command.output())
-        .await
-        .unwrap()
-        .expect("node runs");
+        .env("NONSTOP_SHOTS", &shots)
+        .env("NONSTOP_HANDSHAKE", handshake.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let node = command.spawn().expect("node runs");
+    let pid = node.id();
+    let output = tokio::task::spawn_blocking(move || node.wait_with_output());
+    tokio::pin!(output);
+    let output = loop {
+        tokio::select! {
+            done = &mut output => break done.unwrap().expect("node ran"),
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+        let request = handshake.path().join("restart");
+        if request.exists() {
+            std::fs::remove_file(&request).unwrap();
+            app.restart().await;
+            std::fs::write(handshake.path().join("restarted"), "").unwrap();
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            // SAFETY: kill(2) on the node process this test started.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!(
+                "the browser tests ran for 10 minutes:\n{}",
+                app.server_log()
+            );
+        }
+    };
     let report = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),
@@ -50,7 +77,7 @@ async fn the_dashboard_in_a_real_browser() {
         app.server_log()
     );
     assert!(
-        report.contains("# pass 3") && report.contains("# fail 0"),
+        report.contains("# pass 4") && report.contains("# fail 0"),
         "not all browser tests ran:\n{report}"
     );
 }

@@ -5,7 +5,7 @@ import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { createHmac } from "node:crypto";
 import { execFileSync } from "node:child_process";
-import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { chromium } from "playwright-core";
 
@@ -22,6 +22,7 @@ const ADMIN_TOKEN = env("NONSTOP_ADMIN_TOKEN");
 const REPOSITORY = env("NONSTOP_REPOSITORY");
 const PORTS = env("NONSTOP_PORTS").split(",").map(Number);
 const SHOTS = env("NONSTOP_SHOTS");
+const HANDSHAKE = env("NONSTOP_HANDSHAKE"); // a folder tests/browser.rs watches
 const DOCS = process.env.NONSTOP_DOCS_SHOTS; // set to refresh the README's screenshots
 const WAIT = 90_000; // a deploy builds the example app: allow for a slow machine
 
@@ -176,4 +177,47 @@ test("a failing deploy shows its failing stage and its output", async () => {
   assert.equal(await page.locator('[data-stage="ApplicationStart"]').getAttribute("data-stage-status"), "succeeded");
   assert.equal(await served(), serving, "the previous version keeps serving");
   await shot(page, "failed-deployment");
+});
+
+// Asks tests/browser.rs to kill the server (SIGKILL) and start it again; resolves once it
+// answers again.
+async function restartServer() {
+  const done = join(HANDSHAKE, "restarted");
+  rmSync(done, { force: true });
+  writeFileSync(join(HANDSHAKE, "restart"), "");
+  const deadline = Date.now() + WAIT;
+  while (!existsSync(done)) {
+    assert.ok(Date.now() < deadline, "the server was not restarted");
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
+test("after the server restarts, an open page reconnects by itself and shows the next deploy", async () => {
+  const page = await newPage();
+  await page.goto(`${BASE}/`);
+  await page.waitForSelector("body[data-live=connected]");
+  await page.evaluate(() => {
+    window.sameDocument = true;
+    window.liveStates = [];
+    new MutationObserver(() => window.liveStates.push(document.body.dataset.live))
+      .observe(document.body, { attributes: true, attributeFilter: ["data-live"] });
+  });
+
+  await restartServer();
+  // The page noticed the server was gone, then came back to it on its own.
+  await page.waitForFunction(
+    () => window.liveStates.includes("reconnecting") && document.body.dataset.live === "connected",
+    null, { timeout: WAIT });
+
+  const before = await live();
+  const sha = commit("Healthy again, after a restart", () => {
+    const main = join(REPO, "src/main.rs");
+    writeFileSync(main, readFileSync(main, "utf8").replace("const HEALTHY: bool = false;", "const HEALTHY: bool = true;"));
+  });
+  await push(sha);
+  const expected = PORTS.find((p) => p !== before.port);
+  const card = page.locator('[data-app="hello"]');
+  await card.locator(`.live-port:text-is("${expected}")`).waitFor({ timeout: WAIT });
+  assert.equal(await card.locator(".live-version").textContent(), await served());
+  assert.equal(await page.evaluate(() => window.sameDocument), true, "the overview reloaded");
 });
