@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Extra, Load, spawn_app, spawn_app_with};
+use common::{Extra, Load, spawn_app, spawn_app_with, wait_port_closed};
 
 #[tokio::test]
 async fn a_signed_push_deploys_the_example_app_and_the_proxy_serves_it() {
@@ -299,17 +299,7 @@ async fn a_rollback_switches_back_while_the_old_instance_runs_and_redeploys_its_
         .unwrap();
     // SAFETY: kill(2) on the instance this test's server started.
     unsafe { libc::kill(pid, libc::SIGKILL) };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while reqwest::get(format!("http://127.0.0.1:{other}/"))
-        .await
-        .is_ok()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the old instance did not stop"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_port_closed(other, "the killed old instance").await;
 
     let response = rollback(&app).await.unwrap();
     assert_eq!(response.status(), 202);

@@ -10,7 +10,10 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::test_runner::{RngAlgorithm, TestCaseError, TestRng, TestRunner};
 
-use common::{Extra, Load, REPOSITORY, TestApp, push_payload, sign, spawn_app, spawn_app_with};
+use common::{
+    Extra, Load, REPOSITORY, TestApp, push_payload, sign, spawn_app, spawn_app_with,
+    wait_port_closed,
+};
 
 /// Commits a change to the example app's source; the replacement must apply.
 fn commit_source_change(app: &TestApp, from: &str, to: &str, message: &str) -> String {
@@ -213,17 +216,7 @@ async fn killed_during_validate_service_the_half_started_instance_is_cleaned_up(
 
     let done = app.wait_finished(id).await;
     assert_eq!(done["deployment"]["status"], "interrupted");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while reqwest::get(format!("http://127.0.0.1:{idle}/"))
-        .await
-        .is_ok()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the half-started instance on {idle} still runs"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_port_closed(idle, "the half-started instance").await;
     assert_eq!(app.served().await, good);
     let (_, after) = app.get_json("/api/apps/hello/live").await;
     assert_eq!(after["port"], live["port"]);

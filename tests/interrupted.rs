@@ -12,7 +12,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Extra, Load, spawn_app_with};
+use common::{Extra, Load, spawn_app_with, wait_port_closed};
 
 async fn killed_in(stage: &str) {
     let mut app = spawn_app_with(Extra {
@@ -85,18 +85,7 @@ async fn killed_in(stage: &str) {
     let (_, live) = app.get_json("/api/apps/hello/live").await;
     assert_eq!(live["port"], live_before["port"], "{live:#}");
     assert_eq!(live["version"], good.as_str(), "{live:#}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while reqwest::get(format!("http://127.0.0.1:{idle}/"))
-        .await
-        .is_ok()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "what deployment {id} started on {idle} still runs:\n{}",
-            app.server_log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_port_closed(idle, &format!("what deployment {id} started")).await;
     assert!(
         !app.data_dir()
             .join("tmp")

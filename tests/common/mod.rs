@@ -100,6 +100,19 @@ pub struct Ports {
     pub app: [u16; 2],
 }
 
+/// Polls until nothing answers HTTP on `port` (at most 30 s); `what` says what should have
+/// stopped, for the failure message.
+pub async fn wait_port_closed(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reqwest::get(format!("http://127.0.0.1:{port}/"))
+        .await
+        .is_ok()
+    {
+        assert!(Instant::now() < deadline, "{what} still answers on {port}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A running `nonstop serve` with its own folder, config and repository.
 pub struct TestApp {
     pub dir: tempfile::TempDir,
