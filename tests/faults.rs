@@ -168,6 +168,7 @@ async fn a_full_disk_during_bundle_or_upload_fails_clearly_and_loses_nothing() {
     std::fs::remove_file(&filler).unwrap();
 
     // Nothing recorded was lost, and with room again the next deploy goes through.
+    app.assert_database_intact();
     let next = app.deploy(&app.repo.commit("Room again")).await;
     assert_eq!(app.served().await, next);
     assert_eq!(app.count_rows("deployments"), 4);

@@ -78,6 +78,7 @@ async fn killed_in(stage: &str) {
     let (_, first) = app.get_json("/api/deployments/1").await;
     assert_eq!(first["deployment"]["status"], "succeeded");
     assert_eq!(app.count_rows("deployments"), 2, "history intact");
+    app.assert_database_intact();
 
     // The previous version serves, from the port it served before, and nothing the
     // interrupted deployment started still runs.

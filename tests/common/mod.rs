@@ -429,6 +429,19 @@ impl TestApp {
         })
         .unwrap()
     }
+
+    /// Asserts SQLite finds the real database file sound (`PRAGMA integrity_check`).
+    pub fn assert_database_intact(&self) {
+        let conn = rusqlite::Connection::open_with_flags(
+            self.db_path(),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        let verdict: String = conn
+            .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(verdict, "ok", "the database file is damaged");
+    }
 }
 
 impl Drop for TestApp {
