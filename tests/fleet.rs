@@ -214,3 +214,18 @@ runner = {{ kind = "codedeploy", application = "hello", group = "fleet", destina
         );
     }
 }
+
+#[test]
+fn deploy_sh_and_the_scripts_pass_shellcheck() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("shellcheck")
+        .args(["deploy.sh", "scripts/test", "scripts/bench", ".ci/run"])
+        .current_dir(root)
+        .output()
+        .expect("shellcheck is installed (scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
