@@ -310,7 +310,7 @@ fn recover_interrupted(
                     if !move_traffic_back(&db, &bus, &backends, switch.as_ref(), id).await {
                         continue;
                     }
-                    if started_instances {
+                    if started_instances || deployment.runner_ref.is_some() {
                         stop_half_started(&backends, deployment).await;
                     }
                 }
@@ -382,7 +382,7 @@ async fn move_traffic_back(
     }
 }
 
-/// Stops what an interrupted deployment may have started on the idle port.
+/// Stops what an interrupted deployment may have started on the idle port, or on a fleet.
 async fn stop_half_started(backends: &AppBackends, deployment: db::Deployment) {
     let job = Job {
         deployment_id: deployment.id,
@@ -391,7 +391,8 @@ async fn stop_half_started(backends: &AppBackends, deployment: db::Deployment) {
         bundle_key: deployment.bundle_key.unwrap_or_default(),
         bundle_sha256: deployment.bundle_sha256.unwrap_or_default(),
     };
-    match backends.runner.clean_up_interrupted(&job).await {
+    let runner_ref = deployment.runner_ref.as_deref();
+    match backends.runner.clean_up_interrupted(&job, runner_ref).await {
         Ok(log) => {
             tracing::info!(deployment_id = job.deployment_id, output = %log.trim(), "cleaned up after an interrupted deployment")
         }

@@ -375,6 +375,7 @@ async fn s3_errors_name_the_missing_bucket_and_a_dead_endpoint_fails_in_seconds(
 #[derive(Default)]
 struct Recorded {
     events: Mutex<Vec<(Hook, StageStatus, String)>>,
+    runner_ref: Mutex<Option<String>>,
 }
 
 #[async_trait]
@@ -393,6 +394,9 @@ impl Progress for Recorded {
     }
     async fn target_port(&self, _port: u16) {}
     async fn instance_started(&self, _port: u16) {}
+    async fn runner_ref(&self, reference: &str) {
+        *self.runner_ref.lock().unwrap() = Some(reference.to_owned());
+    }
 }
 
 impl Recorded {
@@ -665,16 +669,17 @@ fn recorded_lifecycle_events_become_one_report_per_hook_across_instances() {
 /// deployment runs for a few polls, then fails ValidateService on one instance.
 struct RecordedCodeDeploy {
     url: String,
-    calls: Arc<Mutex<Vec<String>>>,
+    /// Each call's operation and JSON body.
+    calls: Arc<Mutex<Vec<(String, serde_json::Value)>>>,
     server: tokio::task::JoinHandle<()>,
 }
 
 impl RecordedCodeDeploy {
     async fn start(polls_before_failure: usize) -> Self {
         use axum::http::{HeaderMap, header};
-        let calls: Arc<Mutex<Vec<String>>> = Arc::default();
+        let calls: Arc<Mutex<Vec<(String, serde_json::Value)>>> = Arc::default();
         let seen = calls.clone();
-        let answer = move |headers: HeaderMap| {
+        let answer = move |headers: HeaderMap, body: axum::body::Bytes| {
             let calls = seen.clone();
             async move {
                 let target = headers
@@ -685,8 +690,9 @@ impl RecordedCodeDeploy {
                     .to_owned();
                 let polls = {
                     let mut calls = calls.lock().unwrap();
-                    calls.push(target.clone());
-                    calls.iter().filter(|c| *c == "GetDeployment").count()
+                    let body = serde_json::from_slice(&body).unwrap_or_default();
+                    calls.push((target.clone(), body));
+                    calls.iter().filter(|(c, _)| c == "GetDeployment").count()
                 };
                 let failed = polls > polls_before_failure;
                 let body = match target.as_str() {
@@ -718,7 +724,22 @@ impl RecordedCodeDeploy {
     }
 
     fn calls(&self) -> Vec<String> {
-        self.calls.lock().unwrap().clone()
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(operation, _)| operation.clone())
+            .collect()
+    }
+
+    fn bodies_of(&self, operation: &str) -> Vec<serde_json::Value> {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(o, _)| o == operation)
+            .map(|(_, body)| body.clone())
+            .collect()
     }
 }
 
@@ -753,6 +774,11 @@ async fn a_deployment_aws_reports_failed_ends_failed_with_its_reason_and_every_h
         .unwrap_err();
 
     assert_eq!(err.hook, Hook::ValidateService);
+    assert_eq!(
+        progress.runner_ref.lock().unwrap().as_deref(),
+        Some("d-8K3SZ7QXA"),
+        "the AWS id is kept as soon as it exists"
+    );
     assert!(
         err.reason
             .starts_with("HEALTH_CONSTRAINTS: The overall deployment failed"),
@@ -870,4 +896,33 @@ async fn dropping_a_running_deployment_asks_codedeploy_to_stop_it() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test]
+async fn after_a_stop_the_fleet_deployment_nobody_follows_is_stopped_with_its_rollback() {
+    let moto = Moto::start().await;
+    moto.bucket("releases").await;
+    let store = Arc::new(moto.store("releases", None).await);
+    let codedeploy = RecordedCodeDeploy::start(usize::MAX).await;
+    let endpoint = Endpoint {
+        region: Some(REGION.into()),
+        url: Some(codedeploy.url.clone()),
+    };
+    // A runner as `serve` makes it on the next start: it never followed the deployment.
+    let runner = CodeDeployRunner::new(settings(endpoint, Duration::from_secs(30)), store).await;
+    let job = job("nonstop/hello/v1.zip", "0".repeat(64).as_str());
+
+    let said = runner.clean_up_interrupted(&job, None).await.unwrap();
+    assert!(said.contains("nothing to stop"), "{said}");
+    assert!(codedeploy.calls().is_empty(), "{:?}", codedeploy.calls());
+
+    let said = runner
+        .clean_up_interrupted(&job, Some("d-8K3SZ7QXA"))
+        .await
+        .unwrap();
+    assert_eq!(said, "asked CodeDeploy to stop d-8K3SZ7QXA: Pending");
+    assert_eq!(
+        codedeploy.bodies_of("StopDeployment"),
+        [serde_json::json!({"deploymentId": "d-8K3SZ7QXA", "autoRollbackEnabled": true})]
+    );
 }

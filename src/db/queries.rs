@@ -29,11 +29,13 @@ pub struct Deployment {
     /// The CI build that let this deployment through or failed it (Travis's number and page).
     pub ci_build_number: Option<String>,
     pub ci_build_url: Option<String>,
+    /// The runner's own name for it elsewhere (the AWS CodeDeploy deployment id).
+    pub runner_ref: Option<String>,
 }
 
 const DEPLOYMENT_COLUMNS: &str = "id, app, status, trigger, branch, commit_sha, commit_message, \
      author, version, port, bundle_key, bundle_sha256, error, created_at, started_at, finished_at, \
-     rollback_of, ci_build_number, ci_build_url";
+     rollback_of, ci_build_number, ci_build_url, runner_ref";
 
 impl Deployment {
     fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
@@ -58,6 +60,7 @@ impl Deployment {
             rollback_of: row.get(16)?,
             ci_build_number: row.get(17)?,
             ci_build_url: row.get(18)?,
+            runner_ref: row.get(19)?,
         })
     }
 }
@@ -282,6 +285,18 @@ pub fn set_version(
     conn.execute(
         "UPDATE deployments SET version = ?2, stamped_at = ?3 WHERE id = ?1",
         params![id, version, stamped_at],
+    )?;
+    Ok(())
+}
+
+pub fn set_runner_ref(
+    conn: &Connection,
+    id: DeploymentId,
+    reference: &str,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE deployments SET runner_ref = ?2 WHERE id = ?1",
+        params![id, reference],
     )?;
     Ok(())
 }

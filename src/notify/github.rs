@@ -239,6 +239,7 @@ mod tests {
                 ci_build_number: None,
                 ci_build_url: None,
                 rollback_of: None,
+                runner_ref: None,
             },
             failed_stage: None,
             live: None,

@@ -327,6 +327,7 @@ mod tests {
                 ci_build_number: None,
                 ci_build_url: None,
                 rollback_of: None,
+                runner_ref: None,
             },
             failed_stage: None,
             live: Some(Live {

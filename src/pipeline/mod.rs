@@ -98,6 +98,12 @@ impl Progress for Recorder {
         self.write(move |conn| db::set_port(conn, id, port)).await;
     }
 
+    async fn runner_ref(&self, reference: &str) {
+        let (id, reference) = (self.id, reference.to_owned());
+        self.write(move |conn| db::set_runner_ref(conn, id, &reference))
+            .await;
+    }
+
     async fn instance_started(&self, port: u16) {
         let (id, app) = (self.id, self.app.clone());
         let version = self

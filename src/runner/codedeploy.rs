@@ -497,10 +497,42 @@ fn final_reports(
 
 #[async_trait]
 impl Runner for CodeDeployRunner {
-    async fn clean_up_interrupted(&self, _job: &Job) -> Result<String, RunnerError> {
-        // Nothing of a fleet deployment runs on this host; CodeDeploy ends (or rolls back)
-        // the deployment itself, and dropping the runner already asked it to stop.
-        Ok("a CodeDeploy deployment: nothing ran on this host".into())
+    async fn clean_up_interrupted(
+        &self,
+        job: &Job,
+        runner_ref: Option<&str>,
+    ) -> Result<String, RunnerError> {
+        // Nothing of a fleet deployment runs on this host. One nonstop no longer follows
+        // must not go on unwatched: AWS stops it (rolling back as the group is set to).
+        let Some(aws_id) = runner_ref else {
+            return Ok("no CodeDeploy deployment was created: nothing to stop".into());
+        };
+        match self
+            .client
+            .stop_deployment()
+            .deployment_id(aws_id)
+            .auto_rollback_enabled(self.settings.auto_rollback)
+            .send()
+            .await
+        {
+            Ok(answer) => Ok(format!(
+                "asked CodeDeploy to stop {aws_id}: {}",
+                answer.status().map(|s| s.as_str()).unwrap_or("no status")
+            )),
+            Err(err) => {
+                let failure = aws::classify(&err);
+                if failure.code.as_deref() == Some("DeploymentAlreadyCompletedException") {
+                    return Ok(format!("{aws_id} had already ended"));
+                }
+                Err(RunnerError {
+                    hook: Hook::ApplicationStop,
+                    reason: format!(
+                        "deployment {}: could not stop {aws_id}: {failure}",
+                        job.deployment_id
+                    ),
+                })
+            }
+        }
     }
 
     async fn run(&self, job: &Job, progress: &dyn Progress) -> Result<(), RunnerError> {
@@ -523,6 +555,7 @@ impl Runner for CodeDeployRunner {
             }
         };
         tracing::info!(deployment_id = job.deployment_id, app = %job.app.name, aws_deployment_id = %deployment_id, application = %self.settings.application, group = %self.settings.group, "CodeDeploy deployment created");
+        progress.runner_ref(&deployment_id).await;
         let mut guard = StopOnDrop {
             client: self.client.clone(),
             deployment_id: deployment_id.clone(),

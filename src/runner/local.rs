@@ -198,7 +198,11 @@ fn last_line(log: &str) -> &str {
 
 #[async_trait]
 impl Runner for LocalRunner {
-    async fn clean_up_interrupted(&self, job: &Job) -> Result<String, RunnerError> {
+    async fn clean_up_interrupted(
+        &self,
+        job: &Job,
+        _runner_ref: Option<&str>,
+    ) -> Result<String, RunnerError> {
         let archive = self
             .app_dir
             .join("deployments")

@@ -35,6 +35,11 @@ pub trait Progress: Send + Sync {
     async fn target_port(&self, port: u16);
     /// The new version was started on `port` (it may not be live yet).
     async fn instance_started(&self, port: u16);
+    /// What the runner calls this deployment elsewhere (the AWS deployment id), as soon as
+    /// it exists: after a stop, `clean_up_interrupted` gets it back.
+    async fn runner_ref(&self, reference: &str) {
+        let _ = reference;
+    }
 }
 
 /// A hook that failed, with why (its output is already reported through `Progress`).
@@ -50,8 +55,13 @@ pub trait Runner: Send + Sync {
     async fn run(&self, job: &Job, progress: &dyn Progress) -> Result<(), RunnerError>;
 
     /// After nonstop died in the middle of `job`: stops the instance it may have started on
-    /// the idle port (never the live one). Returns what it did, for the log.
-    async fn clean_up_interrupted(&self, job: &Job) -> Result<String, RunnerError>;
+    /// the idle port (never the live one), or the deployment `runner_ref` names elsewhere.
+    /// Returns what it did, for the log.
+    async fn clean_up_interrupted(
+        &self,
+        job: &Job,
+        runner_ref: Option<&str>,
+    ) -> Result<String, RunnerError>;
 
     /// Retention once `job` went live: deletes what the runner keeps on its host of older
     /// deployments beyond the app's limit, never a version in `running` (the instances on
