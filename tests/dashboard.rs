@@ -218,3 +218,29 @@ async fn the_event_stream_announces_deployments_stages_and_switches() {
         "{seen}"
     );
 }
+
+#[tokio::test]
+async fn a_deployment_shows_the_codedeploy_id_it_ran_under() {
+    let app = spawn_app().await;
+    let id = app.push(&app.repo.commit("One")).await;
+    app.wait_finished(id).await;
+    let (_, page) = app.get_text(&format!("/deployments/{id}")).await;
+    assert!(
+        !page.contains("<dt>CodeDeploy</dt>"),
+        "a local deployment has none"
+    );
+
+    // What the CodeDeploy runner records (tests/aws.rs covers the runner's side).
+    rusqlite::Connection::open(app.db_path())
+        .unwrap()
+        .execute(
+            "UPDATE deployments SET runner_ref = 'd-8K3SZ7QXA' WHERE id = ?1",
+            [id],
+        )
+        .unwrap();
+    let (_, page) = app.get_text(&format!("/deployments/{id}")).await;
+    assert!(
+        page.contains("<dt>CodeDeploy</dt><dd class=\"mono\">d-8K3SZ7QXA</dd>"),
+        "{page}"
+    );
+}

@@ -76,6 +76,8 @@ pub struct DeploymentView {
     /// The CI build that gated it, when its page is an http(s) link.
     pub ci_build_url: String,
     pub ci_build_number: String,
+    /// The runner's own id for it elsewhere: the AWS CodeDeploy deployment.
+    pub runner_ref: String,
 }
 
 impl DeploymentView {
@@ -113,6 +115,7 @@ impl DeploymentView {
                 .filter(|url| url.starts_with("https://") || url.starts_with("http://"))
                 .unwrap_or_default(),
             ci_build_number: d.ci_build_number.clone().unwrap_or_default(),
+            runner_ref: d.runner_ref.clone().unwrap_or_default(),
         }
     }
 }
