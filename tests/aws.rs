@@ -3,6 +3,8 @@
 //! (it never runs a deployment), recorded CodeDeploy answers are served from
 //! `tests/fixtures/codedeploy/` by a small loopback stand-in, through the real SDK client.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, Once};
@@ -16,6 +18,8 @@ use nonstop::runner::lifecycle::{self, TargetsResponse};
 use nonstop::runner::{Job, Progress, Runner};
 use nonstop::store::s3::{Multipart, S3Settings, S3Store};
 use nonstop::store::{ArtifactStore, StoreError, sha256_file};
+
+use common::{Extra, free_port, spawn_app_with};
 
 const REGION: &str = "us-east-1";
 
@@ -31,14 +35,6 @@ fn test_credentials() {
             std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
         }
     });
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A `moto_server` (S3 + CodeDeploy emulator) on a free loopback port, killed on drop.
@@ -924,5 +920,121 @@ async fn after_a_stop_the_fleet_deployment_nobody_follows_is_stopped_with_its_ro
     assert_eq!(
         codedeploy.bodies_of("StopDeployment"),
         [serde_json::json!({"deploymentId": "d-8K3SZ7QXA", "autoRollbackEnabled": true})]
+    );
+}
+
+#[tokio::test]
+async fn the_server_builds_uploads_to_s3_and_creates_the_codedeploy_deployment_end_to_end() {
+    let moto = Moto::start().await;
+    moto.bucket("releases").await;
+    let sdk = aws::sdk_config(&moto.endpoint(), Timeouts::CONTROL).await;
+    let codedeploy = aws_sdk_codedeploy::Client::new(&sdk);
+    codedeploy
+        .create_application()
+        .application_name("hello")
+        .send()
+        .await
+        .unwrap();
+    codedeploy
+        .create_deployment_group()
+        .application_name("hello")
+        .deployment_group_name("fleet")
+        .service_role_arn("arn:aws:iam::123456789012:role/codedeploy")
+        .send()
+        .await
+        .unwrap();
+    let app = spawn_app_with(Extra {
+        app: format!(
+            "store = {{ kind = \"s3\", bucket = \"releases\", prefix = \"nonstop\", endpoint = \"{url}\", region = \"{REGION}\" }}\n\
+             runner = {{ kind = \"codedeploy\", application = \"hello\", group = \"fleet\", endpoint = \"{url}\", region = \"{REGION}\", timeout_secs = 5, destination = \"/srv/hello\" }}\n",
+            url = moto.url
+        ),
+        env: ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
+            .into_iter()
+            .map(|name| (name.to_owned(), "testing".to_owned()))
+            .chain([("AWS_EC2_METADATA_DISABLED".into(), "true".into())])
+            .collect(),
+        ..Extra::default()
+    })
+    .await;
+
+    let id = app.push(&app.repo.commit("To the fleet")).await;
+    let done = app.wait_finished(id).await;
+    let deployment = &done["deployment"];
+
+    // moto records the deployment and never runs it: nonstop gives up after its timeout,
+    // with every stage before the fleet's done here.
+    assert_eq!(deployment["status"], "failed", "{done:#}");
+    let error = deployment["error"].as_str().unwrap();
+    assert!(error.starts_with("ApplicationStop failed:"), "{error}");
+    assert!(error.contains("still Created after 5 s"), "{error}");
+    for stage in ["Fetch", "Build", "Bundle", "Upload"] {
+        let status = done["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == stage)
+            .unwrap()["status"]
+            .clone();
+        assert_eq!(status, "succeeded", "{stage}: {done:#}");
+    }
+
+    // The bundle went to S3, and the CodeDeploy deployment names it and is recorded.
+    let version = deployment["version"].as_str().unwrap();
+    let key = format!("nonstop/hello/{version}.zip");
+    assert_eq!(deployment["bundle_key"], key.as_str());
+    let listed = codedeploy
+        .list_deployments()
+        .application_name("hello")
+        .deployment_group_name("fleet")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.deployments().len(), 1);
+    assert_eq!(deployment["runner_ref"], listed.deployments()[0].as_str());
+    let info = codedeploy
+        .get_deployment()
+        .deployment_id(&listed.deployments()[0])
+        .send()
+        .await
+        .unwrap()
+        .deployment_info
+        .unwrap();
+    assert_eq!(
+        info.revision().unwrap().s3_location().unwrap().key(),
+        Some(key.as_str())
+    );
+    let object = moto
+        .s3()
+        .await
+        .get_object()
+        .bucket("releases")
+        .key(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        object.metadata().unwrap()["sha256"],
+        deployment["bundle_sha256"].as_str().unwrap()
+    );
+    let bytes = object.body.collect().await.unwrap().into_bytes();
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
+    let mut names: Vec<_> = zip.file_names().map(str::to_owned).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "VERSION",
+            "appspec.yml",
+            "deploy.sh",
+            "hello",
+            "nonstop.env"
+        ]
+    );
+    let mut host_env = String::new();
+    std::io::Read::read_to_string(&mut zip.by_name("nonstop.env").unwrap(), &mut host_env).unwrap();
+    assert!(
+        host_env.contains("NONSTOP_ARTIFACT=/srv/hello/hello\n"),
+        "{host_env}"
     );
 }
