@@ -1,5 +1,6 @@
 //! Bundle: the zip a runner deploys — `appspec.yml`, `deploy.sh` and its `nonstop.env`, the
-//! artifact and `VERSION` — with its sha256. The same bundle serves the local runner and CodeDeploy.
+//! artifact and `VERSION` — with its sha256. The same bundle serves the local runner and
+//! CodeDeploy.
 
 use std::io::Write;
 use std::path::Path;
