@@ -77,6 +77,8 @@ on_application_start() {
   require_run_dir
   local run=${NONSTOP_RUN:-}
   if [[ -z $run && -n ${NONSTOP_RUN_TEMPLATE:-} ]]; then
+    [[ -n ${NONSTOP_ARTIFACT:-} || $NONSTOP_RUN_TEMPLATE != *"{artifact}"* ]] ||
+      die "NONSTOP_RUN_TEMPLATE names {artifact} but NONSTOP_ARTIFACT is not set"
     run=$(fill_run_template)
   fi
   [[ -n $run ]] || die "NONSTOP_RUN is empty: nothing to start"
@@ -433,11 +435,10 @@ load_host_env() {
   done <"$file"
 }
 
-# The app's run line for the idle slot, from NONSTOP_RUN_TEMPLATE.
+# The app's run line for the idle slot, from NONSTOP_RUN_TEMPLATE (prints it: no checks
+# here, a `die` inside $(...) would be swallowed).
 fill_run_template() {
   local run=$NONSTOP_RUN_TEMPLATE
-  [[ -n ${NONSTOP_ARTIFACT:-} || $run != *"{artifact}"* ]] ||
-    die "NONSTOP_RUN_TEMPLATE names {artifact} but NONSTOP_ARTIFACT is not set"
   run=${run//\{artifact\}/${NONSTOP_ARTIFACT:-}}
   run=${run//\{port\}/$IDLE_PORT}
   run=${run//\{profile\}/$IDLE_PROFILE}
