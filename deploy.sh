@@ -428,7 +428,7 @@ load_host_env() {
     [[ -z $line || $line == \#* ]] && continue
     name=${line%%=*}
     value=${line#*=}
-    [[ $name =~ ^NONSTOP_[A-Z0-9_]+$ && $line == *=* ]] || die "nonstop.env: not NAME=value: '$(one_line "$line")'"
+    [[ $name =~ ^NONSTOP_[A-Z0-9_]+$ && $line == *=* ]] || die "nonstop.env: expected NONSTOP_NAME=value, got '$(one_line "$line")'"
     if [[ -z ${!name+set} ]]; then
       export "$name=$value"
     fi
