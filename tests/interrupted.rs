@@ -102,6 +102,10 @@ async fn killed_in(stage: &str) {
     let next = app.deploy(&app.repo.commit("After the stop")).await;
     assert_eq!(app.served().await, next);
     let report = load.finish().await;
+    println!(
+        "killed in {stage}: {} requests answered, {} failed",
+        report.ok, report.failed
+    );
     report.assert_none_failed();
     // Only ValidateService moves traffic: cut short after it, its version served for the
     // moment between the switch and the restart, then traffic went back.
