@@ -357,6 +357,29 @@ async fn old_bundles_revisions_and_releases_are_pruned_but_never_the_live_or_pre
         "the zip went once unpacked"
     );
 
+    // What retention deleted is recorded, and can no longer be redeployed.
+    for (id, pruned) in [(1, true), (2, true), (3, false), (4, false)] {
+        let (_, body) = app.get_json(&format!("/api/deployments/{id}")).await;
+        assert_eq!(
+            body["deployment"]["bundle_pruned_at"].is_i64(),
+            pruned,
+            "{body:#}"
+        );
+    }
+    let refused = app
+        .http
+        .post(format!("{}/api/deployments/1/redeploy", app.base()))
+        .bearer_auth(common::ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 409);
+    let reason = refused.json::<serde_json::Value>().await.unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(reason.contains("deleted by retention"), "{reason}");
+
     // The previous instance still runs from its release: rolling back (from the CLI) is
     // one switch.
     let out = app.cli(&["rollback", "hello"]);

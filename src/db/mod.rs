@@ -35,6 +35,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0003_ci_builds.sql"),
     include_str!("../../migrations/0004_github_deployments.sql"),
     include_str!("../../migrations/0005_runner_ref.sql"),
+    include_str!("../../migrations/0006_bundle_pruned.sql"),
 ];
 
 #[derive(Clone)]

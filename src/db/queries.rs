@@ -31,11 +31,13 @@ pub struct Deployment {
     pub ci_build_url: Option<String>,
     /// The runner's own name for it elsewhere (the AWS CodeDeploy deployment id).
     pub runner_ref: Option<String>,
+    /// When retention deleted its bundle from the store.
+    pub bundle_pruned_at: Option<i64>,
 }
 
 const DEPLOYMENT_COLUMNS: &str = "id, app, status, trigger, branch, commit_sha, commit_message, \
      author, version, port, bundle_key, bundle_sha256, error, created_at, started_at, finished_at, \
-     rollback_of, ci_build_number, ci_build_url, runner_ref";
+     rollback_of, ci_build_number, ci_build_url, runner_ref, bundle_pruned_at";
 
 impl Deployment {
     fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
@@ -61,6 +63,7 @@ impl Deployment {
             ci_build_number: row.get(17)?,
             ci_build_url: row.get(18)?,
             runner_ref: row.get(19)?,
+            bundle_pruned_at: row.get(20)?,
         })
     }
 }
@@ -286,6 +289,19 @@ pub fn set_version(
         "UPDATE deployments SET version = ?2, stamped_at = ?3 WHERE id = ?1",
         params![id, version, stamped_at],
     )?;
+    Ok(())
+}
+
+/// Retention deleted these bundles of `app` from the store.
+pub fn mark_bundles_pruned(conn: &Connection, app: &str, keys: &[String]) -> rusqlite::Result<()> {
+    let mut update = conn.prepare_cached(
+        "UPDATE deployments SET bundle_pruned_at = ?3
+         WHERE app = ?1 AND bundle_key = ?2 AND bundle_pruned_at IS NULL",
+    )?;
+    let now = now_ms();
+    for key in keys {
+        update.execute(params![app, key, now])?;
+    }
     Ok(())
 }
 
@@ -655,6 +671,7 @@ pub fn previous_live_bundle(
         &format!(
             "SELECT {DEPLOYMENT_COLUMNS} FROM deployments
              WHERE app = ?1 AND status = 'succeeded' AND bundle_key IS NOT NULL
+               AND bundle_pruned_at IS NULL
                AND id < COALESCE(?2, 9223372036854775807)
                AND version IS NOT (SELECT version FROM deployments WHERE id = ?2)
              ORDER BY id DESC LIMIT 1"

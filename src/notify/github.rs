@@ -240,6 +240,7 @@ mod tests {
                 ci_build_url: None,
                 rollback_of: None,
                 runner_ref: None,
+                bundle_pruned_at: None,
             },
             failed_stage: None,
             live: None,

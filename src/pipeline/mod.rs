@@ -407,7 +407,15 @@ impl Pipeline {
             .await
         {
             Ok(deleted) if !deleted.is_empty() => {
-                tracing::info!(deployment_id = id, app = %backends.app.name, deleted = ?deleted, "old bundles deleted")
+                tracing::info!(deployment_id = id, app = %backends.app.name, deleted = ?deleted, "old bundles deleted");
+                let app = backends.app.name.to_string();
+                let marked = self
+                    .db
+                    .call(move |conn| db::mark_bundles_pruned(conn, &app, &deleted))
+                    .await;
+                if let Err(err) = marked {
+                    tracing::warn!(deployment_id = id, error = %err, "could not record which bundles were deleted");
+                }
             }
             Ok(_) => {}
             Err(err) => {

@@ -136,6 +136,12 @@ fn reuse_of(
     kind: TriggerKind,
     rollback_of: Option<DeploymentId>,
 ) -> Result<Trigger, AppError> {
+    if past.bundle_pruned_at.is_some() {
+        return Err(AppError::Conflict(format!(
+            "deployment {}'s bundle was deleted by retention (store.keep): deploy its commit instead",
+            past.id
+        )));
+    }
     let (Some(version), Some(key), Some(sha256)) =
         (&past.version, &past.bundle_key, &past.bundle_sha256)
     else {

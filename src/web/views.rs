@@ -108,7 +108,9 @@ impl DeploymentView {
             },
             error: d.error.clone().unwrap_or_default(),
             port: d.port.map(|p| p.to_string()).unwrap_or_default(),
-            can_redeploy: d.bundle_key.is_some() && d.status.is_finished(),
+            can_redeploy: d.bundle_key.is_some()
+                && d.bundle_pruned_at.is_none()
+                && d.status.is_finished(),
             ci_build_url: d
                 .ci_build_url
                 .clone()
