@@ -17,7 +17,7 @@ use crate::pipeline::{AppBackends, Pipeline, source};
 use crate::queue::Queue;
 use crate::runner::codedeploy::{CodeDeployRunner, CodeDeploySettings};
 use crate::runner::local::LocalRunner;
-use crate::runner::{Job, Runner};
+use crate::runner::{Interrupted, Job, Runner};
 use crate::store::ArtifactStore;
 use crate::store::local::LocalStore;
 use crate::store::s3::{S3Settings, S3Store};
@@ -310,9 +310,7 @@ fn recover_interrupted(
                     if !move_traffic_back(&db, &bus, &backends, switch.as_ref(), id).await {
                         continue;
                     }
-                    if started_instances || deployment.runner_ref.is_some() {
-                        stop_half_started(&backends, deployment).await;
-                    }
+                    stop_half_started(&backends, deployment, started_instances).await;
                 }
             });
             Some((app, task))
@@ -383,7 +381,11 @@ async fn move_traffic_back(
 }
 
 /// Stops what an interrupted deployment may have started on the idle port, or on a fleet.
-async fn stop_half_started(backends: &AppBackends, deployment: db::Deployment) {
+async fn stop_half_started(
+    backends: &AppBackends,
+    deployment: db::Deployment,
+    started_instances: bool,
+) {
     let job = Job {
         deployment_id: deployment.id,
         app: backends.app.clone(),
@@ -391,8 +393,11 @@ async fn stop_half_started(backends: &AppBackends, deployment: db::Deployment) {
         bundle_key: deployment.bundle_key.unwrap_or_default(),
         bundle_sha256: deployment.bundle_sha256.unwrap_or_default(),
     };
-    let runner_ref = deployment.runner_ref.as_deref();
-    match backends.runner.clean_up_interrupted(&job, runner_ref).await {
+    let record = Interrupted {
+        started_instances,
+        runner_ref: deployment.runner_ref.as_deref(),
+    };
+    match backends.runner.clean_up_interrupted(&job, record).await {
         Ok(log) => {
             tracing::info!(deployment_id = job.deployment_id, output = %log.trim(), "cleaned up after an interrupted deployment")
         }

@@ -15,7 +15,7 @@ use nonstop::aws::{self, Endpoint, Timeouts};
 use nonstop::domain::{Hook, StageStatus};
 use nonstop::runner::codedeploy::{CodeDeployRunner, CodeDeploySettings};
 use nonstop::runner::lifecycle::{self, TargetsResponse};
-use nonstop::runner::{Job, Progress, Runner};
+use nonstop::runner::{Interrupted, Job, Progress, Runner};
 use nonstop::store::s3::{Multipart, S3Settings, S3Store};
 use nonstop::store::{ArtifactStore, StoreError, sha256_file};
 
@@ -705,6 +705,12 @@ impl RecordedCodeDeploy {
                     "StopDeployment" => {
                         r#"{"status":"Pending","statusMessage":"stopping"}"#.to_owned()
                     }
+                    "ListDeployments" => r#"{"deployments":["d-OTHER0001","d-8K3SZ7QXA"]}"#.to_owned(),
+                    "BatchGetDeployments" => r#"{"deploymentsInfo":[
+                        {"deploymentId":"d-OTHER0001","description":"nonstop deployment 1 of hello v0","status":"InProgress"},
+                        {"deploymentId":"d-8K3SZ7QXA","description":"nonstop deployment 1 of hello v1","status":"InProgress"}
+                    ]}"#
+                    .to_owned(),
                     _ => r#"{"__type":"UnknownOperationException"}"#.to_owned(),
                 };
                 ([(header::CONTENT_TYPE, "application/x-amz-json-1.1")], body)
@@ -908,18 +914,48 @@ async fn after_a_stop_the_fleet_deployment_nobody_follows_is_stopped_with_its_ro
     let runner = CodeDeployRunner::new(settings(endpoint, Duration::from_secs(30)), store).await;
     let job = job("nonstop/hello/v1.zip", "0".repeat(64).as_str());
 
-    let said = runner.clean_up_interrupted(&job, None).await.unwrap();
+    let recorded = |runner_ref| Interrupted {
+        started_instances: false,
+        runner_ref,
+    };
+
+    // Interrupted before Upload: nothing can have reached CodeDeploy.
+    let unsent = Job {
+        bundle_key: String::new(),
+        ..job.clone()
+    };
+    let said = runner
+        .clean_up_interrupted(&unsent, recorded(None))
+        .await
+        .unwrap();
     assert!(said.contains("nothing to stop"), "{said}");
     assert!(codedeploy.calls().is_empty(), "{:?}", codedeploy.calls());
 
+    let stop = serde_json::json!({"deploymentId": "d-8K3SZ7QXA", "autoRollbackEnabled": true});
     let said = runner
-        .clean_up_interrupted(&job, Some("d-8K3SZ7QXA"))
+        .clean_up_interrupted(&job, recorded(Some("d-8K3SZ7QXA")))
         .await
         .unwrap();
     assert_eq!(said, "asked CodeDeploy to stop d-8K3SZ7QXA: Pending");
     assert_eq!(
         codedeploy.bodies_of("StopDeployment"),
-        [serde_json::json!({"deploymentId": "d-8K3SZ7QXA", "autoRollbackEnabled": true})]
+        std::slice::from_ref(&stop)
+    );
+
+    // Its id never recorded (the stop came while CreateDeployment was on its way): found
+    // among the group's unfinished deployments by its description, version included.
+    let said = runner
+        .clean_up_interrupted(&job, recorded(None))
+        .await
+        .unwrap();
+    assert_eq!(said, "asked CodeDeploy to stop d-8K3SZ7QXA: Pending");
+    assert_eq!(codedeploy.bodies_of("StopDeployment"), [stop.clone(), stop]);
+    let listed = &codedeploy.bodies_of("ListDeployments")[0];
+    assert_eq!(listed["applicationName"], "hello");
+    assert_eq!(listed["deploymentGroupName"], "fleet");
+    assert_eq!(
+        listed["includeOnlyStatuses"],
+        serde_json::json!(["Created", "Queued", "InProgress", "Ready"])
     );
 }
 

@@ -27,7 +27,7 @@ use tokio::time::Instant;
 
 use super::appspec::MAX_HOOK_TIMEOUT_SECS;
 use super::lifecycle::{self, InstanceTarget, StageReport};
-use super::{Job, Progress, Runner, RunnerError};
+use super::{Interrupted, Job, Progress, Runner, RunnerError};
 use crate::aws::{self, AwsFailure, Backoff, Endpoint, FailureKind, Timeouts};
 use crate::config::{AppConfig, RunnerConfig};
 use crate::domain::{Hook, StageStatus};
@@ -152,7 +152,54 @@ async fn stop(client: &Client, deployment_id: &str) {
     }
 }
 
+/// How nonstop describes its CodeDeploy deployments; the version makes it unique.
+fn description_of(job: &Job) -> String {
+    format!(
+        "nonstop deployment {} of {} {}",
+        job.deployment_id, job.app.name, job.version
+    )
+}
+
 impl CodeDeployRunner {
+    /// The CodeDeploy deployment made for `job` whose id never reached the record (the stop
+    /// came while CreateDeployment was on its way): found by its description among the
+    /// group's unfinished deployments.
+    async fn find_unrecorded(&self, job: &Job) -> Result<Option<String>, AwsFailure> {
+        let listed = self
+            .client
+            .list_deployments()
+            .application_name(&self.settings.application)
+            .deployment_group_name(&self.settings.group)
+            .set_include_only_statuses(Some(vec![
+                DeploymentStatus::Created,
+                DeploymentStatus::Queued,
+                DeploymentStatus::InProgress,
+                DeploymentStatus::Ready,
+            ]))
+            .send()
+            .await
+            .map_err(|err| aws::classify(&err))?;
+        let description = description_of(job);
+        // BatchGetDeployments takes 25 ids at a time.
+        for ids in listed.deployments().chunks(25) {
+            let found = self
+                .client
+                .batch_get_deployments()
+                .set_deployment_ids(Some(ids.to_vec()))
+                .send()
+                .await
+                .map_err(|err| aws::classify(&err))?;
+            if let Some(info) = found
+                .deployments_info()
+                .iter()
+                .find(|info| info.description() == Some(description.as_str()))
+            {
+                return Ok(info.deployment_id().map(str::to_owned));
+            }
+        }
+        Ok(None)
+    }
+
     pub async fn new(settings: CodeDeploySettings, store: Arc<S3Store>) -> Self {
         let sdk = aws::sdk_config(&settings.endpoint, Timeouts::CONTROL).await;
         Self {
@@ -186,10 +233,7 @@ impl CodeDeployRunner {
             .revision_type(RevisionLocationType::S3)
             .s3_location(location)
             .build();
-        let description = format!(
-            "nonstop deployment {} of {} {}",
-            job.deployment_id, job.app.name, job.version
-        );
+        let description = description_of(job);
         // Throttling only: a create that may have reached AWS must not be sent twice.
         let created = aws::retry(
             Backoff::POLL,
@@ -500,13 +544,31 @@ impl Runner for CodeDeployRunner {
     async fn clean_up_interrupted(
         &self,
         job: &Job,
-        runner_ref: Option<&str>,
+        record: Interrupted<'_>,
     ) -> Result<String, RunnerError> {
         // Nothing of a fleet deployment runs on this host. One nonstop no longer follows
         // must not go on unwatched: AWS stops it (rolling back as the group is set to).
-        let Some(aws_id) = runner_ref else {
-            return Ok("no CodeDeploy deployment was created: nothing to stop".into());
+        let fail = |reason: String| RunnerError {
+            hook: Hook::ApplicationStop,
+            reason: format!("deployment {}: {reason}", job.deployment_id),
         };
+        let aws_id = match record.runner_ref {
+            Some(aws_id) => aws_id.to_owned(),
+            // The stop may have come while CreateDeployment was on its way.
+            None if !job.bundle_key.is_empty() => match self.find_unrecorded(job).await {
+                Ok(Some(aws_id)) => aws_id,
+                Ok(None) => {
+                    return Ok("no CodeDeploy deployment was created: nothing to stop".into());
+                }
+                Err(failure) => {
+                    return Err(fail(format!(
+                        "could not look for its CodeDeploy deployment: {failure}"
+                    )));
+                }
+            },
+            None => return Ok("it never reached CodeDeploy: nothing to stop".into()),
+        };
+        let aws_id = aws_id.as_str();
         match self
             .client
             .stop_deployment()
@@ -524,13 +586,7 @@ impl Runner for CodeDeployRunner {
                 if failure.code.as_deref() == Some("DeploymentAlreadyCompletedException") {
                     return Ok(format!("{aws_id} had already ended"));
                 }
-                Err(RunnerError {
-                    hook: Hook::ApplicationStop,
-                    reason: format!(
-                        "deployment {}: could not stop {aws_id}: {failure}",
-                        job.deployment_id
-                    ),
-                })
+                Err(fail(format!("could not stop {aws_id}: {failure}")))
             }
         }
     }

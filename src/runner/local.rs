@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use tokio::process::Command;
 
 use super::appspec::{self, AppSpec};
-use super::{Job, Progress, Runner, RunnerError};
+use super::{Interrupted, Job, Progress, Runner, RunnerError};
 use crate::config::{AppConfig, RunnerConfig, Secret};
 use crate::domain::{Hook, StageStatus};
 use crate::process;
@@ -201,8 +201,13 @@ impl Runner for LocalRunner {
     async fn clean_up_interrupted(
         &self,
         job: &Job,
-        _runner_ref: Option<&str>,
+        record: Interrupted<'_>,
     ) -> Result<String, RunnerError> {
+        // Before AfterInstall, what runs on the idle port is the previous version, kept for
+        // an instant rollback: it stays.
+        if !record.started_instances {
+            return Ok("no hook that starts instances had begun: nothing to stop".into());
+        }
         let archive = self
             .app_dir
             .join("deployments")

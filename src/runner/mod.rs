@@ -42,6 +42,15 @@ pub trait Progress: Send + Sync {
     }
 }
 
+/// What the record says of a deployment the last stop cut short.
+#[derive(Clone, Copy, Debug)]
+pub struct Interrupted<'a> {
+    /// A hook that starts instances (AfterInstall or later) had begun.
+    pub started_instances: bool,
+    /// The runner's own id for it elsewhere, when one was recorded.
+    pub runner_ref: Option<&'a str>,
+}
+
 /// A hook that failed, with why (its output is already reported through `Progress`).
 #[derive(Debug, thiserror::Error)]
 #[error("{hook} failed: {reason}")]
@@ -54,13 +63,13 @@ pub struct RunnerError {
 pub trait Runner: Send + Sync {
     async fn run(&self, job: &Job, progress: &dyn Progress) -> Result<(), RunnerError>;
 
-    /// After nonstop died in the middle of `job`: stops the instance it may have started on
-    /// the idle port (never the live one), or the deployment `runner_ref` names elsewhere.
-    /// Returns what it did, for the log.
+    /// After nonstop died in the middle of `job`: stops what it may have started, the
+    /// instance on the idle port (never the live one) or the deployment elsewhere. Returns
+    /// what it did, for the log.
     async fn clean_up_interrupted(
         &self,
         job: &Job,
-        runner_ref: Option<&str>,
+        record: Interrupted<'_>,
     ) -> Result<String, RunnerError>;
 
     /// Retention once `job` went live: deletes what the runner keeps on its host of older
