@@ -18,18 +18,24 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::http::uri::{Authority, PathAndQuery};
+use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode, Uri, Version};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::{SwitchError, TrafficSwitch};
+
+/// Idle upstream connections are kept this long so keep-alive traffic skips the TCP
+/// handshake; a connection the app closes earlier is detected at checkout and the request
+/// is retried on a fresh one (`retry_canceled_requests`).
+const UPSTREAM_POOL_IDLE: Duration = Duration::from_secs(30);
 
 /// Instances listen on loopback, so a connect that takes this long means the app is wedged,
 /// not that the network is slow.
@@ -58,16 +64,9 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 /// text the proxy wrote itself.
 type ProxyBody = Either<Incoming, Full<Bytes>>;
 
-/// A client connection's own upstream connection, to the instance on `port`: kept while
-/// that instance is live, so keep-alive traffic skips both the TCP handshake and any pool.
-struct Upstream {
-    port: u16,
-    sender: http1::SendRequest<Incoming>,
-}
-
-/// Where a client connection keeps its upstream connection between requests. HTTP/1 runs
-/// one request at a time per connection, so it is only ever taken by one request.
-type UpstreamSlot = Arc<std::sync::Mutex<Option<Upstream>>>;
+/// The HTTP client shared by all connections; bodies stream straight from the client's
+/// connection into the upstream's.
+type UpstreamClient = Client<HttpConnector, Incoming>;
 
 /// One upstream: an app instance listening on `127.0.0.1:<port>`.
 #[derive(Debug)]
@@ -99,7 +98,7 @@ impl Target {
 ///
 /// It runs one worker thread per core, each with its own single-threaded runtime, its own
 /// listening socket on the same address (`SO_REUSEPORT`: the kernel spreads connections)
-/// and its own upstream connections, like nginx's worker processes. A request and its upstream
+/// and its own upstream pool, like nginx's worker processes. A request and its upstream
 /// connection then never change threads (a work-stealing runtime hands them between its
 /// threads at every wake-up), and the proxy never waits behind the server's own work.
 pub struct Proxy {
@@ -110,9 +109,10 @@ pub struct Proxy {
 }
 
 /// What one worker's connection tasks share: the live target (the same cell in every
-/// worker).
+/// worker) and this worker's pooled client that reaches it.
 struct Forwarder {
     live: Arc<ArcSwapOption<Target>>,
+    client: UpstreamClient,
 }
 
 impl Proxy {
@@ -201,7 +201,10 @@ fn run_worker(
                 return;
             }
         };
-        let forwarder = Arc::new(Forwarder { live });
+        let forwarder = Arc::new(Forwarder {
+            live,
+            client: upstream_client(),
+        });
         let connections = TaskTracker::new();
         accept_loop(listener, forwarder, shutdown, &connections).await;
         connections.close();
@@ -229,7 +232,6 @@ impl Forwarder {
     async fn forward(
         &self,
         client_addr: SocketAddr,
-        slot: &UpstreamSlot,
         mut req: Request<Incoming>,
     ) -> Response<ProxyBody> {
         // Read once: the rest of the request uses this target whatever a switch does now.
@@ -241,105 +243,55 @@ impl Forwarder {
             );
         };
 
-        // Upstream connections are ours: origin-form, HTTP/1.1 (HTTP/1.0 clients would make
-        // the upstream close after every response), and a Host even when the client sent none.
-        *req.uri_mut() = origin_form(req.uri());
+        let uri = match upstream_uri(req.uri(), &target.authority) {
+            Ok(uri) => uri,
+            Err(err) => {
+                debug!(uri = %req.uri(), error = %err, "request target cannot be forwarded");
+                return text_response(StatusCode::BAD_REQUEST, "nonstop: bad request target\n");
+            }
+        };
+        *req.uri_mut() = uri;
+        // HTTP/1.0 clients would make the upstream close after every response; upstream
+        // connections are ours, so they always speak 1.1 and stay in the pool.
         *req.version_mut() = Version::HTTP_11;
         prepare_upstream_headers(req.headers_mut(), client_addr.ip());
-        if !req.headers().contains_key(header::HOST) {
-            let host = HeaderValue::from_str(target.authority.as_str())
-                .expect("an authority is a valid header value");
-            req.headers_mut().insert(header::HOST, host);
-        }
 
-        // The connection this client used last, if it still reaches the live instance.
-        let kept = slot
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take()
-            .filter(|upstream| upstream.port == target.port && !upstream.sender.is_closed());
-        let mut fresh = kept.is_none();
-        let mut upstream = match kept {
-            Some(upstream) => upstream,
-            None => match connect(&target).await {
-                Ok(upstream) => upstream,
-                Err(err) => return bad_gateway(&target, true, &err),
-            },
-        };
-        loop {
-            // A kept connection the app closed is found here or when the request is handed
-            // over; either way the request was not written, so it goes on a new one, once.
-            if let Err(err) = upstream.sender.ready().await {
-                if fresh {
-                    return bad_gateway(&target, false, &err);
-                }
-                fresh = true;
-                upstream = match connect(&target).await {
-                    Ok(upstream) => upstream,
-                    Err(err) => return bad_gateway(&target, true, &err),
-                };
-                continue;
+        match self.client.request(req).await {
+            Ok(response) => {
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, Either::Left(body))
             }
-            match upstream.sender.try_send_request(req).await {
-                Ok(response) => {
-                    *slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(upstream);
-                    let (mut parts, body) = response.into_parts();
-                    strip_hop_by_hop(&mut parts.headers);
-                    return Response::from_parts(parts, Either::Left(body));
-                }
-                Err(mut err) => match err.take_message() {
-                    Some(unsent) if !fresh => {
-                        debug!(upstream = %target.authority, error = %err.error(), "kept upstream connection closed; reconnecting");
-                        req = unsent;
-                        fresh = true;
-                        upstream = match connect(&target).await {
-                            Ok(upstream) => upstream,
-                            Err(err) => return bad_gateway(&target, true, &err),
-                        };
-                    }
-                    _ => return bad_gateway(&target, false, err.error()),
-                },
+            Err(err) => {
+                let unreachable = err.is_connect();
+                warn!(
+                    upstream = %target.authority,
+                    unreachable,
+                    error = ?err,
+                    "upstream request failed"
+                );
+                let reason = if unreachable { "unreachable" } else { "failed" };
+                text_response(
+                    StatusCode::BAD_GATEWAY,
+                    format!("nonstop: upstream {} {reason}\n", target.authority),
+                )
             }
         }
     }
 }
 
-/// 502, logged: the upstream could not be reached (`unreachable`) or failed the request.
-fn bad_gateway(
-    target: &Target,
-    unreachable: bool,
-    err: &dyn std::fmt::Display,
-) -> Response<ProxyBody> {
-    warn!(upstream = %target.authority, unreachable, error = %err, "upstream request failed");
-    let reason = if unreachable { "unreachable" } else { "failed" };
-    text_response(
-        StatusCode::BAD_GATEWAY,
-        format!("nonstop: upstream {} {reason}\n", target.authority),
-    )
-}
-
-/// A new upstream connection to `target`, driven by a task of this worker.
-async fn connect(target: &Target) -> Result<Upstream, String> {
-    let stream = tokio::time::timeout(
-        UPSTREAM_CONNECT_TIMEOUT,
-        TcpStream::connect(("127.0.0.1", target.port)),
-    )
-    .await
-    .map_err(|_| format!("no connection in {UPSTREAM_CONNECT_TIMEOUT:?}"))?
-    .map_err(|err| err.to_string())?;
-    let _ = stream.set_nodelay(true);
-    let (sender, connection) = http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|err| err.to_string())?;
-    tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            debug!(error = %err, "upstream connection ended with an error");
-        }
-    });
-    Ok(Upstream {
-        port: target.port,
-        sender,
-    })
+fn upstream_client() -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(UPSTREAM_CONNECT_TIMEOUT));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(UPSTREAM_POOL_IDLE)
+        // Without a timer the pool never reaps idle connections.
+        .pool_timer(TokioTimer::new())
+        // The default, stated because zero dropped requests depends on it: a request that
+        // meets a pooled connection the app closed before it was written is sent again.
+        .retry_canceled_requests(true)
+        .build(connector)
 }
 
 async fn accept_loop(
@@ -379,10 +331,9 @@ async fn serve_connection(
     if let Err(err) = stream.set_nodelay(true) {
         debug!(client = %client_addr, error = %err, "could not set TCP_NODELAY");
     }
-    let slot = UpstreamSlot::default();
     let service = service_fn(move |req| {
-        let (forwarder, slot) = (Arc::clone(&forwarder), Arc::clone(&slot));
-        async move { Ok::<_, Infallible>(forwarder.forward(client_addr, &slot, req).await) }
+        let forwarder = Arc::clone(&forwarder);
+        async move { Ok::<_, Infallible>(forwarder.forward(client_addr, req).await) }
     });
     let connection = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
@@ -413,15 +364,17 @@ async fn shutdown_started(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stopping| *stopping).await;
 }
 
-/// The upstream request target: the client's path and query, in origin form (the upstream
-/// connection already says where it goes).
-fn origin_form(client_uri: &Uri) -> Uri {
-    Uri::from(
-        client_uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/")),
-    )
+/// The upstream URI: the target's authority with the client's path and query.
+fn upstream_uri(client_uri: &Uri, upstream: &Authority) -> Result<Uri, hyper::http::Error> {
+    let path_and_query = client_uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(upstream.clone())
+        .path_and_query(path_and_query)
+        .build()
 }
 
 /// Turns the client's request headers into the upstream's. The client's `Host` is kept
@@ -647,56 +600,6 @@ mod tests {
         let body = String::from_utf8_lossy(&body).into_owned();
         assert_eq!(status, StatusCode::OK, "body: {body}");
         body
-    }
-
-    /// An instance that answers one request per connection and then closes it without
-    /// saying so (no `Connection: close`), as an app's idle timeout does. Counts the
-    /// connections it closed.
-    async fn spawn_closing_upstream() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = TcpListener::bind(loopback_any_port())
-            .await
-            .expect("bind upstream");
-        let port = listener.local_addr().expect("upstream address").port();
-        let closed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counter = Arc::clone(&closed);
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let counter = Arc::clone(&counter);
-                tokio::spawn(async move {
-                    let mut request = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => request.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let _ = stream
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                        .await;
-                    drop(stream);
-                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                });
-            }
-        });
-        (port, closed)
-    }
-
-    #[tokio::test]
-    async fn an_upstream_connection_the_app_closed_is_replaced_and_no_request_fails() {
-        let (port, closed) = spawn_closing_upstream().await;
-        let proxy = start_proxy(Some(port)).await;
-        let mut client = connect(proxy.local_addr()).await;
-        let deadline = Instant::now() + TEST_DEADLINE;
-        for sent in 1..=20 {
-            assert_eq!(send_ok(&mut client, get("/")).await, "ok", "request {sent}");
-            // The next request must meet a connection the app has closed already.
-            while closed.load(std::sync::atomic::Ordering::SeqCst) < sent {
-                assert!(Instant::now() < deadline, "the upstream never closed");
-                tokio::task::yield_now().await;
-            }
-        }
     }
 
     #[tokio::test]
@@ -1047,19 +950,17 @@ mod tests {
     }
 
     #[test]
-    fn the_upstream_gets_the_path_and_query_in_origin_form() {
+    fn upstream_uri_keeps_path_and_query_and_replaces_the_authority() {
+        let target = Target::new(8082).expect("valid port");
         let cases = [
-            ("/a/b?c=d", "/a/b?c=d"),
-            ("http://example.test/x?y", "/x?y"),
-            ("example.test:443", "/"),
+            ("/a/b?c=d", "http://127.0.0.1:8082/a/b?c=d"),
+            ("http://example.test/x?y", "http://127.0.0.1:8082/x?y"),
+            ("example.test:443", "http://127.0.0.1:8082/"),
         ];
         for (client_uri, expected) in cases {
             let client_uri: Uri = client_uri.parse().expect("test uri");
-            assert_eq!(
-                origin_form(&client_uri).to_string(),
-                expected,
-                "from {client_uri}"
-            );
+            let uri = upstream_uri(&client_uri, &target.authority).expect("upstream uri");
+            assert_eq!(uri.to_string(), expected, "from {client_uri}");
         }
     }
 }
