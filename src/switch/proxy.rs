@@ -602,6 +602,56 @@ mod tests {
         body
     }
 
+    /// An instance that answers one request per connection and then closes it without
+    /// saying so (no `Connection: close`), as an app's idle timeout does. Counts the
+    /// connections it closed.
+    async fn spawn_closing_upstream() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind(loopback_any_port())
+            .await
+            .expect("bind upstream");
+        let port = listener.local_addr().expect("upstream address").port();
+        let closed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = Arc::clone(&closed);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let counter = Arc::clone(&counter);
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => request.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    drop(stream);
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                });
+            }
+        });
+        (port, closed)
+    }
+
+    #[tokio::test]
+    async fn an_upstream_connection_the_app_closed_is_replaced_and_no_request_fails() {
+        let (port, closed) = spawn_closing_upstream().await;
+        let proxy = start_proxy(Some(port)).await;
+        let mut client = connect(proxy.local_addr()).await;
+        let deadline = Instant::now() + TEST_DEADLINE;
+        for sent in 1..=20 {
+            assert_eq!(send_ok(&mut client, get("/")).await, "ok", "request {sent}");
+            // The next request must meet a connection the app has closed already.
+            while closed.load(std::sync::atomic::Ordering::SeqCst) < sent {
+                assert!(Instant::now() < deadline, "the upstream never closed");
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+
     #[tokio::test]
     async fn switch_sends_new_requests_to_the_other_instance() {
         let (a, b) = (spawn_upstream("A").await, spawn_upstream("B").await);
