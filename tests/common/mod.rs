@@ -402,10 +402,19 @@ impl TestApp {
     }
 
     /// Polls until the proxy serves `version` (nginx applies a reload a little later).
+    /// A poll that fails is polled again: an nginx reload closes idle keep-alive connections,
+    /// and one may be reused just then; the built-in proxy's drops are counted by `Load`.
     pub async fn wait_served(&self, version: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let now = self.served().await;
+            let now = match self.http.get(format!("{}/", self.proxy())).send().await {
+                Ok(response) if response.status() == 200 => match response.text().await {
+                    Ok(text) => text.trim().to_owned(),
+                    Err(err) => format!("(body failed: {err})"),
+                },
+                Ok(response) => format!("(status {})", response.status()),
+                Err(err) => format!("(request failed: {err})"),
+            };
             if now == version {
                 return;
             }
