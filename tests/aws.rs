@@ -123,6 +123,28 @@ impl Moto {
             .unwrap();
     }
 
+    /// The CodeDeploy application `hello` with its deployment group `fleet`; returns a
+    /// client to inspect what nonstop asked of them.
+    async fn fleet_group(&self) -> aws_sdk_codedeploy::Client {
+        let sdk = aws::sdk_config(&self.endpoint(), Timeouts::CONTROL).await;
+        let codedeploy = aws_sdk_codedeploy::Client::new(&sdk);
+        codedeploy
+            .create_application()
+            .application_name("hello")
+            .send()
+            .await
+            .unwrap();
+        codedeploy
+            .create_deployment_group()
+            .application_name("hello")
+            .deployment_group_name("fleet")
+            .service_role_arn("arn:aws:iam::123456789012:role/codedeploy")
+            .send()
+            .await
+            .unwrap();
+        codedeploy
+    }
+
     async fn store(&self, bucket: &str, keep: Option<u32>) -> S3Store {
         S3Store::new(S3Settings {
             bucket: bucket.into(),
@@ -450,22 +472,7 @@ async fn a_codedeploy_deployment_is_created_in_moto_and_followed_until_nonstop_g
         .put("hello", "v1", &bundle_file(dir.path(), "b.zip", 1_000))
         .await
         .unwrap();
-    let sdk = aws::sdk_config(&moto.endpoint(), Timeouts::CONTROL).await;
-    let codedeploy = aws_sdk_codedeploy::Client::new(&sdk);
-    codedeploy
-        .create_application()
-        .application_name("hello")
-        .send()
-        .await
-        .unwrap();
-    codedeploy
-        .create_deployment_group()
-        .application_name("hello")
-        .deployment_group_name("fleet")
-        .service_role_arn("arn:aws:iam::123456789012:role/codedeploy")
-        .send()
-        .await
-        .unwrap();
+    let codedeploy = moto.fleet_group().await;
 
     let runner = CodeDeployRunner::new(
         settings(moto.endpoint(), Duration::from_secs(3)),
@@ -963,22 +970,7 @@ async fn after_a_stop_the_fleet_deployment_nobody_follows_is_stopped_with_its_ro
 async fn the_server_builds_uploads_to_s3_and_creates_the_codedeploy_deployment_end_to_end() {
     let moto = Moto::start().await;
     moto.bucket("releases").await;
-    let sdk = aws::sdk_config(&moto.endpoint(), Timeouts::CONTROL).await;
-    let codedeploy = aws_sdk_codedeploy::Client::new(&sdk);
-    codedeploy
-        .create_application()
-        .application_name("hello")
-        .send()
-        .await
-        .unwrap();
-    codedeploy
-        .create_deployment_group()
-        .application_name("hello")
-        .deployment_group_name("fleet")
-        .service_role_arn("arn:aws:iam::123456789012:role/codedeploy")
-        .send()
-        .await
-        .unwrap();
+    let codedeploy = moto.fleet_group().await;
     let app = spawn_app_with(Extra {
         app: format!(
             "store = {{ kind = \"s3\", bucket = \"releases\", prefix = \"nonstop\", endpoint = \"{url}\", region = \"{REGION}\" }}\n\

@@ -8,11 +8,10 @@ use std::time::{Duration, Instant};
 
 use proptest::collection::vec;
 use proptest::prelude::*;
-use proptest::test_runner::{RngAlgorithm, TestCaseError, TestRng, TestRunner};
 
 use common::{
-    Extra, Load, REPOSITORY, TestApp, push_payload, sign, spawn_app, spawn_app_with,
-    wait_port_closed,
+    Extra, Load, REPOSITORY, TestApp, deterministic_runner, push_payload, send_from_property, sign,
+    spawn_app, spawn_app_with, wait_port_closed,
 };
 
 /// Commits a change to the example app's source; the replacement must apply.
@@ -335,13 +334,7 @@ fn abuse() -> impl Strategy<Value = Abuse> {
 fn webhook_abuse_never_panics_and_never_deploys() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let app = runtime.block_on(spawn_app());
-    let config = ProptestConfig {
-        cases: 400,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    };
-    let mut runner =
-        TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha));
+    let mut runner = deterministic_runner(400);
     let statuses = std::cell::RefCell::new(std::collections::BTreeMap::new());
     let case = AtomicU64::new(0);
     let outcome = runner.run(&abuse(), |abuse| {
@@ -362,13 +355,7 @@ fn webhook_abuse_never_panics_and_never_deploys() {
         {
             request = request.header("X-Hub-Signature-256", signature);
         }
-        let (status, answer) = runtime
-            .block_on(async {
-                let response = request.send().await?;
-                let status = response.status().as_u16();
-                Ok::<_, reqwest::Error>((status, response.text().await?))
-            })
-            .map_err(|err| TestCaseError::fail(format!("no answer: {err}")))?;
+        let (status, answer) = send_from_property(&runtime, request)?;
         let signed = abuse.signature.as_deref() == Some(&sign(&abuse.body));
         let refused = [400, 401, 404, 413, 431].contains(&status);
         // A signed ping is a 200, another signed event is acknowledged and ignored (202,

@@ -300,7 +300,6 @@ fn form(payload: &str) -> Vec<u8> {
 fn travis_notification_abuse_never_deploys() {
     use proptest::collection::vec;
     use proptest::prelude::*;
-    use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let travis = key();
@@ -347,13 +346,7 @@ fn travis_notification_abuse_never_deploys() {
             slug,
         });
 
-    let config = Config {
-        cases: 300,
-        failure_persistence: None,
-        ..Config::default()
-    };
-    let mut runner =
-        TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha));
+    let mut runner = common::deterministic_runner(300);
     let statuses = std::cell::RefCell::new(std::collections::BTreeMap::new());
     let outcome = runner.run(&abuse, |abuse| {
         let mut request = app
@@ -365,13 +358,7 @@ fn travis_notification_abuse_never_deploys() {
         if let Some(signature) = &abuse.signature {
             request = request.header("Signature", signature.as_str());
         }
-        let (status, answer) = runtime
-            .block_on(async {
-                let response = request.send().await?;
-                let status = response.status().as_u16();
-                Ok::<_, reqwest::Error>((status, response.text().await?))
-            })
-            .map_err(|err| TestCaseError::fail(format!("no answer: {err}")))?;
+        let (status, answer) = common::send_from_property(&runtime, request)?;
         prop_assert!([400, 401, 404, 413].contains(&status), "{status} {answer}");
         *statuses.borrow_mut().entry(status).or_insert(0) += 1;
         Ok(())

@@ -100,6 +100,33 @@ pub struct Ports {
     pub app: [u16; 2],
 }
 
+/// A proptest runner whose cases are the same on every run (a fixed seed), that shrinks a
+/// failure to its smallest case and writes nothing to disk.
+pub fn deterministic_runner(cases: u32) -> proptest::test_runner::TestRunner {
+    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+    let config = Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha))
+}
+
+/// Sends `request` from a property (synchronous code) on `runtime`: the status and the body
+/// as text, or a failed case when nothing answered.
+pub fn send_from_property(
+    runtime: &tokio::runtime::Runtime,
+    request: reqwest::RequestBuilder,
+) -> Result<(u16, String), proptest::test_runner::TestCaseError> {
+    runtime
+        .block_on(async {
+            let response = request.send().await?;
+            let status = response.status().as_u16();
+            Ok::<_, reqwest::Error>((status, response.text().await?))
+        })
+        .map_err(|err| proptest::test_runner::TestCaseError::fail(format!("no answer: {err}")))
+}
+
 /// Polls until nothing answers HTTP on `port` (at most 30 s); `what` says what should have
 /// stopped, for the failure message.
 pub async fn wait_port_closed(port: u16, what: &str) {
