@@ -997,13 +997,7 @@ async fn the_server_builds_uploads_to_s3_and_creates_the_codedeploy_deployment_e
     assert!(error.starts_with("ApplicationStop failed:"), "{error}");
     assert!(error.contains("still Created after 5 s"), "{error}");
     for stage in ["Fetch", "Build", "Bundle", "Upload"] {
-        let status = done["stages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["name"] == stage)
-            .unwrap()["status"]
-            .clone();
+        let status = common::stage(&done, stage)["status"].clone();
         assert_eq!(status, "succeeded", "{stage}: {done:#}");
     }
 

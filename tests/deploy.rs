@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Extra, Load, spawn_app, spawn_app_with, wait_port_closed};
+use common::{Extra, Load, spawn_app, spawn_app_with, stage, wait_port_closed};
 
 #[tokio::test]
 async fn a_signed_push_deploys_the_example_app_and_the_proxy_serves_it() {
@@ -74,17 +74,7 @@ async fn every_stage_is_recorded_with_its_output() {
             ("ValidateService", "succeeded"),
         ]
     );
-    let log_of = |name: &str| {
-        done["stages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["name"] == name)
-            .unwrap()["log"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    };
+    let log_of = |name: &str| stage(&done, name)["log"].as_str().unwrap().to_owned();
     assert!(
         log_of("Build").contains("Compiling hello"),
         "{}",
@@ -113,13 +103,7 @@ async fn every_stage_is_recorded_with_its_output() {
     let next = app.repo.commit("Again");
     let id = app.push(&next).await;
     let done = app.wait_finished(id).await;
-    let stop = done["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "ApplicationStop")
-        .unwrap()
-        .clone();
+    let stop = stage(&done, "ApplicationStop");
     assert_eq!(stop["status"], "succeeded", "{stop}");
 }
 
@@ -189,13 +173,7 @@ async fn a_version_that_never_becomes_healthy_leaves_the_old_one_serving() {
         error.contains("not healthy after 40 attempts"),
         "the reason is the script's: {error}"
     );
-    let validate = done["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "ValidateService")
-        .unwrap()
-        .clone();
+    let validate = stage(&done, "ValidateService");
     assert_eq!(validate["status"], "failed");
     assert!(
         validate["log"].as_str().unwrap().contains("503"),

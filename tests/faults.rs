@@ -11,7 +11,7 @@ use proptest::prelude::*;
 
 use common::{
     Extra, Load, REPOSITORY, TestApp, deterministic_runner, push_payload, send_from_property, sign,
-    spawn_app, spawn_app_with, wait_port_closed,
+    spawn_app, spawn_app_with, stage, wait_port_closed,
 };
 
 /// Commits a change to the example app's source; the replacement must apply.
@@ -190,13 +190,7 @@ async fn killed_during_validate_service_the_half_started_instance_is_cleaned_up(
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let (_, body) = app.get_json(&format!("/api/deployments/{id}")).await;
-        let validate = body["stages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["name"] == "ValidateService")
-            .cloned();
-        if validate.is_some_and(|s| s["status"] == "running") {
+        if stage(&body, "ValidateService")["status"] == "running" {
             break;
         }
         assert!(

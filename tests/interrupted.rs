@@ -45,13 +45,10 @@ async fn killed_in(stage: &str) {
     }
     let (_, held) = app.get_json(&format!("/api/deployments/{id}")).await;
     let status_of = |body: &serde_json::Value, name: &str| {
-        body["stages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["name"] == name)
-            .map(|s| s["status"].as_str().unwrap().to_owned())
-            .unwrap()
+        common::stage(body, name)["status"]
+            .as_str()
+            .unwrap_or("no such stage")
+            .to_owned()
     };
     assert_eq!(status_of(&held, stage), "running", "{held:#}");
     let cut_short = held["deployment"]["version"].as_str().map(str::to_owned);

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 
 use common::nginx::Nginx;
-use common::{Extra, Ports, spawn_app_with};
+use common::{Extra, Ports, spawn_app_with, stage};
 
 fn nginx_switch(_: &Ports, dir: &Path) -> String {
     format!(
@@ -55,13 +55,7 @@ async fn deploys_switch_nginx_and_a_rejected_config_keeps_the_old_version() {
     let id = app.push(&app.repo.commit("Blocked by nginx -t")).await;
     let done = app.wait_finished(id).await;
     assert_eq!(done["deployment"]["status"], "failed", "{done:#}");
-    let validate = done["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "ValidateService")
-        .unwrap()
-        .clone();
+    let validate = stage(&done, "ValidateService");
     assert!(
         validate["log"]
             .as_str()

@@ -100,6 +100,16 @@ pub struct Ports {
     pub app: [u16; 2],
 }
 
+/// The stage `name` of a deployment as `/api/deployments/{id}` answers it; `Null` when it
+/// has no such stage.
+pub fn stage(deployment: &Value, name: &str) -> Value {
+    deployment["stages"]
+        .as_array()
+        .and_then(|stages| stages.iter().find(|s| s["name"] == name))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
 /// A proptest runner whose cases are the same on every run (a fixed seed), that shrinks a
 /// failure to its smallest case and writes nothing to disk.
 pub fn deterministic_runner(cases: u32) -> proptest::test_runner::TestRunner {
