@@ -163,6 +163,28 @@ impl Drop for Moto {
     }
 }
 
+/// The one deployment of the `hello` application's `fleet` group, as CodeDeploy has it.
+async fn only_deployment(
+    codedeploy: &aws_sdk_codedeploy::Client,
+) -> aws_sdk_codedeploy::types::DeploymentInfo {
+    let listed = codedeploy
+        .list_deployments()
+        .application_name("hello")
+        .deployment_group_name("fleet")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.deployments().len(), 1, "{listed:?}");
+    codedeploy
+        .get_deployment()
+        .deployment_id(&listed.deployments()[0])
+        .send()
+        .await
+        .unwrap()
+        .deployment_info
+        .unwrap()
+}
+
 /// A file of `size` bytes that is not all the same (so a misplaced part would show).
 fn bundle_file(dir: &Path, name: &str, size: usize) -> PathBuf {
     let path = dir.join(name);
@@ -514,22 +536,7 @@ async fn a_codedeploy_deployment_is_created_in_moto_and_followed_until_nonstop_g
     );
 
     // What CodeDeploy was asked: the S3 zip revision pinned by its ETag, and the settings.
-    let listed = codedeploy
-        .list_deployments()
-        .application_name("hello")
-        .deployment_group_name("fleet")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(listed.deployments().len(), 1);
-    let info = codedeploy
-        .get_deployment()
-        .deployment_id(&listed.deployments()[0])
-        .send()
-        .await
-        .unwrap()
-        .deployment_info
-        .unwrap();
+    let info = only_deployment(&codedeploy).await;
     assert_eq!(info.status().unwrap().as_str(), "Created");
     let s3 = info.revision().unwrap().s3_location().unwrap();
     assert_eq!(s3.bucket(), Some("releases"));
@@ -1005,23 +1012,8 @@ async fn the_server_builds_uploads_to_s3_and_creates_the_codedeploy_deployment_e
     let version = deployment["version"].as_str().unwrap();
     let key = format!("nonstop/hello/{version}.zip");
     assert_eq!(deployment["bundle_key"], key.as_str());
-    let listed = codedeploy
-        .list_deployments()
-        .application_name("hello")
-        .deployment_group_name("fleet")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(listed.deployments().len(), 1);
-    assert_eq!(deployment["runner_ref"], listed.deployments()[0].as_str());
-    let info = codedeploy
-        .get_deployment()
-        .deployment_id(&listed.deployments()[0])
-        .send()
-        .await
-        .unwrap()
-        .deployment_info
-        .unwrap();
+    let info = only_deployment(&codedeploy).await;
+    assert_eq!(deployment["runner_ref"], info.deployment_id().unwrap());
     assert_eq!(
         info.revision().unwrap().s3_location().unwrap().key(),
         Some(key.as_str())
