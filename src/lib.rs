@@ -2,6 +2,7 @@
 //! and shows it live. See `docs/DESIGN.md` for the architecture;
 //! each module's own doc says what it is for and what it must never do.
 
+pub mod apps;
 pub mod aws;
 pub mod config;
 pub mod db;

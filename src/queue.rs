@@ -10,10 +10,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::apps::{App, Apps};
 use crate::db::{self, CiOutcome, Db, DbError, Enqueued};
 use crate::domain::{CiBuild, DeploymentId, DeploymentStatus, Trigger};
 use crate::events::{Bus, Event};
-use crate::pipeline::{AppBackends, Pipeline};
+use crate::pipeline::Pipeline;
 
 #[derive(Clone)]
 pub struct Queue {
@@ -29,19 +30,19 @@ impl Queue {
         db: Db,
         bus: Bus,
         pipeline: Pipeline,
-        apps: &[Arc<AppBackends>],
+        apps: &Apps,
         mut before: HashMap<String, JoinHandle<()>>,
         shutdown: CancellationToken,
     ) -> Self {
         let mut wake = HashMap::new();
-        for backends in apps {
+        for backends in apps.iter() {
             let notify = Arc::new(Notify::new());
-            wake.insert(backends.app.name.to_string(), notify.clone());
+            wake.insert(backends.config.name.to_string(), notify.clone());
             tokio::spawn(worker(
                 db.clone(),
                 pipeline.clone(),
                 backends.clone(),
-                before.remove(backends.app.name.as_str()),
+                before.remove(backends.config.name.as_str()),
                 notify,
                 shutdown.clone(),
             ));
@@ -148,12 +149,12 @@ impl Queue {
 async fn worker(
     db: Db,
     pipeline: Pipeline,
-    backends: Arc<AppBackends>,
+    backends: Arc<App>,
     before: Option<JoinHandle<()>>,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
-    let app = backends.app.name.to_string();
+    let app = backends.config.name.to_string();
     if let Some(before) = before {
         tokio::select! {
             _ = before => {}

@@ -9,11 +9,12 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::apps::{App, Apps};
 use crate::config::{Config, RunnerConfig, Secret, StoreConfig, SwitchConfig};
 use crate::db::{self, Db};
 use crate::domain::DeploymentStatus;
 use crate::events::{Bus, Event};
-use crate::pipeline::{AppBackends, Pipeline, source};
+use crate::pipeline::{Pipeline, source};
 use crate::queue::Queue;
 use crate::runner::codedeploy::{CodeDeployRunner, CodeDeploySettings};
 use crate::runner::local::LocalRunner;
@@ -25,7 +26,7 @@ use crate::switch::TrafficSwitch;
 use crate::switch::control::{self, RemoteProxy};
 use crate::switch::nginx::Nginx;
 use crate::switch::proxy::Proxy;
-use crate::web::{self, AppRuntime, AppState};
+use crate::web::{self, AppState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -138,7 +139,7 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
         });
     }
 
-    let mut apps = HashMap::new();
+    let mut apps = Apps::default();
     let mut proxies = Vec::new();
     let proxy_socket = config.proxy_socket();
     for app in &config.apps {
@@ -216,24 +217,23 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
                 )));
             }
         };
-        let backends = Arc::new(AppBackends {
-            app: app.clone(),
+        apps.insert(App {
+            config: app.clone(),
             repo,
             store,
             runner,
+            switch,
         });
-        apps.insert(app.name.to_string(), AppRuntime { backends, switch });
     }
 
     let recoveries = recover_interrupted(&apps, interrupted, &db, &bus);
 
     let pipeline = Pipeline::new(db.clone(), bus.clone(), data_dir.clone(), scrubbed_env);
-    let backends: Vec<_> = apps.values().map(|a| a.backends.clone()).collect();
     let queue = Queue::start(
         db.clone(),
         bus.clone(),
         pipeline,
-        &backends,
+        &apps,
         recoveries,
         shutdown.clone(),
     );
@@ -286,7 +286,7 @@ pub async fn run_proxies(config: Config, shutdown: CancellationToken) -> Result<
 /// instance it came from, and what it started on the idle port is stopped. Returns, per app,
 /// the task its queue must wait for, so no new deployment races the clean-up.
 fn recover_interrupted(
-    apps: &HashMap<String, AppRuntime>,
+    apps: &Apps,
     interrupted: Vec<(db::Deployment, bool)>,
     db: &Db,
     bus: &Bus,
@@ -301,8 +301,8 @@ fn recover_interrupted(
     by_app
         .into_iter()
         .filter_map(|(app, deployments)| {
-            let runtime = apps.get(&app)?;
-            let (backends, switch) = (runtime.backends.clone(), runtime.switch.clone());
+            let backends = apps.get(&app)?.clone();
+            let switch = backends.switch.clone();
             let (db, bus) = (db.clone(), bus.clone());
             let task = tokio::spawn(async move {
                 for (deployment, started_instances) in deployments {
@@ -324,11 +324,11 @@ fn recover_interrupted(
 async fn move_traffic_back(
     db: &Db,
     bus: &Bus,
-    backends: &AppBackends,
+    backends: &App,
     switch: &dyn TrafficSwitch,
     id: crate::domain::DeploymentId,
 ) -> bool {
-    let app = &backends.app;
+    let app = &backends.config;
     let last = db
         .call(move |conn| Ok(db::switches_of(conn, id)?.pop()))
         .await;
@@ -381,14 +381,10 @@ async fn move_traffic_back(
 }
 
 /// Stops what an interrupted deployment may have started on the idle port, or on a fleet.
-async fn stop_half_started(
-    backends: &AppBackends,
-    deployment: db::Deployment,
-    started_instances: bool,
-) {
+async fn stop_half_started(backends: &App, deployment: db::Deployment, started_instances: bool) {
     let job = Job {
         deployment_id: deployment.id,
-        app: backends.app.clone(),
+        app: backends.config.clone(),
         version: deployment.version.unwrap_or_default(),
         bundle_key: deployment.bundle_key.unwrap_or_default(),
         bundle_sha256: deployment.bundle_sha256.unwrap_or_default(),

@@ -14,21 +14,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::config::AppConfig;
+use crate::apps::App;
 use crate::db::{self, Db, Deployment};
 use crate::domain::{DeploymentId, DeploymentStatus, Hook, Stage, StageStatus};
 use crate::events::{Bus, Event};
-use crate::runner::{self, Job, Progress, Runner};
-use crate::store::ArtifactStore;
-
-/// An app with the backends its config chose, built once at start-up.
-pub struct AppBackends {
-    pub app: Arc<AppConfig>,
-    /// `repo` resolved (a URL, or an absolute local path).
-    pub repo: String,
-    pub store: Arc<dyn ArtifactStore>,
-    pub runner: Arc<dyn Runner>,
-}
+use crate::runner::{self, Job, Progress};
 
 #[derive(Clone)]
 pub struct Pipeline {
@@ -132,7 +122,7 @@ impl Pipeline {
     }
 
     /// Runs a claimed (`running`) deployment to its end and records how it ended.
-    pub async fn run(&self, deployment: Deployment, backends: &AppBackends) {
+    pub async fn run(&self, deployment: Deployment, backends: &App) {
         let id = deployment.id;
         let rollback_of = deployment.rollback_of;
         let recorder = Recorder {
@@ -185,10 +175,10 @@ impl Pipeline {
     async fn stages(
         &self,
         deployment: &Deployment,
-        backends: &AppBackends,
+        backends: &App,
         recorder: &Recorder,
     ) -> Result<(), Failed> {
-        let app = &backends.app;
+        let app = &backends.config;
         let id = deployment.id;
         if let (Some(version), Some(key), Some(sha256)) = (
             &deployment.version,
@@ -341,7 +331,7 @@ impl Pipeline {
     async fn run_hooks(
         &self,
         job: &Job,
-        backends: &AppBackends,
+        backends: &App,
         recorder: &Recorder,
     ) -> Result<(), Failed> {
         backends
@@ -357,8 +347,8 @@ impl Pipeline {
 
     /// Host retention once a deployment went live: the runner's older revisions and
     /// releases go, never the version an instance on one of the app's ports runs.
-    async fn prune_host(&self, backends: &AppBackends, job: &Job) {
-        let (app, ports) = (backends.app.name.to_string(), backends.app.ports);
+    async fn prune_host(&self, backends: &App, job: &Job) {
+        let (app, ports) = (backends.config.name.to_string(), backends.config.ports);
         let running = self
             .db
             .call(move |conn| {
@@ -389,8 +379,8 @@ impl Pipeline {
 
     /// Retention once a deployment went live: its bundle and the previous live one are
     /// protected. A store that cannot prune is a warning, never a failed deployment.
-    async fn prune(&self, backends: &AppBackends, id: DeploymentId, live_key: &str) {
-        let app = backends.app.name.to_string();
+    async fn prune(&self, backends: &App, id: DeploymentId, live_key: &str) {
+        let app = backends.config.name.to_string();
         let previous = self
             .db
             .call(move |conn| db::last_succeeded(conn, &app, id))
@@ -403,12 +393,12 @@ impl Pipeline {
             .collect();
         match backends
             .store
-            .prune(backends.app.name.as_str(), &protect)
+            .prune(backends.config.name.as_str(), &protect)
             .await
         {
             Ok(deleted) if !deleted.is_empty() => {
-                tracing::info!(deployment_id = id, app = %backends.app.name, deleted = ?deleted, "old bundles deleted");
-                let app = backends.app.name.to_string();
+                tracing::info!(deployment_id = id, app = %backends.config.name, deleted = ?deleted, "old bundles deleted");
+                let app = backends.config.name.to_string();
                 let marked = self
                     .db
                     .call(move |conn| db::mark_bundles_pruned(conn, &app, &deleted))
@@ -419,7 +409,7 @@ impl Pipeline {
             }
             Ok(_) => {}
             Err(err) => {
-                tracing::warn!(deployment_id = id, app = %backends.app.name, error = %err, "could not prune old bundles")
+                tracing::warn!(deployment_id = id, app = %backends.config.name, error = %err, "could not prune old bundles")
             }
         }
     }

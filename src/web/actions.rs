@@ -83,7 +83,7 @@ async fn deploy(
     body: Bytes,
 ) -> Result<Response, AppError> {
     let action = read_action(&state, &headers, &body)?;
-    let config = &state.app(&app)?.backends.app;
+    let config = &state.app(&app)?.config;
     let commit = action
         .input
         .commit
@@ -121,7 +121,7 @@ async fn redeploy(
     let runtime = state.app(&past.app)?;
     let trigger = reuse_of(
         &past,
-        runtime.backends.app.name.clone(),
+        runtime.config.name.clone(),
         TriggerKind::Manual,
         None,
     )?;
@@ -186,7 +186,7 @@ async fn rollback(
 /// and answers its health check (instant), else redeploys the previous bundle.
 pub async fn roll_back(state: &AppState, app: &str) -> Result<DeploymentId, AppError> {
     let runtime = state.app(app)?;
-    let config = runtime.backends.app.clone();
+    let config = runtime.config.clone();
     let name = app.to_owned();
     let (live, running) = state
         .db

@@ -30,8 +30,7 @@ pub fn routes() -> Router<Arc<AppState>> {
 }
 
 async fn apps(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, AppError> {
-    let mut names: Vec<String> = state.apps.keys().cloned().collect();
-    names.sort();
+    let names: Vec<String> = state.apps.names().map(str::to_owned).collect();
     let lives = {
         let names = names.clone();
         state
@@ -44,13 +43,14 @@ async fn apps(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, A
             })
             .await?
     };
-    let apps: Vec<_> = names
+    let apps: Vec<_> = state
+        .apps
         .iter()
         .zip(lives)
-        .map(|(name, live)| {
-            let app = &state.apps[name].backends.app;
+        .map(|(app, live)| {
+            let app = &app.config;
             json!({
-                "name": name,
+                "name": app.name,
                 "branch": app.branch,
                 "ports": app.ports,
                 "profiles": app.profiles,
@@ -70,8 +70,8 @@ async fn live(
     let name = app.clone();
     let recorded = state.db.call(move |conn| db::live(conn, &name)).await?;
     // A fleet's live slot is asked of its public URL; the version is the last that went live.
-    if let Some(public_url) = runtime.backends.app.fleet_url() {
-        let slot = crate::switch::fleet::probe(&runtime.backends.app, public_url)
+    if let Some(public_url) = runtime.config.fleet_url() {
+        let slot = crate::switch::fleet::probe(&runtime.config, public_url)
             .await
             .map_err(AppError::BadGateway)?;
         let name = app.clone();
@@ -185,7 +185,7 @@ pub async fn switch_traffic(
     by: Option<DeploymentId>,
 ) -> Result<Live, AppError> {
     let runtime = state.app(app)?;
-    let config = &runtime.backends.app;
+    let config = &runtime.config;
     let profile = config
         .profile_of(port)
         .ok_or_else(|| {

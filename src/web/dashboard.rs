@@ -93,8 +93,7 @@ async fn overview(
     headers: HeaderMap,
 ) -> Result<Response, AppError> {
     let now = now_ms();
-    let mut names: Vec<String> = state.apps.keys().cloned().collect();
-    names.sort();
+    let names: Vec<String> = state.apps.names().map(str::to_owned).collect();
     let (per_app, recent) = {
         let names = names.clone();
         state
@@ -117,8 +116,8 @@ async fn overview(
             })
             .await?
     };
-    let probes = names.iter().zip(&per_app).map(|(name, (live, _))| {
-        let path = state.apps[name].backends.app.health.path.clone();
+    let probes = state.apps.iter().zip(&per_app).map(|(app, (live, _))| {
+        let path = app.config.health.path.clone();
         let port = live.as_ref().map(|l| l.port);
         async move {
             match port {
@@ -130,12 +129,13 @@ async fn overview(
         }
     });
     let health = futures_util::future::join_all(probes).await;
-    let apps = names
-        .into_iter()
+    let apps = state
+        .apps
+        .iter()
         .zip(per_app)
         .zip(health)
-        .map(|((name, (live, running)), healthy)| {
-            let config = &state.apps[&name].backends.app;
+        .map(|((app, (live, running)), healthy)| {
+            let config = &app.config;
             AppCard {
                 entry: config.entry(),
                 branch: config.branch.clone(),
@@ -152,7 +152,7 @@ async fn overview(
                         .count(),
                     stages: stages.iter().map(|s| StageView::new(s, now)).collect(),
                 }),
-                name,
+                name: config.name.to_string(),
             }
         })
         .collect();
@@ -228,8 +228,7 @@ async fn history(
             })
             .await?
     };
-    let mut apps: Vec<String> = state.apps.keys().cloned().collect();
-    apps.sort();
+    let apps: Vec<String> = state.apps.names().map(str::to_owned).collect();
     render(&HistoryPage {
         csrf: csrf_of(&state, &headers),
         apps,

@@ -14,7 +14,8 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{AppError, AppRuntime, AppState};
+use super::{AppError, AppState};
+use crate::apps::App;
 use crate::config::TriggerMode;
 use crate::db::{self, CiOutcome, Enqueued};
 use crate::webhook::{WebhookError, github, travis};
@@ -60,22 +61,15 @@ async fn github_hook(
     let runtime = match &query.app {
         Some(name) => {
             let runtime = state.app(name)?;
-            let secret = runtime
-                .backends
-                .app
-                .webhook_secret
-                .as_ref()
-                .ok_or_else(|| {
-                    AppError::Unauthorized(format!(
-                        "app `{name}` has no webhook_secret_env configured"
-                    ))
-                })?;
+            let secret = runtime.config.webhook_secret.as_ref().ok_or_else(|| {
+                AppError::Unauthorized(format!("app `{name}` has no webhook_secret_env configured"))
+            })?;
             github::verify(secret.expose().as_bytes(), signature, &body).map_err(unauthorized)?;
             runtime
         }
         None => find_app_by_signature(&state, signature, &body)?,
     };
-    let app = &runtime.backends.app;
+    let app = &runtime.config;
 
     let event = header(&headers, github::EVENT_HEADER)
         .ok_or_else(|| AppError::BadRequest("missing X-GitHub-Event header".into()))?;
@@ -139,10 +133,10 @@ async fn travis_hook(
     let payload = travis::payload_of(&body).map_err(malformed)?;
 
     // Who sent it is settled over the raw payload before the JSON is parsed.
-    let signed_by: Vec<&AppRuntime> = match &query.app {
+    let signed_by: Vec<&Arc<App>> = match &query.app {
         Some(name) => {
             let runtime = state.app(name)?;
-            let key = runtime.backends.app.travis_key.as_ref().ok_or_else(|| {
+            let key = runtime.config.travis_key.as_ref().ok_or_else(|| {
                 AppError::Unauthorized(format!("app `{name}` has no Travis CI key configured"))
             })?;
             travis::verify(key, signature, payload.as_bytes()).map_err(unauthorized)?;
@@ -151,9 +145,9 @@ async fn travis_hook(
         None => {
             let signed_by: Vec<_> = state
                 .apps
-                .values()
+                .iter()
                 .filter(|runtime| {
-                    runtime.backends.app.travis_key.as_ref().is_some_and(|key| {
+                    runtime.config.travis_key.as_ref().is_some_and(|key| {
                         travis::verify(key, signature, payload.as_bytes()).is_ok()
                     })
                 })
@@ -175,8 +169,7 @@ async fn travis_hook(
             .copied()
             .find(|runtime| {
                 runtime
-                    .backends
-                    .app
+                    .config
                     .repository
                     .as_deref()
                     .is_some_and(|r| r.eq_ignore_ascii_case(&slug))
@@ -187,7 +180,7 @@ async fn travis_hook(
                 ))
             })?,
     };
-    let app = &runtime.backends.app;
+    let app = &runtime.config;
     let outcome = travis::interpret(app, &build).map_err(malformed)?;
     let answer = match outcome {
         travis::Outcome::Ignored(reason) => {
@@ -244,11 +237,11 @@ fn find_app_by_signature<'a>(
     state: &'a AppState,
     signature: Option<&str>,
     body: &[u8],
-) -> Result<&'a AppRuntime, AppError> {
+) -> Result<&'a Arc<App>, AppError> {
     let mut last_error = WebhookError::BadSignature;
-    let mut signed_by: Vec<&AppRuntime> = Vec::new();
-    for runtime in state.apps.values() {
-        let Some(secret) = &runtime.backends.app.webhook_secret else {
+    let mut signed_by: Vec<&Arc<App>> = Vec::new();
+    for runtime in state.apps.iter() {
+        let Some(secret) = &runtime.config.webhook_secret else {
             continue;
         };
         match github::verify(secret.expose().as_bytes(), signature, body) {
@@ -261,7 +254,7 @@ fn find_app_by_signature<'a>(
     }
     let repository = github::repository_of(body);
     let by_repository = signed_by.iter().copied().find(|runtime| {
-        let configured = runtime.backends.app.repository.as_deref();
+        let configured = runtime.config.repository.as_deref();
         configured.is_some()
             && configured.map(str::to_ascii_lowercase)
                 == repository.as_deref().map(str::to_ascii_lowercase)

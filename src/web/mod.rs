@@ -9,7 +9,6 @@ mod hooks;
 mod session;
 mod views;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -19,28 +18,21 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use tokio_util::sync::CancellationToken;
 
+use crate::apps::{App, Apps};
 use crate::config::{Config, Secret};
 use crate::db::Db;
 use crate::events::Bus;
-use crate::pipeline::AppBackends;
 use crate::queue::Queue;
-use crate::switch::TrafficSwitch;
 
 pub use actions::roll_back;
 pub use api::switch_traffic;
-
-/// One configured app at run time: its backends and its traffic switch.
-pub struct AppRuntime {
-    pub backends: Arc<AppBackends>,
-    pub switch: Arc<dyn TrafficSwitch>,
-}
 
 pub struct AppState {
     pub config: Arc<Config>,
     pub db: Db,
     pub bus: Bus,
     pub queue: Queue,
-    pub apps: HashMap<String, AppRuntime>,
+    pub apps: Apps,
     /// For people and scripts: API actions and the dashboard login.
     pub admin_token: Secret,
     /// For hooks on this host: the switch endpoint only. Made anew at every start.
@@ -50,7 +42,7 @@ pub struct AppState {
 }
 
 impl AppState {
-    fn app(&self, name: &str) -> Result<&AppRuntime, AppError> {
+    fn app(&self, name: &str) -> Result<&Arc<App>, AppError> {
         self.apps
             .get(name)
             .ok_or_else(|| AppError::NotFound(format!("no app named `{name}`")))
