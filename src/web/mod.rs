@@ -23,15 +23,15 @@ use crate::config::{Config, Secret};
 use crate::db::Db;
 use crate::events::Bus;
 use crate::queue::Queue;
-
-pub use actions::roll_back;
-pub use api::switch_traffic;
+use crate::rollback::RollbackError;
+use crate::traffic::{Traffic, TrafficError};
 
 pub struct AppState {
     pub config: Arc<Config>,
     pub db: Db,
     pub bus: Bus,
     pub queue: Queue,
+    pub traffic: Traffic,
     pub apps: Apps,
     /// For people and scripts: API actions and the dashboard login.
     pub admin_token: Secret,
@@ -138,5 +138,32 @@ fn require_loopback(peer: SocketAddr) -> Result<(), AppError> {
         Err(AppError::Forbidden(
             "only callers on this host may switch traffic".into(),
         ))
+    }
+}
+
+impl From<TrafficError> for AppError {
+    fn from(err: TrafficError) -> Self {
+        match err {
+            TrafficError::NotAPort { .. } => Self::BadRequest(err.to_string()),
+            TrafficError::Unhealthy { .. } | TrafficError::Switch { .. } => {
+                Self::BadGateway(err.to_string())
+            }
+            TrafficError::Record { source, .. } => source.into(),
+        }
+    }
+}
+
+impl From<RollbackError> for AppError {
+    fn from(err: RollbackError) -> Self {
+        match err {
+            RollbackError::Traffic(err) => err.into(),
+            RollbackError::Db(err) => err.into(),
+            RollbackError::Duplicate => Self::Internal(err.to_string()),
+            RollbackError::Running(_)
+            | RollbackError::NothingLive(_)
+            | RollbackError::NoEarlierVersion(_)
+            | RollbackError::BundlePruned(_)
+            | RollbackError::NoBundle(_) => Self::Conflict(err.to_string()),
+        }
     }
 }
