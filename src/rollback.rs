@@ -163,3 +163,149 @@ async fn enqueue(queue: &Queue, trigger: Trigger) -> Result<DeploymentId, Rollba
         Enqueued::Duplicate { .. } => Err(RollbackError::Duplicate),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::apps::Apps;
+    use crate::domain::AppName;
+    use crate::pipeline::Pipeline;
+    use crate::switch::TrafficSwitch;
+    use crate::traffic::fixture::{Fixture, fixture};
+
+    /// A deployment of `hello` that ran and left an instance on `port`, ended `status`.
+    async fn deployed(f: &Fixture, port: u16, status: DeploymentStatus) -> DeploymentId {
+        f.db.call(move |conn| {
+            let trigger = Trigger {
+                app: AppName::parse("hello").unwrap(),
+                commit: None,
+                branch: "main".into(),
+                kind: TriggerKind::Manual,
+                delivery: None,
+                message: None,
+                author: None,
+                reuse: None,
+            };
+            let Enqueued::New { id, .. } = db::enqueue(conn, &trigger)? else {
+                unreachable!("no delivery id, so never a duplicate")
+            };
+            db::claim_next(conn, "hello")?;
+            db::record_instance(conn, "hello", port, &format!("v{id}"), id)?;
+            if status.is_finished() {
+                db::finish(conn, id, status, None)?;
+            }
+            Ok(id)
+        })
+        .await
+        .unwrap()
+    }
+
+    async fn live_on(f: &Fixture, port: u16, by: DeploymentId) {
+        f.db.call(move |conn| db::set_live(conn, "hello", port, "real", Some(by)).map(drop))
+            .await
+            .unwrap();
+    }
+
+    fn queue(f: &Fixture) -> Queue {
+        let pipeline = Pipeline::new(f.db.clone(), f.bus.clone(), "unused".into(), Vec::new());
+        let no_apps = Apps::default();
+        Queue::start(
+            f.db.clone(),
+            f.bus.clone(),
+            pipeline,
+            &no_apps,
+            HashMap::new(),
+            CancellationToken::new(),
+        )
+    }
+
+    async fn status_of(f: &Fixture, id: DeploymentId) -> DeploymentStatus {
+        f.db.call(move |conn| db::deployment(conn, id))
+            .await
+            .unwrap()
+            .unwrap()
+            .status
+    }
+
+    #[tokio::test]
+    async fn a_previous_instance_that_answers_takes_traffic_back_at_once() {
+        let f = fixture().await;
+        let first = deployed(&f, f.healthy, DeploymentStatus::Succeeded).await;
+        let second = deployed(&f, f.gone, DeploymentStatus::Succeeded).await;
+        live_on(&f, f.gone, second).await;
+
+        let id = roll_back(&f.db, &f.traffic, &queue(&f), &f.app)
+            .await
+            .unwrap();
+
+        assert!(id > second && id != first);
+        assert_eq!(f.proxy.live(), Some(f.healthy));
+        assert_eq!(status_of(&f, id).await, DeploymentStatus::Succeeded);
+        assert_eq!(status_of(&f, second).await, DeploymentStatus::RolledBack);
+    }
+
+    #[tokio::test]
+    async fn with_the_previous_instance_gone_and_no_bundle_there_is_no_way_back() {
+        let f = fixture().await;
+        deployed(&f, f.gone, DeploymentStatus::Succeeded).await;
+        let second = deployed(&f, f.healthy, DeploymentStatus::Succeeded).await;
+        live_on(&f, f.healthy, second).await;
+
+        let err = roll_back(&f.db, &f.traffic, &queue(&f), &f.app)
+            .await
+            .unwrap_err();
+
+        assert!(matches!(err, RollbackError::NoEarlierVersion(_)), "{err}");
+        assert_eq!(f.proxy.live(), None, "traffic was not touched");
+        assert_eq!(status_of(&f, second).await, DeploymentStatus::Succeeded);
+    }
+
+    #[tokio::test]
+    async fn nothing_is_rolled_back_while_a_deployment_runs_or_before_anything_went_live() {
+        let f = fixture().await;
+        let err = roll_back(&f.db, &f.traffic, &queue(&f), &f.app)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "nothing of `hello` is live to roll back from"
+        );
+
+        let running = deployed(&f, f.healthy, DeploymentStatus::Running).await;
+        let err = roll_back(&f.db, &f.traffic, &queue(&f), &f.app)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, RollbackError::Running(id) if id == running),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bundle_deleted_by_retention_is_not_redeployed() {
+        let f = fixture().await;
+        let id = deployed(&f, f.healthy, DeploymentStatus::Succeeded).await;
+        f.db.call(move |conn| {
+            db::set_bundle(conn, id, "hello/v1.zip", "00")?;
+            db::mark_bundles_pruned(conn, "hello", &["hello/v1.zip".to_owned()])
+        })
+        .await
+        .unwrap();
+        let past =
+            f.db.call(move |conn| db::deployment(conn, id))
+                .await
+                .unwrap()
+                .unwrap();
+
+        let err = redeploy(&queue(&f), &f.app, &past).await.unwrap_err();
+
+        assert!(
+            matches!(err, RollbackError::BundlePruned(i) if i == id),
+            "{err}"
+        );
+    }
+}

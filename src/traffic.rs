@@ -174,3 +174,172 @@ impl Traffic {
         Ok((value, moved))
     }
 }
+
+/// An app on real parts for unit tests of going live and of rollback: a temp SQLite file,
+/// the built-in proxy on a free loopback port, and one instance port that answers its
+/// health path while the other has nothing behind it.
+#[cfg(test)]
+pub(crate) mod fixture {
+    use std::sync::Arc;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use crate::apps::App;
+    use crate::config::{Config, Secret};
+    use crate::db::Db;
+    use crate::events::Bus;
+    use crate::runner::local::LocalRunner;
+    use crate::store::local::LocalStore;
+    use crate::switch::proxy::Proxy;
+
+    use super::Traffic;
+
+    pub struct Fixture {
+        pub app: App,
+        pub proxy: Arc<Proxy>,
+        pub db: Db,
+        pub bus: Bus,
+        pub traffic: Traffic,
+        /// Answers `GET /profile` with 200.
+        pub healthy: u16,
+        /// Nothing listens here.
+        pub gone: u16,
+        _dir: tempfile::TempDir,
+    }
+
+    /// A port with an HTTP server that answers 200 to anything, for as long as the test runs.
+    async fn healthy_port() -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut head = [0u8; 1024];
+                    let _ = stream.read(&mut head).await;
+                    let _ = stream
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                        )
+                        .await;
+                });
+            }
+        });
+        port
+    }
+
+    pub async fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let healthy = healthy_port().await;
+        let gone = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let text = format!(
+            r#"
+[[app]]
+name = "hello"
+repo = "examples/hello"
+build = "true"
+artifact = "hello"
+run = "{{artifact}} --port {{port}}"
+ports = [{healthy}, {gone}]
+"#
+        );
+        let config = Config::parse(&text, std::path::Path::new("n.toml")).unwrap();
+        let app_config = Arc::new(config.apps[0].clone());
+        let db = Db::open(&dir.path().join("nonstop.db")).await.unwrap();
+        let bus = Bus::new();
+        let proxy = Proxy::start("127.0.0.1:0".parse().unwrap(), None)
+            .await
+            .unwrap();
+        let store = Arc::new(LocalStore::new(dir.path().join("artifacts"), 10));
+        let runner = Arc::new(LocalRunner::new(
+            dir.path().join("apps/hello"),
+            "local".into(),
+            store.clone(),
+            proxy.clone(),
+            "http://127.0.0.1:9".into(),
+            Secret::new("switch".into()),
+            Vec::new(),
+        ));
+        let app = App {
+            config: app_config,
+            repo: "examples/hello".into(),
+            store,
+            runner,
+            switch: proxy.clone(),
+        };
+        let traffic = Traffic::new(db.clone(), bus.clone());
+        Fixture {
+            app,
+            proxy,
+            db,
+            bus,
+            traffic,
+            healthy,
+            gone,
+            _dir: dir,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixture::fixture;
+    use super::*;
+    use crate::switch::TrafficSwitch;
+
+    #[tokio::test]
+    async fn going_live_switches_records_and_publishes() {
+        let f = fixture().await;
+        let mut events = f.bus.subscribe();
+
+        let moved = f.traffic.go_live(&f.app, f.healthy, None).await.unwrap();
+
+        assert_eq!(f.proxy.live(), Some(f.healthy));
+        assert_eq!((moved.live.port, moved.from_port), (f.healthy, None));
+        assert_eq!(moved.live.profile, "real1");
+        let recorded = f.db.call(|conn| db::live(conn, "hello")).await.unwrap();
+        assert_eq!(recorded.map(|l| l.port), Some(f.healthy));
+        match events.try_recv() {
+            Ok(Event::Live { port, .. }) => assert_eq!(port, f.healthy),
+            other => panic!("expected a Live event, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_target_that_does_not_answer_gets_no_traffic_and_nothing_is_recorded() {
+        let f = fixture().await;
+        f.traffic.go_live(&f.app, f.healthy, None).await.unwrap();
+
+        let err = f.traffic.go_live(&f.app, f.gone, None).await.unwrap_err();
+
+        assert!(
+            matches!(err, TrafficError::Unhealthy { port, .. } if port == f.gone),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "port {} does not answer /profile; traffic stays where it was",
+                f.gone
+            )
+        );
+        assert_eq!(f.proxy.live(), Some(f.healthy));
+        let recorded = f.db.call(|conn| db::live(conn, "hello")).await.unwrap();
+        assert_eq!(recorded.map(|l| l.port), Some(f.healthy));
+    }
+
+    #[tokio::test]
+    async fn a_port_that_is_not_the_apps_is_refused_before_any_probe() {
+        let f = fixture().await;
+
+        let err = f.traffic.go_live(&f.app, 1, None).await.unwrap_err();
+
+        assert!(
+            matches!(err, TrafficError::NotAPort { port: 1, .. }),
+            "{err}"
+        );
+        assert_eq!(f.proxy.live(), None);
+    }
+}
