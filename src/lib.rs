@@ -10,6 +10,7 @@ pub mod domain;
 pub mod events;
 pub mod fault;
 pub mod health;
+pub mod listen;
 pub mod notify;
 pub mod pipeline;
 pub mod process;

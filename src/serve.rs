@@ -57,22 +57,27 @@ pub struct Server {
 
 /// Runs the server until `shutdown` is cancelled.
 pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let fd_limit = crate::listen::raise_fd_limit();
+    let limits = crate::listen::Limits {
+        // A flood of sockets on this port must leave descriptors for the proxies, the
+        // database and the builds: an eighth of the limit, at most the default cap.
+        max_connections: (fd_limit as usize / 8)
+            .clamp(16, crate::listen::Limits::default().max_connections),
+        ..crate::listen::Limits::default()
+    };
     let server = prepare(config, shutdown.clone()).await?;
-    tracing::info!(listen = %server.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "nonstop serving");
+    tracing::info!(
+        listen = %server.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        fd_limit,
+        max_connections = limits.max_connections,
+        "nonstop serving"
+    );
     let router = web::router(server.state.clone());
-    let served = axum::serve(
-        server.listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await;
+    crate::listen::serve(server.listener, router, limits, shutdown).await;
     for proxy in server.proxies {
         proxy.shutdown();
     }
-    served.map_err(|source| ServeError::Listen {
-        addr: server.state.config.server.listen,
-        source,
-    })
+    Ok(())
 }
 
 /// Everything `serve` does before it answers requests: opens the database, marks what the
@@ -81,7 +86,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
 /// tests use it to drive the router without a socket.
 pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Server, ServeError> {
     let data_dir = config.data_dir();
-    std::fs::create_dir_all(&data_dir).map_err(|err| {
+    create_private_dir(&data_dir).map_err(|err| {
         ServeError::Setup(format!(
             "cannot create data_dir {}: {err}",
             data_dir.display()
@@ -324,29 +329,72 @@ pub async fn run_proxies(config: Config, shutdown: CancellationToken) -> Result<
     served.map_err(|err| ServeError::Setup(format!("control socket {}: {err}", socket.display())))
 }
 
+/// Shorter admin tokens are refused: the dashboard's session key is derived from the token,
+/// so a guessable one would let anyone forge a login.
+pub const MIN_ADMIN_TOKEN_BYTES: usize = 32;
+
 /// The admin token from its env var, else the one kept in the data dir (made on first run).
 fn admin_token(config: &Config, data_dir: &Path) -> Result<Secret, ServeError> {
-    if let Ok(token) = std::env::var(&config.server.admin_token_env)
+    let env = &config.server.admin_token_env;
+    if let Ok(token) = std::env::var(env)
         && !token.is_empty()
     {
-        return Ok(Secret::new(token));
+        return long_enough(token, &format!("the env var {env}"));
     }
     let path = admin_token_file(data_dir);
-    if let Ok(token) = std::fs::read_to_string(&path) {
-        return Ok(Secret::new(token.trim().to_owned()));
+    match std::fs::read_to_string(&path) {
+        Ok(token) => long_enough(
+            token.trim().to_owned(),
+            &format!("{} (delete it to have a new one made)", path.display()),
+        ),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            let token = random_token();
+            write_private(&path, token.as_bytes()).map_err(|err| {
+                ServeError::Setup(format!("cannot write {}: {err}", path.display()))
+            })?;
+            tracing::info!(path = %path.display(), env = %env, "made an admin token (set the env var to choose your own)");
+            Ok(Secret::new(token))
+        }
+        Err(err) => Err(ServeError::Setup(format!(
+            "cannot read {}: {err}",
+            path.display()
+        ))),
     }
-    let token = random_token();
+}
+
+fn long_enough(token: String, from: &str) -> Result<Secret, ServeError> {
+    if token.len() < MIN_ADMIN_TOKEN_BYTES {
+        return Err(ServeError::Setup(format!(
+            "the admin token in {from} is {} bytes; at least {MIN_ADMIN_TOKEN_BYTES} are needed",
+            token.len()
+        )));
+    }
+    Ok(Secret::new(token))
+}
+
+/// The data dir holds the database, the admin token and every build: only nonstop's user
+/// may enter it.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Writes a file only its owner can read, whole or not at all: a temp file beside it,
+/// synced, then renamed over the name.
+fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
+    let temp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
         .write(true)
-        .create_new(true)
+        .create(true)
+        .truncate(true)
         .mode(0o600)
-        .open(&path)
-        .and_then(|mut file| file.write_all(token.as_bytes()))
-        .map_err(|err| ServeError::Setup(format!("cannot write {}: {err}", path.display())))?;
-    tracing::info!(path = %path.display(), env = %config.server.admin_token_env, "made an admin token (set the env var to choose your own)");
-    Ok(Secret::new(token))
+        .open(&temp)?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    std::fs::rename(&temp, path)
 }
 
 /// 32 random bytes, hex.

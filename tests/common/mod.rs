@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 pub const SECRET: &str = "test-webhook-secret";
-pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const ADMIN_TOKEN: &str = "test-admin-token-of-at-least-32-bytes";
 pub const REPOSITORY: &str = "acme/hello";
 
 /// A free loopback port (bound, then released for the server to take).
