@@ -317,10 +317,11 @@ pub async fn run_proxies(config: Config, shutdown: CancellationToken) -> Result<
             let live = saved.get(app.name.as_str()).copied();
             let proxy = Proxy::start(listen, live).await?;
             tracing::info!(app = %app.name, proxy = %proxy.local_addr(), live_port = live, "proxy listening");
-            proxies.insert(app.name.to_string(), proxy);
+            let ports = app.ports;
+            proxies.insert(app.name.to_string(), control::Controlled { proxy, ports });
         }
     }
-    let all: Vec<_> = proxies.values().cloned().collect();
+    let all: Vec<_> = proxies.values().map(|c| c.proxy.clone()).collect();
     tracing::info!(socket = %socket.display(), "taking switch commands");
     let served = control::serve_control(socket.clone(), proxies, shutdown).await;
     for proxy in all {
