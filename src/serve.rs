@@ -136,6 +136,10 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
         recoveries,
         shutdown.clone(),
     );
+    let secure = dashboard_url.starts_with("https://");
+    let sessions = web::Sessions::load(db.clone(), secure).await?;
+    let allowed_hosts =
+        web::AllowedHosts::new(config.server.public_url.as_deref(), std::iter::empty());
     let state = Arc::new(AppState {
         config: Arc::new(config),
         db,
@@ -145,6 +149,8 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
         apps,
         admin_token,
         switch_token: wiring.switch_token,
+        sessions,
+        allowed_hosts,
         shutdown,
     });
     Ok(Server {

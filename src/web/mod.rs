@@ -5,8 +5,12 @@
 mod actions;
 mod api;
 mod dashboard;
+mod headers;
 mod hooks;
 mod session;
+
+pub use headers::AllowedHosts;
+pub use session::Sessions;
 mod views;
 
 use std::net::SocketAddr;
@@ -37,6 +41,10 @@ pub struct AppState {
     pub admin_token: Secret,
     /// For hooks on this host: the switch endpoint only. Made anew at every start.
     pub switch_token: Secret,
+    /// Dashboard logins, and the throttle on wrong ones.
+    pub sessions: Sessions,
+    /// The names requests may address this server by.
+    pub allowed_hosts: AllowedHosts,
     /// Cancelled when the server shuts down, so event streams end and shutdown completes.
     pub shutdown: CancellationToken,
 }
@@ -56,6 +64,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(api::routes())
         .merge(actions::routes())
         .merge(dashboard::routes())
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            headers::protect,
+        ))
         .with_state(state)
 }
 
@@ -132,7 +144,8 @@ fn token_matches(presented: Option<&str>, expected: &Secret) -> bool {
 }
 
 fn require_loopback(peer: SocketAddr) -> Result<(), AppError> {
-    if peer.ip().is_loopback() {
+    // A v4 caller on a dual-stack socket shows up as `::ffff:127.0.0.1`.
+    if peer.ip().to_canonical().is_loopback() {
         Ok(())
     } else {
         Err(AppError::Forbidden(
