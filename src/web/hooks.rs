@@ -7,6 +7,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -57,29 +58,35 @@ async fn github_hook(
     })?;
     let signature = header(&headers, github::SIGNATURE_HEADER);
 
-    // Who sent it is settled over the raw bytes before anything is parsed.
-    let runtime = match &query.app {
+    // Who sent it is settled over the raw bytes before anything is parsed or decoded.
+    let signed_by: Vec<&Arc<App>> = match &query.app {
         Some(name) => {
             let runtime = state.app(name)?;
             let secret = runtime.config.webhook_secret.as_ref().ok_or_else(|| {
                 AppError::Unauthorized(format!("app `{name}` has no webhook_secret_env configured"))
             })?;
             github::verify(secret.expose().as_bytes(), signature, &body).map_err(unauthorized)?;
-            runtime
+            vec![runtime]
         }
-        None => find_app_by_signature(&state, signature, &body)?,
+        None => apps_signing(&state, signature, &body)?,
     };
-    let app = &runtime.config;
-
+    let content_type =
+        github::ContentType::from_header(headers.get(CONTENT_TYPE).map(|value| value.as_bytes()))
+            .map_err(|err| AppError::UnsupportedMediaType(err.to_string()))?;
     let event = header(&headers, github::EVENT_HEADER)
         .ok_or_else(|| AppError::BadRequest("missing X-GitHub-Event header".into()))?;
-    let delivery = header(&headers, github::DELIVERY_HEADER);
-    let outcome = github::interpret(app, event, delivery, &body).map_err(|err| match err {
+    let malformed = |err: WebhookError| match err {
         WebhookError::Malformed(reason) => {
             AppError::BadRequest(format!("malformed {event} payload: {reason}"))
         }
         other => AppError::BadRequest(other.to_string()),
-    })?;
+    };
+    let document = github::payload(content_type, &body).map_err(malformed)?;
+    let runtime = app_for_repository(&signed_by, &document)?;
+    let app = &runtime.config;
+
+    let delivery = header(&headers, github::DELIVERY_HEADER);
+    let outcome = github::interpret(app, event, delivery, &document).map_err(malformed)?;
 
     match outcome {
         github::Outcome::Pong => Ok(Json(json!({ "ok": "pong", "app": app.name })).into_response()),
@@ -231,13 +238,12 @@ fn unauthorized(err: WebhookError) -> AppError {
     AppError::Unauthorized(err.to_string())
 }
 
-/// Without `?app=`, the app is the one whose secret signed the body and, when several
-/// share a secret, whose repository the payload names.
-fn find_app_by_signature<'a>(
+/// Without `?app=`, the apps whose secret signed the body (several may share a secret).
+fn apps_signing<'a>(
     state: &'a AppState,
     signature: Option<&str>,
     body: &[u8],
-) -> Result<&'a Arc<App>, AppError> {
+) -> Result<Vec<&'a Arc<App>>, AppError> {
     let mut last_error = WebhookError::BadSignature;
     let mut signed_by: Vec<&Arc<App>> = Vec::new();
     for runtime in state.apps.iter() {
@@ -252,16 +258,24 @@ fn find_app_by_signature<'a>(
     if signed_by.is_empty() {
         return Err(unauthorized(last_error));
     }
-    let repository = github::repository_of(body);
+    Ok(signed_by)
+}
+
+/// Of the apps that signed a delivery, the one whose repository the payload names; a single
+/// app decides itself (a push from another repository is then ignored, with its reason).
+fn app_for_repository<'a>(
+    signed_by: &[&'a Arc<App>],
+    document: &[u8],
+) -> Result<&'a Arc<App>, AppError> {
+    let repository = github::repository_of(document);
     let by_repository = signed_by.iter().copied().find(|runtime| {
         let configured = runtime.config.repository.as_deref();
         configured.is_some()
             && configured.map(str::to_ascii_lowercase)
                 == repository.as_deref().map(str::to_ascii_lowercase)
     });
-    match (by_repository, signed_by.as_slice()) {
+    match (by_repository, signed_by) {
         (Some(runtime), _) => Ok(runtime),
-        // One app only: it decides itself (a push from another repository is ignored).
         (None, [only]) => Ok(only),
         _ => Err(AppError::NotFound(format!(
             "no app deploys repository {}; add ?app=NAME to the webhook URL or set `repository`",

@@ -1,5 +1,9 @@
 //! GitHub webhooks: `X-Hub-Signature-256` (HMAC-SHA256 of the raw body, hex, compared in
-//! constant time) and the `push` event. The signature is checked before a byte is parsed.
+//! constant time) and the `push` event. The signature is checked before a byte is parsed;
+//! then the body is decoded by its content type (GitHub offers JSON and a form field
+//! `payload`), and only then is the JSON read.
+
+use std::borrow::Cow;
 
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
@@ -12,6 +16,62 @@ use crate::domain::{CommitSha, Trigger, TriggerKind};
 pub const SIGNATURE_HEADER: &str = "x-hub-signature-256";
 pub const EVENT_HEADER: &str = "x-github-event";
 pub const DELIVERY_HEADER: &str = "x-github-delivery";
+
+/// The two ways GitHub's webhook settings offer to send a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContentType {
+    /// `application/json`: the body is the JSON document.
+    Json,
+    /// `application/x-www-form-urlencoded`, which GitHub preselects: the body is
+    /// `payload=<url-encoded JSON>`.
+    Form,
+}
+
+/// What a 415 tells the sender to use instead.
+const ACCEPTED_CONTENT_TYPES: &str = "application/json or application/x-www-form-urlencoded";
+
+/// A rejected content type is echoed back at most this long, so an answer stays one short line.
+const MAX_ECHOED_CONTENT_TYPE: usize = 100;
+
+impl ContentType {
+    /// Reads the `Content-Type` header's raw value; parameters (`; charset=utf-8`) and case
+    /// do not matter. GitHub always sends the header; a request without one is read as JSON,
+    /// which is what GitHub's API, its redelivery tools and a hand-written `curl -d @push.json`
+    /// mean.
+    pub fn from_header(header: Option<&[u8]>) -> Result<Self, WebhookError> {
+        let Some(header) = header else {
+            return Ok(Self::Json);
+        };
+        let text = String::from_utf8_lossy(header);
+        let essence = text.split(';').next().unwrap_or_default().trim();
+        if essence.eq_ignore_ascii_case("application/json") {
+            Ok(Self::Json)
+        } else if essence.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+            Ok(Self::Form)
+        } else {
+            let given: String = text.chars().take(MAX_ECHOED_CONTENT_TYPE).collect();
+            Err(WebhookError::UnsupportedContentType {
+                given: format!("{given:?}"),
+                accepted: ACCEPTED_CONTENT_TYPES,
+            })
+        }
+    }
+}
+
+/// The JSON document of a verified delivery, whichever way it was carried. Call it after
+/// `verify`: the signature is over the body as sent, not over the decoded document.
+pub fn payload(content_type: ContentType, body: &[u8]) -> Result<Cow<'_, [u8]>, WebhookError> {
+    match content_type {
+        ContentType::Json => Ok(Cow::Borrowed(body)),
+        ContentType::Form => match super::form_payload(body) {
+            Ok(json) => Ok(Cow::Owned(json.into_bytes())),
+            // `curl -d` labels a JSON body as a form; say how to send it instead.
+            Err(_) => Err(WebhookError::Malformed(
+                "no form field `payload` (a JSON body is sent as application/json)".into(),
+            )),
+        },
+    }
+}
 
 /// Checks `header` (`sha256=<hex>`) against the HMAC of `body` under `secret`.
 pub fn verify(secret: &[u8], header: Option<&str>, body: &[u8]) -> Result<(), WebhookError> {
@@ -280,6 +340,84 @@ run = "{artifact} --port {port}"
         ));
     }
 
+    fn form(json: &[u8]) -> Vec<u8> {
+        url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("payload", std::str::from_utf8(json).unwrap())
+            .finish()
+            .into_bytes()
+    }
+
+    #[test]
+    fn json_and_form_content_types_are_read_and_others_refused_naming_both() {
+        for (header, expected) in [
+            (None, ContentType::Json),
+            (Some("application/json"), ContentType::Json),
+            (Some("Application/JSON; charset=utf-8"), ContentType::Json),
+            (Some("application/x-www-form-urlencoded"), ContentType::Form),
+            (
+                Some(" application/x-www-form-urlencoded ; charset=UTF-8"),
+                ContentType::Form,
+            ),
+        ] {
+            assert_eq!(
+                ContentType::from_header(header.map(str::as_bytes)),
+                Ok(expected),
+                "{header:?}"
+            );
+        }
+        for header in ["text/plain", "", "multipart/form-data", "application/jsonx"] {
+            let Err(err) = ContentType::from_header(Some(header.as_bytes())) else {
+                panic!("{header} accepted")
+            };
+            let reason = err.to_string();
+            assert!(matches!(err, WebhookError::UnsupportedContentType { .. }));
+            assert!(
+                reason.contains("application/json")
+                    && reason.contains("application/x-www-form-urlencoded"),
+                "{reason}"
+            );
+        }
+        let long = ContentType::from_header(Some("x".repeat(10_000).as_bytes()))
+            .unwrap_err()
+            .to_string();
+        assert!(long.len() < 300, "{long}");
+    }
+
+    #[test]
+    fn a_form_payload_is_the_url_decoded_json_document() {
+        let json = push("refs/heads/main", "acme/hello", false);
+        assert_eq!(payload(ContentType::Form, &form(&json)).unwrap(), json);
+        assert_eq!(payload(ContentType::Json, &json).unwrap(), json);
+        assert!(matches!(
+            payload(ContentType::Form, &json),
+            Err(WebhookError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn both_content_types_mean_the_same_for_every_event() {
+        let app = app();
+        let cases = [
+            ("push", push("refs/heads/main", "acme/hello", false)),
+            ("push", push("refs/heads/dev", "acme/hello", false)),
+            ("ping", br#"{"zen":"Design for failure."}"#.to_vec()),
+            ("issues", br#"{"action":"opened"}"#.to_vec()),
+            ("push", b"{not json".to_vec()),
+        ];
+        for (event, json) in cases {
+            let as_json = payload(ContentType::Json, &json)
+                .and_then(|document| interpret(&app, event, Some("d"), &document));
+            let as_form = payload(ContentType::Form, &form(&json))
+                .and_then(|document| interpret(&app, event, Some("d"), &document));
+            assert_eq!(
+                format!("{as_json:?}"),
+                format!("{as_form:?}"),
+                "{event} {}",
+                String::from_utf8_lossy(&json)
+            );
+        }
+    }
+
     mod properties {
         use super::*;
         use proptest::collection::vec;
@@ -314,6 +452,9 @@ run = "{artifact} --port {port}"
             ) {
                 let _ = interpret(&app(), &event, Some("d"), &body);
                 let _ = repository_of(&body);
+                if let Ok(document) = payload(ContentType::Form, &body) {
+                    let _ = interpret(&app(), &event, Some("d"), &document);
+                }
             }
         }
     }

@@ -14,4 +14,19 @@ pub enum WebhookError {
     BadSignature,
     #[error("malformed payload: {0}")]
     Malformed(String),
+    /// The body comes in a form this sender does not use; the string names what it does.
+    #[error("content type `{given}` is not accepted; send {accepted}")]
+    UnsupportedContentType {
+        given: String,
+        accepted: &'static str,
+    },
+}
+
+/// The URL-decoded value of the form field `payload`: how GitHub (when the hook is set to
+/// `application/x-www-form-urlencoded`) and Travis CI carry their JSON document.
+pub fn form_payload(body: &[u8]) -> Result<String, WebhookError> {
+    url::form_urlencoded::parse(body)
+        .find(|(name, _)| name == "payload")
+        .map(|(_, value)| value.into_owned())
+        .ok_or_else(|| WebhookError::Malformed("no form field `payload`".into()))
 }

@@ -15,10 +15,7 @@ pub const SIGNATURE_HEADER: &str = "signature";
 
 /// The raw value of the form field `payload` (what Travis signed), URL-decoded.
 pub fn payload_of(body: &[u8]) -> Result<String, WebhookError> {
-    url::form_urlencoded::parse(body)
-        .find(|(name, _)| name == "payload")
-        .map(|(_, value)| value.into_owned())
-        .ok_or_else(|| WebhookError::Malformed("no form field `payload`".into()))
+    super::form_payload(body)
 }
 
 /// Checks `header` (base64 signature) over `payload` with Travis's public key.
