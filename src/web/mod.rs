@@ -5,6 +5,7 @@
 mod actions;
 mod api;
 mod dashboard;
+mod error;
 mod hooks;
 mod session;
 mod views;
@@ -12,10 +13,8 @@ mod views;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::Json;
 use axum::Router;
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, header};
 use tokio_util::sync::CancellationToken;
 
 use crate::apps::{App, Apps};
@@ -26,6 +25,7 @@ use crate::queue::Queue;
 
 pub use actions::roll_back;
 pub use api::switch_traffic;
+pub use error::{AppError, AppJson};
 
 pub struct AppState {
     pub config: Arc<Config>,
@@ -57,66 +57,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(actions::routes())
         .merge(dashboard::routes())
         .with_state(state)
-}
-
-/// Every way a request can fail, each with its status and a one-line reason.
-#[derive(Debug, thiserror::Error)]
-pub enum AppError {
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("{0}")]
-    Unauthorized(String),
-    #[error("{0}")]
-    Forbidden(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    Conflict(String),
-    #[error("{0}")]
-    PayloadTooLarge(String),
-    #[error("{0}")]
-    UnsupportedMediaType(String),
-    #[error("{0}")]
-    BadGateway(String),
-    #[error("internal error: {0}")]
-    Internal(String),
-}
-
-impl AppError {
-    fn status(&self) -> StatusCode {
-        match self {
-            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Self::Forbidden(_) => StatusCode::FORBIDDEN,
-            Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::Conflict(_) => StatusCode::CONFLICT,
-            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
-            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
-}
-
-impl From<crate::db::DbError> for AppError {
-    fn from(err: crate::db::DbError) -> Self {
-        tracing::error!(error = %err, "database error while answering a request");
-        Self::Internal("the database could not answer".into())
-    }
-}
-
-impl IntoResponse for AppError {
-    fn into_response(self) -> Response {
-        let status = self.status();
-        if status.is_server_error() {
-            tracing::warn!(status = status.as_u16(), reason = %self, "request failed");
-        }
-        (
-            status,
-            Json(serde_json::json!({ "error": self.to_string() })),
-        )
-            .into_response()
-    }
 }
 
 /// The bearer token of a request, if any.

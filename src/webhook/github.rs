@@ -58,24 +58,84 @@ impl ContentType {
     }
 }
 
-/// The JSON document of a verified delivery, whichever way it was carried. Call it after
-/// `verify`: the signature is over the body as sent, not over the decoded document.
-pub fn payload(content_type: ContentType, body: &[u8]) -> Result<Cow<'_, [u8]>, WebhookError> {
+/// The JSON document of a verified `event` delivery, whichever way it was carried. Call it
+/// after `verify`: the signature is over the body as sent, not over the decoded document.
+pub fn payload<'a>(
+    content_type: ContentType,
+    event: &str,
+    body: &'a [u8],
+) -> Result<Cow<'a, [u8]>, WebhookError> {
     match content_type {
         ContentType::Json => Ok(Cow::Borrowed(body)),
         ContentType::Form => match super::form_payload(body) {
-            Ok(json) => Ok(Cow::Owned(json.into_bytes())),
+            Some(json) => Ok(Cow::Owned(json.into_bytes())),
             // `curl -d` labels a JSON body as a form; say how to send it instead.
-            Err(_) => Err(WebhookError::Malformed(
-                "no form field `payload` (a JSON body is sent as application/json)".into(),
+            None => Err(malformed(
+                event,
+                "no form field `payload` (a JSON body is sent as application/json)",
             )),
         },
     }
 }
 
+fn malformed(event: &str, reason: impl ToString) -> WebhookError {
+    WebhookError::malformed(format!("{event} payload"), reason)
+}
+
+/// A delivery whose signature verified, decoded: what GitHub says it is, and its JSON.
+#[derive(Debug)]
+pub struct Delivery<'a> {
+    /// `X-GitHub-Event`: `push`, `ping`, …
+    pub event: &'a str,
+    /// `X-GitHub-Delivery`, when sent: what makes a redelivery a duplicate.
+    pub id: Option<&'a str>,
+    pub document: Cow<'a, [u8]>,
+}
+
+impl<'a> Delivery<'a> {
+    /// Reads the headers' raw values and decodes `body` by its content type.
+    pub fn decode(
+        content_type: Option<&[u8]>,
+        event: Option<&'a str>,
+        id: Option<&'a str>,
+        body: &'a [u8],
+    ) -> Result<Self, WebhookError> {
+        let content_type = ContentType::from_header(content_type)?;
+        let event = event.ok_or(WebhookError::MissingHeader("X-GitHub-Event"))?;
+        Ok(Self {
+            event,
+            id,
+            document: payload(content_type, event, body)?,
+        })
+    }
+
+    /// The repository the document names, to find its app when the URL names none.
+    pub fn repository(&self) -> Option<String> {
+        repository_of(&self.document)
+    }
+
+    /// What this delivery means for `app`.
+    pub fn interpret(&self, app: &AppConfig) -> Result<Outcome, WebhookError> {
+        interpret(app, self.event, self.id, &self.document)
+    }
+}
+
+/// Checks a delivery's signature with `app`'s webhook secret; `None` when it has none.
+pub fn verify_for(
+    app: &AppConfig,
+    header: Option<&str>,
+    body: &[u8],
+) -> Option<Result<(), WebhookError>> {
+    let secret = app.webhook_secret.as_ref()?;
+    Some(verify(secret.expose().as_bytes(), header, body))
+}
+
+/// The setting an app without a webhook secret is missing.
+pub const KEY_SETTING: &str = "webhook_secret_env";
+
 /// Checks `header` (`sha256=<hex>`) against the HMAC of `body` under `secret`.
 pub fn verify(secret: &[u8], header: Option<&str>, body: &[u8]) -> Result<(), WebhookError> {
-    let header = header.ok_or(WebhookError::MissingHeader("X-Hub-Signature-256"))?;
+    let header = header.ok_or(WebhookError::MissingSignature("X-Hub-Signature-256"))?;
     let expected = header
         .strip_prefix("sha256=")
         .and_then(|hex_sig| hex::decode(hex_sig).ok())
@@ -154,8 +214,7 @@ pub fn interpret(
         "push" => {}
         other => return Ok(Outcome::Ignored(format!("event `{other}` is not deployed"))),
     }
-    let push: Push =
-        serde_json::from_slice(body).map_err(|err| WebhookError::Malformed(err.to_string()))?;
+    let push: Push = serde_json::from_slice(body).map_err(|err| malformed(event, err))?;
     if let Some(expected) = &app.repository
         && !push.repository.full_name.eq_ignore_ascii_case(expected)
     {
@@ -179,7 +238,7 @@ pub fn interpret(
             app.name, app.branch
         )));
     }
-    let commit = CommitSha::parse(&push.after).map_err(WebhookError::Malformed)?;
+    let commit = CommitSha::parse(&push.after).map_err(|reason| malformed(event, reason))?;
     let head = push.head_commit;
     Ok(Outcome::Deploy(Box::new(Trigger {
         app: app.name.clone(),
@@ -252,7 +311,7 @@ run = "{artifact} --port {port}"
         let good = sign(b"secret", body);
         assert_eq!(
             verify(b"secret", None, body),
-            Err(WebhookError::MissingHeader("X-Hub-Signature-256"))
+            Err(WebhookError::MissingSignature("X-Hub-Signature-256"))
         );
         assert_eq!(
             verify(b"other", Some(&good), body),
@@ -336,7 +395,7 @@ run = "{artifact} --port {port}"
     fn a_malformed_push_is_an_error() {
         assert!(matches!(
             interpret(&app(), "push", None, b"not json"),
-            Err(WebhookError::Malformed(_))
+            Err(WebhookError::Malformed { .. })
         ));
     }
 
@@ -386,12 +445,19 @@ run = "{artifact} --port {port}"
     #[test]
     fn a_form_payload_is_the_url_decoded_json_document() {
         let json = push("refs/heads/main", "acme/hello", false);
-        assert_eq!(payload(ContentType::Form, &form(&json)).unwrap(), json);
-        assert_eq!(payload(ContentType::Json, &json).unwrap(), json);
-        assert!(matches!(
-            payload(ContentType::Form, &json),
-            Err(WebhookError::Malformed(_))
-        ));
+        assert_eq!(
+            payload(ContentType::Form, "push", &form(&json)).unwrap(),
+            json
+        );
+        assert_eq!(payload(ContentType::Json, "push", &json).unwrap(), json);
+        let Err(err) = payload(ContentType::Form, "push", &json) else {
+            panic!("a JSON body read as a form")
+        };
+        assert!(
+            err.to_string()
+                .starts_with("malformed push payload: no form field `payload`"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -405,10 +471,13 @@ run = "{artifact} --port {port}"
             ("push", b"{not json".to_vec()),
         ];
         for (event, json) in cases {
-            let as_json = payload(ContentType::Json, &json)
-                .and_then(|document| interpret(&app, event, Some("d"), &document));
-            let as_form = payload(ContentType::Form, &form(&json))
-                .and_then(|document| interpret(&app, event, Some("d"), &document));
+            let form = form(&json);
+            let read = |content_type: &str, body| {
+                Delivery::decode(Some(content_type.as_bytes()), Some(event), Some("d"), body)
+                    .and_then(|delivery| delivery.interpret(&app))
+            };
+            let as_json = read("application/json", &json);
+            let as_form = read("application/x-www-form-urlencoded", &form);
             assert_eq!(
                 format!("{as_json:?}"),
                 format!("{as_form:?}"),
@@ -452,7 +521,7 @@ run = "{artifact} --port {port}"
             ) {
                 let _ = interpret(&app(), &event, Some("d"), &body);
                 let _ = repository_of(&body);
-                if let Ok(document) = payload(ContentType::Form, &body) {
+                if let Ok(document) = payload(ContentType::Form, &event, &body) {
                     let _ = interpret(&app(), &event, Some("d"), &document);
                 }
             }
