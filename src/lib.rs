@@ -7,6 +7,7 @@ pub mod aws;
 pub mod config;
 pub mod db;
 pub mod domain;
+pub mod elapsed;
 pub mod events;
 pub mod fault;
 pub mod health;

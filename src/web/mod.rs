@@ -5,21 +5,21 @@
 mod actions;
 mod api;
 mod dashboard;
+mod error;
 mod headers;
 mod hooks;
 mod session;
+mod views;
 
+pub use error::{AppError, AppJson};
 pub use headers::AllowedHosts;
 pub use session::Sessions;
-mod views;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::Json;
 use axum::Router;
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, header};
 use tokio_util::sync::CancellationToken;
 
 use crate::apps::{App, Apps};
@@ -27,8 +27,7 @@ use crate::config::{Config, Secret};
 use crate::db::Db;
 use crate::events::Bus;
 use crate::queue::Queue;
-use crate::rollback::RollbackError;
-use crate::traffic::{Traffic, TrafficError};
+use crate::traffic::Traffic;
 
 pub struct AppState {
     pub config: Arc<Config>,
@@ -71,63 +70,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Every way a request can fail, each with its status and a one-line reason.
-#[derive(Debug, thiserror::Error)]
-pub enum AppError {
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("{0}")]
-    Unauthorized(String),
-    #[error("{0}")]
-    Forbidden(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    Conflict(String),
-    #[error("{0}")]
-    PayloadTooLarge(String),
-    #[error("{0}")]
-    BadGateway(String),
-    #[error("internal error: {0}")]
-    Internal(String),
-}
-
-impl AppError {
-    fn status(&self) -> StatusCode {
-        match self {
-            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Self::Forbidden(_) => StatusCode::FORBIDDEN,
-            Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::Conflict(_) => StatusCode::CONFLICT,
-            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
-            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
-}
-
-impl From<crate::db::DbError> for AppError {
-    fn from(err: crate::db::DbError) -> Self {
-        tracing::error!(error = %err, "database error while answering a request");
-        Self::Internal("the database could not answer".into())
-    }
-}
-
-impl IntoResponse for AppError {
-    fn into_response(self) -> Response {
-        let status = self.status();
-        if status.is_server_error() {
-            tracing::warn!(status = status.as_u16(), reason = %self, "request failed");
-        }
-        (
-            status,
-            Json(serde_json::json!({ "error": self.to_string() })),
-        )
-            .into_response()
-    }
-}
-
 /// The bearer token of a request, if any.
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
@@ -151,32 +93,5 @@ fn require_loopback(peer: SocketAddr) -> Result<(), AppError> {
         Err(AppError::Forbidden(
             "only callers on this host may switch traffic".into(),
         ))
-    }
-}
-
-impl From<TrafficError> for AppError {
-    fn from(err: TrafficError) -> Self {
-        match err {
-            TrafficError::NotAPort { .. } => Self::BadRequest(err.to_string()),
-            TrafficError::Unhealthy { .. } | TrafficError::Switch { .. } => {
-                Self::BadGateway(err.to_string())
-            }
-            TrafficError::Record { source, .. } => source.into(),
-        }
-    }
-}
-
-impl From<RollbackError> for AppError {
-    fn from(err: RollbackError) -> Self {
-        match err {
-            RollbackError::Traffic(err) => err.into(),
-            RollbackError::Db(err) => err.into(),
-            RollbackError::Duplicate => Self::Internal(err.to_string()),
-            RollbackError::Running(_)
-            | RollbackError::NothingLive(_)
-            | RollbackError::NoEarlierVersion(_)
-            | RollbackError::BundlePruned(_)
-            | RollbackError::NoBundle(_) => Self::Conflict(err.to_string()),
-        }
     }
 }
