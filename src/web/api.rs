@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{AppError, AppState, bearer, require_loopback, token_matches};
+use super::{AppError, AppJson, AppState, bearer, require_loopback, token_matches};
 use crate::db::{self, Live};
 use crate::domain::{DeploymentId, DeploymentStatus};
 
@@ -156,7 +156,8 @@ async fn switch(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(app): Path<String>,
     headers: HeaderMap,
-    body: Result<Json<SwitchRequest>, axum::extract::rejection::JsonRejection>,
+    // Read after the checks below: who may call decides before what was sent.
+    body: Result<AppJson<SwitchRequest>, AppError>,
 ) -> Result<impl IntoResponse, AppError> {
     require_loopback(peer)?;
     let presented = bearer(&headers);
@@ -167,9 +168,7 @@ async fn switch(
             "a switch or admin token is needed".into(),
         ));
     }
-    let Json(request) = body.map_err(|err| {
-        AppError::BadRequest(format!("expected {{\"port\": N}}: {}", err.body_text()))
-    })?;
+    let AppJson(request) = body?;
     let moved = state
         .traffic
         .go_live(state.app(&app)?, request.port, None)
