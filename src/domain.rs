@@ -105,12 +105,35 @@ pub struct Trigger {
     pub commit: Option<CommitSha>,
     pub branch: String,
     pub kind: TriggerKind,
-    /// `(source, id)` of the webhook delivery, so a redelivery deploys nothing new.
-    pub delivery: Option<(String, String)>,
+    /// The webhook delivery, so a redelivery or a replay deploys nothing new.
+    pub delivery: Option<Delivery>,
     pub message: Option<String>,
     pub author: Option<String>,
     /// Deploy a bundle already in the store instead of building one (redeploy, rollback).
     pub reuse: Option<Reuse>,
+}
+
+/// A webhook delivery as the record remembers it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    /// `github` or `travis`.
+    pub source: &'static str,
+    /// The sender's id for it (`X-GitHub-Delivery`, Travis's build and verdict).
+    pub id: String,
+    /// The sha256 of the signed body: the same body under another id is a replay.
+    pub body_sha256: Option<String>,
+}
+
+impl Delivery {
+    /// The `(source, key)` pairs under which the record remembers this delivery; any one of
+    /// them seen before makes it a duplicate.
+    pub fn keys(&self) -> Vec<(String, &str)> {
+        let mut keys = vec![(self.source.to_owned(), self.id.as_str())];
+        if let Some(digest) = &self.body_sha256 {
+            keys.push((format!("{}-body", self.source), digest.as_str()));
+        }
+        keys
+    }
 }
 
 /// A stored bundle to deploy again, and what it was made from.

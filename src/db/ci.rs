@@ -6,7 +6,7 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::now_ms;
-use super::queries::{Enqueued, enqueue};
+use super::queries::{Enqueued, enqueue, record_delivery_of, seen_delivery};
 use crate::domain::{CiBuild, DeploymentId, DeploymentStatus, Stage, Trigger};
 
 /// What a CI report did.
@@ -71,7 +71,7 @@ pub fn ci_passed(
     if let Some((id, status)) = latest_for(conn, app, commit)?
         && status == DeploymentStatus::Superseded.as_str()
     {
-        record_delivery(conn, trigger, None, now)?;
+        record_delivery_of(conn, trigger, None, now)?;
         return Ok(CiOutcome::Ignored(format!(
             "a newer push replaced this commit (deployment {id} was superseded)"
         )));
@@ -124,43 +124,13 @@ pub fn ci_failed(
     Ok(CiOutcome::Failed { id })
 }
 
-fn seen_delivery(conn: &Connection, trigger: &Trigger) -> rusqlite::Result<Option<Enqueued>> {
-    let Some((source, delivery_id)) = &trigger.delivery else {
-        return Ok(None);
-    };
-    let seen: Option<Option<DeploymentId>> = conn
-        .query_row(
-            "SELECT deployment_id FROM deliveries WHERE source = ?1 AND delivery_id = ?2",
-            params![source, delivery_id],
-            |row| row.get(0),
-        )
-        .optional()?;
-    Ok(seen.map(|id| Enqueued::Duplicate { id }))
-}
-
-fn record_delivery(
-    conn: &Connection,
-    trigger: &Trigger,
-    id: Option<DeploymentId>,
-    now: i64,
-) -> rusqlite::Result<()> {
-    if let Some((source, delivery_id)) = &trigger.delivery {
-        conn.execute(
-            "INSERT OR IGNORE INTO deliveries (source, delivery_id, deployment_id, received_at)
-             VALUES (?1, ?2, ?3, ?4)",
-            params![source, delivery_id, id, now],
-        )?;
-    }
-    Ok(())
-}
-
 fn link_delivery(
     conn: &Connection,
     trigger: &Trigger,
     id: DeploymentId,
     now: i64,
 ) -> rusqlite::Result<()> {
-    record_delivery(conn, trigger, Some(id), now)
+    record_delivery_of(conn, trigger, Some(id), now)
 }
 
 /// Ends the app's rows in `status` older than `before` as superseded; returns their ids.
@@ -264,7 +234,7 @@ fn latest_for(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{AppName, CommitSha, TriggerKind};
+    use crate::domain::{AppName, CommitSha, Delivery, TriggerKind};
 
     fn conn() -> Connection {
         let conn = Connection::open_in_memory().unwrap();
@@ -280,7 +250,11 @@ mod tests {
             commit: Some(CommitSha::parse(&sha.to_string().repeat(40)).unwrap()),
             branch: "main".into(),
             kind,
-            delivery: Some(("test".into(), delivery.into())),
+            delivery: Some(Delivery {
+                source: "test",
+                id: delivery.into(),
+                body_sha256: None,
+            }),
             message: None,
             author: None,
             reuse: None,

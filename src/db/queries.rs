@@ -103,19 +103,8 @@ pub enum Enqueued {
 pub fn enqueue(conn: &mut Connection, trigger: &Trigger) -> rusqlite::Result<Enqueued> {
     let tx = conn.transaction()?;
     let now = now_ms();
-    if let Some((source, delivery_id)) = &trigger.delivery {
-        let inserted = tx.execute(
-            "INSERT OR IGNORE INTO deliveries (source, delivery_id, received_at) VALUES (?1, ?2, ?3)",
-            params![source, delivery_id, now],
-        )?;
-        if inserted == 0 {
-            let id = tx.query_row(
-                "SELECT deployment_id FROM deliveries WHERE source = ?1 AND delivery_id = ?2",
-                params![source, delivery_id],
-                |row| row.get(0),
-            )?;
-            return Ok(Enqueued::Duplicate { id });
-        }
+    if let Some(duplicate) = seen_delivery(&tx, trigger)? {
+        return Ok(duplicate);
     }
     let superseded = {
         let mut stmt = tx.prepare(
@@ -160,14 +149,50 @@ pub fn enqueue(conn: &mut Connection, trigger: &Trigger) -> rusqlite::Result<Enq
             stmt.execute(params![id, position, stage.as_str()])?;
         }
     }
-    if let Some((source, delivery_id)) = &trigger.delivery {
-        tx.execute(
-            "UPDATE deliveries SET deployment_id = ?3 WHERE source = ?1 AND delivery_id = ?2",
-            params![source, delivery_id, id],
-        )?;
-    }
+    record_delivery_of(&tx, trigger, Some(id), now)?;
     tx.commit()?;
     Ok(Enqueued::New { id, superseded })
+}
+
+/// What the trigger's delivery made when it (or the same body) was seen before.
+pub(super) fn seen_delivery(
+    conn: &Connection,
+    trigger: &Trigger,
+) -> rusqlite::Result<Option<Enqueued>> {
+    let Some(delivery) = &trigger.delivery else {
+        return Ok(None);
+    };
+    for (source, key) in delivery.keys() {
+        let seen: Option<Option<DeploymentId>> = conn
+            .query_row(
+                "SELECT deployment_id FROM deliveries WHERE source = ?1 AND delivery_id = ?2",
+                params![source, key],
+                |row| row.get(0),
+            )
+            .optional()?;
+        if let Some(id) = seen {
+            return Ok(Some(Enqueued::Duplicate { id }));
+        }
+    }
+    Ok(None)
+}
+
+/// Remembers the trigger's delivery under each of its keys, with what it made.
+pub(super) fn record_delivery_of(
+    conn: &Connection,
+    trigger: &Trigger,
+    id: Option<DeploymentId>,
+    now: i64,
+) -> rusqlite::Result<()> {
+    for (source, key) in trigger.delivery.iter().flat_map(|d| d.keys()) {
+        conn.execute(
+            "INSERT INTO deliveries (source, delivery_id, deployment_id, received_at)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (source, delivery_id) DO UPDATE SET deployment_id = ?3",
+            params![source, key, id, now],
+        )?;
+    }
+    Ok(())
 }
 
 /// Records a webhook delivery that deploys nothing (ignored event), so a redelivery is

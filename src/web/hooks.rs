@@ -4,16 +4,19 @@
 //! in `webhook`; this module only reads the request, calls the queue and answers.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Query, Request, State};
-use axum::http::header::CONTENT_TYPE;
+use axum::http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
+use tokio::sync::Semaphore;
 
 use super::{AppError, AppState};
 use crate::apps::App;
@@ -25,11 +28,85 @@ use crate::webhook::{self, WebhookError, github, travis};
 /// GitHub caps webhook payloads at 25 MB.
 pub const MAX_WEBHOOK_BYTES: usize = 25 * 1024 * 1024;
 
+/// Webhook bodies held in memory at once: anyone may send one (the signature can only be
+/// checked once it has arrived whole), so this times the body limit bounds what they cost.
+const MAX_WEBHOOKS_AT_ONCE: usize = 4;
+
+/// How long a delivery may wait for its turn before it is answered 503.
+const WAIT_FOR_TURN: Duration = Duration::from_secs(10);
+
+/// A whole delivery, body included, must arrive within this: GitHub sends 25 MB in
+/// seconds, so a body that trickles is a client holding memory, not a slow network.
+const BODY_DEADLINE: Duration = Duration::from_secs(30);
+
 pub fn routes() -> Router<Arc<AppState>> {
+    let turns = Arc::new(Semaphore::new(MAX_WEBHOOKS_AT_ONCE));
     Router::new()
         .route("/hooks/github", post(github_hook))
         .route("/hooks/travis", post(travis_hook))
         .layer(DefaultBodyLimit::max(MAX_WEBHOOK_BYTES))
+        .layer(axum::middleware::from_fn_with_state(turns, one_turn_each))
+}
+
+/// Refuses a declared oversize body before reading it, lets a bounded number of deliveries
+/// in at once, and gives each one a deadline.
+async fn one_turn_each(
+    State(turns): State<Arc<Semaphore>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let declared = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > MAX_WEBHOOK_BYTES as u64) {
+        // Answered at once, the body read and thrown away meanwhile: a client still sending
+        // would otherwise meet a reset connection instead of this answer.
+        let body = request.into_body();
+        tokio::spawn(tokio::time::timeout(BODY_DEADLINE, discard(body)));
+        let mut response = too_large().into_response();
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+        return response;
+    }
+    let Ok(Ok(_turn)) = tokio::time::timeout(WAIT_FOR_TURN, turns.acquire()).await else {
+        return busy();
+    };
+    match tokio::time::timeout(BODY_DEADLINE, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            let reason = format!("the delivery did not arrive whole within {BODY_DEADLINE:?}");
+            (
+                StatusCode::REQUEST_TIMEOUT,
+                Json(json!({ "error": reason })),
+            )
+                .into_response()
+        }
+    }
+}
+
+async fn discard(body: axum::body::Body) {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    while let Some(Ok(_)) = body.frame().await {}
+}
+
+fn busy() -> Response {
+    let reason = "too many webhook deliveries at once; redeliver in a moment";
+    let mut response = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({ "error": reason })),
+    )
+        .into_response();
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("5"));
+    response
+}
+
+fn too_large() -> AppError {
+    AppError::PayloadTooLarge(format!("webhook body is over {MAX_WEBHOOK_BYTES} bytes"))
 }
 
 #[derive(Deserialize)]
@@ -48,9 +125,7 @@ impl<S: Send + Sync> FromRequest<S> for RawBody {
         match Bytes::from_request(request, state).await {
             Ok(body) => Ok(Self(body)),
             Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                Err(AppError::PayloadTooLarge(format!(
-                    "webhook body is over {MAX_WEBHOOK_BYTES} bytes"
-                )))
+                Err(too_large())
             }
             Err(rejection) => Err(AppError::BadRequest(format!(
                 "could not read the body: {}",
@@ -86,12 +161,11 @@ async fn github_hook(
     match delivery.interpret(app)? {
         github::Outcome::Pong => Ok(Json(json!({ "ok": "pong", "app": app.name })).into_response()),
         github::Outcome::Ignored(reason) => {
-            if let Some(id) = delivery.id.map(str::to_owned) {
-                state
-                    .db
-                    .call(move |conn| db::record_delivery(conn, "github", &id))
-                    .await?;
-            }
+            let id = delivery.delivery.id.clone();
+            state
+                .db
+                .call(move |conn| db::record_delivery(conn, "github", &id))
+                .await?;
             tracing::info!(app = %app.name, event = delivery.event, reason = %reason, "webhook ignored");
             Ok(ignored(reason))
         }
@@ -99,12 +173,30 @@ async fn github_hook(
     }
 }
 
-/// Queues a push to deploy, or, for an app that deploys after CI, records it waiting.
+/// Queues a push to deploy, or, for an app that deploys after CI, records it waiting. A push
+/// of the commit already live deploys nothing: it would only restart what serves.
 async fn queue_push(
     state: &AppState,
     app: &AppConfig,
     trigger: Trigger,
 ) -> Result<Response, AppError> {
+    if let Some(commit) = trigger.commit.as_ref().map(|c| c.to_string()) {
+        let name = app.name.to_string();
+        let live_commit = state
+            .db
+            .call(move |conn| {
+                let Some(id) = db::live(conn, &name)?.and_then(|l| l.deployment_id) else {
+                    return Ok(None);
+                };
+                Ok(db::deployment(conn, id)?.and_then(|d| d.commit_sha))
+            })
+            .await?;
+        if live_commit.as_deref() == Some(commit.as_str()) {
+            let reason = format!("commit {commit} is already live");
+            tracing::info!(app = %app.name, reason = %reason, "webhook ignored");
+            return Ok(ignored(reason));
+        }
+    }
     // `trigger = "travis"`: the push waits until Travis CI passes its commit.
     let waiting = (app.trigger == TriggerMode::Travis).then(|| {
         let commit = trigger

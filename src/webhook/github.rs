@@ -7,11 +7,11 @@ use std::borrow::Cow;
 
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 
 use super::WebhookError;
 use crate::config::AppConfig;
-use crate::domain::{CommitSha, Trigger, TriggerKind};
+use crate::domain::{self, CommitSha, Trigger, TriggerKind};
 
 pub const SIGNATURE_HEADER: &str = "x-hub-signature-256";
 pub const EVENT_HEADER: &str = "x-github-event";
@@ -87,8 +87,9 @@ fn malformed(event: &str, reason: impl ToString) -> WebhookError {
 pub struct Delivery<'a> {
     /// `X-GitHub-Event`: `push`, `ping`, …
     pub event: &'a str,
-    /// `X-GitHub-Delivery`, when sent: what makes a redelivery a duplicate.
-    pub id: Option<&'a str>,
+    /// `X-GitHub-Delivery` and the body's sha256: what makes a redelivery, or a captured
+    /// body replayed under a new id, a duplicate.
+    pub delivery: domain::Delivery,
     pub document: Cow<'a, [u8]>,
 }
 
@@ -102,9 +103,14 @@ impl<'a> Delivery<'a> {
     ) -> Result<Self, WebhookError> {
         let content_type = ContentType::from_header(content_type)?;
         let event = event.ok_or(WebhookError::MissingHeader("X-GitHub-Event"))?;
+        let id = id.ok_or(WebhookError::MissingHeader("X-GitHub-Delivery"))?;
         Ok(Self {
             event,
-            id,
+            delivery: domain::Delivery {
+                source: "github",
+                id: id.to_owned(),
+                body_sha256: Some(hex::encode(Sha256::digest(body))),
+            },
             document: payload(content_type, event, body)?,
         })
     }
@@ -116,7 +122,7 @@ impl<'a> Delivery<'a> {
 
     /// What this delivery means for `app`.
     pub fn interpret(&self, app: &AppConfig) -> Result<Outcome, WebhookError> {
-        interpret(app, self.event, self.id, &self.document)
+        interpret(app, self.event, Some(&self.delivery), &self.document)
     }
 }
 
@@ -206,7 +212,7 @@ pub enum Outcome {
 pub fn interpret(
     app: &AppConfig,
     event: &str,
-    delivery_id: Option<&str>,
+    delivery: Option<&domain::Delivery>,
     body: &[u8],
 ) -> Result<Outcome, WebhookError> {
     match event {
@@ -245,7 +251,7 @@ pub fn interpret(
         commit: Some(commit),
         branch: branch.to_owned(),
         kind: TriggerKind::Push,
-        delivery: delivery_id.map(|id| ("github".to_owned(), id.to_owned())),
+        delivery: delivery.cloned(),
         message: head.as_ref().map(|h| h.message.clone()),
         author: head
             .and_then(|h| h.author)
@@ -257,6 +263,14 @@ pub fn interpret(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn delivery(id: &str) -> domain::Delivery {
+        domain::Delivery {
+            source: "github",
+            id: id.to_owned(),
+            body_sha256: None,
+        }
+    }
     use crate::config::Config;
 
     const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
@@ -341,14 +355,14 @@ run = "{artifact} --port {port}"
         let outcome = interpret(
             &app(),
             "push",
-            Some("d-1"),
+            Some(&delivery("d-1")),
             &push("refs/heads/main", "acme/hello", false),
         );
         let Ok(Outcome::Deploy(trigger)) = outcome else {
             panic!("{outcome:?}")
         };
         assert_eq!(trigger.commit.unwrap().as_str(), SHA);
-        assert_eq!(trigger.delivery, Some(("github".into(), "d-1".into())));
+        assert_eq!(trigger.delivery, Some(delivery("d-1")));
         assert_eq!(trigger.message.as_deref(), Some("Say hi"));
         assert_eq!(trigger.author.as_deref(), Some("ada"));
     }
@@ -472,9 +486,17 @@ run = "{artifact} --port {port}"
         ];
         for (event, json) in cases {
             let form = form(&json);
+            // The body's digest differs with its encoding; everything else must not.
             let read = |content_type: &str, body| {
                 Delivery::decode(Some(content_type.as_bytes()), Some(event), Some("d"), body)
                     .and_then(|delivery| delivery.interpret(&app))
+                    .map(|outcome| match outcome {
+                        Outcome::Deploy(mut trigger) => {
+                            trigger.delivery = None;
+                            Outcome::Deploy(trigger)
+                        }
+                        other => other,
+                    })
             };
             let as_json = read("application/json", &json);
             let as_form = read("application/x-www-form-urlencoded", &form);
@@ -519,10 +541,10 @@ run = "{artifact} --port {port}"
                 event in prop_oneof![Just("push".to_owned()), Just("ping".to_owned()), ".{0,20}"],
                 body in vec(any::<u8>(), 0..2048),
             ) {
-                let _ = interpret(&app(), &event, Some("d"), &body);
+                let _ = interpret(&app(), &event, Some(&delivery("d")), &body);
                 let _ = repository_of(&body);
                 if let Ok(document) = payload(ContentType::Form, &event, &body) {
-                    let _ = interpret(&app(), &event, Some("d"), &document);
+                    let _ = interpret(&app(), &event, Some(&delivery("d")), &document);
                 }
             }
         }

@@ -9,7 +9,7 @@ use sha1::Sha1;
 
 use super::WebhookError;
 use crate::config::{AppConfig, TriggerMode};
-use crate::domain::{CiBuild, CommitSha, Trigger, TriggerKind};
+use crate::domain::{CiBuild, CommitSha, Delivery, Trigger, TriggerKind};
 
 pub const SIGNATURE_HEADER: &str = "signature";
 
@@ -179,10 +179,11 @@ pub fn interpret(app: &AppConfig, build: &Build) -> Result<Outcome, WebhookError
         branch: build.branch.clone(),
         kind: TriggerKind::Travis,
         // A restarted build keeps its id, so the verdict is part of what makes it new.
-        delivery: Some((
-            "travis".to_owned(),
-            format!("{}:{}", build.id, verdict_word(verdict)),
-        )),
+        delivery: Some(Delivery {
+            source: "travis",
+            id: format!("{}:{}", build.id, verdict_word(verdict)),
+            body_sha256: None,
+        }),
         message: build.message.clone(),
         author: build.author_name.clone(),
         reuse: None,
@@ -346,7 +347,11 @@ public_key_env = "TRAVIS_PUBLIC_KEY"
             assert_eq!(trigger.kind, TriggerKind::Travis);
             assert_eq!(
                 trigger.delivery,
-                Some(("travis".into(), "77:passed".into()))
+                Some(Delivery {
+                    source: "travis",
+                    id: "77:passed".into(),
+                    body_sha256: None,
+                })
             );
             assert_eq!(ci.number.as_deref(), Some("12"));
             assert_eq!(
