@@ -1,7 +1,6 @@
 //! Test helpers: a real `nonstop serve` process on random loopback ports with its own data
 //! dir, a git repository of the example app to push from, signed webhooks, polling with a
 //! deadline, and a bounded keep-alive load loop.
-#![allow(dead_code)]
 
 pub mod nginx;
 pub mod recorder;

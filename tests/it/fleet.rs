@@ -5,14 +5,12 @@
 //! through its include file, as in the classic recipe. Everything else deploy.sh needs comes
 //! from the `nonstop.env` that nonstop bundles.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::free_port;
-use common::nginx::Nginx;
+use crate::common::free_port;
+use crate::common::nginx::Nginx;
 use nonstop::config::Config;
 use nonstop::pipeline::bundle::{BundleContents, create};
 use nonstop::runner::appspec::{parse, render_for, render_host_env};
