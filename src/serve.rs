@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::apps::{App, Apps};
 use crate::config::{Config, RunnerConfig, Secret, StoreConfig, SwitchConfig};
 use crate::db::{self, Db};
-use crate::domain::DeploymentStatus;
+use crate::domain::{AppName, DeploymentStatus};
 use crate::events::{Bus, Event};
 use crate::pipeline::{Pipeline, source};
 use crate::queue::Queue;
@@ -52,12 +52,27 @@ pub fn admin_token_file(data_dir: &Path) -> PathBuf {
 pub struct Server {
     pub state: Arc<AppState>,
     pub listener: tokio::net::TcpListener,
-    proxies: Vec<Arc<Proxy>>,
+    proxies: Vec<(AppName, Arc<Proxy>)>,
+}
+
+/// Tells whoever started this process where a listener is bound, as one line on stdout: a
+/// config may say port 0 (tests do), and only the bound port is of use to a client.
+fn announce(listener: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    // Nobody reading stdout is no reason to stop serving.
+    let _ = writeln!(stdout, "nonstop: {listener}").and_then(|()| stdout.flush());
 }
 
 /// Runs the server until `shutdown` is cancelled.
 pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
     let server = prepare(config, shutdown.clone()).await?;
+    for (app, proxy) in &server.proxies {
+        announce(format_args!("proxy {app} on {}", proxy.local_addr()));
+    }
+    if let Ok(addr) = server.listener.local_addr() {
+        announce(format_args!("listening on {addr}"));
+    }
     tracing::info!(listen = %server.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "nonstop serving");
     let router = web::router(server.state.clone());
     let served = axum::serve(
@@ -66,7 +81,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
     )
     .with_graceful_shutdown(shutdown.cancelled_owned())
     .await;
-    for proxy in server.proxies {
+    for (_, proxy) in server.proxies {
         proxy.shutdown();
     }
     served.map_err(|source| ServeError::Listen {
@@ -143,7 +158,7 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
     let mut proxies = Vec::new();
     let proxy_socket = config.proxy_socket();
     for app in &config.apps {
-        let app = Arc::new(app.clone());
+        let mut app = app.clone();
         let repo = source::resolve_repo(&app.repo, &config.base_dir);
         if let Some(seed) = &app.init_from {
             source::init_from_seed(Path::new(&repo), &config.base_dir.join(seed), &app.branch)
@@ -167,7 +182,11 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
             SwitchConfig::Proxy { listen } => {
                 let proxy = Proxy::start(*listen, live.as_ref().map(|l| l.port)).await?;
                 tracing::info!(app = %app.name, proxy = %proxy.local_addr(), live_port = live.as_ref().map(|l| l.port), "proxy listening");
-                proxies.push(proxy.clone());
+                // Port 0 in the config: the app's entry shows the port the proxy really got.
+                app.switch = SwitchConfig::Proxy {
+                    listen: proxy.local_addr(),
+                };
+                proxies.push((app.name.clone(), proxy.clone()));
                 proxy
             }
             SwitchConfig::Nginx { include, conf, bin } => {
@@ -183,6 +202,7 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
                 Arc::new(nginx)
             }
         };
+        let app = Arc::new(app);
         let s3 = match S3Settings::from_config(&app.store) {
             Some(settings) => Some(Arc::new(S3Store::new(settings).await)),
             None => None,
@@ -269,6 +289,7 @@ pub async fn run_proxies(config: Config, shutdown: CancellationToken) -> Result<
             let live = saved.get(app.name.as_str()).copied();
             let proxy = Proxy::start(listen, live).await?;
             tracing::info!(app = %app.name, proxy = %proxy.local_addr(), live_port = live, "proxy listening");
+            announce(format_args!("proxy {} on {}", app.name, proxy.local_addr()));
             proxies.insert(app.name.to_string(), proxy);
         }
     }

@@ -1,5 +1,5 @@
 //! The AWS twins against real servers: the S3 store and the CodeDeploy runner talk to a
-//! `moto_server` each test starts on a free loopback port; where moto has no lifecycle events
+//! `moto_server` each test starts on a loopback port of its own; where moto has no lifecycle events
 //! (it never runs a deployment), recorded CodeDeploy answers are served from
 //! `tests/fixtures/codedeploy/` by a small loopback stand-in, through the real SDK client.
 
@@ -17,7 +17,7 @@ use nonstop::runner::{Interrupted, Job, Progress, Runner};
 use nonstop::store::s3::{Multipart, S3Settings, S3Store};
 use nonstop::store::{ArtifactStore, StoreError, sha256_file};
 
-use crate::common::{self, Extra, free_port, spawn_app_with};
+use crate::common::{self, Extra, spawn_app_with, unique_port};
 
 const REGION: &str = "us-east-1";
 
@@ -41,7 +41,7 @@ static DUMMY_AWS_CREDENTIALS: extern "C" fn() = {
     set
 };
 
-/// A `moto_server` (S3 + CodeDeploy emulator) on a free loopback port, killed on drop.
+/// A `moto_server` (S3 + CodeDeploy emulator) on a loopback port of its own, killed on drop.
 struct Moto {
     child: Child,
     url: String,
@@ -50,7 +50,7 @@ struct Moto {
 
 impl Moto {
     async fn start() -> Moto {
-        let port = free_port();
+        let port = unique_port();
         let log = tempfile::NamedTempFile::new().unwrap();
         let child = Command::new("moto_server")
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
@@ -388,7 +388,7 @@ async fn s3_errors_name_the_missing_bucket_and_a_dead_endpoint_fails_in_seconds(
         prefix: String::new(),
         endpoint: Endpoint {
             region: Some(REGION.into()),
-            url: Some(format!("http://127.0.0.1:{}", free_port())),
+            url: Some(format!("http://127.0.0.1:{}", unique_port())),
         },
         keep: None,
     })
