@@ -14,5 +14,6 @@ mod interrupted;
 mod nginx;
 mod notify;
 mod restart;
+mod routes;
 mod travis;
 mod webhooks;
