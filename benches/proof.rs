@@ -15,7 +15,7 @@ use nonstop::switch::nginx::{Nginx as NginxSwitch, render_include};
 use nonstop::switch::proxy::Proxy;
 use serde_json::Value;
 
-const ADMIN_TOKEN: &str = "bench-admin-token";
+const ADMIN_TOKEN: &str = "bench-admin-token-of-at-least-32-bytes";
 const SECRET: &str = "bench-secret";
 const DEPLOYS: usize = 20;
 const LOAD_SECONDS: u64 = 8;

@@ -428,94 +428,31 @@ impl Config {
         path: &Path,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<(), ConfigError> {
-        for app in &mut self.apps {
-            if let Some(var) = &app.webhook_secret_env {
-                match env(var) {
-                    Some(value) if !value.is_empty() => app.webhook_secret = Some(Secret(value)),
-                    _ => {
-                        return Err(ConfigError::Invalid {
-                            path: path.to_owned(),
-                            key: format!("app.{}.webhook_secret_env", app.name),
-                            message: format!(
-                                "env var {var} is not set (it holds the webhook secret)"
-                            ),
-                        });
-                    }
-                }
-            }
-        }
-        self.read_notifier_secrets(path, &env)?;
-        self.read_travis_keys(path, &env)
+        self.read_every_secret(&env)
+            .map_err(|invalid| invalid.in_file(path))
     }
 
-    fn read_notifier_secrets(
-        &mut self,
-        path: &Path,
-        env: &impl Fn(&str) -> Option<String>,
-    ) -> Result<(), ConfigError> {
-        let invalid = |key: &str, message: String| ConfigError::Invalid {
-            path: path.to_owned(),
-            key: key.to_owned(),
-            message,
-        };
+    fn read_every_secret(&mut self, env: &impl Fn(&str) -> Option<String>) -> Result<(), Invalid> {
+        for app in &mut self.apps {
+            let table = format!("app.{}", app.name);
+            app.read_secret(env).under(&table)?;
+        }
         if let Some(slack) = &mut self.slack {
-            let var = &slack.webhook_url_env;
-            let url = env(var).filter(|v| !v.is_empty()).ok_or_else(|| {
-                invalid(
-                    "slack.webhook_url_env",
-                    format!("env var {var} is not set (it holds the Slack webhook URL)"),
-                )
-            })?;
-            // The URL is the secret: the message names the variable, never its value.
-            if http_url(&url).is_err() {
-                return Err(invalid(
-                    "slack.webhook_url_env",
-                    format!("env var {var} does not hold an http(s) URL"),
-                ));
-            }
-            slack.webhook_url = Some(Secret(url));
+            slack.read_secret(env).under("slack")?;
         }
         if let Some(github) = &mut self.github {
-            let var = &github.token_env;
-            let token = env(var).filter(|v| !v.is_empty()).ok_or_else(|| {
-                invalid(
-                    "github.token_env",
-                    format!("env var {var} is not set (it holds the GitHub token)"),
-                )
-            })?;
-            // It becomes a header value: a stray newline would break every request.
-            if !token.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(invalid(
-                    "github.token_env",
-                    format!("env var {var} holds characters a token cannot have"),
-                ));
-            }
-            github.token = Some(Secret(token));
+            github.read_secret(env).under("github")?;
         }
-        Ok(())
-    }
-
-    /// Reads and parses Travis CI's public key(s): the server-wide one, and any app's own.
-    fn read_travis_keys(
-        &mut self,
-        path: &Path,
-        env: &impl Fn(&str) -> Option<String>,
-    ) -> Result<(), ConfigError> {
+        // Travis CI's public keys: the server-wide one, and any app's own.
         let server_key = match &self.travis {
-            Some(source) => Some(read_travis_key(
-                source,
-                "travis",
-                &self.base_dir,
-                path,
-                env,
-            )?),
+            Some(source) => Some(source.read_key(&self.base_dir, env).under("travis")?),
             None => None,
         };
         for app in &mut self.apps {
             app.travis_key = match &app.travis {
                 Some(source) => {
-                    let key = format!("app.{}.travis", app.name);
-                    Some(read_travis_key(source, &key, &self.base_dir, path, env)?)
+                    let table = format!("app.{}.travis", app.name);
+                    Some(source.read_key(&self.base_dir, env).under(&table)?)
                 }
                 None => server_key.clone(),
             };
@@ -525,7 +462,7 @@ impl Config {
 
     /// Parses and validates `text` as if read from `path` (secrets not read).
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|err| ConfigError::Syntax {
+        let mut raw: RawConfig = toml::from_str(text).map_err(|err| ConfigError::Syntax {
             path: path.to_owned(),
             line: err
                 .span()
@@ -533,136 +470,19 @@ impl Config {
                 .unwrap_or(0),
             message: err.message().replace('\n', " "),
         })?;
-        let invalid = |key: String, message: String| ConfigError::Invalid {
-            path: path.to_owned(),
-            key,
-            message,
-        };
+        let server = raw.server.take().unwrap_or_else(|| {
+            toml::from_str("").expect("every server key has a default, so empty is valid")
+        });
+        raw.validate(&server)
+            .map_err(|invalid| invalid.in_file(path))?;
         let folder = match path.parent() {
             Some(parent) if !parent.as_os_str().is_empty() => parent,
             _ => Path::new("."),
         };
-        let base_dir = folder.canonicalize().unwrap_or_else(|_| folder.to_owned());
-        let server = raw.server.unwrap_or_else(|| {
-            toml::from_str("").expect("every server key has a default, so empty is valid")
-        });
-
-        let mut names = HashSet::new();
-        let mut listens = HashSet::from([server.listen]);
-        let mut apps = Vec::with_capacity(raw.apps.len());
-        for app in raw.apps {
-            let key = |field: &str| format!("app.{}.{field}", app.name);
-            if !names.insert(app.name.clone()) {
-                return Err(invalid(key("name"), "two apps have this name".into()));
-            }
-            if app.ports[0] == app.ports[1] || app.ports.contains(&0) {
-                return Err(invalid(
-                    key("ports"),
-                    "two different non-zero ports are needed".into(),
-                ));
-            }
-            if app.profiles[0] == app.profiles[1] {
-                return Err(invalid(
-                    key("profiles"),
-                    "the two profiles must differ".into(),
-                ));
-            }
-            if !app.version.contains("{timestamp}") {
-                return Err(invalid(
-                    key("version"),
-                    "must contain {timestamp} so every version is unique and sorts in order".into(),
-                ));
-            }
-            if !app.health.path.starts_with('/') {
-                return Err(invalid(key("health.path"), "must start with /".into()));
-            }
-            if app.artifact.is_absolute() || app.artifact.file_name().is_none() {
-                return Err(invalid(
-                    key("artifact"),
-                    "must be a file path relative to the checkout".into(),
-                ));
-            }
-            if !app.run.contains("{port}") {
-                return Err(invalid(
-                    key("run"),
-                    "must contain {port}: each instance listens on its own port".into(),
-                ));
-            }
-            if let Err((field, message)) = check_aws_backends(&app) {
-                return Err(invalid(key(field), message));
-            }
-            let local_keeps = [
-                (
-                    "store.keep",
-                    matches!(app.store, StoreConfig::Local { keep: 0 }),
-                ),
-                (
-                    "runner.keep",
-                    matches!(app.runner, RunnerConfig::Local { keep: 0, .. }),
-                ),
-            ];
-            if let Some((field, _)) = local_keeps.into_iter().find(|(_, zero)| *zero) {
-                return Err(invalid(
-                    key(field),
-                    "must be at least 1: the live revision always stays".into(),
-                ));
-            }
-            if let SwitchConfig::Proxy { listen } = app.switch
-                // Port 0 (any free port, for tests and benchmarks) never collides.
-                && listen.port() != 0
-                && !listens.insert(listen)
-            {
-                return Err(invalid(
-                    key("switch.listen"),
-                    format!("{listen} is already used by the server or another app"),
-                ));
-            }
-            if let Some(url) = &app.public_url {
-                http_url(url).map_err(|message| invalid(key("public_url"), message))?;
-            }
-            if let Some(source) = &app.travis {
-                check_travis_source(source).map_err(|message| invalid(key("travis"), message))?;
-            }
-            if app.trigger == TriggerMode::Travis && app.repository.is_none() {
-                return Err(invalid(
-                    key("repository"),
-                    "trigger = \"travis\" needs it: Travis signs every project's builds with one key, so only the repository ties a build to this app".into(),
-                ));
-            }
-            if app.trigger == TriggerMode::Travis && app.travis.is_none() && raw.travis.is_none() {
-                return Err(invalid(
-                    key("trigger"),
-                    "\"travis\" needs Travis CI's public key: add [travis] public_key_file or public_key_env".into(),
-                ));
-            }
-            if app.slack.is_some() && raw.slack.is_none() {
-                return Err(invalid(
-                    key("slack"),
-                    "there is no [slack] section for this to override".into(),
-                ));
-            }
-            if app.github.is_some() && raw.github.is_none() {
-                return Err(invalid(
-                    key("github"),
-                    "there is no [github] section for this to override".into(),
-                ));
-            }
-            apps.push(app);
-        }
-        if let Some(url) = &server.public_url {
-            http_url(url).map_err(|message| invalid("server.public_url".into(), message))?;
-        }
-        if let Some(source) = &raw.travis {
-            check_travis_source(source).map_err(|message| invalid("travis".into(), message))?;
-        }
-        if let Some(github) = &raw.github {
-            http_url(&github.api_url)
-                .map_err(|message| invalid("github.api_url".into(), message))?;
-        }
         Ok(Self {
             server,
-            apps,
-            base_dir,
+            apps: raw.apps,
+            base_dir: folder.canonicalize().unwrap_or_else(|_| folder.to_owned()),
             travis: raw.travis,
             slack: raw.slack,
             github: raw.github,
@@ -685,146 +505,417 @@ impl Config {
             .as_ref()
             .map(|p| self.base_dir.join(p))
     }
+}
 
-    /// Where people reach the dashboard, without a trailing `/`.
-    pub fn public_url(&self) -> String {
-        match &self.server.public_url {
-            Some(url) => url.trim_end_matches('/').to_owned(),
-            None => format!("http://{}", self.server.listen),
+impl RawConfig {
+    /// Every table checks itself; what spans tables (unique names, free listen addresses)
+    /// is checked here.
+    fn validate(&self, server: &ServerConfig) -> Result<(), Invalid> {
+        let sections = Sections {
+            travis: self.travis.is_some(),
+            slack: self.slack.is_some(),
+            github: self.github.is_some(),
+        };
+        let mut names = HashSet::new();
+        let mut listens = HashSet::from([server.listen]);
+        for app in &self.apps {
+            let table = format!("app.{}", app.name);
+            require(names.insert(&app.name), "name", "two apps have this name").under(&table)?;
+            app.validate(&sections).under(&table)?;
+            if let SwitchConfig::Proxy { listen } = app.switch {
+                // Port 0 (any free port, for tests and benchmarks) never collides.
+                let free = listen.port() == 0 || listens.insert(listen);
+                let taken = format!("{listen} is already used by the server or another app");
+                require(free, "switch.listen", taken).under(&table)?;
+            }
         }
-    }
-
-    pub fn control_url(&self) -> String {
-        self.server
-            .control_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{}", self.server.listen))
+        server.validate().under("server")?;
+        if let Some(source) = &self.travis {
+            source.validate().under("travis")?;
+        }
+        if let Some(github) = &self.github {
+            github.validate().under("github")?;
+        }
+        Ok(())
     }
 }
 
-/// The S3 store's and CodeDeploy runner's settings, checked: `(key under the app, problem)`.
-fn check_aws_backends(app: &AppConfig) -> Result<(), (&'static str, String)> {
-    let http_url = |url: &str| url.starts_with("http://") || url.starts_with("https://");
-    if let StoreConfig::S3 {
-        bucket,
-        endpoint,
-        keep,
-        ..
-    } = &app.store
-    {
-        // S3's bucket naming rules, the part a typo breaks.
-        let valid = (3..=63).contains(&bucket.len())
-            && bucket
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
-        if !valid {
-            return Err((
-                "store.bucket",
-                format!(
-                    "`{bucket}` is not a valid S3 bucket name (3-63 lowercase letters, digits, - and .)"
-                ),
-            ));
-        }
-        if endpoint.as_deref().is_some_and(|e| !http_url(e)) {
-            return Err((
-                "store.endpoint",
-                "must be an http:// or https:// URL".into(),
-            ));
-        }
-        if *keep == Some(0) {
-            return Err((
-                "store.keep",
-                "must be at least 1 (or left out to keep every bundle)".into(),
-            ));
+/// One key's problem, named relative to the table that found it. Each table checks itself
+/// and knows only its own keys (`bucket`); whoever holds the table prefixes its key
+/// (`under("store")`, then `under("app.hello")`), and `in_file` adds the path. The message is
+/// one line and never holds a secret's value.
+#[derive(Debug)]
+struct Invalid {
+    key: String,
+    message: String,
+}
+
+impl Invalid {
+    fn new(key: &str, message: impl Into<String>) -> Self {
+        Self {
+            key: key.to_owned(),
+            message: message.into(),
         }
     }
-    if let RunnerConfig::CodeDeploy {
-        application,
-        group,
-        file_exists_behavior,
-        public_url,
-        endpoint,
-        timeout_secs,
-        destination,
-        runas,
-        nginx_include,
-        profile_url,
-        ..
-    } = &app.runner
-    {
-        if !matches!(app.store, StoreConfig::S3 { .. }) {
-            return Err((
-                "runner",
-                "kind = \"codedeploy\" deploys bundles from S3: set store = { kind = \"s3\", bucket = … }".into(),
-            ));
-        }
-        if application.trim().is_empty() {
-            return Err((
-                "runner.application",
-                "must name the CodeDeploy application".into(),
-            ));
-        }
-        if group.trim().is_empty() {
-            return Err((
-                "runner.group",
-                "must name the CodeDeploy deployment group".into(),
-            ));
-        }
-        if let Some(behavior) = file_exists_behavior
-            && !["DISALLOW", "OVERWRITE", "RETAIN"].contains(&behavior.as_str())
-        {
-            return Err((
-                "runner.file_exists_behavior",
-                format!("`{behavior}` is not one of DISALLOW, OVERWRITE, RETAIN"),
-            ));
-        }
-        if public_url.as_deref().is_some_and(|u| !http_url(u)) {
-            return Err((
-                "runner.public_url",
-                "must be an http:// or https:// URL".into(),
-            ));
-        }
-        if endpoint.as_deref().is_some_and(|e| !http_url(e)) {
-            return Err((
-                "runner.endpoint",
-                "must be an http:// or https:// URL".into(),
-            ));
-        }
-        if *timeout_secs == Some(0) {
-            return Err(("runner.timeout_secs", "must be at least 1".into()));
-        }
-        if destination.as_deref().is_some_and(|d| !d.starts_with('/')) {
-            return Err((
-                "runner.destination",
-                "must be an absolute path on the hosts".into(),
-            ));
-        }
-        if runas
-            .as_deref()
-            .is_some_and(|u| u.is_empty() || u.contains(char::is_whitespace))
-        {
-            return Err(("runner.runas", "must be one user name".into()));
-        }
-        if nginx_include
-            .as_deref()
-            .is_some_and(|d| !d.starts_with('/'))
-        {
-            return Err((
-                "runner.nginx_include",
-                "must be an absolute path on the hosts".into(),
-            ));
-        }
-        if profile_url.as_deref().is_some_and(|u| !http_url(u)) {
-            return Err((
-                "runner.profile_url",
-                "must be an http:// or https:// URL".into(),
-            ));
+
+    fn in_file(self, path: &Path) -> ConfigError {
+        ConfigError::Invalid {
+            path: path.to_owned(),
+            key: self.key,
+            message: self.message,
         }
     }
-    Ok(())
+}
+
+/// Names a table's problem from the table that holds it.
+trait Under {
+    fn under(self, table: &str) -> Self;
+}
+
+impl<T> Under for Result<T, Invalid> {
+    fn under(self, table: &str) -> Self {
+        self.map_err(|invalid| Invalid {
+            key: if invalid.key.is_empty() {
+                table.to_owned()
+            } else {
+                format!("{table}.{}", invalid.key)
+            },
+            message: invalid.message,
+        })
+    }
+}
+
+/// `Err` at `key` unless `check` holds.
+fn require(check: bool, key: &str, message: impl Into<String>) -> Result<(), Invalid> {
+    if check {
+        Ok(())
+    } else {
+        Err(Invalid::new(key, message))
+    }
+}
+
+/// Whether `text` is an absolute http(s) URL.
+fn is_http_url(text: &str) -> bool {
+    url::Url::parse(text)
+        .is_ok_and(|url| matches!(url.scheme(), "http" | "https") && url.host().is_some())
+}
+
+/// `key` must be an absolute http(s) URL; the message does not repeat the value.
+fn http_url(key: &str, text: &str) -> Result<(), Invalid> {
+    require(
+        is_http_url(text),
+        key,
+        "must be an absolute http:// or https:// URL",
+    )
+}
+
+/// An AWS endpoint or fleet address, when given, starts with `http://` or `https://`.
+fn http_scheme(key: &str, text: Option<&str>) -> Result<(), Invalid> {
+    let valid = text.is_none_or(|t| t.starts_with("http://") || t.starts_with("https://"));
+    require(valid, key, "must be an http:// or https:// URL")
+}
+
+/// `key`, when given, is an absolute path on the fleet's hosts.
+fn host_path(key: &str, text: Option<&str>) -> Result<(), Invalid> {
+    require(
+        text.is_none_or(|t| t.starts_with('/')),
+        key,
+        "must be an absolute path on the hosts",
+    )
+}
+
+/// The value of env var `var`, which must be set and not empty; `holds` says what it is for.
+fn env_value(
+    env: &impl Fn(&str) -> Option<String>,
+    key: &str,
+    var: &str,
+    holds: &str,
+) -> Result<String, Invalid> {
+    env(var)
+        .filter(|value| !value.is_empty())
+        .ok_or_else(|| Invalid::new(key, format!("env var {var} is not set (it holds {holds})")))
+}
+
+/// Which top-level sections the file has: what an app's overrides and triggers rely on.
+struct Sections {
+    travis: bool,
+    slack: bool,
+    github: bool,
+}
+
+impl ServerConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        if let Some(url) = &self.public_url {
+            http_url("public_url", url)?;
+        }
+        Ok(())
+    }
+}
+
+impl HealthConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        require(self.path.starts_with('/'), "path", "must start with /")
+    }
+}
+
+impl StoreConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        match self {
+            Self::Local { keep } => require(
+                *keep > 0,
+                "keep",
+                "must be at least 1: the live revision always stays",
+            ),
+            Self::S3 {
+                bucket,
+                endpoint,
+                keep,
+                ..
+            } => {
+                // S3's bucket naming rules, the part a typo breaks.
+                let valid = (3..=63).contains(&bucket.len())
+                    && bucket.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
+                    });
+                require(
+                    valid,
+                    "bucket",
+                    format!(
+                        "`{bucket}` is not a valid S3 bucket name (3-63 lowercase letters, digits, - and .)"
+                    ),
+                )?;
+                http_scheme("endpoint", endpoint.as_deref())?;
+                require(
+                    *keep != Some(0),
+                    "keep",
+                    "must be at least 1 (or left out to keep every bundle)",
+                )
+            }
+        }
+    }
+}
+
+impl RunnerConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        match self {
+            Self::Local { keep, .. } => require(
+                *keep > 0,
+                "keep",
+                "must be at least 1: the live revision always stays",
+            ),
+            Self::CodeDeploy {
+                application,
+                group,
+                file_exists_behavior,
+                public_url,
+                endpoint,
+                timeout_secs,
+                destination,
+                runas,
+                nginx_include,
+                profile_url,
+                ..
+            } => {
+                require(
+                    !application.trim().is_empty(),
+                    "application",
+                    "must name the CodeDeploy application",
+                )?;
+                require(
+                    !group.trim().is_empty(),
+                    "group",
+                    "must name the CodeDeploy deployment group",
+                )?;
+                if let Some(behavior) = file_exists_behavior {
+                    require(
+                        ["DISALLOW", "OVERWRITE", "RETAIN"].contains(&behavior.as_str()),
+                        "file_exists_behavior",
+                        format!("`{behavior}` is not one of DISALLOW, OVERWRITE, RETAIN"),
+                    )?;
+                }
+                http_scheme("public_url", public_url.as_deref())?;
+                http_scheme("endpoint", endpoint.as_deref())?;
+                require(
+                    *timeout_secs != Some(0),
+                    "timeout_secs",
+                    "must be at least 1",
+                )?;
+                host_path("destination", destination.as_deref())?;
+                let one_user = runas
+                    .as_deref()
+                    .is_none_or(|u| !u.is_empty() && !u.contains(char::is_whitespace));
+                require(one_user, "runas", "must be one user name")?;
+                host_path("nginx_include", nginx_include.as_deref())?;
+                http_scheme("profile_url", profile_url.as_deref())
+            }
+        }
+    }
+}
+
+impl TravisKeyConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        require(
+            self.public_key_file.is_some() != self.public_key_env.is_some(),
+            "",
+            "give exactly one of public_key_file and public_key_env",
+        )
+    }
+
+    /// Reads the key from its file (relative to `base_dir`) or env var and parses the PEM
+    /// (SubjectPublicKeyInfo, as Travis publishes it, or PKCS#1).
+    fn read_key(
+        &self,
+        base_dir: &Path,
+        env: &impl Fn(&str) -> Option<String>,
+    ) -> Result<Arc<rsa::PublicKey>, Invalid> {
+        use rsa::pkcs1::DecodeRsaPublicKey;
+        use rsa::pkcs8::DecodePublicKey;
+        let (field, pem) = match (&self.public_key_file, &self.public_key_env) {
+            (Some(file), _) => {
+                let file = base_dir.join(file);
+                let pem = std::fs::read_to_string(&file).map_err(|err| {
+                    Invalid::new(
+                        "public_key_file",
+                        format!("cannot read {}: {err}", file.display()),
+                    )
+                })?;
+                ("public_key_file", pem)
+            }
+            (None, Some(var)) => (
+                "public_key_env",
+                env_value(env, "public_key_env", var, "Travis CI's public key")?,
+            ),
+            (None, None) => {
+                return Err(Invalid::new(
+                    "public_key_file",
+                    "give public_key_file or public_key_env",
+                ));
+            }
+        };
+        let pem = pem.trim();
+        rsa::PublicKey::from_public_key_pem(pem)
+            .or_else(|_| rsa::PublicKey::from_pkcs1_pem(pem))
+            .map(Arc::new)
+            .map_err(|_| Invalid::new(field, "not an RSA public key in PEM form"))
+    }
+}
+
+impl SlackConfig {
+    fn read_secret(&mut self, env: &impl Fn(&str) -> Option<String>) -> Result<(), Invalid> {
+        let var = &self.webhook_url_env;
+        let url = env_value(env, "webhook_url_env", var, "the Slack webhook URL")?;
+        // The URL is the secret: the message names the variable, never its value.
+        require(
+            is_http_url(&url),
+            "webhook_url_env",
+            format!("env var {var} does not hold an http(s) URL"),
+        )?;
+        self.webhook_url = Some(Secret(url));
+        Ok(())
+    }
+}
+
+impl GitHubConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        http_url("api_url", &self.api_url)
+    }
+
+    fn read_secret(&mut self, env: &impl Fn(&str) -> Option<String>) -> Result<(), Invalid> {
+        let var = &self.token_env;
+        let token = env_value(env, "token_env", var, "the GitHub token")?;
+        // It becomes a header value: a stray newline would break every request.
+        require(
+            token.bytes().all(|b| b.is_ascii_graphic()),
+            "token_env",
+            format!("env var {var} holds characters a token cannot have"),
+        )?;
+        self.token = Some(Secret(token));
+        Ok(())
+    }
 }
 
 impl AppConfig {
+    /// Checks this app on its own, keys named relative to it; `sections` are the file's
+    /// top-level tables its settings rely on.
+    fn validate(&self, sections: &Sections) -> Result<(), Invalid> {
+        require(
+            self.ports[0] != self.ports[1] && !self.ports.contains(&0),
+            "ports",
+            "two different non-zero ports are needed",
+        )?;
+        require(
+            self.profiles[0] != self.profiles[1],
+            "profiles",
+            "the two profiles must differ",
+        )?;
+        require(
+            self.version.contains("{timestamp}"),
+            "version",
+            "must contain {timestamp} so every version is unique and sorts in order",
+        )?;
+        self.health.validate().under("health")?;
+        require(
+            !self.artifact.is_absolute() && self.artifact.file_name().is_some(),
+            "artifact",
+            "must be a file path relative to the checkout",
+        )?;
+        require(
+            self.run.contains("{port}"),
+            "run",
+            "must contain {port}: each instance listens on its own port",
+        )?;
+        self.store.validate().under("store")?;
+        if matches!(self.runner, RunnerConfig::CodeDeploy { .. }) {
+            require(
+                matches!(self.store, StoreConfig::S3 { .. }),
+                "runner",
+                "kind = \"codedeploy\" deploys bundles from S3: set store = { kind = \"s3\", bucket = … }",
+            )?;
+        }
+        self.runner.validate().under("runner")?;
+        if let Some(url) = &self.public_url {
+            http_url("public_url", url)?;
+        }
+        if let Some(source) = &self.travis {
+            source.validate().under("travis")?;
+        }
+        self.validate_sections(sections)
+    }
+
+    /// What this app asks of the file's other sections.
+    fn validate_sections(&self, sections: &Sections) -> Result<(), Invalid> {
+        if self.trigger == TriggerMode::Travis {
+            require(
+                self.repository.is_some(),
+                "repository",
+                "trigger = \"travis\" needs it: Travis signs every project's builds with one key, so only the repository ties a build to this app",
+            )?;
+            require(
+                self.travis.is_some() || sections.travis,
+                "trigger",
+                "\"travis\" needs Travis CI's public key: add [travis] public_key_file or public_key_env",
+            )?;
+        }
+        require(
+            self.slack.is_none() || sections.slack,
+            "slack",
+            "there is no [slack] section for this to override",
+        )?;
+        require(
+            self.github.is_none() || sections.github,
+            "github",
+            "there is no [github] section for this to override",
+        )
+    }
+
+    fn read_secret(&mut self, env: &impl Fn(&str) -> Option<String>) -> Result<(), Invalid> {
+        if let Some(var) = &self.webhook_secret_env {
+            let secret = env_value(env, "webhook_secret_env", var, "the webhook secret")?;
+            self.webhook_secret = Some(Secret(secret));
+        }
+        Ok(())
+    }
+
     /// Where the fleet answers from outside, when it runs elsewhere (CodeDeploy).
     pub fn fleet_url(&self) -> Option<&str> {
         match &self.runner {
@@ -868,71 +959,6 @@ impl AppConfig {
             self.ports[0]
         }
     }
-}
-
-/// `Ok` when `text` is an absolute http(s) URL; the error is one line without the value.
-fn http_url(text: &str) -> Result<(), String> {
-    match url::Url::parse(text) {
-        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Ok(()),
-        _ => Err("must be an absolute http:// or https:// URL".into()),
-    }
-}
-
-fn check_travis_source(source: &TravisKeyConfig) -> Result<(), String> {
-    match (&source.public_key_file, &source.public_key_env) {
-        (Some(_), None) | (None, Some(_)) => Ok(()),
-        _ => Err("give exactly one of public_key_file and public_key_env".into()),
-    }
-}
-
-/// Reads a Travis key from its file or env var and parses the PEM (SubjectPublicKeyInfo, as
-/// Travis publishes it, or PKCS#1).
-fn read_travis_key(
-    source: &TravisKeyConfig,
-    key: &str,
-    base_dir: &Path,
-    path: &Path,
-    env: &impl Fn(&str) -> Option<String>,
-) -> Result<Arc<rsa::PublicKey>, ConfigError> {
-    use rsa::pkcs1::DecodeRsaPublicKey;
-    use rsa::pkcs8::DecodePublicKey;
-    let invalid = |field: &str, message: String| ConfigError::Invalid {
-        path: path.to_owned(),
-        key: format!("{key}.{field}"),
-        message,
-    };
-    let (field, pem) = match (&source.public_key_file, &source.public_key_env) {
-        (Some(file), _) => {
-            let file = base_dir.join(file);
-            let pem = std::fs::read_to_string(&file).map_err(|err| {
-                invalid(
-                    "public_key_file",
-                    format!("cannot read {}: {err}", file.display()),
-                )
-            })?;
-            ("public_key_file", pem)
-        }
-        (None, Some(var)) => {
-            let pem = env(var).filter(|v| !v.is_empty()).ok_or_else(|| {
-                invalid(
-                    "public_key_env",
-                    format!("env var {var} is not set (it holds Travis CI's public key)"),
-                )
-            })?;
-            ("public_key_env", pem)
-        }
-        (None, None) => {
-            return Err(invalid(
-                "public_key_file",
-                "give public_key_file or public_key_env".into(),
-            ));
-        }
-    };
-    let pem = pem.trim();
-    rsa::PublicKey::from_public_key_pem(pem)
-        .or_else(|_| rsa::PublicKey::from_pkcs1_pem(pem))
-        .map(Arc::new)
-        .map_err(|_| invalid(field, "not an RSA public key in PEM form".into()))
 }
 
 #[cfg(test)]
@@ -1147,6 +1173,46 @@ run = "{artifact} --port {port}"
         );
         let err = with_env(&format!("{MINIMAL}public_url = \"nope\"\n"), &[]).unwrap_err();
         assert!(err.to_string().contains("app.hello.public_url"), "{err}");
+    }
+
+    #[test]
+    fn a_nested_tables_mistake_is_named_from_the_top() {
+        let listen = "switch = { kind = \"proxy\", listen = \"127.0.0.1:9000\" }\n";
+        let err = parse(&format!("{MINIMAL}{listen}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("nonstop.toml: app.hello.switch.listen: 127.0.0.1:9000 is already used"),
+            "{err}"
+        );
+        let err = parse(&format!("{MINIMAL}health = {{ path = \"profile\" }}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("app.hello.health.path: must start with /"),
+            "{err}"
+        );
+        let both = "travis = { public_key_env = \"K\", public_key_file = \"k.pem\" }\n";
+        let err = parse(&format!("{MINIMAL}{both}")).unwrap_err().to_string();
+        assert!(
+            err.contains("app.hello.travis: give exactly one of"),
+            "{err}"
+        );
+        let own_key = "travis = { public_key_env = \"HELLO_TRAVIS_KEY\" }\n";
+        let err = parse(&format!("{MINIMAL}{own_key}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("app.hello.travis.public_key_env: env var HELLO_TRAVIS_KEY is not set"),
+            "{err}"
+        );
+        let err = parse(&format!("{MINIMAL}\n[server]\npublic_url = \"x\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("server.public_url: must be an absolute http"),
+            "{err}"
+        );
     }
 
     #[test]

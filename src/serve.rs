@@ -5,20 +5,20 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::apps::{App, Apps};
-use crate::config::{Config, RunnerConfig, Secret, StoreConfig, SwitchConfig};
+use crate::config::{AppConfig, Config, RunnerConfig, Secret, StoreConfig, SwitchConfig};
 use crate::db::{self, Db};
-use crate::domain::{AppName, DeploymentStatus};
-use crate::events::{Bus, Event};
+use crate::domain::AppName;
+use crate::events::Bus;
 use crate::pipeline::{Pipeline, source};
 use crate::queue::Queue;
+use crate::recovery;
+use crate::runner::Runner;
 use crate::runner::codedeploy::{CodeDeployRunner, CodeDeploySettings};
 use crate::runner::local::LocalRunner;
-use crate::runner::{Interrupted, Job, Runner};
 use crate::store::ArtifactStore;
 use crate::store::local::LocalStore;
 use crate::store::s3::{S3Settings, S3Store};
@@ -26,6 +26,7 @@ use crate::switch::TrafficSwitch;
 use crate::switch::control::{self, RemoteProxy};
 use crate::switch::nginx::Nginx;
 use crate::switch::proxy::Proxy;
+use crate::traffic::Traffic;
 use crate::web::{self, AppState};
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +67,14 @@ fn announce(listener: std::fmt::Arguments) {
 
 /// Runs the server until `shutdown` is cancelled.
 pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let fd_limit = crate::listen::raise_fd_limit();
+    let limits = crate::listen::Limits {
+        // A flood of sockets on this port must leave descriptors for the proxies, the
+        // database and the builds: an eighth of the limit, at most the default cap.
+        max_connections: (fd_limit as usize / 8)
+            .clamp(16, crate::listen::Limits::default().max_connections),
+        ..crate::listen::Limits::default()
+    };
     let server = prepare(config, shutdown.clone()).await?;
     for (app, proxy) in &server.proxies {
         announce(format_args!("proxy {app} on {}", proxy.local_addr()));
@@ -73,182 +82,68 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
     if let Ok(addr) = server.listener.local_addr() {
         announce(format_args!("listening on {addr}"));
     }
-    tracing::info!(listen = %server.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "nonstop serving");
+    tracing::info!(
+        listen = %server.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        fd_limit,
+        max_connections = limits.max_connections,
+        "nonstop serving"
+    );
     let router = web::router(server.state.clone());
-    let served = axum::serve(
-        server.listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await;
+    crate::listen::serve(server.listener, router, limits, shutdown).await;
     for (_, proxy) in server.proxies {
         proxy.shutdown();
     }
-    served.map_err(|source| ServeError::Listen {
-        addr: server.state.config.server.listen,
-        source,
-    })
+    Ok(())
 }
 
 /// Everything `serve` does before it answers requests: opens the database, marks what the
-/// last stop interrupted, binds the listener and each app's proxy (on the port that was
-/// live), and starts the queue. Benchmarks use it to drive the router without a socket.
+/// last stop interrupted, binds the listener and each app's backends (a proxy on the port
+/// that was live), undoes the interrupted deployments and starts the queue. Benchmarks and
+/// tests use it to drive the router without a socket.
 pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Server, ServeError> {
     let data_dir = config.data_dir();
-    std::fs::create_dir_all(&data_dir).map_err(|err| {
+    create_private_dir(&data_dir).map_err(|err| {
         ServeError::Setup(format!(
             "cannot create data_dir {}: {err}",
             data_dir.display()
         ))
     })?;
     let db = Db::open(&data_dir.join("nonstop.db")).await?;
-    remove_leftover_bundles(&data_dir.join("tmp"));
-    let interrupted = db.call(db::interrupt_running).await?;
-    if !interrupted.is_empty() {
-        let ids: Vec<_> = interrupted.iter().map(|(d, _)| d.id).collect();
-        tracing::warn!(deployments = ?ids, "marked deployments interrupted by the last stop");
-    }
+    let cut = recovery::mark_interrupted(&db, &data_dir).await?;
     let admin_token = admin_token(&config, &data_dir)?;
-    let switch_token = Secret::new(random_token());
-    let scrubbed_env: Vec<String> = std::iter::once(config.server.admin_token_env.clone())
-        .chain(
-            config
-                .apps
-                .iter()
-                .filter_map(|a| a.webhook_secret_env.clone()),
-        )
-        .chain(config.slack.iter().map(|s| s.webhook_url_env.clone()))
-        .chain(config.github.iter().map(|g| g.token_env.clone()))
-        .collect();
-    let bus = Bus::new();
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .map_err(|source| ServeError::Listen {
             addr: config.server.listen,
             source,
         })?;
-    let control_url = config.server.control_url.clone().unwrap_or_else(|| {
-        format!(
-            "http://{}",
-            listener.local_addr().unwrap_or(config.server.listen)
-        )
-    });
+    let bound = format!(
+        "http://{}",
+        listener.local_addr().unwrap_or(config.server.listen)
+    );
+    let wiring = Wiring {
+        data_dir: data_dir.clone(),
+        control_url: config.server.control_url.clone().unwrap_or(bound.clone()),
+        switch_token: Secret::new(random_token()),
+        scrubbed_env: scrubbed_env(&config),
+        proxy_socket: config.proxy_socket(),
+    };
 
     // Notifiers subscribe before the queue starts, so resumed deployments are reported too.
-    let dashboard_url = config.server.public_url.clone().unwrap_or_else(|| {
-        format!(
-            "http://{}",
-            listener.local_addr().unwrap_or(config.server.listen)
-        )
-    });
+    let bus = Bus::new();
+    let dashboard_url = config.server.public_url.clone().unwrap_or(bound);
     crate::notify::start(&config, &dashboard_url, db.clone(), &bus, shutdown.clone())
         .map_err(|err| ServeError::Setup(err.to_string()))?;
-    // What the last stop cut short is reported as ended (GitHub's `in_progress` must not
-    // stay forever), now that the notifiers listen.
-    for (deployment, _) in &interrupted {
-        bus.publish(Event::Deployment {
-            id: deployment.id,
-            app: deployment.app.clone(),
-            status: DeploymentStatus::Interrupted,
-            version: deployment.version.clone().unwrap_or_default(),
-        });
-    }
+    recovery::announce(&bus, &cut);
 
     let mut apps = Apps::default();
     let mut proxies = Vec::new();
-    let proxy_socket = config.proxy_socket();
     for app in &config.apps {
-        let mut app = app.clone();
-        let repo = source::resolve_repo(&app.repo, &config.base_dir);
-        if let Some(seed) = &app.init_from {
-            source::init_from_seed(Path::new(&repo), &config.base_dir.join(seed), &app.branch)
-                .await
-                .map_err(|err| ServeError::Setup(format!("app.{}.init_from: {err}", app.name)))?;
-        }
-        let name = app.name.to_string();
-        let live = db.call(move |conn| db::live(conn, &name)).await?;
-        let switch: Arc<dyn TrafficSwitch> = match &app.switch {
-            SwitchConfig::Proxy { .. } if proxy_socket.is_some() => {
-                let socket = proxy_socket.clone().expect("matched Some just above");
-                let remote = RemoteProxy::connect(
-                    socket,
-                    app.name.to_string(),
-                    live.as_ref().map(|l| l.port),
-                )
-                .await?;
-                tracing::info!(app = %app.name, live_port = remote.live(), "driving the proxy process");
-                Arc::new(remote)
-            }
-            SwitchConfig::Proxy { listen } => {
-                let proxy = Proxy::start(*listen, live.as_ref().map(|l| l.port)).await?;
-                tracing::info!(app = %app.name, proxy = %proxy.local_addr(), live_port = live.as_ref().map(|l| l.port), "proxy listening");
-                // Port 0 in the config: the app's entry shows the port the proxy really got.
-                app.switch = SwitchConfig::Proxy {
-                    listen: proxy.local_addr(),
-                };
-                proxies.push((app.name.clone(), proxy.clone()));
-                proxy
-            }
-            SwitchConfig::Nginx { include, conf, bin } => {
-                let nginx = Nginx::new(
-                    config.base_dir.join(include),
-                    bin.clone(),
-                    conf.as_ref().map(|c| config.base_dir.join(c)),
-                );
-                // nginx's include is what really routes traffic; say so if the record differs.
-                if nginx.live() != live.as_ref().map(|l| l.port) {
-                    tracing::warn!(app = %app.name, include_port = nginx.live(), recorded_port = live.as_ref().map(|l| l.port), "the nginx include and the record disagree; the include wins");
-                }
-                Arc::new(nginx)
-            }
-        };
-        let app = Arc::new(app);
-        let s3 = match S3Settings::from_config(&app.store) {
-            Some(settings) => Some(Arc::new(S3Store::new(settings).await)),
-            None => None,
-        };
-        let store: Arc<dyn ArtifactStore> = match &s3 {
-            Some(s3) => s3.clone(),
-            None => {
-                let keep = match app.store {
-                    StoreConfig::Local { keep } => keep,
-                    StoreConfig::S3 { .. } => unreachable!("S3 settings were found just above"),
-                };
-                Arc::new(LocalStore::new(data_dir.join("artifacts"), keep))
-            }
-        };
-        let runner: Arc<dyn Runner> = match (&app.runner, CodeDeploySettings::from_app(&app), &s3) {
-            (_, Some(settings), Some(s3)) => {
-                Arc::new(CodeDeployRunner::new(settings, s3.clone()).await)
-            }
-            (RunnerConfig::Local { group, .. }, ..) => Arc::new(LocalRunner::new(
-                data_dir.join("apps").join(app.name.as_str()),
-                group.clone(),
-                store.clone(),
-                switch.clone(),
-                control_url.clone(),
-                switch_token.clone(),
-                scrubbed_env.clone(),
-            )),
-            _ => {
-                return Err(ServeError::Setup(format!(
-                    "app.{}.runner: codedeploy needs store kind = \"s3\"",
-                    app.name
-                )));
-            }
-        };
-        apps.insert(App {
-            config: app.clone(),
-            repo,
-            store,
-            runner,
-            switch,
-        });
+        apps.insert(build_app(&config, app, &db, &wiring, &mut proxies).await?);
     }
-
-    let recoveries = recover_interrupted(&apps, interrupted, &db, &bus);
-
-    let pipeline = Pipeline::new(db.clone(), bus.clone(), data_dir.clone(), scrubbed_env);
+    let traffic = Traffic::new(db.clone(), bus.clone());
+    let recoveries = recovery::undo(&apps, cut, &traffic);
+    let pipeline = Pipeline::new(db.clone(), bus.clone(), data_dir, wiring.scrubbed_env);
     let queue = Queue::start(
         db.clone(),
         bus.clone(),
@@ -257,21 +152,181 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
         recoveries,
         shutdown.clone(),
     );
+    let secure = dashboard_url.starts_with("https://");
+    let sessions = web::Sessions::load(db.clone(), secure).await?;
+    let allowed_hosts =
+        web::AllowedHosts::new(config.server.public_url.as_deref(), std::iter::empty());
     let state = Arc::new(AppState {
         config: Arc::new(config),
         db,
         bus,
         queue,
+        traffic,
         apps,
         admin_token,
-        switch_token,
-        shutdown: shutdown.clone(),
+        switch_token: wiring.switch_token,
+        sessions,
+        allowed_hosts,
+        shutdown,
     });
     Ok(Server {
         state,
         listener,
         proxies,
     })
+}
+
+/// What start-up settles once and every app's backends share.
+struct Wiring {
+    data_dir: PathBuf,
+    /// How hooks on this host reach the switch endpoint.
+    control_url: String,
+    /// For hooks on this host: the switch endpoint only. Made anew at every start.
+    switch_token: Secret,
+    /// Env vars holding nonstop's secrets, removed from builds and hooks.
+    scrubbed_env: Vec<String>,
+    proxy_socket: Option<PathBuf>,
+}
+
+/// The env vars that hold nonstop's own secrets.
+fn scrubbed_env(config: &Config) -> Vec<String> {
+    std::iter::once(config.server.admin_token_env.clone())
+        .chain(
+            config
+                .apps
+                .iter()
+                .filter_map(|a| a.webhook_secret_env.clone()),
+        )
+        .chain(config.slack.iter().map(|s| s.webhook_url_env.clone()))
+        .chain(config.github.iter().map(|g| g.token_env.clone()))
+        .collect()
+}
+
+/// One app with the backends its config chose: its switch (on the port recorded live),
+/// its store and its runner.
+async fn build_app(
+    config: &Config,
+    app: &AppConfig,
+    db: &Db,
+    wiring: &Wiring,
+    proxies: &mut Vec<(AppName, Arc<Proxy>)>,
+) -> Result<App, ServeError> {
+    let mut app = app.clone();
+    let repo = source::resolve_repo(&app.repo, &config.base_dir);
+    if let Some(seed) = &app.init_from {
+        source::init_from_seed(Path::new(&repo), &config.base_dir.join(seed), &app.branch)
+            .await
+            .map_err(|err| ServeError::Setup(format!("app.{}.init_from: {err}", app.name)))?;
+    }
+    let name = app.name.to_string();
+    let live = db.call(move |conn| db::live(conn, &name)).await?;
+    let switch = build_switch(config, &mut app, live.map(|l| l.port), wiring, proxies).await?;
+    let app = Arc::new(app);
+    let store = build_store(&app, &wiring.data_dir).await?;
+    let runner = build_runner(&app, &store, &switch, wiring).await?;
+    Ok(App {
+        config: app,
+        repo,
+        store: store.shared(),
+        runner,
+        switch,
+    })
+}
+
+async fn build_switch(
+    config: &Config,
+    app: &mut AppConfig,
+    live: Option<u16>,
+    wiring: &Wiring,
+    proxies: &mut Vec<(AppName, Arc<Proxy>)>,
+) -> Result<Arc<dyn TrafficSwitch>, ServeError> {
+    match (&app.switch, &wiring.proxy_socket) {
+        (SwitchConfig::Proxy { .. }, Some(socket)) => {
+            let remote = RemoteProxy::connect(socket.clone(), app.name.to_string(), live).await?;
+            tracing::info!(app = %app.name, live_port = remote.live(), "driving the proxy process");
+            Ok(Arc::new(remote))
+        }
+        (SwitchConfig::Proxy { listen }, None) => {
+            let proxy = Proxy::start(*listen, live).await?;
+            tracing::info!(app = %app.name, proxy = %proxy.local_addr(), live_port = live, "proxy listening");
+            // Port 0 in the config: the app's entry shows the port the proxy really got.
+            app.switch = SwitchConfig::Proxy {
+                listen: proxy.local_addr(),
+            };
+            proxies.push((app.name.clone(), proxy.clone()));
+            Ok(proxy)
+        }
+        (SwitchConfig::Nginx { include, conf, bin }, _) => {
+            let nginx = Nginx::new(
+                config.base_dir.join(include),
+                bin.clone(),
+                conf.as_ref().map(|c| config.base_dir.join(c)),
+            );
+            // nginx's include is what really routes traffic; say so if the record differs.
+            if nginx.live() != live {
+                tracing::warn!(app = %app.name, include_port = nginx.live(), recorded_port = live, "the nginx include and the record disagree; the include wins");
+            }
+            Ok(Arc::new(nginx))
+        }
+    }
+}
+
+/// The store an app's config chose. The S3 one is kept as such: a CodeDeploy runner
+/// deploys from it.
+enum Store {
+    Local(Arc<LocalStore>),
+    S3(Arc<S3Store>),
+}
+
+impl Store {
+    fn shared(&self) -> Arc<dyn ArtifactStore> {
+        match self {
+            Self::Local(local) => local.clone(),
+            Self::S3(s3) => s3.clone(),
+        }
+    }
+}
+
+async fn build_store(app: &AppConfig, data_dir: &Path) -> Result<Store, ServeError> {
+    match (&app.store, S3Settings::from_config(&app.store)) {
+        (StoreConfig::Local { keep }, _) => Ok(Store::Local(Arc::new(LocalStore::new(
+            data_dir.join("artifacts"),
+            *keep,
+        )))),
+        (StoreConfig::S3 { .. }, Some(settings)) => {
+            Ok(Store::S3(Arc::new(S3Store::new(settings).await)))
+        }
+        (StoreConfig::S3 { .. }, None) => Err(ServeError::Setup(format!(
+            "app.{}.store: the S3 settings could not be read",
+            app.name
+        ))),
+    }
+}
+
+async fn build_runner(
+    app: &Arc<AppConfig>,
+    store: &Store,
+    switch: &Arc<dyn TrafficSwitch>,
+    wiring: &Wiring,
+) -> Result<Arc<dyn Runner>, ServeError> {
+    match (&app.runner, CodeDeploySettings::from_app(app), store) {
+        (RunnerConfig::Local { group, .. }, _, _) => Ok(Arc::new(LocalRunner::new(
+            wiring.data_dir.join("apps").join(app.name.as_str()),
+            group.clone(),
+            store.shared(),
+            switch.clone(),
+            wiring.control_url.clone(),
+            wiring.switch_token.clone(),
+            wiring.scrubbed_env.clone(),
+        ))),
+        (RunnerConfig::CodeDeploy { .. }, Some(settings), Store::S3(s3)) => {
+            Ok(Arc::new(CodeDeployRunner::new(settings, s3.clone()).await))
+        }
+        (RunnerConfig::CodeDeploy { .. }, _, _) => Err(ServeError::Setup(format!(
+            "app.{}.runner: codedeploy needs store kind = \"s3\"",
+            app.name
+        ))),
+    }
 }
 
 /// `nonstop proxy`: every app's built-in proxy, in a process of its own that `serve` drives
@@ -290,10 +345,11 @@ pub async fn run_proxies(config: Config, shutdown: CancellationToken) -> Result<
             let proxy = Proxy::start(listen, live).await?;
             tracing::info!(app = %app.name, proxy = %proxy.local_addr(), live_port = live, "proxy listening");
             announce(format_args!("proxy {} on {}", app.name, proxy.local_addr()));
-            proxies.insert(app.name.to_string(), proxy);
+            let ports = app.ports;
+            proxies.insert(app.name.to_string(), control::Controlled { proxy, ports });
         }
     }
-    let all: Vec<_> = proxies.values().cloned().collect();
+    let all: Vec<_> = proxies.values().map(|c| c.proxy.clone()).collect();
     tracing::info!(socket = %socket.display(), "taking switch commands");
     let served = control::serve_control(socket.clone(), proxies, shutdown).await;
     for proxy in all {
@@ -302,172 +358,72 @@ pub async fn run_proxies(config: Config, shutdown: CancellationToken) -> Result<
     served.map_err(|err| ServeError::Setup(format!("control socket {}: {err}", socket.display())))
 }
 
-/// Puts each app back where it was before a deployment the last stop cut short, in the
-/// background (the server answers meanwhile): traffic that deployment moved goes back to the
-/// instance it came from, and what it started on the idle port is stopped. Returns, per app,
-/// the task its queue must wait for, so no new deployment races the clean-up.
-fn recover_interrupted(
-    apps: &Apps,
-    interrupted: Vec<(db::Deployment, bool)>,
-    db: &Db,
-    bus: &Bus,
-) -> HashMap<String, tokio::task::JoinHandle<()>> {
-    let mut by_app: HashMap<String, Vec<(db::Deployment, bool)>> = HashMap::new();
-    for (deployment, started_instances) in interrupted {
-        by_app
-            .entry(deployment.app.clone())
-            .or_default()
-            .push((deployment, started_instances));
-    }
-    by_app
-        .into_iter()
-        .filter_map(|(app, deployments)| {
-            let backends = apps.get(&app)?.clone();
-            let switch = backends.switch.clone();
-            let (db, bus) = (db.clone(), bus.clone());
-            let task = tokio::spawn(async move {
-                for (deployment, started_instances) in deployments {
-                    let id = deployment.id;
-                    if !move_traffic_back(&db, &bus, &backends, switch.as_ref(), id).await {
-                        continue;
-                    }
-                    stop_half_started(&backends, deployment, started_instances).await;
-                }
-            });
-            Some((app, task))
-        })
-        .collect()
-}
-
-/// When the interrupted deployment `id` had moved traffic (its last switch is still live),
-/// moves it back to where it came from. False when it stays, because the instance it came
-/// from no longer answers: the live instance is then kept, whoever started it.
-async fn move_traffic_back(
-    db: &Db,
-    bus: &Bus,
-    backends: &App,
-    switch: &dyn TrafficSwitch,
-    id: crate::domain::DeploymentId,
-) -> bool {
-    let app = &backends.config;
-    let last = db
-        .call(move |conn| Ok(db::switches_of(conn, id)?.pop()))
-        .await;
-    let moved = match last {
-        Ok(Some(moved)) if switch.live() == Some(moved.to_port) => moved,
-        Ok(_) => return true,
-        Err(err) => {
-            tracing::error!(deployment_id = id, error = %err, "could not read the switches of an interrupted deployment");
-            return false;
-        }
-    };
-    let answers = match moved.from_port {
-        Some(from) => crate::health::answers(from, &app.health.path, Duration::from_secs(2))
-            .await
-            .then_some(from),
-        None => None,
-    };
-    let Some(from) = answers else {
-        tracing::warn!(deployment_id = id, app = %app.name, port = moved.to_port, "an interrupted deployment moved traffic and the instance before it is gone: traffic stays");
-        return false;
-    };
-    if let Err(err) = switch.switch_to(from).await {
-        tracing::error!(deployment_id = id, app = %app.name, port = from, error = %err, "could not move traffic back from an interrupted deployment");
-        return false;
-    }
-    let (name, profile) = (
-        app.name.to_string(),
-        app.profile_of(from).unwrap_or_default().to_owned(),
-    );
-    match db
-        .call(move |conn| db::set_live(conn, &name, from, &profile, None))
-        .await
-    {
-        Ok((live, _)) => {
-            tracing::info!(deployment_id = id, app = %app.name, port = from, version = live.version.as_deref(), "moved traffic back from an interrupted deployment");
-            bus.publish(Event::Live {
-                app: app.name.to_string(),
-                port: from,
-                profile: live.profile,
-                version: live.version,
-                from_port: Some(moved.to_port),
-            });
-            true
-        }
-        Err(err) => {
-            tracing::error!(deployment_id = id, error = %err, "moved traffic back but could not record it");
-            true
-        }
-    }
-}
-
-/// Stops what an interrupted deployment may have started on the idle port, or on a fleet.
-async fn stop_half_started(backends: &App, deployment: db::Deployment, started_instances: bool) {
-    let job = Job {
-        deployment_id: deployment.id,
-        app: backends.config.clone(),
-        version: deployment.version.unwrap_or_default(),
-        bundle_key: deployment.bundle_key.unwrap_or_default(),
-        bundle_sha256: deployment.bundle_sha256.unwrap_or_default(),
-    };
-    let record = Interrupted {
-        started_instances,
-        runner_ref: deployment.runner_ref.as_deref(),
-    };
-    match backends.runner.clean_up_interrupted(&job, record).await {
-        Ok(log) => {
-            tracing::info!(deployment_id = job.deployment_id, output = %log.trim(), "cleaned up after an interrupted deployment")
-        }
-        Err(err) => {
-            tracing::warn!(deployment_id = job.deployment_id, error = %err, "could not clean up after an interrupted deployment")
-        }
-    }
-}
-
-/// Bundles being written when the last stop came (in `tmp`, which only in-flight
-/// deployments use) are of no use to anyone now.
-fn remove_leftover_bundles(tmp: &Path) {
-    let Ok(entries) = std::fs::read_dir(tmp) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.extension().is_some_and(|e| e == "zip") && path.is_file() {
-            match std::fs::remove_file(&path) {
-                Ok(()) => {
-                    tracing::info!(path = %path.display(), "removed a bundle left by the last stop")
-                }
-                Err(err) => {
-                    tracing::warn!(path = %path.display(), error = %err, "could not remove a leftover bundle")
-                }
-            }
-        }
-    }
-}
+/// Shorter admin tokens are refused: the dashboard's session key is derived from the token,
+/// so a guessable one would let anyone forge a login.
+pub const MIN_ADMIN_TOKEN_BYTES: usize = 32;
 
 /// The admin token from its env var, else the one kept in the data dir (made on first run).
 fn admin_token(config: &Config, data_dir: &Path) -> Result<Secret, ServeError> {
-    if let Ok(token) = std::env::var(&config.server.admin_token_env)
+    let env = &config.server.admin_token_env;
+    if let Ok(token) = std::env::var(env)
         && !token.is_empty()
     {
-        return Ok(Secret::new(token));
+        return long_enough(token, &format!("the env var {env}"));
     }
     let path = admin_token_file(data_dir);
-    if let Ok(token) = std::fs::read_to_string(&path) {
-        return Ok(Secret::new(token.trim().to_owned()));
+    match std::fs::read_to_string(&path) {
+        Ok(token) => long_enough(
+            token.trim().to_owned(),
+            &format!("{} (delete it to have a new one made)", path.display()),
+        ),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            let token = random_token();
+            write_private(&path, token.as_bytes()).map_err(|err| {
+                ServeError::Setup(format!("cannot write {}: {err}", path.display()))
+            })?;
+            tracing::info!(path = %path.display(), env = %env, "made an admin token (set the env var to choose your own)");
+            Ok(Secret::new(token))
+        }
+        Err(err) => Err(ServeError::Setup(format!(
+            "cannot read {}: {err}",
+            path.display()
+        ))),
     }
-    let token = random_token();
+}
+
+fn long_enough(token: String, from: &str) -> Result<Secret, ServeError> {
+    if token.len() < MIN_ADMIN_TOKEN_BYTES {
+        return Err(ServeError::Setup(format!(
+            "the admin token in {from} is {} bytes; at least {MIN_ADMIN_TOKEN_BYTES} are needed",
+            token.len()
+        )));
+    }
+    Ok(Secret::new(token))
+}
+
+/// The data dir holds the database, the admin token and every build: only nonstop's user
+/// may enter it.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Writes a file only its owner can read, whole or not at all: a temp file beside it,
+/// synced, then renamed over the name.
+fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
+    let temp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
         .write(true)
-        .create_new(true)
+        .create(true)
+        .truncate(true)
         .mode(0o600)
-        .open(&path)
-        .and_then(|mut file| file.write_all(token.as_bytes()))
-        .map_err(|err| ServeError::Setup(format!("cannot write {}: {err}", path.display())))?;
-    tracing::info!(path = %path.display(), env = %config.server.admin_token_env, "made an admin token (set the env var to choose your own)");
-    Ok(Secret::new(token))
+        .open(&temp)?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    std::fs::rename(&temp, path)
 }
 
 /// 32 random bytes, hex.

@@ -36,6 +36,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0004_github_deployments.sql"),
     include_str!("../../migrations/0005_runner_ref.sql"),
     include_str!("../../migrations/0006_bundle_pruned.sql"),
+    include_str!("../../migrations/0007_sessions.sql"),
 ];
 
 #[derive(Clone)]

@@ -713,3 +713,24 @@ pub fn forget_github_deployment(conn: &Connection, id: DeploymentId) -> rusqlite
     )?;
     Ok(())
 }
+
+/// The dashboard sessions that have not expired, by id, with when they expire.
+pub fn sessions(conn: &Connection, now: i64) -> rusqlite::Result<Vec<(String, i64)>> {
+    conn.execute("DELETE FROM sessions WHERE expires_at <= ?1", [now])?;
+    conn.prepare("SELECT id, expires_at FROM sessions")?
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect()
+}
+
+pub fn add_session(conn: &Connection, id: &str, expires_at: i64) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT OR REPLACE INTO sessions (id, expires_at) VALUES (?1, ?2)",
+        params![id, expires_at],
+    )?;
+    Ok(())
+}
+
+pub fn end_session(conn: &Connection, id: &str) -> rusqlite::Result<()> {
+    conn.execute("DELETE FROM sessions WHERE id = ?1", [id])?;
+    Ok(())
+}

@@ -7,8 +7,10 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use serde_json::{Value, json};
 
-use super::{Kind, Notice, Notifier, NotifyError, status_error, with_retries};
+use super::{FailedStage, Kind, Notice, Notifier, NotifyError, status_error, with_retries};
 use crate::config::{AppConfig, Secret, SlackConfig};
+use crate::domain::DeploymentId;
+use crate::elapsed;
 
 pub struct Slack {
     client: reqwest::Client,
@@ -106,141 +108,234 @@ fn kind_name(kind: Kind) -> &'static str {
 
 /// The message for `notice`: a one-line `text` (what notifications show) and its blocks.
 pub fn message(notice: &Notice, channel: Option<&str>) -> Value {
-    let deployment = &notice.deployment;
-    let app = escape(&deployment.app);
-    let version = deployment.version.as_deref().map(escape);
-    let version_text = version.clone().unwrap_or_else(|| "—".into());
-    let short = deployment
-        .commit_sha
-        .as_deref()
-        .map(|sha| &sha[..sha.len().min(7)])
-        .unwrap_or("branch head");
-    let commit = match deployment
-        .commit_message
-        .as_deref()
-        .and_then(|m| m.lines().next())
-    {
-        Some(subject) => format!("`{short}` {}", escape(&clip(subject, 80))),
-        None => format!("`{short}`"),
-    };
-    let link = context(format!("<{}|Deployment #{}>", notice.link, deployment.id));
-    let duration = notice
-        .duration_ms()
-        .map(format_duration)
-        .unwrap_or_else(|| "—".into());
-    let live = match &notice.live {
-        Some(live) => format!("port {} · {}", live.port, escape(&live.profile)),
-        None => "nothing".into(),
-    };
-
+    let facts = Facts::of(notice);
     let (text, blocks) = match notice.kind {
-        Kind::Started => {
-            let by = deployment
-                .author
-                .as_deref()
-                .map(|a| format!(" by {}", escape(a)))
-                .unwrap_or_default();
-            (
-                format!("Deploying {app} {short}"),
-                vec![
-                    section(format!(":rocket: *Deploying {app}* {commit}")),
-                    context(format!(
-                        "<{}|Deployment #{}> · {}{by}",
-                        notice.link, deployment.id, deployment.trigger
-                    )),
-                ],
-            )
-        }
-        Kind::Succeeded => (
-            format!("{app} {version_text} is live"),
-            vec![
-                section(format!(":white_check_mark: *{app} {version_text} is live*")),
-                fields(&[
-                    ("Version", version_text.clone()),
-                    ("Commit", commit),
-                    ("Duration", duration),
-                    ("Live", live),
-                ]),
-                link,
-            ],
-        ),
+        Kind::Started => started(notice, &facts),
+        Kind::Succeeded => succeeded(facts),
         Kind::Failed => match &notice.failed_stage {
-            Some(failed) => {
-                let stage = failed.stage.as_str();
-                let log = escape(&clip_end(&failed.log_tail.replace("```", "'''"), 2800));
-                let log = if log.is_empty() {
-                    "(no output)".into()
-                } else {
-                    log
-                };
-                (
-                    format!("{app} deployment #{} failed at {stage}", deployment.id),
-                    vec![
-                        section(format!(":x: *{app} deployment failed* at {stage}")),
-                        fields(&[
-                            ("Version", version_text.clone()),
-                            ("Commit", commit),
-                            ("Duration", duration),
-                            ("Failed stage", stage.to_owned()),
-                        ]),
-                        section(format!("```{log}```")),
-                        link,
-                    ],
-                )
-            }
+            Some(stage) => failed_at(stage, facts),
             // Nothing ran (CI failed the commit) or the record says why in `error`.
-            None => {
-                let why = escape(&clip(deployment.error.as_deref().unwrap_or("failed"), 500));
-                (
-                    format!("{app} deployment #{} failed", deployment.id),
-                    vec![
-                        section(format!(":x: *{app} deployment failed*: {why}")),
-                        fields(&[("Commit", commit), ("Live", live)]),
-                        link,
-                    ],
-                )
-            }
+            None => failed_before(notice, facts),
         },
-        Kind::Interrupted => {
-            let why = escape(&clip(
-                deployment.error.as_deref().unwrap_or("interrupted"),
-                500,
-            ));
-            (
-                format!("{app} deployment #{} was interrupted", deployment.id),
-                vec![
-                    section(format!(
-                        ":warning: *{app} deployment was interrupted*: {why}"
-                    )),
-                    fields(&[
-                        ("Version", version_text.clone()),
-                        ("Commit", commit),
-                        ("Live", live),
-                    ]),
-                    link,
-                ],
-            )
-        }
-        Kind::RolledBack => (
-            format!("{app} {version_text} was rolled back"),
-            vec![
-                section(format!(
-                    ":leftwards_arrow_with_hook: *{app} {version_text} was rolled back*"
-                )),
-                fields(&[
-                    ("Version", version_text.clone()),
-                    ("Commit", commit),
-                    ("Live now", live),
-                ]),
-                link,
-            ],
-        ),
+        Kind::Interrupted => interrupted(notice, facts),
+        Kind::RolledBack => rolled_back(facts),
     };
     let mut body = json!({ "text": text, "blocks": blocks });
     if let Some(channel) = channel {
         body["channel"] = json!(channel);
     }
     body
+}
+
+/// What the messages say of a deployment, escaped for mrkdwn.
+struct Facts {
+    id: DeploymentId,
+    app: String,
+    /// The version, or `—` before one was stamped.
+    version: String,
+    /// The commit's short id, or `branch head` before Fetch resolved it.
+    short: String,
+    /// The short id and the subject of the commit message.
+    commit: String,
+    duration: String,
+    /// What serves the app now.
+    live: String,
+    /// The context block linking to the dashboard's page.
+    link: Value,
+}
+
+impl Facts {
+    fn of(notice: &Notice) -> Self {
+        let deployment = &notice.deployment;
+        let short = deployment
+            .commit_sha
+            .as_deref()
+            .map(|sha| &sha[..sha.len().min(7)])
+            .unwrap_or("branch head")
+            .to_owned();
+        let commit = match deployment
+            .commit_message
+            .as_deref()
+            .and_then(|m| m.lines().next())
+        {
+            Some(subject) => format!("`{short}` {}", escape(&clip(subject, 80))),
+            None => format!("`{short}`"),
+        };
+        Self {
+            id: deployment.id,
+            app: escape(&deployment.app),
+            version: deployment
+                .version
+                .as_deref()
+                .map_or_else(|| "—".into(), escape),
+            short,
+            commit,
+            duration: notice
+                .duration_ms()
+                .map_or_else(|| "—".into(), elapsed::human),
+            live: match &notice.live {
+                Some(live) => format!("port {} · {}", live.port, escape(&live.profile)),
+                None => "nothing".into(),
+            },
+            link: context(format!("<{}|Deployment #{}>", notice.link, deployment.id)),
+        }
+    }
+}
+
+fn started(notice: &Notice, facts: &Facts) -> (String, Vec<Value>) {
+    let Facts {
+        app, short, commit, ..
+    } = facts;
+    let deployment = &notice.deployment;
+    let by = deployment
+        .author
+        .as_deref()
+        .map(|a| format!(" by {}", escape(a)))
+        .unwrap_or_default();
+    (
+        format!("Deploying {app} {short}"),
+        vec![
+            section(format!(":rocket: *Deploying {app}* {commit}")),
+            context(format!(
+                "<{}|Deployment #{}> · {}{by}",
+                notice.link, deployment.id, deployment.trigger
+            )),
+        ],
+    )
+}
+
+fn succeeded(facts: Facts) -> (String, Vec<Value>) {
+    let Facts {
+        app,
+        version,
+        commit,
+        duration,
+        live,
+        link,
+        ..
+    } = facts;
+    (
+        format!("{app} {version} is live"),
+        vec![
+            section(format!(":white_check_mark: *{app} {version} is live*")),
+            fields(&[
+                ("Version", version.clone()),
+                ("Commit", commit),
+                ("Duration", duration),
+                ("Live", live),
+            ]),
+            link,
+        ],
+    )
+}
+
+/// A stage failed: its name and the end of its output.
+fn failed_at(failed: &FailedStage, facts: Facts) -> (String, Vec<Value>) {
+    let Facts {
+        id,
+        app,
+        version,
+        commit,
+        duration,
+        link,
+        ..
+    } = facts;
+    let stage = failed.stage.as_str();
+    let log = escape(&clip_end(&failed.log_tail.replace("```", "'''"), 2800));
+    let log = if log.is_empty() {
+        "(no output)".into()
+    } else {
+        log
+    };
+    (
+        format!("{app} deployment #{id} failed at {stage}"),
+        vec![
+            section(format!(":x: *{app} deployment failed* at {stage}")),
+            fields(&[
+                ("Version", version),
+                ("Commit", commit),
+                ("Duration", duration),
+                ("Failed stage", stage.to_owned()),
+            ]),
+            section(format!("```{log}```")),
+            link,
+        ],
+    )
+}
+
+/// It failed before any stage ran; the deployment's `error` says why.
+fn failed_before(notice: &Notice, facts: Facts) -> (String, Vec<Value>) {
+    let Facts {
+        id,
+        app,
+        commit,
+        live,
+        link,
+        ..
+    } = facts;
+    let why = escape(&clip(
+        notice.deployment.error.as_deref().unwrap_or("failed"),
+        500,
+    ));
+    (
+        format!("{app} deployment #{id} failed"),
+        vec![
+            section(format!(":x: *{app} deployment failed*: {why}")),
+            fields(&[("Commit", commit), ("Live", live)]),
+            link,
+        ],
+    )
+}
+
+fn interrupted(notice: &Notice, facts: Facts) -> (String, Vec<Value>) {
+    let Facts {
+        id,
+        app,
+        version,
+        commit,
+        live,
+        link,
+        ..
+    } = facts;
+    let why = escape(&clip(
+        notice.deployment.error.as_deref().unwrap_or("interrupted"),
+        500,
+    ));
+    (
+        format!("{app} deployment #{id} was interrupted"),
+        vec![
+            section(format!(
+                ":warning: *{app} deployment was interrupted*: {why}"
+            )),
+            fields(&[("Version", version), ("Commit", commit), ("Live", live)]),
+            link,
+        ],
+    )
+}
+
+fn rolled_back(facts: Facts) -> (String, Vec<Value>) {
+    let Facts {
+        app,
+        version,
+        commit,
+        live,
+        link,
+        ..
+    } = facts;
+    (
+        format!("{app} {version} was rolled back"),
+        vec![
+            section(format!(
+                ":leftwards_arrow_with_hook: *{app} {version} was rolled back*"
+            )),
+            fields(&[
+                ("Version", version.clone()),
+                ("Commit", commit),
+                ("Live now", live),
+            ]),
+            link,
+        ],
+    )
 }
 
 fn section(text: String) -> Value {
@@ -286,15 +381,6 @@ fn clip_end(text: &str, max: usize) -> String {
         .nth(count - max)
         .map_or(0, |(cut, _)| cut);
     format!("…{}", &text[skip..])
-}
-
-/// `850 ms`, `12.3 s`, `2 min 5 s`.
-pub fn format_duration(ms: i64) -> String {
-    match ms {
-        ..1000 => format!("{ms} ms"),
-        1000..60_000 => format!("{:.1} s", ms as f64 / 1000.0),
-        _ => format!("{} min {} s", ms / 60_000, (ms % 60_000) / 1000),
-    }
 }
 
 #[cfg(test)]
@@ -407,6 +493,35 @@ mod tests {
     }
 
     #[test]
+    fn an_interruption_or_a_failure_before_any_stage_says_why() {
+        let mut interrupted = notice(Kind::Interrupted);
+        interrupted.deployment.error = Some("nonstop stopped during Build".into());
+        let body = message(&interrupted, None);
+        assert_eq!(body["text"], "hello deployment #7 was interrupted");
+        assert_eq!(
+            body["blocks"][0]["text"]["text"],
+            ":warning: *hello deployment was interrupted*: nonstop stopped during Build"
+        );
+        assert_eq!(
+            body["blocks"][1]["fields"][2]["text"],
+            "*Live*\nport 8081 · real1"
+        );
+
+        let mut ci_failed = notice(Kind::Failed);
+        ci_failed.deployment.error = Some("Travis CI build #12 Failed: <link>".into());
+        let body = message(&ci_failed, None);
+        assert_eq!(body["text"], "hello deployment #7 failed");
+        assert_eq!(
+            body["blocks"][0]["text"]["text"],
+            ":x: *hello deployment failed*: Travis CI build #12 Failed: &lt;link&gt;"
+        );
+        assert_eq!(
+            body["blocks"][2]["elements"][0]["text"],
+            "<http://127.0.0.1:9000/deployments/7|Deployment #7>"
+        );
+    }
+
+    #[test]
     fn an_app_may_have_its_own_channel_or_be_muted() {
         let text = r##"
 [[app]]
@@ -476,8 +591,8 @@ channel = "#deploys"
         let long = "x".repeat(5000) + "the end";
         let clipped = clip_end(&long, 100);
         assert!(clipped.ends_with("the end") && clipped.chars().count() == 101);
-        assert_eq!(format_duration(850), "850 ms");
-        assert_eq!(format_duration(12_345), "12.3 s");
-        assert_eq!(format_duration(125_000), "2 min 5 s");
+        assert_eq!(elapsed::human(850), "850 ms");
+        assert_eq!(elapsed::human(12_345), "12.3 s");
+        assert_eq!(elapsed::human(125_000), "2 min 5 s");
     }
 }

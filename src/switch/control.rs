@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
@@ -23,6 +23,15 @@ use super::{SwitchError, TrafficSwitch};
 
 /// A control command takes microseconds; a hung proxy process is a broken host.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A request is one short JSON line; anything longer is not from `serve`.
+const MAX_REQUEST_BYTES: u64 = 4096;
+
+/// One app's proxy in the proxy process, and the two ports it may be pointed at.
+pub struct Controlled {
+    pub proxy: Arc<Proxy>,
+    pub ports: [u16; 2],
+}
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Request {
@@ -126,15 +135,15 @@ pub fn state_file(socket: &Path) -> PathBuf {
     socket.with_extension("state.json")
 }
 
-/// Serves the control socket for `proxies` until `shutdown`.
+/// Serves the control socket for `proxies` until `shutdown`. Only processes of this user may
+/// talk to it: the socket is 0600 (in a 0700 folder when this makes the folder), and each
+/// peer's uid is checked.
 pub async fn serve_control(
     socket: PathBuf,
-    proxies: HashMap<String, Arc<Proxy>>,
+    proxies: HashMap<String, Controlled>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    // A socket file left by a killed proxy process would make bind fail.
-    let _ = std::fs::remove_file(&socket);
-    let listener = UnixListener::bind(&socket)?;
+    let listener = bind_private(&socket)?;
     let proxies = Arc::new(proxies);
     // Switches are applied one at a time so the state file always matches the proxies.
     let order = Arc::new(tokio::sync::Mutex::new(()));
@@ -143,24 +152,65 @@ pub async fn serve_control(
             accepted = listener.accept() => accepted?,
             () = shutdown.cancelled() => return Ok(()),
         };
+        if !same_user(&stream) {
+            tracing::warn!(peer = ?stream.peer_cred().ok(), "refused a control connection from another user");
+            continue;
+        }
         let (proxies, order, socket) = (proxies.clone(), order.clone(), socket.clone());
         tokio::spawn(async move {
-            if let Err(err) = handle(stream, &proxies, &order, &socket).await {
-                tracing::warn!(error = %err, "control connection failed");
+            let handled =
+                tokio::time::timeout(CONTROL_TIMEOUT, handle(stream, &proxies, &order, &socket));
+            match handled.await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => tracing::warn!(error = %err, "control connection failed"),
+                Err(_) => tracing::warn!("control connection sent no request in time"),
             }
         });
     }
 }
 
+/// Binds the control socket so that only this user can connect: the folder is made 0700
+/// when missing, and the socket is bound under a umask that leaves it 0600.
+fn bind_private(socket: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(dir) = socket
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    // A socket file left by a killed proxy process would make bind fail.
+    let _ = std::fs::remove_file(socket);
+    // SAFETY: umask only swaps the process's file mode mask; it is put back at once, and
+    // the proxy process binds this socket before it starts anything else that makes files.
+    let previous = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(socket);
+    // SAFETY: as above.
+    unsafe { libc::umask(previous) };
+    bound
+}
+
+fn same_user(stream: &UnixStream) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    stream.peer_cred().is_ok_and(|peer| peer.uid() == me)
+}
+
 async fn handle(
     stream: UnixStream,
-    proxies: &HashMap<String, Arc<Proxy>>,
+    proxies: &HashMap<String, Controlled>,
     order: &tokio::sync::Mutex<()>,
     socket: &Path,
 ) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
-    reader.read_line(&mut line).await?;
+    (&mut reader)
+        .take(MAX_REQUEST_BYTES)
+        .read_line(&mut line)
+        .await?;
     let answer = match serde_json::from_str::<Request>(&line) {
         Err(err) => Answer {
             live: None,
@@ -171,10 +221,17 @@ async fn handle(
                 live: None,
                 error: Some(format!("no proxy for app `{}`", request.app)),
             },
-            Some(proxy) => match request.switch_to {
+            Some(Controlled { proxy, ports }) => match request.switch_to {
                 None => Answer {
                     live: proxy.live(),
                     error: None,
+                },
+                Some(port) if !ports.contains(&port) => Answer {
+                    live: proxy.live(),
+                    error: Some(format!(
+                        "port {port} is not one of {}'s ports {ports:?}",
+                        request.app
+                    )),
                 },
                 Some(port) => {
                     let _one_at_a_time = order.lock().await;
@@ -201,10 +258,10 @@ async fn handle(
     reader.get_mut().write_all(&out).await
 }
 
-async fn save_state(socket: &Path, proxies: &HashMap<String, Arc<Proxy>>) {
+async fn save_state(socket: &Path, proxies: &HashMap<String, Controlled>) {
     let state: HashMap<&str, Option<u16>> = proxies
         .iter()
-        .map(|(app, p)| (app.as_str(), p.live()))
+        .map(|(app, c)| (app.as_str(), c.proxy.live()))
         .collect();
     let path = state_file(socket);
     let temp = path.with_extension("tmp");
@@ -246,7 +303,13 @@ mod tests {
         let shutdown = CancellationToken::new();
         let server = tokio::spawn(serve_control(
             socket.clone(),
-            HashMap::from([("hello".to_owned(), proxy.clone())]),
+            HashMap::from([(
+                "hello".to_owned(),
+                Controlled {
+                    proxy: proxy.clone(),
+                    ports: [8081, 8082],
+                },
+            )]),
             shutdown.clone(),
         ));
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -282,7 +345,24 @@ mod tests {
             .unwrap();
         assert!(err.to_string().contains("no proxy for app `nope`"), "{err}");
         assert!(remote.switch_to(0).await.is_err());
+        let err = remote.switch_to(22).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "port 22 is not one of hello's ports [8081, 8082]"
+        );
         assert_eq!(proxy.live(), Some(8082), "a refused switch moves nothing");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
+
+        // A request that never ends is cut at the cap and answered, not read forever.
+        let mut flood = UnixStream::connect(&socket).await.unwrap();
+        flood.write_all(&[b'x'; 64 * 1024]).await.ok();
+        let mut answer = String::new();
+        let mut reader = BufReader::new(flood);
+        let read = tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut answer));
+        read.await.expect("answered in time").ok();
+        assert!(answer.contains("malformed request"), "{answer:?}");
 
         shutdown.cancel();
         server.await.unwrap().unwrap();

@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, header};
@@ -16,7 +15,6 @@ use serde_json::json;
 use super::{AppError, AppState, bearer, require_loopback, token_matches};
 use crate::db::{self, Live};
 use crate::domain::{DeploymentId, DeploymentStatus};
-use crate::events::Event;
 
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
@@ -172,62 +170,11 @@ async fn switch(
     let Json(request) = body.map_err(|err| {
         AppError::BadRequest(format!("expected {{\"port\": N}}: {}", err.body_text()))
     })?;
-    let live = switch_traffic(&state, &app, request.port, None).await?;
-    Ok(Json(live))
-}
-
-/// Points `app`'s traffic at `port` and records it, as done by deployment `by` (the running
-/// one when `None`); the one place traffic moves.
-pub async fn switch_traffic(
-    state: &AppState,
-    app: &str,
-    port: u16,
-    by: Option<DeploymentId>,
-) -> Result<Live, AppError> {
-    let runtime = state.app(app)?;
-    let config = &runtime.config;
-    let profile = config
-        .profile_of(port)
-        .ok_or_else(|| {
-            AppError::BadRequest(format!(
-                "port {port} is not one of {}'s ports {:?}",
-                app, config.ports
-            ))
-        })?
-        .to_owned();
-    // A last look before traffic moves: an instance that died after its health check must
-    // not receive traffic (the earlier live one still runs and keeps it).
-    if !crate::health::answers(port, &config.health.path, Duration::from_secs(2)).await {
-        return Err(AppError::BadGateway(format!(
-            "port {port} does not answer {}; traffic stays where it was",
-            config.health.path
-        )));
-    }
-    runtime
-        .switch
-        .switch_to(port)
-        .await
-        .map_err(|err| AppError::BadGateway(format!("switch to {port} failed: {err}")))?;
-    let name = app.to_owned();
-    let (live, previous) = state
-        .db
-        .call(move |conn| db::set_live(conn, &name, port, &profile, by))
+    let moved = state
+        .traffic
+        .go_live(state.app(&app)?, request.port, None)
         .await?;
-    tracing::info!(
-        app,
-        port,
-        from_port = previous.as_ref().map(|p| p.port),
-        version = live.version.as_deref(),
-        "traffic switched"
-    );
-    state.bus.publish(Event::Live {
-        app: app.to_owned(),
-        port,
-        profile: live.profile.clone(),
-        version: live.version.clone(),
-        from_port: previous.map(|p| p.port),
-    });
-    Ok(live)
+    Ok(Json(moved.live))
 }
 
 /// Prometheus text: deployments by app and status, and each app's live port.

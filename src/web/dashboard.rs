@@ -3,13 +3,14 @@
 //! Every page reads fully without JavaScript; `static/live.js` only refreshes it in place.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use askama::Template;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -58,7 +59,9 @@ async fn static_file(content_type: &'static str, body: &'static str) -> impl Int
 
 /// The CSRF token of the request's login session, if logged in (templates show actions).
 fn csrf_of(state: &AppState, headers: &HeaderMap) -> Option<String> {
-    session::session(headers, &state.admin_token, now_ms())
+    state
+        .sessions
+        .current(headers, &state.admin_token, now_ms())
         .map(|s| csrf_token(&state.admin_token, &s))
 }
 
@@ -210,7 +213,11 @@ async fn history(
         ),
         None => None,
     };
-    let page = query.page.unwrap_or(1).max(1);
+    // Past the last page there is nothing; clamped so the offset cannot overflow.
+    let page = query
+        .page
+        .unwrap_or(1)
+        .clamp(1, u32::MAX / HISTORY_PAGE_SIZE);
     let (total, rows) = {
         let app = app.clone();
         state
@@ -327,28 +334,72 @@ struct LoginForm {
     token: String,
 }
 
-async fn login(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, AppError> {
+async fn login(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Bytes,
+) -> Result<Response, AppError> {
     let form: LoginForm = serde_urlencoded::from_bytes(&body)
         .map_err(|err| AppError::BadRequest(format!("malformed login form: {err}")))?;
-    if !token_matches(Some(form.token.trim()), &state.admin_token) {
-        let page = LoginPage {
-            csrf: None,
-            error: "That is not the admin token.".into(),
-        };
-        let mut response = render(&page)?;
-        *response.status_mut() = StatusCode::UNAUTHORIZED;
-        return Ok(response);
+    let throttle = state.sessions.throttle();
+    if let Err(wait) = throttle.check(peer.ip(), now_ms()) {
+        let wait = wait.as_secs().max(1);
+        return login_refused(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("Too many wrong tokens from your address: try again in {wait} s."),
+            Some(wait),
+        );
     }
-    let cookie = session::set_cookie(Some(&session::new_session(&state.admin_token, now_ms())));
+    if !token_matches(Some(form.token.trim()), &state.admin_token) {
+        throttle.failed(peer.ip(), now_ms());
+        return login_refused(
+            StatusCode::UNAUTHORIZED,
+            "That is not the admin token.".into(),
+            None,
+        );
+    }
+    throttle.succeeded(peer.ip());
+    let cookie = state.sessions.start(&state.admin_token, now_ms()).await?;
     Ok(([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response())
 }
 
-async fn logout() -> Response {
-    (
-        [(header::SET_COOKIE, session::set_cookie(None))],
-        Redirect::to("/"),
-    )
-        .into_response()
+fn login_refused(
+    status: StatusCode,
+    error: String,
+    retry_after_secs: Option<u64>,
+) -> Result<Response, AppError> {
+    let mut response = render(&LoginPage { csrf: None, error })?;
+    *response.status_mut() = status;
+    if let Some(secs) = retry_after_secs {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+    }
+    Ok(response)
+}
+
+/// Ends the session for good. A logged-in browser must send its CSRF token, so another
+/// site cannot log it out; without a session there is nothing to end.
+async fn logout(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, AppError> {
+    let session = state
+        .sessions
+        .current(&headers, &state.admin_token, now_ms());
+    if session.is_some() {
+        let form: LogoutForm = serde_urlencoded::from_bytes(&body)
+            .map_err(|err| AppError::BadRequest(format!("malformed logout form: {err}")))?;
+        session::authorize(&state, &headers, form.csrf.as_deref())?;
+    }
+    let cookie = state.sessions.end(session.as_deref()).await?;
+    Ok(([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response())
+}
+
+#[derive(Deserialize)]
+struct LogoutForm {
+    csrf: Option<String>,
 }
 
 /// Server-Sent Events: every bus event as JSON. Streams end when the server shuts down, or

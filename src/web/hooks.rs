@@ -1,13 +1,14 @@
 //! `POST /hooks/github` and `POST /hooks/travis`: verify, interpret, queue — and answer at
 //! once with the deployment id. An app with `trigger = "travis"` records a push as waiting;
-//! Travis's report of that commit releases it or fails it.
+//! Travis's report of that commit releases it or fails it. What a delivery means is decided
+//! in `webhook`; this module only reads the request, calls the queue and answers.
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{DefaultBodyLimit, FromRequest, Query, Request, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
@@ -16,9 +17,10 @@ use serde_json::json;
 
 use super::{AppError, AppState};
 use crate::apps::App;
-use crate::config::TriggerMode;
+use crate::config::{AppConfig, TriggerMode};
 use crate::db::{self, CiOutcome, Enqueued};
-use crate::webhook::{WebhookError, github, travis};
+use crate::domain::{DeploymentId, Trigger};
+use crate::webhook::{self, WebhookError, github, travis};
 
 /// GitHub caps webhook payloads at 25 MB.
 pub const MAX_WEBHOOK_BYTES: usize = 25 * 1024 * 1024;
@@ -35,6 +37,29 @@ struct HookQuery {
     app: Option<String>,
 }
 
+/// A webhook's body as sent (its signature is over these bytes); one over the limit is
+/// nonstop's own 413.
+struct RawBody(Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = AppError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, AppError> {
+        match Bytes::from_request(request, state).await {
+            Ok(body) => Ok(Self(body)),
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(AppError::PayloadTooLarge(format!(
+                    "webhook body is over {MAX_WEBHOOK_BYTES} bytes"
+                )))
+            }
+            Err(rejection) => Err(AppError::BadRequest(format!(
+                "could not read the body: {}",
+                rejection.body_text()
+            ))),
+        }
+    }
+}
+
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
@@ -43,79 +68,66 @@ async fn github_hook(
     State(state): State<Arc<AppState>>,
     Query(query): Query<HookQuery>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    RawBody(body): RawBody,
 ) -> Result<Response, AppError> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            AppError::PayloadTooLarge(format!("webhook body is over {MAX_WEBHOOK_BYTES} bytes"))
-        } else {
-            AppError::BadRequest(format!(
-                "could not read the body: {}",
-                rejection.body_text()
-            ))
-        }
-    })?;
     let signature = header(&headers, github::SIGNATURE_HEADER);
-
-    // Who sent it is settled over the raw bytes before anything is parsed.
-    let runtime = match &query.app {
-        Some(name) => {
-            let runtime = state.app(name)?;
-            let secret = runtime.config.webhook_secret.as_ref().ok_or_else(|| {
-                AppError::Unauthorized(format!("app `{name}` has no webhook_secret_env configured"))
-            })?;
-            github::verify(secret.expose().as_bytes(), signature, &body).map_err(unauthorized)?;
-            runtime
-        }
-        None => find_app_by_signature(&state, signature, &body)?,
-    };
-    let app = &runtime.config;
-
-    let event = header(&headers, github::EVENT_HEADER)
-        .ok_or_else(|| AppError::BadRequest("missing X-GitHub-Event header".into()))?;
-    let delivery = header(&headers, github::DELIVERY_HEADER);
-    let outcome = github::interpret(app, event, delivery, &body).map_err(|err| match err {
-        WebhookError::Malformed(reason) => {
-            AppError::BadRequest(format!("malformed {event} payload: {reason}"))
-        }
-        other => AppError::BadRequest(other.to_string()),
+    // Who sent it is settled over the raw bytes before anything is decoded or parsed.
+    let signed_by = signed_by(&state, query.app.as_deref(), github::KEY_SETTING, |app| {
+        github::verify_for(app, signature, &body)
     })?;
-
-    match outcome {
+    let delivery = github::Delivery::decode(
+        headers.get(CONTENT_TYPE).map(HeaderValue::as_bytes),
+        header(&headers, github::EVENT_HEADER),
+        header(&headers, github::DELIVERY_HEADER),
+        &body,
+    )?;
+    let repository = delivery.repository();
+    let app = &webhook::app_for_repository(&signed_by, repository.as_deref(), config_of)?.config;
+    match delivery.interpret(app)? {
         github::Outcome::Pong => Ok(Json(json!({ "ok": "pong", "app": app.name })).into_response()),
         github::Outcome::Ignored(reason) => {
-            if let Some(id) = delivery.map(str::to_owned) {
-                state.db.call(move |conn| db::record_delivery(conn, "github", &id)).await?;
+            if let Some(id) = delivery.id.map(str::to_owned) {
+                state
+                    .db
+                    .call(move |conn| db::record_delivery(conn, "github", &id))
+                    .await?;
             }
-            tracing::info!(app = %app.name, event, reason = %reason, "webhook ignored");
-            Ok((StatusCode::ACCEPTED, Json(json!({ "ignored": reason }))).into_response())
+            tracing::info!(app = %app.name, event = delivery.event, reason = %reason, "webhook ignored");
+            Ok(ignored(reason))
         }
-        github::Outcome::Deploy(trigger) if app.trigger == TriggerMode::Travis => {
-            let commit = trigger.commit.as_ref().map(|c| c.to_string()).unwrap_or_default();
-            match state.queue.hold(*trigger).await? {
-                Enqueued::New { id, .. } => Ok((
-                    StatusCode::ACCEPTED,
-                    Json(json!({ "deployment_id": id, "waiting": format!("for Travis CI to pass {commit}") })),
-                )
-                    .into_response()),
-                Enqueued::Duplicate { id } => Ok((
-                    StatusCode::OK,
-                    Json(json!({ "deployment_id": id, "duplicate": "this delivery was already received" })),
-                )
-                    .into_response()),
-            }
-        }
-        github::Outcome::Deploy(trigger) => match state.queue.enqueue(*trigger).await? {
-            Enqueued::New { id, .. } => {
-                Ok((StatusCode::ACCEPTED, Json(json!({ "deployment_id": id }))).into_response())
-            }
-            Enqueued::Duplicate { id } => Ok((
-                StatusCode::OK,
-                Json(json!({ "deployment_id": id, "duplicate": "this delivery was already received" })),
-            )
-                .into_response()),
-        },
+        github::Outcome::Deploy(trigger) => queue_push(&state, app, *trigger).await,
     }
+}
+
+/// Queues a push to deploy, or, for an app that deploys after CI, records it waiting.
+async fn queue_push(
+    state: &AppState,
+    app: &AppConfig,
+    trigger: Trigger,
+) -> Result<Response, AppError> {
+    // `trigger = "travis"`: the push waits until Travis CI passes its commit.
+    let waiting = (app.trigger == TriggerMode::Travis).then(|| {
+        let commit = trigger
+            .commit
+            .as_ref()
+            .map(|c| c.to_string())
+            .unwrap_or_default();
+        format!("for Travis CI to pass {commit}")
+    });
+    let enqueued = match waiting {
+        Some(_) => state.queue.hold(trigger).await?,
+        None => state.queue.enqueue(trigger).await?,
+    };
+    Ok(match enqueued {
+        Enqueued::New { id, .. } => {
+            let mut answer = json!({ "deployment_id": id });
+            if let Some(waiting) = waiting {
+                answer["waiting"] = json!(waiting);
+            }
+            (StatusCode::ACCEPTED, Json(answer)).into_response()
+        }
+        Enqueued::Duplicate { id } => duplicate(id, "this delivery was already received"),
+    })
 }
 
 /// Travis CI's build notification: the form field `payload`, signed with Travis's key.
@@ -123,69 +135,21 @@ async fn travis_hook(
     State(state): State<Arc<AppState>>,
     Query(query): Query<HookQuery>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    RawBody(body): RawBody,
 ) -> Result<Response, AppError> {
-    let body = body.map_err(body_error)?;
-    let signature = header(&headers, travis::SIGNATURE_HEADER);
-    if signature.is_none() {
-        return Err(AppError::Unauthorized("missing Signature header".into()));
-    }
-    let payload = travis::payload_of(&body).map_err(malformed)?;
-
+    let signature = header(&headers, travis::SIGNATURE_HEADER)
+        .ok_or(WebhookError::MissingSignature("Signature"))?;
+    let payload = travis::payload_of(&body)?;
     // Who sent it is settled over the raw payload before the JSON is parsed.
-    let signed_by: Vec<&Arc<App>> = match &query.app {
-        Some(name) => {
-            let runtime = state.app(name)?;
-            let key = runtime.config.travis_key.as_ref().ok_or_else(|| {
-                AppError::Unauthorized(format!("app `{name}` has no Travis CI key configured"))
-            })?;
-            travis::verify(key, signature, payload.as_bytes()).map_err(unauthorized)?;
-            vec![runtime]
-        }
-        None => {
-            let signed_by: Vec<_> = state
-                .apps
-                .iter()
-                .filter(|runtime| {
-                    runtime.config.travis_key.as_ref().is_some_and(|key| {
-                        travis::verify(key, signature, payload.as_bytes()).is_ok()
-                    })
-                })
-                .collect();
-            if signed_by.is_empty() {
-                return Err(unauthorized(WebhookError::BadSignature));
-            }
-            signed_by
-        }
-    };
-
-    let build = travis::parse(payload.as_bytes()).map_err(malformed)?;
-    let slug = build.slug();
-    // Several apps may share the key: the build's repository picks the app.
-    let runtime = match signed_by.as_slice() {
-        [only] => *only,
-        several => several
-            .iter()
-            .copied()
-            .find(|runtime| {
-                runtime
-                    .config
-                    .repository
-                    .as_deref()
-                    .is_some_and(|r| r.eq_ignore_ascii_case(&slug))
-            })
-            .ok_or_else(|| {
-                AppError::NotFound(format!(
-                    "no app deploys repository {slug}; add ?app=NAME to the webhook URL or set `repository`"
-                ))
-            })?,
-    };
-    let app = &runtime.config;
-    let outcome = travis::interpret(app, &build).map_err(malformed)?;
-    let answer = match outcome {
+    let signed_by = signed_by(&state, query.app.as_deref(), travis::KEY_SETTING, |app| {
+        travis::verify_for(app, Some(signature), payload.as_bytes())
+    })?;
+    let build = travis::parse(payload.as_bytes())?;
+    let app = &webhook::app_for_repository(&signed_by, Some(&build.slug()), config_of)?.config;
+    let answer = match travis::interpret(app, &build)? {
         travis::Outcome::Ignored(reason) => {
             tracing::info!(app = %app.name, build_id = build.id, reason = %reason, "Travis notification ignored");
-            return Ok((StatusCode::ACCEPTED, Json(json!({ "ignored": reason }))).into_response());
+            return Ok(ignored(reason));
         }
         travis::Outcome::Passed(trigger, ci) => state.queue.ci_passed(trigger, ci).await?,
         travis::Outcome::Failed(trigger, ci, reason) => {
@@ -201,71 +165,59 @@ async fn travis_hook(
             Json(json!({ "deployment_id": id, "failed": "the build failed; nothing deploys" })),
         )
             .into_response(),
-        CiOutcome::Duplicate { id } => (
-            StatusCode::OK,
-            Json(json!({ "deployment_id": id, "duplicate": "this build was already reported" })),
-        )
-            .into_response(),
-        CiOutcome::Ignored(reason) => {
-            (StatusCode::ACCEPTED, Json(json!({ "ignored": reason }))).into_response()
-        }
+        CiOutcome::Duplicate { id } => duplicate(id, "this build was already reported"),
+        CiOutcome::Ignored(reason) => ignored(reason),
     })
 }
 
-fn body_error(rejection: BytesRejection) -> AppError {
-    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        AppError::PayloadTooLarge(format!("webhook body is over {MAX_WEBHOOK_BYTES} bytes"))
-    } else {
-        AppError::BadRequest(format!(
-            "could not read the body: {}",
-            rejection.body_text()
-        ))
-    }
+/// 202: received and understood, and nothing deploys, for `reason`.
+fn ignored(reason: String) -> Response {
+    (StatusCode::ACCEPTED, Json(json!({ "ignored": reason }))).into_response()
 }
 
-fn malformed(err: WebhookError) -> AppError {
-    AppError::BadRequest(err.to_string())
+/// 200: seen before; `id` is what it made then.
+fn duplicate(id: Option<DeploymentId>, what: &str) -> Response {
+    (
+        StatusCode::OK,
+        Json(json!({ "deployment_id": id, "duplicate": what })),
+    )
+        .into_response()
 }
 
-fn unauthorized(err: WebhookError) -> AppError {
-    AppError::Unauthorized(err.to_string())
+fn config_of(app: &Arc<App>) -> &AppConfig {
+    &app.config
 }
 
-/// Without `?app=`, the app is the one whose secret signed the body and, when several
-/// share a secret, whose repository the payload names.
-fn find_app_by_signature<'a>(
+/// The apps whose key verifies a delivery. With `named` (the URL's `?app=NAME`) only that
+/// app's key counts, and having none is refused; otherwise every app with a key is tried
+/// (several may share one). `verify` checks one app's key (`None`: it has no `key_setting`).
+fn signed_by<'a>(
     state: &'a AppState,
-    signature: Option<&str>,
-    body: &[u8],
-) -> Result<&'a Arc<App>, AppError> {
-    let mut last_error = WebhookError::BadSignature;
-    let mut signed_by: Vec<&Arc<App>> = Vec::new();
-    for runtime in state.apps.iter() {
-        let Some(secret) = &runtime.config.webhook_secret else {
-            continue;
-        };
-        match github::verify(secret.expose().as_bytes(), signature, body) {
-            Ok(()) => signed_by.push(runtime),
-            Err(err) => last_error = err,
+    named: Option<&str>,
+    key_setting: &'static str,
+    verify: impl Fn(&AppConfig) -> Option<Result<(), WebhookError>>,
+) -> Result<Vec<&'a Arc<App>>, AppError> {
+    if let Some(name) = named {
+        let app = state.app(name)?;
+        verify(&app.config).unwrap_or_else(|| {
+            Err(WebhookError::NoKey {
+                app: name.to_owned(),
+                key: key_setting,
+            })
+        })?;
+        return Ok(vec![app]);
+    }
+    let mut refusal = WebhookError::BadSignature;
+    let mut signed = Vec::new();
+    for app in state.apps.iter() {
+        match verify(&app.config) {
+            Some(Ok(())) => signed.push(app),
+            Some(Err(err)) => refusal = err,
+            None => {}
         }
     }
-    if signed_by.is_empty() {
-        return Err(unauthorized(last_error));
+    if signed.is_empty() {
+        return Err(refusal.into());
     }
-    let repository = github::repository_of(body);
-    let by_repository = signed_by.iter().copied().find(|runtime| {
-        let configured = runtime.config.repository.as_deref();
-        configured.is_some()
-            && configured.map(str::to_ascii_lowercase)
-                == repository.as_deref().map(str::to_ascii_lowercase)
-    });
-    match (by_repository, signed_by.as_slice()) {
-        (Some(runtime), _) => Ok(runtime),
-        // One app only: it decides itself (a push from another repository is ignored).
-        (None, [only]) => Ok(only),
-        _ => Err(AppError::NotFound(format!(
-            "no app deploys repository {}; add ?app=NAME to the webhook URL or set `repository`",
-            repository.as_deref().unwrap_or("(none named)")
-        ))),
-    }
+    Ok(signed)
 }

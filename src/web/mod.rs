@@ -5,17 +5,21 @@
 mod actions;
 mod api;
 mod dashboard;
+mod error;
+mod headers;
 mod hooks;
 mod session;
 mod views;
 
+pub use error::{AppError, AppJson};
+pub use headers::AllowedHosts;
+pub use session::Sessions;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::Json;
 use axum::Router;
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, header};
 use tokio_util::sync::CancellationToken;
 
 use crate::apps::{App, Apps};
@@ -23,20 +27,23 @@ use crate::config::{Config, Secret};
 use crate::db::Db;
 use crate::events::Bus;
 use crate::queue::Queue;
-
-pub use actions::roll_back;
-pub use api::switch_traffic;
+use crate::traffic::Traffic;
 
 pub struct AppState {
     pub config: Arc<Config>,
     pub db: Db,
     pub bus: Bus,
     pub queue: Queue,
+    pub traffic: Traffic,
     pub apps: Apps,
     /// For people and scripts: API actions and the dashboard login.
     pub admin_token: Secret,
     /// For hooks on this host: the switch endpoint only. Made anew at every start.
     pub switch_token: Secret,
+    /// Dashboard logins, and the throttle on wrong ones.
+    pub sessions: Sessions,
+    /// The names requests may address this server by.
+    pub allowed_hosts: AllowedHosts,
     /// Cancelled when the server shuts down, so event streams end and shutdown completes.
     pub shutdown: CancellationToken,
 }
@@ -56,64 +63,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(api::routes())
         .merge(actions::routes())
         .merge(dashboard::routes())
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            headers::protect,
+        ))
         .with_state(state)
-}
-
-/// Every way a request can fail, each with its status and a one-line reason.
-#[derive(Debug, thiserror::Error)]
-pub enum AppError {
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("{0}")]
-    Unauthorized(String),
-    #[error("{0}")]
-    Forbidden(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    Conflict(String),
-    #[error("{0}")]
-    PayloadTooLarge(String),
-    #[error("{0}")]
-    BadGateway(String),
-    #[error("internal error: {0}")]
-    Internal(String),
-}
-
-impl AppError {
-    fn status(&self) -> StatusCode {
-        match self {
-            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Self::Forbidden(_) => StatusCode::FORBIDDEN,
-            Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::Conflict(_) => StatusCode::CONFLICT,
-            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
-            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
-}
-
-impl From<crate::db::DbError> for AppError {
-    fn from(err: crate::db::DbError) -> Self {
-        tracing::error!(error = %err, "database error while answering a request");
-        Self::Internal("the database could not answer".into())
-    }
-}
-
-impl IntoResponse for AppError {
-    fn into_response(self) -> Response {
-        let status = self.status();
-        if status.is_server_error() {
-            tracing::warn!(status = status.as_u16(), reason = %self, "request failed");
-        }
-        (
-            status,
-            Json(serde_json::json!({ "error": self.to_string() })),
-        )
-            .into_response()
-    }
 }
 
 /// The bearer token of a request, if any.
@@ -132,7 +86,8 @@ fn token_matches(presented: Option<&str>, expected: &Secret) -> bool {
 }
 
 fn require_loopback(peer: SocketAddr) -> Result<(), AppError> {
-    if peer.ip().is_loopback() {
+    // A v4 caller on a dual-stack socket shows up as `::ffff:127.0.0.1`.
+    if peer.ip().to_canonical().is_loopback() {
         Ok(())
     } else {
         Err(AppError::Forbidden(

@@ -1,13 +1,20 @@
 //! Who may act: the admin token (bearer, for scripts) or a dashboard login session (a signed
-//! cookie) plus its CSRF token. Sessions are signed with a key derived from the admin token,
-//! so they survive a restart and end when the token changes. Pure functions over headers.
+//! cookie) plus its CSRF token. Sessions are signed with a key derived from the admin token
+//! and kept server-side (in SQLite, by a hash of their nonce), so logging out ends one for
+//! good and a changed token ends them all. Wrong logins are throttled per client.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::Duration;
 
 use axum::http::{HeaderMap, header};
 use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 
 use super::{AppError, AppState, bearer, token_matches};
 use crate::config::Secret;
+use crate::db::{self, Db, DbError};
 
 pub const COOKIE: &str = "nonstop_session";
 /// A login lasts a working week.
@@ -24,7 +31,7 @@ fn mac(key: &[u8], data: &[u8]) -> Vec<u8> {
 }
 
 /// A fresh session cookie value: `<expires>.<nonce>.<signature>`.
-pub fn new_session(admin_token: &Secret, now_ms: i64) -> String {
+fn new_session(admin_token: &Secret, now_ms: i64) -> String {
     let mut nonce = [0u8; 16];
     getrandom::fill(&mut nonce).expect("the OS random source is available");
     let body = format!("{}.{}", now_ms + SESSION_MS, hex::encode(nonce));
@@ -32,19 +39,27 @@ pub fn new_session(admin_token: &Secret, now_ms: i64) -> String {
     format!("{body}.{signature}")
 }
 
+/// What the server keeps of a session: the sha256 of its cookie value, so the database
+/// holds nothing a cookie could be made from.
+fn id_of(value: &str) -> String {
+    hex::encode(Sha256::digest(value.as_bytes()))
+}
+
 /// The `Set-Cookie` header value for a session (or, with `None`, one that ends it).
-pub fn set_cookie(value: Option<&str>) -> String {
+/// `secure`: the dashboard is reached over https, so the cookie never travels in the clear.
+fn set_cookie(value: Option<&str>, secure: bool) -> String {
+    let secure = if secure { "; Secure" } else { "" };
     match value {
         Some(value) => format!(
-            "{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+            "{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
             SESSION_MS / 1000
         ),
-        None => format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
+        None => format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{secure}"),
     }
 }
 
 /// The request's session cookie, if it is one nonstop signed and it has not expired.
-pub fn session(headers: &HeaderMap, admin_token: &Secret, now_ms: i64) -> Option<String> {
+fn signed_session(headers: &HeaderMap, admin_token: &Secret, now_ms: i64) -> Option<String> {
     let value = headers
         .get_all(header::COOKIE)
         .iter()
@@ -61,6 +76,141 @@ pub fn session(headers: &HeaderMap, admin_token: &Secret, now_ms: i64) -> Option
     }
     let expires: i64 = body.split('.').next()?.parse().ok()?;
     (expires > now_ms).then(|| value.to_owned())
+}
+
+/// The logged-in sessions: in memory for every request, in SQLite across restarts.
+pub struct Sessions {
+    db: Db,
+    live: Mutex<HashMap<String, i64>>,
+    secure: bool,
+    throttle: Throttle,
+}
+
+impl Sessions {
+    /// The sessions still valid at start. `secure`: cookies get the `Secure` flag.
+    pub async fn load(db: Db, secure: bool) -> Result<Self, DbError> {
+        let live = db.call(|conn| db::sessions(conn, db::now_ms())).await?;
+        Ok(Self {
+            db,
+            live: Mutex::new(live.into_iter().collect()),
+            secure,
+            throttle: Throttle::default(),
+        })
+    }
+
+    /// Starts a session; returns its `Set-Cookie` value.
+    pub async fn start(&self, admin_token: &Secret, now_ms: i64) -> Result<String, DbError> {
+        let value = new_session(admin_token, now_ms);
+        let (id, expires) = (id_of(&value), now_ms + SESSION_MS);
+        {
+            let id = id.clone();
+            self.db
+                .call(move |conn| db::add_session(conn, &id, expires))
+                .await?;
+        }
+        self.lock().insert(id, expires);
+        Ok(set_cookie(Some(&value), self.secure))
+    }
+
+    /// The request's session, if it is signed, unexpired and not logged out.
+    pub fn current(
+        &self,
+        headers: &HeaderMap,
+        admin_token: &Secret,
+        now_ms: i64,
+    ) -> Option<String> {
+        let value = signed_session(headers, admin_token, now_ms)?;
+        self.lock().contains_key(&id_of(&value)).then_some(value)
+    }
+
+    /// Ends `session` for good; returns the `Set-Cookie` value that clears the cookie.
+    pub async fn end(&self, session: Option<&str>) -> Result<String, DbError> {
+        if let Some(session) = session {
+            let id = id_of(session);
+            self.lock().remove(&id);
+            self.db.call(move |conn| db::end_session(conn, &id)).await?;
+        }
+        Ok(set_cookie(None, self.secure))
+    }
+
+    pub fn throttle(&self) -> &Throttle {
+        &self.throttle
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, i64>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Wrong logins per client: the first few are free, then each further try must wait twice
+/// as long as the last, up to a quarter of an hour. A client is an IPv4 address or an IPv6
+/// /64, since one host usually holds a whole /64.
+#[derive(Default)]
+pub struct Throttle(Mutex<HashMap<IpAddr, Failures>>);
+
+#[derive(Clone, Copy)]
+struct Failures {
+    count: u32,
+    /// Until when (ms) the client must wait.
+    until: i64,
+}
+
+const FREE_FAILURES: u32 = 5;
+const MAX_WAIT_MS: i64 = 15 * 60 * 1000;
+/// At most this many clients are remembered; past it, those not waiting are forgotten.
+const MAX_CLIENTS: usize = 10_000;
+
+impl Throttle {
+    fn client(ip: IpAddr) -> IpAddr {
+        match ip.to_canonical() {
+            IpAddr::V6(v6) => {
+                let segments = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(
+                    segments[0],
+                    segments[1],
+                    segments[2],
+                    segments[3],
+                    0,
+                    0,
+                    0,
+                    0,
+                ))
+            }
+            v4 => v4,
+        }
+    }
+
+    /// `Err(wait)` while `ip` must wait before it may try again.
+    pub fn check(&self, ip: IpAddr, now_ms: i64) -> Result<(), Duration> {
+        let failures = self.lock().get(&Self::client(ip)).copied();
+        match failures {
+            Some(f) if f.until > now_ms => Err(Duration::from_millis((f.until - now_ms) as u64)),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn failed(&self, ip: IpAddr, now_ms: i64) {
+        let mut clients = self.lock();
+        if clients.len() >= MAX_CLIENTS {
+            clients.retain(|_, f| f.until > now_ms);
+        }
+        let entry = clients
+            .entry(Self::client(ip))
+            .or_insert(Failures { count: 0, until: 0 });
+        entry.count += 1;
+        if entry.count > FREE_FAILURES {
+            let doublings = (entry.count - FREE_FAILURES - 1).min(20);
+            entry.until = now_ms + (1000i64 << doublings).min(MAX_WAIT_MS);
+        }
+    }
+
+    pub fn succeeded(&self, ip: IpAddr) {
+        self.lock().remove(&Self::client(ip));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Failures>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// The CSRF token that goes with a session: every dashboard form carries it.
@@ -83,7 +233,10 @@ pub fn authorize(
             "the admin token is not valid".into(),
         ));
     }
-    let Some(session) = session(headers, &state.admin_token, crate::db::now_ms()) else {
+    let Some(session) = state
+        .sessions
+        .current(headers, &state.admin_token, crate::db::now_ms())
+    else {
         return Err(AppError::Unauthorized(
             "log in on the dashboard or send the admin token (Authorization: Bearer …)".into(),
         ));
@@ -119,13 +272,79 @@ mod tests {
         let token = Secret::new("admin".into());
         let value = new_session(&token, 1_000);
         assert_eq!(
-            session(&with_cookie(&value), &token, 2_000).as_deref(),
+            signed_session(&with_cookie(&value), &token, 2_000).as_deref(),
             Some(value.as_str())
         );
         assert_eq!(
-            session(&with_cookie(&value), &token, 1_000 + SESSION_MS + 1),
+            signed_session(&with_cookie(&value), &token, 1_000 + SESSION_MS + 1),
             None
         );
+    }
+
+    #[tokio::test]
+    async fn a_session_ended_by_logout_is_refused_even_with_its_valid_signature() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("n.db")).await.unwrap();
+        let token = Secret::new("admin".into());
+        let sessions = Sessions::load(db.clone(), true).await.unwrap();
+        let cookie = sessions.start(&token, db::now_ms()).await.unwrap();
+        assert!(cookie.ends_with("; Secure"), "{cookie}");
+        let value = cookie
+            .split(';')
+            .next()
+            .unwrap()
+            .strip_prefix("nonstop_session=")
+            .unwrap();
+        let headers = with_cookie(value);
+        assert!(sessions.current(&headers, &token, db::now_ms()).is_some());
+        let reloaded = Sessions::load(db.clone(), true).await.unwrap();
+        assert!(
+            reloaded.current(&headers, &token, db::now_ms()).is_some(),
+            "kept across a restart"
+        );
+
+        sessions.end(Some(value)).await.unwrap();
+
+        assert_eq!(sessions.current(&headers, &token, db::now_ms()), None);
+        let reloaded = Sessions::load(db, true).await.unwrap();
+        assert_eq!(reloaded.current(&headers, &token, db::now_ms()), None);
+    }
+
+    #[test]
+    fn wrong_logins_make_a_client_wait_longer_and_longer_but_not_its_neighbours() {
+        let throttle = Throttle::default();
+        let ip: IpAddr = "203.0.113.9".parse().unwrap();
+        for _ in 0..FREE_FAILURES {
+            assert!(throttle.check(ip, 0).is_ok());
+            throttle.failed(ip, 0);
+        }
+        assert!(throttle.check(ip, 0).is_ok(), "the free tries are free");
+        throttle.failed(ip, 0);
+        assert_eq!(throttle.check(ip, 0), Err(Duration::from_secs(1)));
+        throttle.failed(ip, 1_000);
+        assert_eq!(throttle.check(ip, 1_000), Err(Duration::from_secs(2)));
+        assert!(
+            throttle
+                .check("203.0.113.10".parse().unwrap(), 1_000)
+                .is_ok()
+        );
+        // The same /64 is the same client; a mapped v4 address is the v4 one.
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        for _ in 0..=FREE_FAILURES {
+            throttle.failed(v6, 0);
+        }
+        assert!(
+            throttle
+                .check("2001:db8::ffff".parse().unwrap(), 0)
+                .is_err()
+        );
+        assert!(
+            throttle
+                .check("::ffff:203.0.113.9".parse().unwrap(), 1_000)
+                .is_err()
+        );
+        throttle.succeeded(ip);
+        assert!(throttle.check(ip, 1_000).is_ok());
     }
 
     #[test]
@@ -134,14 +353,14 @@ mod tests {
         let value = new_session(&token, 1_000);
         let other = Secret::new("another token".into());
         assert_eq!(
-            session(&with_cookie(&value), &other, 2_000),
+            signed_session(&with_cookie(&value), &other, 2_000),
             None,
             "signed with another key"
         );
         let (body, _) = value.rsplit_once('.').unwrap();
         let forged = format!("{}9.{}", body, "00".repeat(32));
-        assert_eq!(session(&with_cookie(&forged), &token, 2_000), None);
-        assert_eq!(session(&HeaderMap::new(), &token, 2_000), None);
+        assert_eq!(signed_session(&with_cookie(&forged), &token, 2_000), None);
+        assert_eq!(signed_session(&HeaderMap::new(), &token, 2_000), None);
     }
 
     #[test]
@@ -151,6 +370,6 @@ mod tests {
         let two = new_session(&token, 0);
         assert_eq!(csrf_token(&token, &one), csrf_token(&token, &one));
         assert_ne!(csrf_token(&token, &one), csrf_token(&token, &two));
-        assert!(set_cookie(Some(&one)).contains("HttpOnly; SameSite=Strict"));
+        assert!(set_cookie(Some(&one), false).contains("HttpOnly; SameSite=Strict"));
     }
 }

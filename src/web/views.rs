@@ -5,6 +5,7 @@ use chrono::DateTime;
 
 use crate::db::{Deployment, Live, StageRow, Switch};
 use crate::domain::{DeploymentStatus, StageStatus};
+use crate::elapsed;
 
 /// A stage log's last this-many lines are shown on the page; the rest is a link away.
 pub const LOG_TAIL_LINES: usize = 200;
@@ -28,16 +29,6 @@ pub fn relative(ms: i64, now_ms: i64) -> String {
             1 => "1 day ago".into(),
             days => format!("{days} days ago"),
         },
-    }
-}
-
-/// `850 ms`, `12.3 s`, `2 min 5 s`.
-pub fn duration(ms: i64) -> String {
-    match ms {
-        ..=0 => "0 ms".into(),
-        1..=999 => format!("{ms} ms"),
-        1000..=59_999 => format!("{:.1} s", ms as f64 / 1000.0),
-        _ => format!("{} min {} s", ms / 60_000, (ms % 60_000) / 1000),
     }
 }
 
@@ -103,7 +94,7 @@ impl DeploymentView {
             trigger: d.trigger.clone(),
             created: When::new(d.created_at, now_ms),
             duration: match (d.started_at, end) {
-                (Some(start), Some(end)) => duration(end - start),
+                (Some(start), Some(end)) => elapsed::human(end - start),
                 _ => String::new(),
             },
             error: d.error.clone().unwrap_or_default(),
@@ -146,7 +137,7 @@ impl StageView {
             status: stage.status,
             started: stage.started_at.map(|ms| When::new(ms, now_ms)),
             duration: match (stage.started_at, end) {
-                (Some(start), Some(end)) => duration(end - start),
+                (Some(start), Some(end)) => elapsed::human(end - start),
                 _ => String::new(),
             },
             tail: lines[hidden_lines..].join("\n"),
@@ -222,9 +213,9 @@ mod tests {
 
     #[test]
     fn durations_pick_their_unit() {
-        assert_eq!(duration(850), "850 ms");
-        assert_eq!(duration(12_345), "12.3 s");
-        assert_eq!(duration(125_000), "2 min 5 s");
+        assert_eq!(elapsed::human(850), "850 ms");
+        assert_eq!(elapsed::human(12_345), "12.3 s");
+        assert_eq!(elapsed::human(125_000), "2 min 5 s");
         assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
     }
 

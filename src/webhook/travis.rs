@@ -15,11 +15,26 @@ pub const SIGNATURE_HEADER: &str = "signature";
 
 /// The raw value of the form field `payload` (what Travis signed), URL-decoded.
 pub fn payload_of(body: &[u8]) -> Result<String, WebhookError> {
-    url::form_urlencoded::parse(body)
-        .find(|(name, _)| name == "payload")
-        .map(|(_, value)| value.into_owned())
-        .ok_or_else(|| WebhookError::Malformed("no form field `payload`".into()))
+    super::form_payload(body).ok_or_else(|| malformed("no form field `payload`"))
 }
+
+fn malformed(reason: impl ToString) -> WebhookError {
+    WebhookError::malformed("payload", reason)
+}
+
+/// Checks a notification's signature over `payload` with `app`'s Travis CI key; `None` when
+/// it has none.
+pub fn verify_for(
+    app: &AppConfig,
+    header: Option<&str>,
+    payload: &[u8],
+) -> Option<Result<(), WebhookError>> {
+    let key = app.travis_key.as_ref()?;
+    Some(verify(key, header, payload))
+}
+
+/// What an app without a Travis CI key is missing.
+pub const KEY_SETTING: &str = "Travis CI key";
 
 /// Checks `header` (base64 signature) over `payload` with Travis's public key.
 pub fn verify(
@@ -27,7 +42,7 @@ pub fn verify(
     header: Option<&str>,
     payload: &[u8],
 ) -> Result<(), WebhookError> {
-    let header = header.ok_or(WebhookError::MissingHeader("Signature"))?;
+    let header = header.ok_or(WebhookError::MissingSignature("Signature"))?;
     let compact: String = header.split_whitespace().collect();
     let signature = base64::engine::general_purpose::STANDARD
         .decode(compact)
@@ -108,7 +123,7 @@ pub enum Verdict {
 }
 
 pub fn parse(payload: &[u8]) -> Result<Build, WebhookError> {
-    serde_json::from_slice(payload).map_err(|err| WebhookError::Malformed(err.to_string()))
+    serde_json::from_slice(payload).map_err(malformed)
 }
 
 /// What a verified build notification means for `app`.
@@ -157,7 +172,7 @@ pub fn interpret(app: &AppConfig, build: &Build) -> Result<Outcome, WebhookError
             build.status_message.as_deref().unwrap_or("no status")
         )));
     }
-    let commit = CommitSha::parse(&build.commit).map_err(WebhookError::Malformed)?;
+    let commit = CommitSha::parse(&build.commit).map_err(malformed)?;
     let trigger = Trigger {
         app: app.name.clone(),
         commit: Some(commit),
@@ -285,7 +300,7 @@ public_key_env = "TRAVIS_PUBLIC_KEY"
         assert_eq!(payload_of(body.as_bytes()).unwrap(), "{\"a\": \"b&c\"}");
         assert!(matches!(
             payload_of(b"other=1"),
-            Err(WebhookError::Malformed(_))
+            Err(WebhookError::Malformed { .. })
         ));
     }
 
@@ -306,7 +321,7 @@ public_key_env = "TRAVIS_PUBLIC_KEY"
         );
         assert_eq!(
             verify(&public, None, body.as_bytes()),
-            Err(WebhookError::MissingHeader("Signature"))
+            Err(WebhookError::MissingSignature("Signature"))
         );
         assert_eq!(
             verify(&public, Some("%%%"), body.as_bytes()),

@@ -349,7 +349,7 @@ fn webhook_abuse_never_panics_and_never_deploys() {
         }
         let (status, answer) = send_from_property(&runtime, request)?;
         let signed = abuse.signature.as_deref() == Some(&sign(&abuse.body));
-        let refused = [400, 401, 404, 413, 431].contains(&status);
+        let refused = [400, 401, 404, 413, 415, 431].contains(&status);
         // A signed ping is a 200, another signed event is acknowledged and ignored (202,
         // as GitHub expects); nothing deploys.
         let ignored = [200, 202].contains(&status) && !answer.contains("deployment_id");

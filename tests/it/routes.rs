@@ -10,6 +10,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::connect_info::MockConnectInfo;
 use axum::http::{Request, StatusCode, header};
+use axum::response::Response;
 use http_body_util::BodyExt;
 use nonstop::web::AppState;
 use serde_json::{Value, json};
@@ -106,20 +107,16 @@ switch = {{ kind = "proxy", listen = "127.0.0.1:0" }}
     }
 
     async fn send_from(&self, peer: SocketAddr, request: Request<Body>) -> (StatusCode, Value) {
-        let (status, body) = self.send_raw(peer, request).await;
+        let response = self.respond(peer, request).await;
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
         (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
     }
 
-    async fn send_raw(
-        &self,
-        peer: SocketAddr,
-        request: Request<Body>,
-    ) -> (StatusCode, axum::body::Bytes) {
+    /// The router's whole answer to `request` from `peer`.
+    async fn respond(&self, peer: SocketAddr, request: Request<Body>) -> Response {
         let router = nonstop::web::router(self.state.clone()).layer(MockConnectInfo(peer));
-        let response = router.oneshot(request).await.unwrap();
-        let status = response.status();
-        let body = response.into_body().collect().await.unwrap().to_bytes();
-        (status, body)
+        router.oneshot(request).await.unwrap()
     }
 
     fn count_deployments(&self) -> i64 {
@@ -182,8 +179,9 @@ fn travis_hook(query: &str, signature: Option<&str>, body: Vec<u8>) -> Request<B
 #[tokio::test]
 async fn healthz_answers_ok() {
     let routes = Routes::start().await;
-    let (status, body) = routes.send_raw(loopback(), get("/healthz")).await;
-    assert_eq!(status, StatusCode::OK);
+    let response = routes.respond(loopback(), get("/healthz")).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body, "ok\n");
 }
 
@@ -264,8 +262,7 @@ async fn a_dashboard_session_acts_only_with_its_csrf_token() {
         .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
         .body(Body::from(format!("token={}", routes.admin_token())))
         .unwrap();
-    let router = nonstop::web::router(routes.state.clone());
-    let response = router.oneshot(login).await.unwrap();
+    let response = routes.respond(loopback(), login).await;
     assert_eq!(response.status(), StatusCode::SEE_OTHER);
     let cookie = response.headers()[header::SET_COOKIE]
         .to_str()
@@ -629,4 +626,26 @@ async fn an_app_on_port_0_shows_where_its_proxy_really_listens() {
     // The proxy is there, with nothing live behind it yet.
     let response = reqwest::get(format!("http://{addr}/")).await.unwrap();
     assert_eq!(response.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test]
+async fn a_request_for_a_host_name_that_is_not_ours_is_refused() {
+    let routes = Routes::start().await;
+    let for_host = |host: &str| {
+        Request::get("/healthz")
+            .header(header::HOST, host)
+            .body(Body::empty())
+            .unwrap()
+    };
+    assert_eq!(
+        routes.send(for_host("evil.example:9000")).await,
+        (
+            StatusCode::BAD_REQUEST,
+            error("host `evil.example:9000` is not served here")
+        )
+    );
+    for ours in ["localhost:9000", "127.0.0.1:9000", "[::1]:9000"] {
+        let response = routes.respond(loopback(), for_host(ours)).await;
+        assert_eq!(response.status(), StatusCode::OK, "{ours}");
+    }
 }

@@ -1,7 +1,7 @@
 //! The GitHub webhook's guard: signatures, duplicates, ignored events and bad input, checked
 //! against the real server and its real SQLite file.
 
-use crate::common::{self, REPOSITORY, push_payload, sign, spawn_app};
+use crate::common::{self, REPOSITORY, form_encoded, push_payload, sign, spawn_app};
 
 const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
 
@@ -159,6 +159,121 @@ async fn bad_input_gets_its_own_status_and_a_one_line_reason() {
         "{answer}"
     );
     assert_eq!(app.count_rows("deployments"), 0);
+}
+
+/// GitHub's settings page preselects `application/x-www-form-urlencoded`; a hook left at
+/// that default must deploy, not only answer its ping.
+#[tokio::test]
+async fn a_form_encoded_push_deploys_its_commit() {
+    let app = spawn_app().await;
+    let sha = app.repo.commit("Sent as a form");
+    let body = form_encoded(&push_payload("refs/heads/main", &sha, REPOSITORY));
+    let (status, answer) = app
+        .webhook_as(
+            Some("application/x-www-form-urlencoded"),
+            "push",
+            "form-push",
+            &body,
+            Some(&sign(&body)),
+        )
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    let id = answer["deployment_id"].as_i64().expect("a deployment id");
+    let done = app.wait_finished(id).await;
+    assert_eq!(done["deployment"]["status"], "succeeded", "{done:#}");
+    assert_eq!(done["deployment"]["commit_sha"], sha.as_str(), "{done:#}");
+    let version = done["deployment"]["version"].as_str().unwrap();
+    assert_eq!(app.served().await, version);
+}
+
+/// Every event means the same whether GitHub sends it as JSON, as a form field `payload`,
+/// or (as a hand-written request may) with no content type at all, which is read as JSON.
+#[tokio::test]
+async fn json_and_form_encoded_deliveries_get_the_same_answers() {
+    let app = spawn_app().await;
+    let cases = [
+        ("push", push_payload("refs/heads/main", SHA, REPOSITORY)),
+        ("push", push_payload("refs/heads/feature", SHA, REPOSITORY)),
+        ("push", push_payload("refs/heads/main", SHA, "someone/else")),
+        (
+            "ping",
+            br#"{"zen":"Keep it logically awesome.","hook_id":1}"#.to_vec(),
+        ),
+        ("issues", br#"{"action":"opened"}"#.to_vec()),
+        ("push", b"{not json".to_vec()),
+    ];
+    let mut deployments = Vec::new();
+    for (index, (event, json)) in cases.iter().enumerate() {
+        let mut answers = Vec::new();
+        for (content_type, body) in [
+            (Some("application/json"), json.clone()),
+            (
+                Some("application/x-www-form-urlencoded"),
+                form_encoded(json),
+            ),
+            (None, json.clone()),
+        ] {
+            let delivery = format!("same-{index}-{content_type:?}");
+            let (status, mut answer) = app
+                .webhook_as(content_type, event, &delivery, &body, Some(&sign(&body)))
+                .await;
+            // Each delivery is a deployment of its own; its id is the one thing that differs.
+            if let Some(id) = answer.get_mut("deployment_id") {
+                deployments.push(id.as_i64().expect("a numeric deployment id"));
+                *id = serde_json::json!("(id)");
+            }
+            answers.push((status, answer));
+        }
+        assert!([200, 202, 400].contains(&answers[0].0), "{answers:?}");
+        assert!(
+            answers.iter().all(|answer| *answer == answers[0]),
+            "{event} {}: {answers:?}",
+            String::from_utf8_lossy(json)
+        );
+    }
+    assert_eq!(deployments.len(), 3, "only the push to main deploys");
+    deployments.sort_unstable();
+    deployments.dedup();
+    assert_eq!(deployments.len(), 3, "three deliveries, three deployments");
+    assert_eq!(app.count_rows("deployments"), 3);
+}
+
+#[tokio::test]
+async fn a_third_content_type_is_refused_with_415_naming_the_two_accepted() {
+    let app = spawn_app().await;
+    let json = push_payload("refs/heads/main", SHA, REPOSITORY);
+    for (content_type, body) in [
+        ("text/plain", json.clone()),
+        ("multipart/form-data; boundary=x", json.clone()),
+        ("application/xml", b"<push/>".to_vec()),
+    ] {
+        for event in ["push", "ping"] {
+            let (status, answer) = app
+                .webhook_as(
+                    Some(content_type),
+                    event,
+                    "typed",
+                    &body,
+                    Some(&sign(&body)),
+                )
+                .await;
+            assert_eq!(status, 415, "{content_type} {event}: {answer}");
+            let reason = answer["error"].as_str().unwrap_or_default();
+            assert!(
+                reason.contains("application/json")
+                    && reason.contains("application/x-www-form-urlencoded")
+                    && !reason.contains('\n'),
+                "{reason}"
+            );
+        }
+    }
+    // Who sent it is settled first: an unsigned body of any type is a 401.
+    let (status, answer) = app
+        .webhook_as(Some("text/plain"), "push", "unsigned", &json, None)
+        .await;
+    assert_eq!(status, 401, "{answer}");
+    assert_eq!(app.count_rows("deployments"), 0);
+    assert_eq!(app.count_rows("deliveries"), 0);
 }
 
 #[tokio::test]

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 pub use ports::unique_port;
 
 pub const SECRET: &str = "test-webhook-secret";
-pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const ADMIN_TOKEN: &str = "test-admin-token-of-at-least-32-bytes";
 pub const REPOSITORY: &str = "acme/hello";
 
 fn git(dir: &Path, args: &[&str]) -> String {
@@ -492,9 +492,23 @@ hook_timeout_secs = 60
         }
     }
 
-    /// Sends a signed GitHub webhook; returns the status and JSON body.
+    /// Sends a signed GitHub webhook as JSON; returns the status and JSON body.
     pub async fn webhook(
         &self,
+        event: &str,
+        delivery: &str,
+        body: &[u8],
+        signature: Option<&str>,
+    ) -> (u16, Value) {
+        self.webhook_as(Some("application/json"), event, delivery, body, signature)
+            .await
+    }
+
+    /// Sends a GitHub webhook whose body is already in `content_type`'s form (none: no
+    /// `Content-Type` header); returns the status and JSON body.
+    pub async fn webhook_as(
+        &self,
+        content_type: Option<&str>,
         event: &str,
         delivery: &str,
         body: &[u8],
@@ -505,8 +519,10 @@ hook_timeout_secs = 60
             .post(format!("{}/hooks/github", self.base()))
             .header("X-GitHub-Event", event)
             .header("X-GitHub-Delivery", delivery)
-            .header("Content-Type", "application/json")
             .body(body.to_vec());
+        if let Some(content_type) = content_type {
+            request = request.header("Content-Type", content_type);
+        }
         if let Some(signature) = signature {
             request = request.header("X-Hub-Signature-256", signature);
         }
@@ -671,6 +687,18 @@ impl Drop for TestApp {
 
 pub fn sign(body: &[u8]) -> String {
     nonstop::webhook::github::sign(SECRET.as_bytes(), body)
+}
+
+/// `payload=<url-encoded JSON>`: the body GitHub sends when a hook's content type is
+/// `application/x-www-form-urlencoded`, the one its settings page preselects.
+pub fn form_encoded(json: &[u8]) -> Vec<u8> {
+    url::form_urlencoded::Serializer::new(String::new())
+        .append_pair(
+            "payload",
+            std::str::from_utf8(json).expect("a JSON document is UTF-8"),
+        )
+        .finish()
+        .into_bytes()
 }
 
 pub fn push_payload(git_ref: &str, sha: &str, repository: &str) -> Vec<u8> {
