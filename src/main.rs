@@ -107,6 +107,8 @@ fn start_logging_and_signals() -> CancellationToken {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        // stdout is for what a command answers: `serve` and `proxy` print their bound addresses.
+        .with_writer(std::io::stderr)
         .init();
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::apps::{App, Apps};
 use crate::config::{AppConfig, Config, RunnerConfig, Secret, StoreConfig, SwitchConfig};
 use crate::db::{self, Db};
+use crate::domain::AppName;
 use crate::events::Bus;
 use crate::pipeline::{Pipeline, source};
 use crate::queue::Queue;
@@ -52,7 +53,16 @@ pub fn admin_token_file(data_dir: &Path) -> PathBuf {
 pub struct Server {
     pub state: Arc<AppState>,
     pub listener: tokio::net::TcpListener,
-    proxies: Vec<Arc<Proxy>>,
+    proxies: Vec<(AppName, Arc<Proxy>)>,
+}
+
+/// Tells whoever started this process where a listener is bound, as one line on stdout: a
+/// config may say port 0 (tests do), and only the bound port is of use to a client.
+fn announce(listener: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    // Nobody reading stdout is no reason to stop serving.
+    let _ = writeln!(stdout, "nonstop: {listener}").and_then(|()| stdout.flush());
 }
 
 /// Runs the server until `shutdown` is cancelled.
@@ -66,6 +76,12 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
         ..crate::listen::Limits::default()
     };
     let server = prepare(config, shutdown.clone()).await?;
+    for (app, proxy) in &server.proxies {
+        announce(format_args!("proxy {app} on {}", proxy.local_addr()));
+    }
+    if let Ok(addr) = server.listener.local_addr() {
+        announce(format_args!("listening on {addr}"));
+    }
     tracing::info!(
         listen = %server.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         fd_limit,
@@ -74,7 +90,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
     );
     let router = web::router(server.state.clone());
     crate::listen::serve(server.listener, router, limits, shutdown).await;
-    for proxy in server.proxies {
+    for (_, proxy) in server.proxies {
         proxy.shutdown();
     }
     Ok(())
@@ -193,9 +209,9 @@ async fn build_app(
     app: &AppConfig,
     db: &Db,
     wiring: &Wiring,
-    proxies: &mut Vec<Arc<Proxy>>,
+    proxies: &mut Vec<(AppName, Arc<Proxy>)>,
 ) -> Result<App, ServeError> {
-    let app = Arc::new(app.clone());
+    let mut app = app.clone();
     let repo = source::resolve_repo(&app.repo, &config.base_dir);
     if let Some(seed) = &app.init_from {
         source::init_from_seed(Path::new(&repo), &config.base_dir.join(seed), &app.branch)
@@ -204,7 +220,8 @@ async fn build_app(
     }
     let name = app.name.to_string();
     let live = db.call(move |conn| db::live(conn, &name)).await?;
-    let switch = build_switch(config, &app, live.map(|l| l.port), wiring, proxies).await?;
+    let switch = build_switch(config, &mut app, live.map(|l| l.port), wiring, proxies).await?;
+    let app = Arc::new(app);
     let store = build_store(&app, &wiring.data_dir).await?;
     let runner = build_runner(&app, &store, &switch, wiring).await?;
     Ok(App {
@@ -218,10 +235,10 @@ async fn build_app(
 
 async fn build_switch(
     config: &Config,
-    app: &AppConfig,
+    app: &mut AppConfig,
     live: Option<u16>,
     wiring: &Wiring,
-    proxies: &mut Vec<Arc<Proxy>>,
+    proxies: &mut Vec<(AppName, Arc<Proxy>)>,
 ) -> Result<Arc<dyn TrafficSwitch>, ServeError> {
     match (&app.switch, &wiring.proxy_socket) {
         (SwitchConfig::Proxy { .. }, Some(socket)) => {
@@ -232,7 +249,11 @@ async fn build_switch(
         (SwitchConfig::Proxy { listen }, None) => {
             let proxy = Proxy::start(*listen, live).await?;
             tracing::info!(app = %app.name, proxy = %proxy.local_addr(), live_port = live, "proxy listening");
-            proxies.push(proxy.clone());
+            // Port 0 in the config: the app's entry shows the port the proxy really got.
+            app.switch = SwitchConfig::Proxy {
+                listen: proxy.local_addr(),
+            };
+            proxies.push((app.name.clone(), proxy.clone()));
             Ok(proxy)
         }
         (SwitchConfig::Nginx { include, conf, bin }, _) => {
@@ -323,6 +344,7 @@ pub async fn run_proxies(config: Config, shutdown: CancellationToken) -> Result<
             let live = saved.get(app.name.as_str()).copied();
             let proxy = Proxy::start(listen, live).await?;
             tracing::info!(app = %app.name, proxy = %proxy.local_addr(), live_port = live, "proxy listening");
+            announce(format_args!("proxy {} on {}", app.name, proxy.local_addr()));
             let ports = app.ports;
             proxies.insert(app.name.to_string(), control::Controlled { proxy, ports });
         }

@@ -56,7 +56,7 @@ impl AppState {
     }
 }
 
-/// The whole HTTP surface; `main` serves it, tests drive it with `oneshot`.
+/// The whole HTTP surface; `serve` serves it, `tests/it/routes.rs` drives it with `oneshot`.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(hooks::routes())

@@ -1,4 +1,4 @@
-// The dashboard in a real headless Chromium. Started by tests/browser.rs, which runs a
+// The dashboard in a real headless Chromium. Started by tests/it/browser.rs, which runs a
 // real nonstop with the example app (one version already live) and passes, as env vars,
 // where everything is. Each test saves screenshots into $NONSTOP_SHOTS.
 import { test, before, after } from "node:test";
@@ -11,7 +11,7 @@ import { chromium } from "playwright-core";
 
 const env = (name) => {
   const value = process.env[name];
-  assert.ok(value, `${name} is not set: run these tests through tests/browser.rs`);
+  assert.ok(value, `${name} is not set: run these tests through tests/it/browser.rs`);
   return value;
 };
 const BASE = env("NONSTOP_BASE");
@@ -22,7 +22,7 @@ const ADMIN_TOKEN = env("NONSTOP_ADMIN_TOKEN");
 const REPOSITORY = env("NONSTOP_REPOSITORY");
 const PORTS = env("NONSTOP_PORTS").split(",").map(Number);
 const SHOTS = env("NONSTOP_SHOTS");
-const HANDSHAKE = env("NONSTOP_HANDSHAKE"); // a folder tests/browser.rs watches
+const HANDSHAKE = env("NONSTOP_HANDSHAKE"); // a folder tests/it/browser.rs watches
 const DOCS = process.env.NONSTOP_DOCS_SHOTS; // set to refresh the README's screenshots
 const WAIT = 90_000; // a deploy builds the example app: allow for a slow machine
 
@@ -179,7 +179,7 @@ test("a failing deploy shows its failing stage and its output", async () => {
   await shot(page, "failed-deployment");
 });
 
-// Asks tests/browser.rs to kill the server (SIGKILL) and start it again; resolves once it
+// Asks tests/it/browser.rs to kill the server (SIGKILL) and start it again; resolves once it
 // answers again.
 async function restartServer() {
   const done = join(HANDSHAKE, "restarted");

@@ -1,11 +1,9 @@
 //! A signed push becomes a live release: the story end to end, with the real binary, real
 //! git, a real cargo build of the example app, real child processes and the real proxy.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Extra, Load, spawn_app, spawn_app_with, stage, wait_port_closed};
+use crate::common::{self, Extra, Load, spawn_app, spawn_app_with, stage, wait_port_closed};
 
 #[tokio::test]
 async fn a_signed_push_deploys_the_example_app_and_the_proxy_serves_it() {

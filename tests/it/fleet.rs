@@ -5,14 +5,12 @@
 //! through its include file, as in the classic recipe. Everything else deploy.sh needs comes
 //! from the `nonstop.env` that nonstop bundles.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::free_port;
-use common::nginx::Nginx;
+use crate::common::nginx::Nginx;
+use crate::common::unique_port;
 use nonstop::config::Config;
 use nonstop::pipeline::bundle::{BundleContents, create};
 use nonstop::runner::appspec::{parse, render_for, render_host_env};
@@ -132,7 +130,7 @@ fn wait_served(url: &str, version: &str) {
 fn a_fleet_host_deploys_blue_green_from_the_bundle_alone() {
     let dir = tempfile::tempdir().unwrap();
     let host = dir.path();
-    let (front, ports) = (free_port(), [free_port(), free_port()]);
+    let (front, ports) = (unique_port(), [unique_port(), unique_port()]);
     let destination = host.join("opt/hello");
     let config = Config::parse(
         &format!(

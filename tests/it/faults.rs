@@ -1,15 +1,13 @@
 //! The fault suite: each fault ends with the previous version serving, no client request
 //! lost while traffic flowed, and the deployment recorded with its reason.
 
-mod common;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use proptest::collection::vec;
 use proptest::prelude::*;
 
-use common::{
+use crate::common::{
     Extra, Load, REPOSITORY, TestApp, deterministic_runner, push_payload, send_from_property, sign,
     spawn_app, spawn_app_with, stage, wait_port_closed,
 };

@@ -2,14 +2,13 @@
 //! messages and deployment statuses of a deploy that succeeds and one that fails, three
 //! tries for a flaky receiver, and a hanging receiver that never holds up a deploy.
 
-mod common;
-
 use std::time::Duration;
 
 use serde_json::json;
 
-use common::recorder::{Recorded, Recorder, Reply};
-use common::{Extra, TestApp, spawn_app_with};
+use crate::common;
+use crate::common::recorder::{Recorded, Recorder, Reply};
+use crate::common::{Extra, TestApp, spawn_app_with};
 
 const SLACK_PATH: &str = "/services/T000/B000/slack-secret-part";
 const GITHUB_TOKEN: &str = "test-github-token";

@@ -1,32 +1,27 @@
-//! Test helpers: a real `nonstop serve` process on random loopback ports with its own data
-//! dir, a git repository of the example app to push from, signed webhooks, polling with a
-//! deadline, and a bounded keep-alive load loop.
-#![allow(dead_code)]
+//! Test helpers: a real `nonstop serve` process on loopback ports the kernel picks (port 0,
+//! read back from what it prints) with its own data dir, a git repository of the example app
+//! to push from, signed webhooks, polling with a deadline, and a bounded keep-alive load loop.
 
 pub mod nginx;
+pub mod ports;
 pub mod recorder;
 
-use std::net::TcpListener;
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+pub use ports::unique_port;
+
 pub const SECRET: &str = "test-webhook-secret";
 pub const ADMIN_TOKEN: &str = "test-admin-token-of-at-least-32-bytes";
 pub const REPOSITORY: &str = "acme/hello";
-
-/// A free loopback port (bound, then released for the server to take).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
@@ -94,10 +89,93 @@ impl Repo {
     }
 }
 
+/// Where a test's processes listen. `server` and a built-in `proxy` are 0 until the process
+/// that binds them said where it did; `proxy` is a `unique_port` when something else (nginx)
+/// listens there; the app's two instance ports are always `unique_port`s.
 pub struct Ports {
     pub server: u16,
     pub proxy: u16,
     pub app: [u16; 2],
+}
+
+/// What `nonstop serve` or `nonstop proxy` printed on stdout about its listeners.
+#[derive(Debug)]
+enum Announced {
+    Server(SocketAddr),
+    Proxy { app: String, addr: SocketAddr },
+}
+
+impl Announced {
+    fn parse(line: &str) -> Option<Self> {
+        let rest = line.strip_prefix("nonstop: ")?;
+        if let Some(addr) = rest.strip_prefix("listening on ") {
+            return Some(Self::Server(addr.parse().ok()?));
+        }
+        let (app, addr) = rest.strip_prefix("proxy ")?.split_once(" on ")?;
+        Some(Self::Proxy {
+            app: app.to_owned(),
+            addr: addr.parse().ok()?,
+        })
+    }
+}
+
+/// Copies a child's stdout into `log` on a thread of its own (so the child never blocks on
+/// a full pipe) and sends each address it announces.
+fn read_announcements(stdout: ChildStdout, log: PathBuf) -> mpsc::Receiver<Announced> {
+    let (sender, announced) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            let _ = writeln!(log, "{line}");
+            if let Some(announcement) = Announced::parse(&line) {
+                // The test may have stopped listening; the copy to the log goes on.
+                let _ = sender.send(announcement);
+            }
+        }
+    });
+    announced
+}
+
+/// Waits (at most 30 s) until `child` announced its server address, or with `proxy_only`
+/// its proxy for the app `hello`; returns the server's and the proxy's ports as announced.
+async fn wait_announced(
+    child: &mut Child,
+    announced: &mpsc::Receiver<Announced>,
+    proxy_only: bool,
+    log: &Path,
+) -> (Option<u16>, Option<u16>) {
+    let (mut server, mut proxy) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        while let Ok(announcement) = announced.try_recv() {
+            match announcement {
+                Announced::Server(addr) => server = Some(addr.port()),
+                Announced::Proxy { app, addr } if app == "hello" => proxy = Some(addr.port()),
+                Announced::Proxy { .. } => {}
+            }
+        }
+        if server.is_some() || (proxy_only && proxy.is_some()) {
+            return (server, proxy);
+        }
+        let log = || std::fs::read_to_string(log).unwrap_or_default();
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "nonstop exited ({status}) before it said where it listens:\n{}",
+                log()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nonstop did not say where it listens in 30 s:\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// The stage `name` of a deployment as `/api/deployments/{id}` answers it; `Null` when it
@@ -159,8 +237,8 @@ pub struct TestApp {
     server: Option<Child>,
     /// `nonstop proxy`, when the proxies run apart from the server.
     proxy_process: Option<Child>,
-    env: Vec<(String, String)>,
-    tmpfs: &'static [(&'static str, &'static str)],
+    /// What the test added to the config, kept to write it again once the ports are known.
+    extra: Extra,
 }
 
 impl TestApp {
@@ -184,18 +262,73 @@ impl TestApp {
         self.dir.path().join("nonstop.toml")
     }
 
-    fn start_server(&mut self) {
+    /// Writes the config with the ports as far as they are known: 0 for a listener whose
+    /// process has not yet said where it listens, the bound port once it has (so the CLI, and
+    /// a restarted server, find the same addresses as a real deployment's config would say).
+    fn write_config(&self) {
+        let extra = &self.extra;
+        let ports = &self.ports;
+        let config = format!(
+            r#"[server]
+listen = "127.0.0.1:{server}"
+data_dir = "data"
+{proxy_socket}
+{extra_server}
+
+[[app]]
+name = "hello"
+repo = "hello-repo"
+repository = "{REPOSITORY}"
+branch = "main"
+webhook_secret_env = "NONSTOP_TEST_SECRET"
+build = "cargo build --release --target-dir target"
+artifact = "target/release/hello"
+version = "1.0.1-SNAPSHOT-{{timestamp}}"
+run = "{{artifact}} --port {{port}} --profile {{profile}}"
+ports = [{a}, {b}]
+profiles = ["real1", "real2"]
+health = {{ path = "/profile", attempts = 40, interval_ms = 100 }}
+hook_timeout_secs = 60
+{switch}
+{extra_app}
+{extra_tables}"#,
+            extra_server = extra.server,
+            extra_app = extra.app,
+            extra_tables = extra.tables,
+            server = ports.server,
+            proxy_socket = if extra.proxy_process {
+                "proxy_socket = \"proxy.sock\""
+            } else {
+                ""
+            },
+            switch = match extra.switch {
+                Some(switch) => switch(ports, self.dir.path()),
+                None => format!(
+                    "switch = {{ kind = \"proxy\", listen = \"127.0.0.1:{}\" }}",
+                    ports.proxy
+                ),
+            },
+            a = ports.app[0],
+            b = ports.app[1],
+        );
+        std::fs::write(self.config_path(), config).unwrap();
+    }
+
+    /// Starts `nonstop serve` and waits until it said where it listens; takes those ports.
+    async fn start_server(&mut self) {
+        let log_path = self.dir.path().join("server.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.path().join("server.log"))
+            .open(&log_path)
             .unwrap();
         let bin = env!("CARGO_BIN_EXE_nonstop");
-        let mut command = if self.tmpfs.is_empty() {
+        let mut command = if self.extra.tmpfs.is_empty() {
             Command::new(bin)
         } else {
             // A mount namespace of its own, so the small filesystems go away with the server.
             let mounts: String = self
+                .extra
                 .tmpfs
                 .iter()
                 .map(|(dir, size)| {
@@ -213,20 +346,26 @@ impl TestApp {
                 .args(["sh", bin]);
             command
         };
-        let child = command
+        let mut child = command
             .arg("serve")
             .arg("--config")
             .arg(self.config_path())
             .env("NONSTOP_TEST_SECRET", SECRET)
             .env("NONSTOP_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("RUST_LOG", "info")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs(self.extra.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
+            .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
             .unwrap();
+        let announced = read_announcements(child.stdout.take().unwrap(), log_path.clone());
+        let (server, proxy) = wait_announced(&mut child, &announced, false, &log_path).await;
         self.server = Some(child);
+        self.ports.server = server.expect("the server announced its address");
+        if let Some(proxy) = proxy {
+            self.ports.proxy = proxy;
+        }
     }
 
     /// Waits until the server answers `/healthz`.
@@ -305,29 +444,42 @@ impl TestApp {
         self.restart_with(libc::SIGKILL).await;
     }
 
-    /// Stops the server with `signal`, waits until it is gone, and starts it again.
+    /// Stops the server with `signal`, waits until it is gone, and starts it again on the
+    /// same addresses.
     pub async fn restart_with(&mut self, signal: i32) {
         if let Some(mut child) = self.server.take() {
             // SAFETY: kill(2) on the server process this helper started.
             unsafe { libc::kill(child.id() as i32, signal) };
             child.wait().unwrap();
         }
-        self.start_server();
+        let (server, proxy) = (self.ports.server, self.ports.proxy);
+        self.start_server().await;
+        assert_eq!(
+            (self.ports.server, self.ports.proxy),
+            (server, proxy),
+            "the restarted server listens where the config says"
+        );
         self.wait_ready().await;
     }
 
-    fn start_proxy_process(&mut self) {
-        let log = std::fs::File::create(self.dir.path().join("proxy.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_nonstop"))
+    /// Starts `nonstop proxy` and waits until it said where the proxy listens and opened
+    /// its control socket.
+    async fn start_proxy_process(&mut self) {
+        let log_path = self.dir.path().join("proxy.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nonstop"))
             .arg("proxy")
             .arg("--config")
             .arg(self.config_path())
             .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
+            .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
             .unwrap();
+        let announced = read_announcements(child.stdout.take().unwrap(), log_path.clone());
+        let (_, proxy) = wait_announced(&mut child, &announced, true, &log_path).await;
         self.proxy_process = Some(child);
+        self.ports.proxy = proxy.expect("the proxy process announced its address");
         let socket = self.dir.path().join("proxy.sock");
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::os::unix::net::UnixStream::connect(&socket).is_err() {
@@ -591,54 +743,15 @@ pub async fn spawn_app_with(extra: Extra) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
     let repo = Repo::new(dir.path().join("hello-repo"));
     let ports = Ports {
-        server: free_port(),
-        proxy: free_port(),
-        app: [free_port(), free_port()],
-    };
-    let config = format!(
-        r#"[server]
-listen = "127.0.0.1:{server}"
-data_dir = "data"
-{proxy_socket}
-{extra_server}
-
-[[app]]
-name = "hello"
-repo = "hello-repo"
-repository = "{REPOSITORY}"
-branch = "main"
-webhook_secret_env = "NONSTOP_TEST_SECRET"
-build = "cargo build --release --target-dir target"
-artifact = "target/release/hello"
-version = "1.0.1-SNAPSHOT-{{timestamp}}"
-run = "{{artifact}} --port {{port}} --profile {{profile}}"
-ports = [{a}, {b}]
-profiles = ["real1", "real2"]
-health = {{ path = "/profile", attempts = 40, interval_ms = 100 }}
-hook_timeout_secs = 60
-{switch}
-{extra_app}
-{extra_tables}"#,
-        extra_server = extra.server,
-        extra_app = extra.app,
-        extra_tables = extra.tables,
-        server = ports.server,
-        proxy_socket = if extra.proxy_process {
-            "proxy_socket = \"proxy.sock\""
+        server: 0,
+        // The built-in proxy binds port 0; anything else in front (nginx) is told its port.
+        proxy: if extra.switch.is_some() {
+            unique_port()
         } else {
-            ""
+            0
         },
-        switch = match extra.switch {
-            Some(switch) => switch(&ports, dir.path()),
-            None => format!(
-                "switch = {{ kind = \"proxy\", listen = \"127.0.0.1:{}\" }}",
-                ports.proxy
-            ),
-        },
-        a = ports.app[0],
-        b = ports.app[1],
-    );
-    std::fs::write(dir.path().join("nonstop.toml"), config).unwrap();
+        app: [unique_port(), unique_port()],
+    };
     let mut app = TestApp {
         dir,
         repo,
@@ -646,13 +759,15 @@ hook_timeout_secs = 60
         http: reqwest::Client::new(),
         server: None,
         proxy_process: None,
-        env: extra.env,
-        tmpfs: extra.tmpfs,
+        extra,
     };
-    if extra.proxy_process {
-        app.start_proxy_process();
+    app.write_config();
+    if app.extra.proxy_process {
+        app.start_proxy_process().await;
+        app.write_config();
     }
-    app.start_server();
+    app.start_server().await;
+    app.write_config();
     app.wait_ready().await;
     app
 }

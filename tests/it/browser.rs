@@ -1,12 +1,10 @@
 //! Runs the dashboard's browser tests (tests/browser, playwright-core driving headless
 //! Chromium) against a real nonstop with the example app already live.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{ADMIN_TOKEN, REPOSITORY, SECRET, spawn_app};
+use crate::common::{ADMIN_TOKEN, REPOSITORY, SECRET, spawn_app};
 
 #[tokio::test]
 async fn the_dashboard_in_a_real_browser() {

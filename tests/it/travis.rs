@@ -3,14 +3,12 @@
 //! to a `trigger = "travis"` app waits (across a restart) until its build passes, and a
 //! failed build is recorded and deploys nothing.
 
-mod common;
-
 use base64::Engine;
 use rsa::PrivateKey;
 use rsa::pkcs8::{EncodePublicKey, LineEnding};
 use serde_json::{Value, json};
 
-use common::{Extra, REPOSITORY, TestApp, spawn_app_with};
+use crate::common::{self, Extra, REPOSITORY, TestApp, spawn_app_with};
 
 /// The OS random source, as the `rsa` crate's key generation wants it.
 struct OsRandom;

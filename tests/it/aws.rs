@@ -1,13 +1,11 @@
 //! The AWS twins against real servers: the S3 store and the CodeDeploy runner talk to a
-//! `moto_server` each test starts on a free loopback port; where moto has no lifecycle events
+//! `moto_server` each test starts on a loopback port of its own; where moto has no lifecycle events
 //! (it never runs a deployment), recorded CodeDeploy answers are served from
 //! `tests/fixtures/codedeploy/` by a small loopback stand-in, through the real SDK client.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -19,25 +17,31 @@ use nonstop::runner::{Interrupted, Job, Progress, Runner};
 use nonstop::store::s3::{Multipart, S3Settings, S3Store};
 use nonstop::store::{ArtifactStore, StoreError, sha256_file};
 
-use common::{Extra, free_port, spawn_app_with};
+use crate::common::{self, Extra, spawn_app_with, unique_port};
 
 const REGION: &str = "us-east-1";
 
-/// The SDK reads credentials from the standard chain: dummy ones, in the env, once.
-fn test_credentials() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        // SAFETY: set once, before any SDK client of this process exists, always to the
-        // same values; nothing reads these variables concurrently with the first write.
+/// The SDK reads credentials from the standard chain: dummy ones, in the env. They are set
+/// before `main`, while the process has a single thread: in the one test binary other tests
+/// run beside these, and C code in the process (SQLite, the resolver) reads the environment
+/// without std's lock, so a `set_var` once the tests run could race it. Every process the
+/// tests start inherits them, which matters to none but the AWS ones.
+#[used]
+#[unsafe(link_section = ".init_array")]
+static DUMMY_AWS_CREDENTIALS: extern "C" fn() = {
+    extern "C" fn set() {
+        // SAFETY: runs from the loader's init functions, before `main`, when no other
+        // thread exists to read the environment.
         unsafe {
             std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
             std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
             std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
         }
-    });
-}
+    }
+    set
+};
 
-/// A `moto_server` (S3 + CodeDeploy emulator) on a free loopback port, killed on drop.
+/// A `moto_server` (S3 + CodeDeploy emulator) on a loopback port of its own, killed on drop.
 struct Moto {
     child: Child,
     url: String,
@@ -46,8 +50,7 @@ struct Moto {
 
 impl Moto {
     async fn start() -> Moto {
-        test_credentials();
-        let port = free_port();
+        let port = unique_port();
         let log = tempfile::NamedTempFile::new().unwrap();
         let child = Command::new("moto_server")
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
@@ -385,7 +388,7 @@ async fn s3_errors_name_the_missing_bucket_and_a_dead_endpoint_fails_in_seconds(
         prefix: String::new(),
         endpoint: Endpoint {
             region: Some(REGION.into()),
-            url: Some(format!("http://127.0.0.1:{}", free_port())),
+            url: Some(format!("http://127.0.0.1:{}", unique_port())),
         },
         keep: None,
     })

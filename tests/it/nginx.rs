@@ -2,12 +2,10 @@
 //! include file, checks it with `nginx -t` and reloads. A config nginx rejects leaves the
 //! include as it was and the previous version serving.
 
-mod common;
-
 use std::path::Path;
 
-use common::nginx::Nginx;
-use common::{Extra, Ports, spawn_app_with, stage};
+use crate::common::nginx::Nginx;
+use crate::common::{Extra, Ports, spawn_app_with, stage};
 
 fn nginx_switch(_: &Ports, dir: &Path) -> String {
     format!(

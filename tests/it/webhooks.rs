@@ -1,9 +1,7 @@
 //! The GitHub webhook's guard: signatures, duplicates, ignored events and bad input, checked
 //! against the real server and its real SQLite file.
 
-mod common;
-
-use common::{REPOSITORY, form_encoded, push_payload, sign, spawn_app};
+use crate::common::{self, REPOSITORY, form_encoded, push_payload, sign, spawn_app};
 
 const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
 

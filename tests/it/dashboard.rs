@@ -1,11 +1,9 @@
 //! The dashboard over plain HTTP: who may act (login session + CSRF, or the admin token),
 //! the pages a person reads, and the event stream that keeps them current.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{ADMIN_TOKEN, spawn_app};
+use crate::common::{self, ADMIN_TOKEN, spawn_app};
 
 /// Logs in through the form; returns the session cookie and the page's CSRF token.
 async fn log_in(app: &common::TestApp) -> (String, String) {
@@ -230,7 +228,7 @@ async fn a_deployment_shows_the_codedeploy_id_it_ran_under() {
         "a local deployment has none"
     );
 
-    // What the CodeDeploy runner records (tests/aws.rs covers the runner's side).
+    // What the CodeDeploy runner records (tests/it/aws.rs covers the runner's side).
     rusqlite::Connection::open(app.db_path())
         .unwrap()
         .execute(

@@ -8,11 +8,9 @@
 //! (`src/fault.rs`): after the stage's work, before its end is recorded, which is the worst
 //! moment to die, since the work happened and the record says it still runs.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{Extra, Load, spawn_app_with, wait_port_closed};
+use crate::common::{self, Extra, Load, spawn_app_with, wait_port_closed};
 
 async fn killed_in(stage: &str) {
     let mut app = spawn_app_with(Extra {

@@ -2,12 +2,10 @@
 //! `nonstop proxy` process of their own, `serve` comes and goes while clients keep their
 //! connections, and deploys keep switching through the restarted server.
 
-mod common;
-
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{Extra, Load, spawn_app_with};
+use crate::common::{Extra, Load, spawn_app_with};
 
 #[tokio::test]
 async fn restarting_serve_three_times_under_load_loses_no_request() {

@@ -1,0 +1,19 @@
+//! The integration tests, in one binary (`cargo test --test it`), so the crate and the AWS
+//! SDK are linked once, not once per file; each file is a module named for what it tests
+//! (`deploy::…`, `faults::…`), and the helpers they share are in `common`.
+
+mod common;
+
+mod aws;
+mod browser;
+mod dashboard;
+mod deploy;
+mod faults;
+mod fleet;
+mod interrupted;
+mod nginx;
+mod notify;
+mod restart;
+mod routes;
+mod travis;
+mod webhooks;
