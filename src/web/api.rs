@@ -168,7 +168,12 @@ async fn switch(
             "a switch or admin token is needed".into(),
         ));
     }
-    let AppJson(request) = body?;
+    let AppJson(request) = body.map_err(|err| match err {
+        AppError::BadRequest(reason) => {
+            AppError::BadRequest(format!("expected {{\"port\": N}}: {reason}"))
+        }
+        other => other,
+    })?;
     let moved = state
         .traffic
         .go_live(state.app(&app)?, request.port, None)
