@@ -71,7 +71,7 @@ async fn live(
     if let Some(public_url) = runtime.config.fleet_url() {
         let slot = crate::switch::fleet::probe(&runtime.config, public_url)
             .await
-            .map_err(AppError::BadGateway)?;
+            .map_err(|err| AppError::BadGateway(err.to_string()))?;
         let name = app.clone();
         let last = state
             .db
