@@ -338,7 +338,7 @@ impl Pipeline {
             .runner
             .run(job, recorder)
             .await
-            .map_err(|err| Failed(err.hook.into(), err.reason))?;
+            .map_err(|err| Failed(err.hook.into(), err.reason.to_string()))?;
         self.prune(backends, job.deployment_id, &job.bundle_key)
             .await;
         self.prune_host(backends, job).await;
