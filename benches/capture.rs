@@ -123,8 +123,8 @@ async fn main() {
         })
         .await;
         match built {
-            Ok((_, log)) => log.len(),
-            Err((log, reason)) => panic!("the build failed: {reason}\n{log}"),
+            Ok(done) => done.log.len(),
+            Err(failed) => panic!("the build failed: {}\n{}", failed.error, failed.log),
         }
     })
     .await;
