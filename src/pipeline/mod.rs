@@ -51,6 +51,10 @@ pub enum PipelineError {
 pub enum UploadError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Rollback, redeploy and retention find a bundle by the key recorded with its
+    /// deployment: one stored but not recorded could go live and then never be found again.
+    #[error("stored {key}, but could not record it with the deployment: {source}")]
+    Record { key: String, source: DbError },
 }
 
 #[derive(Clone)]
@@ -324,14 +328,22 @@ impl Pipeline {
             "stored {} ({} bytes, sha256 {})\n",
             stored.key, stored.size, stored.sha256
         );
-        {
-            let (key, sha256) = (stored.key.clone(), stored.sha256.clone());
-            let _ = self
-                .db
-                .call(move |conn| db::set_bundle(conn, id, &key, &sha256))
-                .await;
+        let (key, sha256) = (stored.key.clone(), stored.sha256.clone());
+        let recorded = self
+            .db
+            .call(move |conn| db::set_bundle(conn, id, &key, &sha256))
+            .await;
+        match recorded {
+            Ok(()) => Ok(Done::new(stored, log)),
+            // The stored bundle stays in the store like any older one, for retention to delete.
+            Err(source) => Err(Failed::after(
+                log,
+                UploadError::Record {
+                    key: stored.key,
+                    source,
+                },
+            )),
         }
-        Ok(Done::new(stored, log))
     }
 
     async fn run_hooks(
