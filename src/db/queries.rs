@@ -139,7 +139,7 @@ pub fn enqueue(conn: &mut Connection, trigger: &Trigger) -> rusqlite::Result<Enq
             reuse.and_then(|r| r.rollback_of),
         ],
     )?;
-    let id = tx.last_insert_rowid();
+    let id = DeploymentId::new(tx.last_insert_rowid());
     {
         let mut stmt = tx.prepare(
             "INSERT INTO stages (deployment_id, position, name, status) VALUES (?1, ?2, ?3, 'pending')",
@@ -646,7 +646,7 @@ pub fn record_switch_back(
             instance.deployment_id
         ],
     )?;
-    let id = tx.last_insert_rowid();
+    let id = DeploymentId::new(tx.last_insert_rowid());
     for (position, stage) in Stage::ALL.iter().enumerate() {
         tx.execute(
             "INSERT INTO stages (deployment_id, position, name, status, log) VALUES (?1, ?2, ?3, 'skipped', ?4)",

@@ -3,7 +3,7 @@
 
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
 
-use crate::domain::{AppName, CommitSha, DeploymentStatus, Stage, StageStatus};
+use crate::domain::{AppName, CommitSha, DeploymentId, DeploymentStatus, Stage, StageStatus};
 
 /// The error for a stored text that is not a `what`.
 fn not_a(what: &'static str, text: &str) -> FromSqlError {
@@ -37,6 +37,18 @@ stored_as_text!(StageStatus, "stage status", StageStatus::parse);
 stored_as_text!(Stage, "stage", Stage::parse);
 stored_as_text!(AppName, "app name", |text| AppName::parse(text).ok());
 stored_as_text!(CommitSha, "commit id", |text| CommitSha::parse(text).ok());
+
+impl ToSql for DeploymentId {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(self.get()))
+    }
+}
+
+impl FromSql for DeploymentId {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        value.as_i64().map(DeploymentId::new)
+    }
+}
 
 #[cfg(test)]
 mod tests {

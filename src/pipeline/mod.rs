@@ -105,7 +105,7 @@ impl Recorder {
         F: FnOnce(&mut rusqlite::Connection) -> rusqlite::Result<()> + Send + 'static,
     {
         if let Err(err) = self.db.call(work).await {
-            tracing::error!(deployment_id = self.id, error = %err, "could not record a stage");
+            tracing::error!(deployment_id = %self.id, error = %err, "could not record a stage");
         }
     }
 }
@@ -184,13 +184,13 @@ impl Pipeline {
             Ok(()) => (DeploymentStatus::Succeeded, None),
             Err(err) => (DeploymentStatus::Failed, Some(err.to_string())),
         };
-        tracing::info!(deployment_id = id, app = %deployment.app, status = %status, error = error.as_deref(), "deployment ended");
+        tracing::info!(deployment_id = %id, app = %deployment.app, status = %status, error = error.as_deref(), "deployment ended");
         let finished = self
             .db
             .call(move |conn| db::finish(conn, id, status, error.as_deref()))
             .await;
         if let Err(err) = finished {
-            tracing::error!(deployment_id = id, error = %err, "could not record the end of a deployment");
+            tracing::error!(deployment_id = %id, error = %err, "could not record the end of a deployment");
         }
         self.publish_deployment(id).await;
     }
@@ -202,7 +202,7 @@ impl Pipeline {
             .call(move |conn| db::mark_rolled_back(conn, undone))
             .await;
         if let Err(err) = marked {
-            tracing::error!(deployment_id = id, error = %err, "could not mark the undone deployment");
+            tracing::error!(deployment_id = %id, error = %err, "could not mark the undone deployment");
         }
         self.publish_deployment(undone).await;
     }
@@ -375,17 +375,17 @@ impl Pipeline {
         let running = match running {
             Ok(running) => running,
             Err(err) => {
-                tracing::warn!(deployment_id = job.deployment_id, error = %err, "could not read the running instances; nothing pruned on this host");
+                tracing::warn!(deployment_id = %job.deployment_id, error = %err, "could not read the running instances; nothing pruned on this host");
                 return;
             }
         };
         match backends.runner.prune(job, &running).await {
             Ok(deleted) if !deleted.is_empty() => {
-                tracing::info!(deployment_id = job.deployment_id, deleted = ?deleted, "old revisions deleted on this host")
+                tracing::info!(deployment_id = %job.deployment_id, deleted = ?deleted, "old revisions deleted on this host")
             }
             Ok(_) => {}
             Err(err) => {
-                tracing::warn!(deployment_id = job.deployment_id, error = %err, "could not prune old revisions on this host")
+                tracing::warn!(deployment_id = %job.deployment_id, error = %err, "could not prune old revisions on this host")
             }
         }
     }
@@ -410,19 +410,19 @@ impl Pipeline {
             .await
         {
             Ok(deleted) if !deleted.is_empty() => {
-                tracing::info!(deployment_id = id, app = %backends.config.name, deleted = ?deleted, "old bundles deleted");
+                tracing::info!(deployment_id = %id, app = %backends.config.name, deleted = ?deleted, "old bundles deleted");
                 let app = backends.config.name.to_string();
                 let marked = self
                     .db
                     .call(move |conn| db::mark_bundles_pruned(conn, &app, &deleted))
                     .await;
                 if let Err(err) = marked {
-                    tracing::warn!(deployment_id = id, error = %err, "could not record which bundles were deleted");
+                    tracing::warn!(deployment_id = %id, error = %err, "could not record which bundles were deleted");
                 }
             }
             Ok(_) => {}
             Err(err) => {
-                tracing::warn!(deployment_id = id, app = %backends.config.name, error = %err, "could not prune old bundles")
+                tracing::warn!(deployment_id = %id, app = %backends.config.name, error = %err, "could not prune old bundles")
             }
         }
     }

@@ -719,7 +719,7 @@ impl Runner for CodeDeployRunner {
                     .map_err(at(Hook::ApplicationStop));
             }
         };
-        tracing::info!(deployment_id = job.deployment_id, app = %job.app.name, aws_deployment_id = %deployment_id, application = %self.settings.application, group = %self.settings.group, "CodeDeploy deployment created");
+        tracing::info!(deployment_id = %job.deployment_id, app = %job.app.name, aws_deployment_id = %deployment_id, application = %self.settings.application, group = %self.settings.group, "CodeDeploy deployment created");
         progress.runner_ref(&deployment_id).await;
         let mut guard = StopOnDrop {
             client: self.client.clone(),
@@ -740,7 +740,7 @@ impl Runner for CodeDeployRunner {
         for report in &reports {
             told.report(progress, report).await;
         }
-        tracing::info!(deployment_id = job.deployment_id, aws_deployment_id = %deployment_id, status = followed.standing.word(), error = followed.standing.error().as_deref(), "CodeDeploy deployment ended");
+        tracing::info!(deployment_id = %job.deployment_id, aws_deployment_id = %deployment_id, status = followed.standing.word(), error = followed.standing.error().as_deref(), "CodeDeploy deployment ended");
         match failure {
             None => Ok(()),
             Some((hook, error)) => Err(at(hook)(error)),

@@ -616,7 +616,7 @@ run = "{artifact} --port {port} --profile {profile}"
             .apps
             .remove(0);
         Job {
-            deployment_id: 7,
+            deployment_id: crate::domain::DeploymentId::new(7),
             app: Arc::new(app),
             version: "1.0.1-SNAPSHOT-20261125140000".into(),
             bundle_key: "hello/v.zip".into(),

@@ -467,7 +467,7 @@ runner = { kind = "codedeploy", application = "hello", group = "fleet" }
 "#;
     let config = nonstop::config::Config::parse(text, Path::new("nonstop.toml")).unwrap();
     Job {
-        deployment_id: 1,
+        deployment_id: nonstop::domain::DeploymentId::new(1),
         app: Arc::new(config.apps[0].clone()),
         version: "v1".into(),
         bundle_key: bundle_key.into(),
