@@ -171,13 +171,22 @@ impl Delivery {
     }
 }
 
+/// Where a deployment's bundle is in the artifact store, and the sha256 it must have. Shown
+/// in the API as `bundle_key` and `bundle_sha256`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BundleRef {
+    #[serde(rename = "bundle_key")]
+    pub key: String,
+    #[serde(rename = "bundle_sha256")]
+    pub sha256: String,
+}
+
 /// A stored bundle to deploy again, and what it was made from.
 #[derive(Clone, Debug)]
 pub struct Reuse {
     pub from: DeploymentId,
     pub version: String,
-    pub bundle_key: String,
-    pub bundle_sha256: String,
+    pub bundle: BundleRef,
     /// Set when this redeploy undoes the deployment that is live now.
     pub rollback_of: Option<DeploymentId>,
 }

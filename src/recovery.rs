@@ -13,7 +13,7 @@ use crate::apps::{App, Apps};
 use crate::db::{self, Db, DbError, Deployment};
 use crate::domain::{DeploymentId, DeploymentStatus};
 use crate::events::{Bus, Event};
-use crate::runner::{Interrupted, Job};
+use crate::runner::Interrupted;
 use crate::traffic::{Traffic, TrafficError};
 
 /// A deployment the last stop cut short, as the record had it.
@@ -121,12 +121,10 @@ async fn stop_half_started(app: &App, cut: Cut) {
         deployment,
         started_instances,
     } = cut;
-    let job = Job {
-        deployment_id: deployment.id,
-        app: app.config.clone(),
-        version: deployment.version.unwrap_or_default(),
-        bundle_key: deployment.bundle_key.unwrap_or_default(),
-        bundle_sha256: deployment.bundle_sha256.unwrap_or_default(),
+    // Hooks start instances, and CodeDeploy deploys, only from a stored bundle.
+    let Some(job) = crate::pipeline::stored_job(&deployment, &app.config) else {
+        tracing::info!(deployment_id = %deployment.id, "cut short before its bundle was stored: nothing to clean up");
+        return;
     };
     let record = Interrupted {
         started_instances,

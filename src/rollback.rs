@@ -131,9 +131,7 @@ fn redeploy_of(
     if past.bundle_pruned_at.is_some() {
         return Err(RollbackError::BundlePruned(past.id));
     }
-    let (Some(version), Some(key), Some(sha256)) =
-        (&past.version, &past.bundle_key, &past.bundle_sha256)
-    else {
+    let (Some(version), Some(bundle)) = (&past.version, &past.bundle) else {
         return Err(RollbackError::NoBundle(past.id));
     };
     Ok(Trigger {
@@ -150,8 +148,7 @@ fn redeploy_of(
         reuse: Some(Reuse {
             from: past.id,
             version: version.clone(),
-            bundle_key: key.clone(),
-            bundle_sha256: sha256.clone(),
+            bundle: bundle.clone(),
             rollback_of,
         }),
     })

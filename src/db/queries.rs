@@ -4,7 +4,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::Serialize;
 
 use super::now_ms;
-use crate::domain::{DeploymentId, DeploymentStatus, Stage, StageStatus, Trigger};
+use crate::domain::{BundleRef, DeploymentId, DeploymentStatus, Stage, StageStatus, Trigger};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Deployment {
@@ -18,8 +18,8 @@ pub struct Deployment {
     pub author: Option<String>,
     pub version: Option<String>,
     pub port: Option<u16>,
-    pub bundle_key: Option<String>,
-    pub bundle_sha256: Option<String>,
+    #[serde(flatten)]
+    pub bundle: Option<BundleRef>,
     pub error: Option<String>,
     pub created_at: i64,
     pub started_at: Option<i64>,
@@ -52,8 +52,10 @@ impl Deployment {
             author: row.get(7)?,
             version: row.get(8)?,
             port: row.get(9)?,
-            bundle_key: row.get(10)?,
-            bundle_sha256: row.get(11)?,
+            bundle: match (row.get(10)?, row.get(11)?) {
+                (Some(key), Some(sha256)) => Some(BundleRef { key, sha256 }),
+                _ => None,
+            },
             error: row.get(12)?,
             created_at: row.get(13)?,
             started_at: row.get(14)?,
@@ -134,8 +136,8 @@ pub fn enqueue(conn: &mut Connection, trigger: &Trigger) -> rusqlite::Result<Enq
             trigger.author,
             now,
             reuse.map(|r| &r.version),
-            reuse.map(|r| &r.bundle_key),
-            reuse.map(|r| &r.bundle_sha256),
+            reuse.map(|r| &r.bundle.key),
+            reuse.map(|r| &r.bundle.sha256),
             reuse.and_then(|r| r.rollback_of),
         ],
     )?;

@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use crate::apps::App;
 use crate::config::AppConfig;
 use crate::db::{self, Db, DbError, Deployment};
-use crate::domain::{DeploymentId, DeploymentStatus, Hook, Stage, StageStatus};
+use crate::domain::{BundleRef, DeploymentId, DeploymentStatus, Hook, Stage, StageStatus};
 use crate::events::{Bus, Event};
 use crate::runner::step::{self, Done, Failed, Steps};
 use crate::runner::{self, Job, Progress, RunnerError};
@@ -229,7 +229,7 @@ impl Pipeline {
             // A redeploy or rollback: the bundle is in the store already.
             let log = format!(
                 "reusing the stored bundle {} ({})\n",
-                job.bundle_key, job.version
+                job.bundle.key, job.version
             );
             for stage in [Stage::Fetch, Stage::Build, Stage::Bundle, Stage::Upload] {
                 recorder.finished(stage, StageStatus::Skipped, &log).await;
@@ -270,8 +270,10 @@ impl Pipeline {
             deployment_id: id,
             app: app.config.clone(),
             version,
-            bundle_key: stored.key,
-            bundle_sha256: stored.sha256,
+            bundle: BundleRef {
+                key: stored.key,
+                sha256: stored.sha256,
+            },
         };
         self.run_hooks(&job, app, recorder).await
     }
@@ -353,7 +355,7 @@ impl Pipeline {
         recorder: &Recorder,
     ) -> Result<(), PipelineError> {
         app.runner.run(job, recorder).await?;
-        self.prune(app, job.deployment_id, &job.bundle_key).await;
+        self.prune(app, job.deployment_id, &job.bundle.key).await;
         self.prune_host(app, job).await;
         Ok(())
     }
@@ -400,7 +402,8 @@ impl Pipeline {
             .await
             .ok()
             .flatten()
-            .and_then(|d| d.bundle_key);
+            .and_then(|d| d.bundle)
+            .map(|b| b.key);
         let protect: Vec<String> = std::iter::once(live_key.to_owned())
             .chain(previous)
             .collect();
@@ -428,22 +431,14 @@ impl Pipeline {
     }
 }
 
-/// The job of a redeploy or rollback, whose bundle is stored already; `None` for one that
-/// builds its own.
-fn stored_job(deployment: &Deployment, app: &Arc<AppConfig>) -> Option<Job> {
-    let (Some(version), Some(key), Some(sha256)) = (
-        &deployment.version,
-        &deployment.bundle_key,
-        &deployment.bundle_sha256,
-    ) else {
-        return None;
-    };
+/// The job of a deployment whose bundle is stored already (a redeploy or rollback, or one
+/// the last stop cut short after Upload); `None` for one that has not made its bundle yet.
+pub fn stored_job(deployment: &Deployment, app: &Arc<AppConfig>) -> Option<Job> {
     Some(Job {
         deployment_id: deployment.id,
         app: app.clone(),
-        version: version.clone(),
-        bundle_key: key.clone(),
-        bundle_sha256: sha256.clone(),
+        version: deployment.version.clone()?,
+        bundle: deployment.bundle.clone()?,
     })
 }
 

@@ -328,7 +328,7 @@ impl CodeDeployRunner {
     async fn create(&self, job: &Job) -> Result<String, CodeDeployError> {
         let object = self
             .store
-            .locate(&job.bundle_key, &job.bundle_sha256)
+            .locate(&job.bundle.key, &job.bundle.sha256)
             .await?;
         let location = S3Location::builder()
             .bucket(&object.bucket)
@@ -661,7 +661,7 @@ impl Runner for CodeDeployRunner {
         let aws_id = match record.runner_ref {
             Some(aws_id) => aws_id.to_owned(),
             // The stop may have come while CreateDeployment was on its way.
-            None if !job.bundle_key.is_empty() => match self.find_unrecorded(job).await {
+            None => match self.find_unrecorded(job).await {
                 Ok(Some(aws_id)) => aws_id,
                 Ok(None) => {
                     return Ok("no CodeDeploy deployment was created: nothing to stop".into());
@@ -673,7 +673,6 @@ impl Runner for CodeDeployRunner {
                     }));
                 }
             },
-            None => return Ok("it never reached CodeDeploy: nothing to stop".into()),
         };
         let aws_id = aws_id.as_str();
         match self

@@ -225,7 +225,7 @@ impl LocalRunner {
     ) -> Result<Done<AppSpec>, Failed<LocalError>> {
         let zip_path = folders.deployment.join("bundle.zip");
         self.store
-            .get(&job.bundle_key, &job.bundle_sha256, &zip_path)
+            .get(&job.bundle.key, &job.bundle.sha256, &zip_path)
             .await
             .map_err(LocalError::from)?;
         let (zip, dest) = (zip_path.clone(), folders.archive.clone());
@@ -237,8 +237,8 @@ impl LocalRunner {
         let spec = read_appspec(&folders.archive).await?;
         let log = format!(
             "fetched {} (sha256 {})\nunpacked {files} files into {}\n",
-            job.bundle_key,
-            job.bundle_sha256,
+            job.bundle.key,
+            job.bundle.sha256,
             folders.archive.display()
         );
         Ok(Done::new(spec, log))
@@ -619,8 +619,10 @@ run = "{artifact} --port {port} --profile {profile}"
             deployment_id: crate::domain::DeploymentId::new(7),
             app: Arc::new(app),
             version: "1.0.1-SNAPSHOT-20261125140000".into(),
-            bundle_key: "hello/v.zip".into(),
-            bundle_sha256: "0".repeat(64),
+            bundle: crate::domain::BundleRef {
+                key: "hello/v.zip".into(),
+                sha256: "0".repeat(64),
+            },
         }
     }
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::config::AppConfig;
-use crate::domain::{DeploymentId, Hook, StageStatus};
+use crate::domain::{BundleRef, DeploymentId, Hook, StageStatus};
 
 /// One deployment of one bundle.
 #[derive(Clone, Debug)]
@@ -24,8 +24,7 @@ pub struct Job {
     pub deployment_id: DeploymentId,
     pub app: Arc<AppConfig>,
     pub version: String,
-    pub bundle_key: String,
-    pub bundle_sha256: String,
+    pub bundle: BundleRef,
 }
 
 /// How a runner tells the pipeline what happens, as it happens.

@@ -99,7 +99,7 @@ impl DeploymentView {
             },
             error: d.error.clone().unwrap_or_default(),
             port: d.port.map(|p| p.to_string()).unwrap_or_default(),
-            can_redeploy: d.bundle_key.is_some()
+            can_redeploy: d.bundle.is_some()
                 && d.bundle_pruned_at.is_none()
                 && d.status.is_finished(),
             ci_build_url: d
