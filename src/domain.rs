@@ -46,6 +46,15 @@ impl<'de> Deserialize<'de> for AppName {
     }
 }
 
+/// Read as the text it holds; it can only be made through `parse`.
+impl std::ops::Deref for AppName {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for AppName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -72,6 +81,15 @@ impl CommitSha {
 
     pub fn short(&self) -> &str {
         &self.0[..7]
+    }
+}
+
+/// Read as the text it holds; it can only be made through `parse`.
+impl std::ops::Deref for CommitSha {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
     }
 }
 
@@ -108,27 +126,6 @@ impl std::str::FromStr for DeploymentId {
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         text.parse().map(Self)
-    }
-}
-
-/// What started a deployment.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TriggerKind {
-    Push,
-    Travis,
-    Manual,
-    Rollback,
-}
-
-impl TriggerKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Push => "push",
-            Self::Travis => "travis",
-            Self::Manual => "manual",
-            Self::Rollback => "rollback",
-        }
     }
 }
 
@@ -242,6 +239,16 @@ string_enum! {
 impl DeploymentStatus {
     pub fn is_finished(self) -> bool {
         !matches!(self, Self::Waiting | Self::Queued | Self::Running)
+    }
+}
+
+string_enum! {
+    /// What started a deployment.
+    TriggerKind {
+        Push => "push",
+        Travis => "travis",
+        Manual => "manual",
+        Rollback => "rollback",
     }
 }
 

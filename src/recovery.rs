@@ -49,7 +49,7 @@ pub fn announce(bus: &Bus, cut: &[Cut]) {
     for Cut { deployment, .. } in cut {
         bus.publish(Event::Deployment {
             id: deployment.id,
-            app: deployment.app.clone(),
+            app: deployment.app.to_string(),
             status: DeploymentStatus::Interrupted,
             version: deployment.version.clone().unwrap_or_default(),
         });
@@ -62,7 +62,10 @@ pub fn announce(bus: &Bus, cut: &[Cut]) {
 pub fn undo(apps: &Apps, cut: Vec<Cut>, traffic: &Traffic) -> HashMap<String, JoinHandle<()>> {
     let mut by_app: HashMap<String, Vec<Cut>> = HashMap::new();
     for c in cut {
-        by_app.entry(c.deployment.app.clone()).or_default().push(c);
+        by_app
+            .entry(c.deployment.app.to_string())
+            .or_default()
+            .push(c);
     }
     by_app
         .into_iter()

@@ -6,7 +6,7 @@
 
 use crate::apps::App;
 use crate::db::{self, Db, DbError, Deployment, Enqueued};
-use crate::domain::{CommitSha, DeploymentId, DeploymentStatus, Reuse, Trigger, TriggerKind};
+use crate::domain::{DeploymentId, DeploymentStatus, Reuse, Trigger, TriggerKind};
 use crate::queue::Queue;
 use crate::traffic::{Traffic, TrafficError};
 
@@ -136,10 +136,7 @@ fn redeploy_of(
     };
     Ok(Trigger {
         app: app.config.name.clone(),
-        commit: past
-            .commit_sha
-            .as_deref()
-            .and_then(|c| CommitSha::parse(c).ok()),
+        commit: past.commit_sha.clone(),
         branch: past.branch.clone(),
         kind,
         delivery: None,

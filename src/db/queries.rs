@@ -4,16 +4,19 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::Serialize;
 
 use super::now_ms;
-use crate::domain::{BundleRef, DeploymentId, DeploymentStatus, Stage, StageStatus, Trigger};
+use crate::domain::{
+    AppName, BundleRef, CommitSha, DeploymentId, DeploymentStatus, Stage, StageStatus, Trigger,
+    TriggerKind,
+};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Deployment {
     pub id: DeploymentId,
-    pub app: String,
+    pub app: AppName,
     pub status: DeploymentStatus,
-    pub trigger: String,
+    pub trigger: TriggerKind,
     pub branch: String,
-    pub commit_sha: Option<String>,
+    pub commit_sha: Option<CommitSha>,
     pub commit_message: Option<String>,
     pub author: Option<String>,
     pub version: Option<String>,

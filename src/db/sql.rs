@@ -3,7 +3,9 @@
 
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
 
-use crate::domain::{AppName, CommitSha, DeploymentId, DeploymentStatus, Stage, StageStatus};
+use crate::domain::{
+    AppName, CommitSha, DeploymentId, DeploymentStatus, Stage, StageStatus, TriggerKind,
+};
 
 /// The error for a stored text that is not a `what`.
 fn not_a(what: &'static str, text: &str) -> FromSqlError {
@@ -35,6 +37,7 @@ stored_as_text!(
 );
 stored_as_text!(StageStatus, "stage status", StageStatus::parse);
 stored_as_text!(Stage, "stage", Stage::parse);
+stored_as_text!(TriggerKind, "trigger", TriggerKind::parse);
 stored_as_text!(AppName, "app name", |text| AppName::parse(text).ok());
 stored_as_text!(CommitSha, "commit id", |text| CommitSha::parse(text).ok());
 

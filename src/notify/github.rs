@@ -98,7 +98,11 @@ impl Notifier for GitHub {
         if notice.deployment.started_at.is_none() {
             return;
         }
-        let Some(repository) = self.repositories.get(&notice.deployment.app).cloned() else {
+        let Some(repository) = self
+            .repositories
+            .get(notice.deployment.app.as_str())
+            .cloned()
+        else {
             return;
         };
         let state = match notice.kind {
@@ -221,11 +225,14 @@ mod tests {
             kind,
             deployment: Deployment {
                 id: crate::domain::DeploymentId::new(3),
-                app: "hello".into(),
+                app: crate::domain::AppName::parse("hello").unwrap(),
                 status: DeploymentStatus::Running,
-                trigger: "push".into(),
+                trigger: crate::domain::TriggerKind::Push,
                 branch: "main".into(),
-                commit_sha: Some("0123456789abcdef0123456789abcdef01234567".into()),
+                commit_sha: Some(
+                    crate::domain::CommitSha::parse("0123456789abcdef0123456789abcdef01234567")
+                        .unwrap(),
+                ),
                 commit_message: None,
                 author: None,
                 version: Some("1.0.1-SNAPSHOT-20240501100000".into()),

@@ -270,7 +270,7 @@ impl Dispatcher {
             link: format!("{}/deployments/{id}", self.dashboard_url),
             app_url: self
                 .app_urls
-                .get(&deployment.app)
+                .get(deployment.app.as_str())
                 .cloned()
                 .unwrap_or_default(),
             deployment,

@@ -71,7 +71,11 @@ impl Notifier for Slack {
     }
 
     async fn deliver(&mut self, notice: &Notice) {
-        let channel = self.channels.get(&notice.deployment.app).cloned().flatten();
+        let channel = self
+            .channels
+            .get(notice.deployment.app.as_str())
+            .cloned()
+            .flatten();
         let body = message(notice, channel.as_deref());
         let this = &*self;
         with_retries(
@@ -395,11 +399,14 @@ mod tests {
             kind,
             deployment: Deployment {
                 id: DeploymentId::new(7),
-                app: "hello".into(),
+                app: crate::domain::AppName::parse("hello").unwrap(),
                 status: DeploymentStatus::Succeeded,
-                trigger: "push".into(),
+                trigger: crate::domain::TriggerKind::Push,
                 branch: "main".into(),
-                commit_sha: Some("0123456789abcdef0123456789abcdef01234567".into()),
+                commit_sha: Some(
+                    crate::domain::CommitSha::parse("0123456789abcdef0123456789abcdef01234567")
+                        .unwrap(),
+                ),
                 commit_message: Some("Say <hi> & bye\n\nbody".into()),
                 author: Some("ada".into()),
                 version: Some("1.0.1-SNAPSHOT-20240501100000".into()),

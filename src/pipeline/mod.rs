@@ -173,7 +173,7 @@ impl Pipeline {
             db: self.db.clone(),
             bus: self.bus.clone(),
             id,
-            app: deployment.app.clone(),
+            app: deployment.app.to_string(),
         };
         self.publish_deployment(id).await;
         let outcome = self.stages(&deployment, backends, &recorder).await;
@@ -211,7 +211,7 @@ impl Pipeline {
         if let Ok(Some(deployment)) = self.db.call(move |conn| db::deployment(conn, id)).await {
             self.bus.publish(Event::Deployment {
                 id,
-                app: deployment.app,
+                app: deployment.app.to_string(),
                 status: deployment.status,
                 version: deployment.version.unwrap_or_default(),
             });

@@ -287,8 +287,8 @@ async fn deployment_page(
         branch: deployment.branch.clone(),
         commit: deployment
             .commit_sha
-            .clone()
-            .unwrap_or_else(|| "branch head".into()),
+            .as_ref()
+            .map_or_else(|| "branch head".to_owned(), |c| c.to_string()),
         rollback_of: deployment.rollback_of,
         deployment: DeploymentView::new(&deployment, now),
         stages: stages.iter().map(|s| StageView::new(s, now)).collect(),

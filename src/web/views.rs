@@ -76,7 +76,7 @@ impl DeploymentView {
         let end = d.finished_at.or(d.started_at.map(|_| now_ms));
         Self {
             id: d.id,
-            app: d.app.clone(),
+            app: d.app.to_string(),
             status: d.status,
             version: d.version.clone().unwrap_or_default(),
             short_sha: d
@@ -91,7 +91,7 @@ impl DeploymentView {
                 .unwrap_or_default()
                 .to_owned(),
             author: d.author.clone().unwrap_or_default(),
-            trigger: d.trigger.clone(),
+            trigger: d.trigger.to_string(),
             created: When::new(d.created_at, now_ms),
             duration: match (d.started_at, end) {
                 (Some(start), Some(end)) => elapsed::human(end - start),

@@ -79,7 +79,15 @@ async fn killed_in(stage: &str) {
     // The previous version serves, from the port it served before, and nothing the
     // interrupted deployment started still runs.
     app.wait_served(&good).await;
-    let (_, live) = app.get_json("/api/apps/hello/live").await;
+    // Traffic moves before its record is written: the record follows within moments.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let live = loop {
+        let (_, live) = app.get_json("/api/apps/hello/live").await;
+        if live["port"] == live_before["port"] || Instant::now() > deadline {
+            break live;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(live["port"], live_before["port"], "{live:#}");
     assert_eq!(live["version"], good.as_str(), "{live:#}");
     wait_port_closed(idle, &format!("what deployment {id} started")).await;
