@@ -5,6 +5,15 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+/// A value that cannot be one of the names below; the reason is one line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidValue {
+    #[error("`{0}` is not a valid app name (lowercase letters, digits, - and _, at most 64)")]
+    AppName(String),
+    #[error("`{0}` is not a 40-hex commit id")]
+    CommitSha(String),
+}
+
 /// An app's name as configured: lowercase letters, digits, `-` and `_`, at most 64 chars,
 /// so it is safe in paths, URLs and log fields.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -12,7 +21,7 @@ use serde::{Deserialize, Serialize};
 pub struct AppName(String);
 
 impl AppName {
-    pub fn parse(name: &str) -> Result<Self, String> {
+    pub fn parse(name: &str) -> Result<Self, InvalidValue> {
         let valid = !name.is_empty()
             && name.len() <= 64
             && name
@@ -21,9 +30,7 @@ impl AppName {
         if valid {
             Ok(Self(name.to_owned()))
         } else {
-            Err(format!(
-                "`{name}` is not a valid app name (lowercase letters, digits, - and _, at most 64)"
-            ))
+            Err(InvalidValue::AppName(name.to_owned()))
         }
     }
 
@@ -51,11 +58,11 @@ impl fmt::Display for AppName {
 pub struct CommitSha(String);
 
 impl CommitSha {
-    pub fn parse(sha: &str) -> Result<Self, String> {
+    pub fn parse(sha: &str) -> Result<Self, InvalidValue> {
         if sha.len() == 40 && sha.bytes().all(|b| b.is_ascii_hexdigit()) {
             Ok(Self(sha.to_ascii_lowercase()))
         } else {
-            Err(format!("`{sha}` is not a 40-hex commit id"))
+            Err(InvalidValue::CommitSha(sha.to_owned()))
         }
     }
 
@@ -74,7 +81,35 @@ impl fmt::Display for CommitSha {
     }
 }
 
-pub type DeploymentId = i64;
+/// A deployment's number in the record: sortable, shown as a plain number everywhere
+/// (URLs, JSON, messages).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct DeploymentId(i64);
+
+impl DeploymentId {
+    pub fn new(id: i64) -> Self {
+        Self(id)
+    }
+
+    pub fn get(self) -> i64 {
+        self.0
+    }
+}
+
+impl fmt::Display for DeploymentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::str::FromStr for DeploymentId {
+    type Err = std::num::ParseIntError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        text.parse().map(Self)
+    }
+}
 
 /// What started a deployment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -12,7 +12,7 @@ pub const HOLD_ENV: &str = "NONSTOP_TEST_HOLD";
 pub async fn hold_before_recording_end(deployment_id: DeploymentId, stage: Stage) {
     let asked = std::env::var(HOLD_ENV).is_ok_and(|v| v == format!("{stage}@{deployment_id}"));
     if asked {
-        tracing::warn!(deployment_id, %stage, "{HOLD_ENV}: holding before the end of the stage is recorded");
+        tracing::warn!(%deployment_id, %stage, "{HOLD_ENV}: holding before the end of the stage is recorded");
         std::future::pending::<()>().await;
     }
 }

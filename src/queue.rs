@@ -63,7 +63,7 @@ impl Queue {
             .call(move |conn| db::enqueue(conn, &trigger))
             .await?;
         if let Enqueued::New { id, superseded } = &enqueued {
-            tracing::info!(deployment_id = id, app = %app, branch = %branch, "deployment queued");
+            tracing::info!(deployment_id = %id, app = %app, branch = %branch, "deployment queued");
             for old in superseded {
                 self.bus.publish(Event::Deployment {
                     id: *old,
@@ -90,7 +90,7 @@ impl Queue {
         let app = trigger.app.to_string();
         let held = self.db.call(move |conn| db::hold(conn, &trigger)).await?;
         if let Enqueued::New { id, superseded } = &held {
-            tracing::info!(deployment_id = id, app = %app, "push waits for CI");
+            tracing::info!(deployment_id = %id, app = %app, "push waits for CI");
             self.publish_all(&app, superseded, DeploymentStatus::Superseded);
             self.publish_all(&app, &[*id], DeploymentStatus::Waiting);
         }
@@ -105,7 +105,7 @@ impl Queue {
             .call(move |conn| db::ci_passed(conn, &trigger, &build))
             .await?;
         if let CiOutcome::Released { id, superseded } = &outcome {
-            tracing::info!(deployment_id = id, app = %app, "CI passed; deployment queued");
+            tracing::info!(deployment_id = %id, app = %app, "CI passed; deployment queued");
             self.publish_all(&app, superseded, DeploymentStatus::Superseded);
             self.publish_all(&app, &[*id], DeploymentStatus::Queued);
             if let Some(notify) = self.wake.get(&app) {
@@ -128,7 +128,7 @@ impl Queue {
             .call(move |conn| db::ci_failed(conn, &trigger, &build, &reason))
             .await?;
         if let CiOutcome::Failed { id } = &outcome {
-            tracing::info!(deployment_id = id, app = %app, "CI failed; nothing deploys");
+            tracing::info!(deployment_id = %id, app = %app, "CI failed; nothing deploys");
             self.publish_all(&app, &[*id], DeploymentStatus::Failed);
         }
         Ok(outcome)
@@ -166,7 +166,7 @@ async fn worker(
             let name = app.clone();
             match db.call(move |conn| db::claim_next(conn, &name)).await {
                 Ok(Some(deployment)) => {
-                    let span = tracing::info_span!("deployment", deployment_id = deployment.id, app = %app);
+                    let span = tracing::info_span!("deployment", deployment_id = %deployment.id, app = %app);
                     tokio::select! {
                         () = pipeline.run(deployment, &backends).instrument(span) => {}
                         // Dropping the run kills its child processes; the next start marks

@@ -89,27 +89,27 @@ async fn move_traffic_back(traffic: &Traffic, app: &App, id: DeploymentId) -> bo
         Ok(Some(moved)) if app.switch.live() == Some(moved.to_port) => moved,
         Ok(_) => return true,
         Err(err) => {
-            tracing::error!(deployment_id = id, error = %err, "could not read the switches of an interrupted deployment");
+            tracing::error!(deployment_id = %id, error = %err, "could not read the switches of an interrupted deployment");
             return false;
         }
     };
     let Some(from) = moved.from_port else {
-        tracing::warn!(deployment_id = id, app = %app.config.name, port = moved.to_port, "an interrupted deployment made the first switch: traffic stays");
+        tracing::warn!(deployment_id = %id, app = %app.config.name, port = moved.to_port, "an interrupted deployment made the first switch: traffic stays");
         return false;
     };
     match traffic.go_live(app, from, None).await {
         Ok(_) => {
-            tracing::info!(deployment_id = id, app = %app.config.name, port = from, "moved traffic back from an interrupted deployment");
+            tracing::info!(deployment_id = %id, app = %app.config.name, port = from, "moved traffic back from an interrupted deployment");
             true
         }
         Err(TrafficError::Unhealthy { .. }) => {
-            tracing::warn!(deployment_id = id, app = %app.config.name, port = moved.to_port, "an interrupted deployment moved traffic and the instance before it is gone: traffic stays");
+            tracing::warn!(deployment_id = %id, app = %app.config.name, port = moved.to_port, "an interrupted deployment moved traffic and the instance before it is gone: traffic stays");
             false
         }
         // The switch happened; only its record is missing, and the instance it left is idle.
         Err(TrafficError::Record { .. }) => true,
         Err(err) => {
-            tracing::error!(deployment_id = id, app = %app.config.name, port = from, error = %err, "could not move traffic back from an interrupted deployment");
+            tracing::error!(deployment_id = %id, app = %app.config.name, port = from, error = %err, "could not move traffic back from an interrupted deployment");
             false
         }
     }
@@ -134,10 +134,10 @@ async fn stop_half_started(app: &App, cut: Cut) {
     };
     match app.runner.clean_up_interrupted(&job, record).await {
         Ok(log) => {
-            tracing::info!(deployment_id = job.deployment_id, output = %log.trim(), "cleaned up after an interrupted deployment")
+            tracing::info!(deployment_id = %job.deployment_id, output = %log.trim(), "cleaned up after an interrupted deployment")
         }
         Err(err) => {
-            tracing::warn!(deployment_id = job.deployment_id, error = %err, "could not clean up after an interrupted deployment")
+            tracing::warn!(deployment_id = %job.deployment_id, error = %err, "could not clean up after an interrupted deployment")
         }
     }
 }

@@ -33,7 +33,13 @@ pub fn hold(conn: &mut Connection, trigger: &Trigger) -> rusqlite::Result<Enqueu
     if let Some(duplicate) = seen_delivery(&tx, trigger)? {
         return Ok(duplicate);
     }
-    let superseded = supersede(&tx, trigger.app.as_str(), "waiting", i64::MAX, now)?;
+    let superseded = supersede(
+        &tx,
+        trigger.app.as_str(),
+        "waiting",
+        DeploymentId::new(i64::MAX),
+        now,
+    )?;
     let id = insert(&tx, trigger, DeploymentStatus::Waiting, now)?;
     insert_stages(&tx, id, "pending")?;
     link_delivery(&tx, trigger, id, now)?;
@@ -56,7 +62,7 @@ pub fn ci_passed(
     let commit = trigger.commit.as_ref().map(|c| c.as_str());
     if let Some(id) = waiting_for(conn, app, commit)? {
         let tx = conn.transaction()?;
-        let mut superseded = supersede(&tx, app, "queued", i64::MAX, now)?;
+        let mut superseded = supersede(&tx, app, "queued", DeploymentId::new(i64::MAX), now)?;
         // An older push still waiting would deploy older code after this one: drop it.
         superseded.extend(supersede(&tx, app, "waiting", id, now)?);
         tx.execute(
@@ -182,7 +188,7 @@ fn insert(
             now
         ],
     )?;
-    Ok(conn.last_insert_rowid())
+    Ok(DeploymentId::new(conn.last_insert_rowid()))
 }
 
 fn insert_stages(conn: &Connection, id: DeploymentId, status: &str) -> rusqlite::Result<()> {

@@ -6,6 +6,7 @@
 
 mod ci;
 mod queries;
+mod sql;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};

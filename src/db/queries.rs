@@ -41,11 +41,10 @@ const DEPLOYMENT_COLUMNS: &str = "id, app, status, trigger, branch, commit_sha, 
 
 impl Deployment {
     fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
-        let status: String = row.get(2)?;
         Ok(Self {
             id: row.get(0)?,
             app: row.get(1)?,
-            status: DeploymentStatus::parse(&status).unwrap_or(DeploymentStatus::Interrupted),
+            status: row.get(2)?,
             trigger: row.get(3)?,
             branch: row.get(4)?,
             commit_sha: row.get(5)?,
@@ -140,7 +139,7 @@ pub fn enqueue(conn: &mut Connection, trigger: &Trigger) -> rusqlite::Result<Enq
             reuse.and_then(|r| r.rollback_of),
         ],
     )?;
-    let id = tx.last_insert_rowid();
+    let id = DeploymentId::new(tx.last_insert_rowid());
     {
         let mut stmt = tx.prepare(
             "INSERT INTO stages (deployment_id, position, name, status) VALUES (?1, ?2, ?3, 'pending')",
@@ -268,11 +267,9 @@ pub fn stages(conn: &Connection, id: DeploymentId) -> rusqlite::Result<Vec<Stage
          WHERE deployment_id = ?1 ORDER BY position",
     )?;
     stmt.query_map([id], |row| {
-        let name: String = row.get(0)?;
-        let status: String = row.get(1)?;
         Ok(StageRow {
-            name: Stage::parse(&name).unwrap_or(Stage::Fetch),
-            status: StageStatus::parse(&status).unwrap_or(StageStatus::Pending),
+            name: row.get(0)?,
+            status: row.get(1)?,
             started_at: row.get(2)?,
             finished_at: row.get(3)?,
             log: row.get(4)?,
@@ -649,7 +646,7 @@ pub fn record_switch_back(
             instance.deployment_id
         ],
     )?;
-    let id = tx.last_insert_rowid();
+    let id = DeploymentId::new(tx.last_insert_rowid());
     for (position, stage) in Stage::ALL.iter().enumerate() {
         tx.execute(
             "INSERT INTO stages (deployment_id, position, name, status, log) VALUES (?1, ?2, ?3, 'skipped', ?4)",

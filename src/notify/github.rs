@@ -114,7 +114,7 @@ impl Notifier for GitHub {
             .call(move |conn| db::github_deployment(conn, id))
             .await
             .unwrap_or_else(|err| {
-                tracing::warn!(deployment_id = id, error = %err, "cannot read the GitHub deployment id");
+                tracing::warn!(deployment_id = %id, error = %err, "cannot read the GitHub deployment id");
                 None
             });
         let github_id = match known {
@@ -139,7 +139,7 @@ impl Notifier for GitHub {
                 .await
         };
         if let Err(err) = kept {
-            tracing::warn!(deployment_id = id, error = %err, "cannot keep the GitHub deployment id");
+            tracing::warn!(deployment_id = %id, error = %err, "cannot keep the GitHub deployment id");
         }
         self.status(&repository, github_id, notice, state).await;
     }
@@ -220,7 +220,7 @@ mod tests {
         Notice {
             kind,
             deployment: Deployment {
-                id: 3,
+                id: crate::domain::DeploymentId::new(3),
                 app: "hello".into(),
                 status: DeploymentStatus::Running,
                 trigger: "push".into(),

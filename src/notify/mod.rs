@@ -231,7 +231,7 @@ impl Dispatcher {
             if sink.sender.try_send(notice.clone()).is_err() {
                 tracing::warn!(
                     notifier = sink.name,
-                    deployment_id = id,
+                    deployment_id = %id,
                     "notifier backlog full; notice dropped"
                 );
             }
@@ -254,7 +254,7 @@ impl Dispatcher {
             Ok(Some(found)) => found,
             Ok(None) => return None,
             Err(err) => {
-                tracing::warn!(deployment_id = id, error = %err, "cannot read a deployment to report it");
+                tracing::warn!(deployment_id = %id, error = %err, "cannot read a deployment to report it");
                 return None;
             }
         };
@@ -311,12 +311,12 @@ where
         match result {
             Ok(value) => return Some(value),
             Err(NotifyError::Retryable(reason)) if try_number < TRIES => {
-                tracing::info!(notifier, what, deployment_id, try_number, error = %reason, "notification failed; trying again");
+                tracing::info!(notifier, what, %deployment_id, try_number, error = %reason, "notification failed; trying again");
                 tokio::time::sleep(backoff).await;
                 backoff *= 2;
             }
             Err(err) => {
-                tracing::warn!(notifier, what, deployment_id, tries = try_number, error = %err, "notification not delivered");
+                tracing::warn!(notifier, what, %deployment_id, tries = try_number, error = %err, "notification not delivered");
                 return None;
             }
         }
@@ -350,7 +350,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn retries_three_times_with_backoff_and_stops_on_a_refusal() {
         let tries = AtomicU32::new(0);
-        let delivered = with_retries("test", "message", 1, || async {
+        let delivered = with_retries("test", "message", DeploymentId::new(1), || async {
             match tries.fetch_add(1, Ordering::SeqCst) {
                 0 | 1 => Err(NotifyError::Retryable("500".into())),
                 _ => Ok("ok"),
@@ -361,7 +361,7 @@ mod tests {
         assert_eq!(tries.load(Ordering::SeqCst), 3);
 
         let tries = AtomicU32::new(0);
-        let refused: Option<()> = with_retries("test", "message", 1, || async {
+        let refused: Option<()> = with_retries("test", "message", DeploymentId::new(1), || async {
             tries.fetch_add(1, Ordering::SeqCst);
             Err(NotifyError::Rejected("404".into()))
         })
@@ -370,7 +370,13 @@ mod tests {
 
         // A receiver that never answers costs TRIES timeouts plus the pauses, then gives up.
         let started = tokio::time::Instant::now();
-        let hung: Option<()> = with_retries("test", "message", 1, std::future::pending).await;
+        let hung: Option<()> = with_retries(
+            "test",
+            "message",
+            DeploymentId::new(1),
+            std::future::pending,
+        )
+        .await;
         assert_eq!(hung, None);
         assert_eq!(
             started.elapsed(),

@@ -394,7 +394,7 @@ mod tests {
         Notice {
             kind,
             deployment: Deployment {
-                id: 7,
+                id: DeploymentId::new(7),
                 app: "hello".into(),
                 status: DeploymentStatus::Succeeded,
                 trigger: "push".into(),
@@ -422,7 +422,7 @@ mod tests {
                 port: 8081,
                 profile: "real1".into(),
                 version: Some("1.0.1-SNAPSHOT-20240501100000".into()),
-                deployment_id: Some(7),
+                deployment_id: Some(DeploymentId::new(7)),
                 since: 14_000,
             }),
             link: "http://127.0.0.1:9000/deployments/7".into(),

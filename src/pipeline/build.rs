@@ -7,7 +7,19 @@ use std::time::Duration;
 use tokio::process::Command;
 
 use crate::config::AppConfig;
-use crate::process;
+use crate::process::{self, Exit, SpawnError};
+use crate::runner::step::{Done, Failed};
+
+/// What a build can fail with, in one line; its log has the command's output.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+    #[error("`{command}` {exit}")]
+    Command { command: String, exit: Exit },
+    #[error("the build did not produce {}", .0.display())]
+    NoArtifact(PathBuf),
+}
 
 pub struct BuildInput<'a> {
     pub app: &'a AppConfig,
@@ -18,8 +30,8 @@ pub struct BuildInput<'a> {
     pub scrubbed_env: &'a [String],
 }
 
-/// Runs the build; on success returns the artifact's path and the build's output.
-pub async fn run(input: BuildInput<'_>) -> Result<(PathBuf, String), (String, String)> {
+/// Runs the build; on success its value is the artifact's path.
+pub async fn run(input: BuildInput<'_>) -> Result<Done<PathBuf>, Failed<BuildError>> {
     let app = input.app;
     let mut command = Command::new("sh");
     command
@@ -35,13 +47,18 @@ pub async fn run(input: BuildInput<'_>) -> Result<(PathBuf, String), (String, St
     }
     let timeout = Duration::from_secs(app.build_timeout_secs);
     let mut log = format!("$ {}\n", app.build);
-    let done = process::run(command, timeout)
-        .await
-        .map_err(|err| (format!("{log}{err}\n"), err.to_string()))?;
+    let done = match process::run(command, timeout).await {
+        Ok(done) => done,
+        Err(err) => return Err(Failed::after(log, err.into())),
+    };
     log.push_str(&done.log);
     if !done.success {
         log.push_str(&format!("build ended: {}\n", done.status));
-        return Err((log, format!("`{}` {}", app.build, done.status)));
+        let error = BuildError::Command {
+            command: app.build.clone(),
+            exit: done.status,
+        };
+        return Err(Failed { log, error });
     }
     let artifact = input.checkout.join(&app.artifact);
     match tokio::fs::metadata(&artifact).await {
@@ -51,12 +68,11 @@ pub async fn run(input: BuildInput<'_>) -> Result<(PathBuf, String), (String, St
                 app.artifact.display(),
                 meta.len()
             ));
-            Ok((artifact, log))
+            Ok(Done::new(artifact, log))
         }
-        _ => {
-            let reason = format!("the build did not produce {}", app.artifact.display());
-            log.push_str(&format!("{reason}\n"));
-            Err((log, reason))
-        }
+        _ => Err(Failed::after(
+            log,
+            BuildError::NoArtifact(app.artifact.clone()),
+        )),
     }
 }

@@ -3,7 +3,7 @@
 //! CodeDeploy.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::store::sha256_file;
 
@@ -18,21 +18,54 @@ pub struct BundleContents<'a> {
     pub version: &'a str,
 }
 
+/// What writing a bundle can fail with, naming the file it was writing or reading.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {}", path.display(), zip_reason(source))]
+    Zip {
+        path: PathBuf,
+        source: zip::result::ZipError,
+    },
+    #[error("{} has no file name", .0.display())]
+    NoFileName(PathBuf),
+    #[error("bundle task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// The zip crate's i/o error says only "i/o error": the reason (a full disk, say) is inside.
-fn zip_reason(err: zip::result::ZipError) -> String {
+fn zip_reason(err: &zip::result::ZipError) -> String {
     match err {
         zip::result::ZipError::Io(io) => io.to_string(),
         other => other.to_string(),
     }
 }
 
-/// Writes the bundle to `dest`; returns its sha256 and a short listing for the stage log.
-pub fn create(contents: &BundleContents<'_>, dest: &Path) -> Result<(String, String), String> {
-    let describe = |err: &dyn std::fmt::Display| format!("{}: {err}", dest.display());
+/// A bundle written: its sha256 and a short listing for the stage log.
+#[derive(Debug)]
+pub struct Bundled {
+    pub sha256: String,
+    pub listing: String,
+}
+
+/// Writes the bundle to `dest`.
+pub fn create(contents: &BundleContents<'_>, dest: &Path) -> Result<Bundled, BundleError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| BundleError::Io { path, source }
+    };
+    let zip_error = |source| BundleError::Zip {
+        path: dest.to_owned(),
+        source,
+    };
     if let Some(dir) = dest.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| describe(&e))?;
+        std::fs::create_dir_all(dir).map_err(io(dest))?;
     }
-    let file = std::fs::File::create(dest).map_err(|e| describe(&e))?;
+    let file = std::fs::File::create(dest).map_err(io(dest))?;
     let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(file));
     let text = zip::write::SimpleFileOptions::default().unix_permissions(0o644);
     let executable = zip::write::SimpleFileOptions::default().unix_permissions(0o755);
@@ -40,12 +73,11 @@ pub fn create(contents: &BundleContents<'_>, dest: &Path) -> Result<(String, Str
         .artifact
         .file_name()
         .and_then(|n| n.to_str())
-        .ok_or_else(|| format!("{} has no file name", contents.artifact.display()))?;
+        .ok_or_else(|| BundleError::NoFileName(contents.artifact.to_owned()))?;
 
-    let mut add = |name: &str, options, data: &mut dyn std::io::Read| -> Result<u64, String> {
-        zip.start_file(name, options)
-            .map_err(|e| describe(&zip_reason(e)))?;
-        std::io::copy(data, &mut zip).map_err(|e| describe(&e))
+    let mut add = |name: &str, options, data: &mut dyn std::io::Read| -> Result<u64, BundleError> {
+        zip.start_file(name, options).map_err(zip_error)?;
+        std::io::copy(data, &mut zip).map_err(io(dest))
     };
     let mut listing = String::new();
     for (name, options, data) in [
@@ -61,16 +93,13 @@ pub fn create(contents: &BundleContents<'_>, dest: &Path) -> Result<(String, Str
         let size = add(name, options, &mut &data[..])?;
         listing.push_str(&format!("{name} ({size} bytes)\n"));
     }
-    let mut artifact = std::fs::File::open(contents.artifact)
-        .map_err(|e| format!("{}: {e}", contents.artifact.display()))?;
+    let mut artifact = std::fs::File::open(contents.artifact).map_err(io(contents.artifact))?;
     let size = add(artifact_name, executable, &mut artifact)?;
     listing.push_str(&format!("{artifact_name} ({size} bytes)\n"));
-    zip.finish()
-        .map_err(zip_reason)
-        .and_then(|mut out| out.flush().map_err(|e| e.to_string()))
-        .map_err(|e| describe(&e))?;
-    let sha256 = sha256_file(dest).map_err(|e| describe(&e))?;
-    Ok((sha256, listing))
+    let mut out = zip.finish().map_err(zip_error)?;
+    out.flush().map_err(io(dest))?;
+    let sha256 = sha256_file(dest).map_err(io(dest))?;
+    Ok(Bundled { sha256, listing })
 }
 
 #[cfg(test)]
@@ -89,9 +118,13 @@ mod tests {
             artifact: &artifact,
             version: "1.0.1-SNAPSHOT-20261125140000",
         };
-        let (sha256, listing) = create(&contents, &dest).unwrap();
-        assert_eq!(sha256, sha256_file(&dest).unwrap());
-        assert!(listing.contains("hello (6 bytes)"), "{listing}");
+        let bundled = create(&contents, &dest).unwrap();
+        assert_eq!(bundled.sha256, sha256_file(&dest).unwrap());
+        assert!(
+            bundled.listing.contains("hello (6 bytes)"),
+            "{}",
+            bundled.listing
+        );
 
         let mut zip = zip::ZipArchive::new(std::fs::File::open(&dest).unwrap()).unwrap();
         let mut names: Vec<_> = zip.file_names().map(str::to_owned).collect();

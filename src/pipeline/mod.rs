@@ -8,17 +8,54 @@ pub mod build;
 pub mod bundle;
 pub mod source;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::apps::App;
-use crate::db::{self, Db, Deployment};
+use crate::config::AppConfig;
+use crate::db::{self, Db, DbError, Deployment};
 use crate::domain::{DeploymentId, DeploymentStatus, Hook, Stage, StageStatus};
 use crate::events::{Bus, Event};
-use crate::runner::{self, Job, Progress};
+use crate::runner::step::{self, Done, Failed, Steps};
+use crate::runner::{self, Job, Progress, RunnerError};
+use crate::store::{StoreError, StoredBundle};
+use build::BuildError;
+use bundle::BundleError;
+use source::{Fetched, SourceError};
+
+/// Why a deployment failed: the stage, then its cause in one line. This is the deployment's
+/// recorded error; each stage's log has the rest.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("Fetch failed: {0}")]
+    Fetch(#[from] SourceError),
+    /// Recording the commit and its version, between Fetch and Build.
+    #[error("Build failed: could not stamp a version: {0}")]
+    Stamp(DbError),
+    #[error("Build failed: {0}")]
+    Build(#[from] BuildError),
+    #[error("Bundle failed: {0}")]
+    Bundle(#[from] BundleError),
+    #[error("Upload failed: {0}")]
+    Upload(#[from] UploadError),
+    /// `{hook} failed: …`, as the runner said.
+    #[error(transparent)]
+    Hook(#[from] RunnerError),
+}
+
+/// What Upload can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Rollback, redeploy and retention find a bundle by the key recorded with its
+    /// deployment: one stored but not recorded could go live and then never be found again.
+    #[error("stored {key}, but could not record it with the deployment: {source}")]
+    Record { key: String, source: DbError },
+}
 
 #[derive(Clone)]
 pub struct Pipeline {
@@ -68,8 +105,19 @@ impl Recorder {
         F: FnOnce(&mut rusqlite::Connection) -> rusqlite::Result<()> + Send + 'static,
     {
         if let Err(err) = self.db.call(work).await {
-            tracing::error!(deployment_id = self.id, error = %err, "could not record a stage");
+            tracing::error!(deployment_id = %self.id, error = %err, "could not record a stage");
         }
+    }
+}
+
+#[async_trait]
+impl Steps<Stage> for Recorder {
+    async fn step_started(&self, stage: Stage) {
+        self.started(stage).await;
+    }
+
+    async fn step_finished(&self, stage: Stage, status: StageStatus, log: &str) {
+        self.finished(stage, status, log).await;
     }
 }
 
@@ -108,9 +156,6 @@ impl Progress for Recorder {
     }
 }
 
-/// A stage that failed: its name and a one-line reason.
-struct Failed(Stage, String);
-
 impl Pipeline {
     pub fn new(db: Db, bus: Bus, data_dir: PathBuf, scrubbed_env: Vec<String>) -> Self {
         Self {
@@ -124,7 +169,6 @@ impl Pipeline {
     /// Runs a claimed (`running`) deployment to its end and records how it ended.
     pub async fn run(&self, deployment: Deployment, backends: &App) {
         let id = deployment.id;
-        let rollback_of = deployment.rollback_of;
         let recorder = Recorder {
             db: self.db.clone(),
             bus: self.bus.clone(),
@@ -133,32 +177,34 @@ impl Pipeline {
         };
         self.publish_deployment(id).await;
         let outcome = self.stages(&deployment, backends, &recorder).await;
-        if let (Ok(()), Some(undone)) = (&outcome, rollback_of) {
-            let marked = self
-                .db
-                .call(move |conn| db::mark_rolled_back(conn, undone))
-                .await;
-            if let Err(err) = marked {
-                tracing::error!(deployment_id = id, error = %err, "could not mark the undone deployment");
-            }
-            self.publish_deployment(undone).await;
+        if let (Ok(()), Some(undone)) = (&outcome, deployment.rollback_of) {
+            self.mark_rolled_back(id, undone).await;
         }
         let (status, error) = match &outcome {
             Ok(()) => (DeploymentStatus::Succeeded, None),
-            Err(Failed(stage, reason)) => (
-                DeploymentStatus::Failed,
-                Some(format!("{stage} failed: {reason}")),
-            ),
+            Err(err) => (DeploymentStatus::Failed, Some(err.to_string())),
         };
-        tracing::info!(deployment_id = id, app = %deployment.app, status = %status, error = error.as_deref(), "deployment ended");
+        tracing::info!(deployment_id = %id, app = %deployment.app, status = %status, error = error.as_deref(), "deployment ended");
         let finished = self
             .db
             .call(move |conn| db::finish(conn, id, status, error.as_deref()))
             .await;
         if let Err(err) = finished {
-            tracing::error!(deployment_id = id, error = %err, "could not record the end of a deployment");
+            tracing::error!(deployment_id = %id, error = %err, "could not record the end of a deployment");
         }
         self.publish_deployment(id).await;
+    }
+
+    /// A rollback went live: the deployment it undid is recorded `rolled_back`.
+    async fn mark_rolled_back(&self, id: DeploymentId, undone: DeploymentId) {
+        let marked = self
+            .db
+            .call(move |conn| db::mark_rolled_back(conn, undone))
+            .await;
+        if let Err(err) = marked {
+            tracing::error!(deployment_id = %id, error = %err, "could not mark the undone deployment");
+        }
+        self.publish_deployment(undone).await;
     }
 
     async fn publish_deployment(&self, id: DeploymentId) {
@@ -172,176 +218,143 @@ impl Pipeline {
         }
     }
 
+    /// The deployment's steps, in order; the first that fails ends it.
     async fn stages(
         &self,
         deployment: &Deployment,
-        backends: &App,
+        app: &App,
         recorder: &Recorder,
-    ) -> Result<(), Failed> {
-        let app = &backends.config;
-        let id = deployment.id;
-        if let (Some(version), Some(key), Some(sha256)) = (
-            &deployment.version,
-            &deployment.bundle_key,
-            &deployment.bundle_sha256,
-        ) {
+    ) -> Result<(), PipelineError> {
+        if let Some(job) = stored_job(deployment, &app.config) {
             // A redeploy or rollback: the bundle is in the store already.
-            let log = format!("reusing the stored bundle {key} ({version})\n");
+            let log = format!(
+                "reusing the stored bundle {} ({})\n",
+                job.bundle_key, job.version
+            );
             for stage in [Stage::Fetch, Stage::Build, Stage::Bundle, Stage::Upload] {
                 recorder.finished(stage, StageStatus::Skipped, &log).await;
             }
-            let job = Job {
-                deployment_id: id,
-                app: app.clone(),
-                version: version.clone(),
-                bundle_key: key.clone(),
-                bundle_sha256: sha256.clone(),
-            };
-            return self.run_hooks(&job, backends, recorder).await;
+            return self.run_hooks(&job, app, recorder).await;
         }
-        let app_dir = self.data_dir.join("apps").join(app.name.as_str());
-
-        recorder.started(Stage::Fetch).await;
-        let checkout = app_dir.join("checkout");
-        let fetched = source::fetch(
-            &backends.repo,
-            &checkout,
-            &deployment.branch,
-            deployment.commit_sha.as_deref(),
-        )
-        .await;
-        let fetched = self
-            .stage_result(
-                recorder,
-                Stage::Fetch,
-                fetched.map(|f| {
-                    let log = f.log.clone();
-                    (f, log)
-                }),
-            )
+        let id = deployment.id;
+        let checkout = self
+            .data_dir
+            .join("apps")
+            .join(app.config.name.as_str())
+            .join("checkout");
+        let commit = deployment.commit_sha.as_deref();
+        let fetched = source::fetch(&app.repo, &checkout, &deployment.branch, commit);
+        let fetched = step::record(recorder, Stage::Fetch, fetched).await?;
+        let version = self
+            .stamp_version(deployment, &app.config, &fetched)
             .await?;
-
-        // The version is stamped once the commit is known ({sha} may be part of it); the
-        // app's deployments run one at a time, so reading the last stamp here is race-free.
-        let version = {
-            let (sha, message, author) = (
-                fetched.sha.clone(),
-                fetched.message.clone(),
-                fetched.author.clone(),
-            );
-            let (app_name, pattern, branch) = (
-                app.name.to_string(),
-                app.version.clone(),
-                deployment.branch.clone(),
-            );
-            let stamped = self
-                .db
-                .call(move |conn| {
-                    db::set_commit(conn, id, &sha, &message, &author)?;
-                    let previous = db::last_stamp(conn, &app_name)?
-                        .and_then(DateTime::<Utc>::from_timestamp_millis);
-                    let at = crate::version::next_stamp_time(Utc::now(), previous);
-                    let version = crate::version::render(&pattern, at, &sha, &branch);
-                    db::set_version(conn, id, &version, at.timestamp_millis())?;
-                    Ok(version)
-                })
-                .await;
-            stamped
-                .map_err(|err| Failed(Stage::Build, format!("could not stamp a version: {err}")))?
-        };
         self.publish_deployment(id).await;
-
-        recorder.started(Stage::Build).await;
         let built = build::run(build::BuildInput {
-            app,
+            app: &app.config,
             checkout: &checkout,
             version: &version,
             commit: &fetched.sha,
             branch: &deployment.branch,
             scrubbed_env: &self.scrubbed_env,
-        })
-        .await;
-        let artifact = self.stage_result(recorder, Stage::Build, built).await?;
-
-        recorder.started(Stage::Bundle).await;
-        let bundle_path = self
+        });
+        let artifact = step::record(recorder, Stage::Build, built).await?;
+        let bundle = self
             .data_dir
             .join("tmp")
-            .join(format!("{}-{id}.zip", app.name));
-        let appspec = runner::appspec::render_for(app);
-        let host_env = runner::appspec::render_host_env(app);
-        let bundled = {
-            let (path, version) = (bundle_path.clone(), version.clone());
-            tokio::task::spawn_blocking(move || {
-                let contents = bundle::BundleContents {
-                    appspec: &appspec,
-                    host_env: &host_env,
-                    artifact: &artifact,
-                    version: &version,
-                };
-                bundle::create(&contents, &path)
-            })
-            .await
-            .unwrap_or_else(|err| Err(format!("bundle task failed: {err}")))
-            .map(|(sha256, listing)| {
-                let log = format!("{listing}sha256 {sha256}\n");
-                (sha256, log)
-            })
-            .map_err(|reason| (format!("{reason}\n"), reason))
-        };
-        if let Err(failed) = self.stage_result(recorder, Stage::Bundle, bundled).await {
-            // A half-written zip (a full disk, say) must not take the space of the next try.
-            let _ = tokio::fs::remove_file(&bundle_path).await;
-            return Err(failed);
-        }
-
-        recorder.started(Stage::Upload).await;
-        let uploaded = backends
-            .store
-            .put(app.name.as_str(), &version, &bundle_path)
-            .await
-            .map(|stored| {
-                let log = format!(
-                    "stored {} ({} bytes, sha256 {})\n",
-                    stored.key, stored.size, stored.sha256
-                );
-                (stored, log)
-            })
-            .map_err(|err| (format!("{err}\n"), err.to_string()));
-        let _ = tokio::fs::remove_file(&bundle_path).await;
-        let stored = self.stage_result(recorder, Stage::Upload, uploaded).await?;
-        {
-            let (key, sha256) = (stored.key.clone(), stored.sha256.clone());
-            let _ = self
-                .db
-                .call(move |conn| db::set_bundle(conn, id, &key, &sha256))
-                .await;
-        }
-
+            .join(format!("{}-{id}.zip", app.config.name));
+        let bundled = make_bundle(&app.config, artifact, &version, &bundle);
+        step::record(recorder, Stage::Bundle, bundled).await?;
+        let uploaded = self.upload(app, id, &version, &bundle);
+        let stored = step::record(recorder, Stage::Upload, uploaded).await?;
         let job = Job {
             deployment_id: id,
-            app: app.clone(),
+            app: app.config.clone(),
             version,
             bundle_key: stored.key,
             bundle_sha256: stored.sha256,
         };
-        self.run_hooks(&job, backends, recorder).await
+        self.run_hooks(&job, app, recorder).await
+    }
+
+    /// Records the commit Fetch found and stamps the version. The version is stamped once
+    /// the commit is known ({sha} may be part of it); the app's deployments run one at a
+    /// time, so reading the last stamp here is race-free.
+    async fn stamp_version(
+        &self,
+        deployment: &Deployment,
+        app: &AppConfig,
+        fetched: &Fetched,
+    ) -> Result<String, PipelineError> {
+        let id = deployment.id;
+        let (sha, message, author) = (
+            fetched.sha.clone(),
+            fetched.message.clone(),
+            fetched.author.clone(),
+        );
+        let (app_name, pattern, branch) = (
+            app.name.to_string(),
+            app.version.clone(),
+            deployment.branch.clone(),
+        );
+        self.db
+            .call(move |conn| {
+                db::set_commit(conn, id, &sha, &message, &author)?;
+                let previous = db::last_stamp(conn, &app_name)?
+                    .and_then(DateTime::<Utc>::from_timestamp_millis);
+                let at = crate::version::next_stamp_time(Utc::now(), previous);
+                let version = crate::version::render(&pattern, at, &sha, &branch);
+                db::set_version(conn, id, &version, at.timestamp_millis())?;
+                Ok(version)
+            })
+            .await
+            .map_err(PipelineError::Stamp)
+    }
+
+    /// Upload: the bundle into the app's store, and its key and sha256 into the record.
+    async fn upload(
+        &self,
+        app: &App,
+        id: DeploymentId,
+        version: &str,
+        bundle: &Path,
+    ) -> Result<Done<StoredBundle>, Failed<UploadError>> {
+        let stored = app
+            .store
+            .put(app.config.name.as_str(), version, bundle)
+            .await;
+        let _ = tokio::fs::remove_file(bundle).await;
+        let stored = stored.map_err(UploadError::from)?;
+        let log = format!(
+            "stored {} ({} bytes, sha256 {})\n",
+            stored.key, stored.size, stored.sha256
+        );
+        let (key, sha256) = (stored.key.clone(), stored.sha256.clone());
+        let recorded = self
+            .db
+            .call(move |conn| db::set_bundle(conn, id, &key, &sha256))
+            .await;
+        match recorded {
+            Ok(()) => Ok(Done::new(stored, log)),
+            // The stored bundle stays in the store like any older one, for retention to delete.
+            Err(source) => Err(Failed::after(
+                log,
+                UploadError::Record {
+                    key: stored.key,
+                    source,
+                },
+            )),
+        }
     }
 
     async fn run_hooks(
         &self,
         job: &Job,
-        backends: &App,
+        app: &App,
         recorder: &Recorder,
-    ) -> Result<(), Failed> {
-        backends
-            .runner
-            .run(job, recorder)
-            .await
-            .map_err(|err| Failed(err.hook.into(), err.reason))?;
-        self.prune(backends, job.deployment_id, &job.bundle_key)
-            .await;
-        self.prune_host(backends, job).await;
+    ) -> Result<(), PipelineError> {
+        app.runner.run(job, recorder).await?;
+        self.prune(app, job.deployment_id, &job.bundle_key).await;
+        self.prune_host(app, job).await;
         Ok(())
     }
 
@@ -362,17 +375,17 @@ impl Pipeline {
         let running = match running {
             Ok(running) => running,
             Err(err) => {
-                tracing::warn!(deployment_id = job.deployment_id, error = %err, "could not read the running instances; nothing pruned on this host");
+                tracing::warn!(deployment_id = %job.deployment_id, error = %err, "could not read the running instances; nothing pruned on this host");
                 return;
             }
         };
         match backends.runner.prune(job, &running).await {
             Ok(deleted) if !deleted.is_empty() => {
-                tracing::info!(deployment_id = job.deployment_id, deleted = ?deleted, "old revisions deleted on this host")
+                tracing::info!(deployment_id = %job.deployment_id, deleted = ?deleted, "old revisions deleted on this host")
             }
             Ok(_) => {}
             Err(err) => {
-                tracing::warn!(deployment_id = job.deployment_id, error = %err, "could not prune old revisions on this host")
+                tracing::warn!(deployment_id = %job.deployment_id, error = %err, "could not prune old revisions on this host")
             }
         }
     }
@@ -397,39 +410,73 @@ impl Pipeline {
             .await
         {
             Ok(deleted) if !deleted.is_empty() => {
-                tracing::info!(deployment_id = id, app = %backends.config.name, deleted = ?deleted, "old bundles deleted");
+                tracing::info!(deployment_id = %id, app = %backends.config.name, deleted = ?deleted, "old bundles deleted");
                 let app = backends.config.name.to_string();
                 let marked = self
                     .db
                     .call(move |conn| db::mark_bundles_pruned(conn, &app, &deleted))
                     .await;
                 if let Err(err) = marked {
-                    tracing::warn!(deployment_id = id, error = %err, "could not record which bundles were deleted");
+                    tracing::warn!(deployment_id = %id, error = %err, "could not record which bundles were deleted");
                 }
             }
             Ok(_) => {}
             Err(err) => {
-                tracing::warn!(deployment_id = id, app = %backends.config.name, error = %err, "could not prune old bundles")
+                tracing::warn!(deployment_id = %id, app = %backends.config.name, error = %err, "could not prune old bundles")
             }
         }
     }
+}
 
-    /// Records how a stage ended and passes its value on.
-    async fn stage_result<T>(
-        &self,
-        recorder: &Recorder,
-        stage: Stage,
-        result: Result<(T, String), (String, String)>,
-    ) -> Result<T, Failed> {
-        match result {
-            Ok((value, log)) => {
-                recorder.finished(stage, StageStatus::Succeeded, &log).await;
-                Ok(value)
-            }
-            Err((log, reason)) => {
-                recorder.finished(stage, StageStatus::Failed, &log).await;
-                Err(Failed(stage, reason))
-            }
+/// The job of a redeploy or rollback, whose bundle is stored already; `None` for one that
+/// builds its own.
+fn stored_job(deployment: &Deployment, app: &Arc<AppConfig>) -> Option<Job> {
+    let (Some(version), Some(key), Some(sha256)) = (
+        &deployment.version,
+        &deployment.bundle_key,
+        &deployment.bundle_sha256,
+    ) else {
+        return None;
+    };
+    Some(Job {
+        deployment_id: deployment.id,
+        app: app.clone(),
+        version: version.clone(),
+        bundle_key: key.clone(),
+        bundle_sha256: sha256.clone(),
+    })
+}
+
+/// Bundle: the zip written off the async threads; a half-written one is removed, so that a
+/// full disk, say, does not take the space of the next try.
+async fn make_bundle(
+    app: &AppConfig,
+    artifact: PathBuf,
+    version: &str,
+    path: &Path,
+) -> Result<Done<()>, Failed<BundleError>> {
+    let appspec = runner::appspec::render_for(app);
+    let host_env = runner::appspec::render_host_env(app);
+    let (dest, version) = (path.to_owned(), version.to_owned());
+    let bundled = tokio::task::spawn_blocking(move || {
+        let contents = bundle::BundleContents {
+            appspec: &appspec,
+            host_env: &host_env,
+            artifact: &artifact,
+            version: &version,
+        };
+        bundle::create(&contents, &dest)
+    })
+    .await
+    .unwrap_or_else(|err| Err(BundleError::Task(err)));
+    match bundled {
+        Ok(bundled) => Ok(Done::new(
+            (),
+            format!("{}sha256 {}\n", bundled.listing, bundled.sha256),
+        )),
+        Err(err) => {
+            let _ = tokio::fs::remove_file(path).await;
+            Err(Failed::new(err))
         }
     }
 }

@@ -6,10 +6,41 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
-use crate::process;
+use crate::process::{self, Exit, SpawnError};
+use crate::runner::step::{Done, Failed};
 
 /// Git talks to the network at most this long per command.
 const GIT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// What getting the source can fail with, in one line; the stage log has git's output.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{}: {source}", path.display())]
+    Folder {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+    #[error("git {args} ({exit})")]
+    Git { args: String, exit: Exit },
+    #[error("git log printed no commit id: {0}")]
+    NoCommit(String),
+    #[error("copying {} to {}: {source}", seed.display(), repo.display())]
+    Seed {
+        seed: PathBuf,
+        repo: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("copying the seed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// Making the repository from its seed failed; `log` is what git printed.
+    #[error("{error}\n{log}")]
+    Seeding {
+        error: Box<SourceError>,
+        log: String,
+    },
+}
 
 /// The commit a Fetch checked out.
 #[derive(Debug)]
@@ -17,7 +48,6 @@ pub struct Fetched {
     pub sha: String,
     pub message: String,
     pub author: String,
-    pub log: String,
 }
 
 /// A git URL as is; a local path resolved against the config file's folder.
@@ -40,21 +70,23 @@ fn git(dir: Option<&Path>) -> Command {
     command
 }
 
-async fn run_git(command: Command, log: &mut String) -> Result<String, String> {
+/// Runs one git command, its line and output added to `log`; returns its output.
+async fn run_git(command: Command, log: &mut String) -> Result<String, SourceError> {
     let args: Vec<_> = command
         .as_std()
         .get_args()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
     log.push_str(&format!("$ git {}\n", args.join(" ")));
-    let done = process::run(command, GIT_TIMEOUT)
-        .await
-        .map_err(|err| err.to_string())?;
+    let done = process::run(command, GIT_TIMEOUT).await?;
     log.push_str(&done.log);
     if done.success {
         Ok(done.log)
     } else {
-        Err(format!("git {} ({})", args.join(" "), done.status))
+        Err(SourceError::Git {
+            args: args.join(" "),
+            exit: done.status,
+        })
     }
 }
 
@@ -64,17 +96,11 @@ pub async fn fetch(
     checkout: &Path,
     branch: &str,
     commit: Option<&str>,
-) -> Result<Fetched, (String, String)> {
+) -> Result<Done<Fetched>, Failed<SourceError>> {
     let mut log = String::new();
-    let result = fetch_logged(repo, checkout, branch, commit, &mut log).await;
-    match result {
-        Ok((sha, message, author)) => Ok(Fetched {
-            sha,
-            message,
-            author,
-            log,
-        }),
-        Err(reason) => Err((log, reason)),
+    match fetch_logged(repo, checkout, branch, commit, &mut log).await {
+        Ok(fetched) => Ok(Done::new(fetched, log)),
+        Err(error) => Err(Failed { log, error }),
     }
 }
 
@@ -84,21 +110,9 @@ async fn fetch_logged(
     branch: &str,
     commit: Option<&str>,
     log: &mut String,
-) -> Result<(String, String, String), String> {
+) -> Result<Fetched, SourceError> {
     if !checkout.join(".git").exists() {
-        if let Some(parent) = checkout.parent() {
-            tokio::fs::create_dir_all(parent)
-                .await
-                .map_err(|err| format!("{}: {err}", parent.display()))?;
-        }
-        let mut clone = git(None);
-        clone
-            .arg("clone")
-            .arg("--quiet")
-            .arg("--no-checkout")
-            .arg(repo)
-            .arg(checkout);
-        run_git(clone, log).await?;
+        clone(repo, checkout, log).await?;
     }
     let mut fetch = git(Some(checkout));
     // The branch first: a commit pushed to it is then known even where the server refuses
@@ -127,6 +141,31 @@ async fn fetch_logged(
     let mut clean = git(Some(checkout));
     clean.args(["clean", "-ffd", "--quiet"]);
     run_git(clean, log).await?;
+    head_commit(checkout, log).await
+}
+
+async fn clone(repo: &str, checkout: &Path, log: &mut String) -> Result<(), SourceError> {
+    if let Some(parent) = checkout.parent() {
+        tokio::fs::create_dir_all(parent)
+            .await
+            .map_err(|source| SourceError::Folder {
+                path: parent.to_owned(),
+                source,
+            })?;
+    }
+    let mut clone = git(None);
+    clone
+        .arg("clone")
+        .arg("--quiet")
+        .arg("--no-checkout")
+        .arg(repo)
+        .arg(checkout);
+    run_git(clone, log).await?;
+    Ok(())
+}
+
+/// The commit checked out in `checkout`.
+async fn head_commit(checkout: &Path, log: &mut String) -> Result<Fetched, SourceError> {
     let mut show = git(Some(checkout));
     show.args(["log", "-1", "--format=%H%n%an%n%s", "HEAD"]);
     let shown = run_git(show, log).await?;
@@ -135,14 +174,18 @@ async fn fetch_logged(
     let author = lines.next().unwrap_or_default().to_owned();
     let message = lines.next().unwrap_or_default().to_owned();
     if sha.len() != 40 {
-        return Err(format!("git log printed no commit id: {shown}"));
+        return Err(SourceError::NoCommit(shown));
     }
-    Ok((sha, message, author))
+    Ok(Fetched {
+        sha,
+        message,
+        author,
+    })
 }
 
 /// On first run, turns `seed` (a folder of files) into a git repository at `repo` with one
 /// commit on `branch`, so the shipped example deploys without any setup.
-pub async fn init_from_seed(repo: &Path, seed: &Path, branch: &str) -> Result<(), String> {
+pub async fn init_from_seed(repo: &Path, seed: &Path, branch: &str) -> Result<(), SourceError> {
     if repo.exists() {
         return Ok(());
     }
@@ -150,9 +193,11 @@ pub async fn init_from_seed(repo: &Path, seed: &Path, branch: &str) -> Result<()
         let (seed, repo) = (seed.to_owned(), repo.to_owned());
         tokio::task::spawn_blocking(move || copy_dir(&seed, &repo))
     };
-    copy.await
-        .map_err(|err| err.to_string())?
-        .map_err(|err| format!("copying {} to {}: {err}", seed.display(), repo.display()))?;
+    copy.await?.map_err(|source| SourceError::Seed {
+        seed: seed.to_owned(),
+        repo: repo.to_owned(),
+        source,
+    })?;
     let mut log = String::new();
     for args in [
         vec!["init", "--quiet", "-b", branch],
@@ -170,9 +215,12 @@ pub async fn init_from_seed(repo: &Path, seed: &Path, branch: &str) -> Result<()
     ] {
         let mut command = git(Some(repo));
         command.args(args);
-        run_git(command, &mut log)
-            .await
-            .map_err(|err| format!("{err}\n{log}"))?;
+        if let Err(error) = run_git(command, &mut log).await {
+            return Err(SourceError::Seeding {
+                error: Box::new(error),
+                log,
+            });
+        }
     }
     Ok(())
 }
@@ -230,7 +278,8 @@ mod tests {
         let checkout = dir.path().join("checkout");
         let first = fetch(&repo.display().to_string(), &checkout, "main", None)
             .await
-            .unwrap();
+            .unwrap()
+            .value;
         assert_eq!(
             first.message,
             "First version, made by nonstop from its example"
@@ -248,7 +297,8 @@ mod tests {
             Some(&first.sha),
         )
         .await
-        .unwrap();
+        .unwrap()
+        .value;
         assert_eq!(again.sha, first.sha);
         assert!(
             !checkout.join("stray.txt").exists(),
@@ -265,7 +315,7 @@ mod tests {
         let repo = dir.path().join("repo");
         init_from_seed(&repo, &seed, "main").await.unwrap();
         let missing = "0".repeat(40);
-        let (log, reason) = fetch(
+        let Failed { log, error } = fetch(
             &repo.display().to_string(),
             &dir.path().join("co"),
             "main",
@@ -273,7 +323,8 @@ mod tests {
         )
         .await
         .unwrap_err();
-        assert!(reason.contains("git"), "{reason}");
+        assert!(matches!(error, SourceError::Git { .. }), "{error}");
+        assert!(error.to_string().contains("git"), "{error}");
         assert!(log.contains(&missing), "{log}");
     }
 }

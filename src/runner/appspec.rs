@@ -150,66 +150,82 @@ pub fn render_with(destination: &str, timeout_secs: u64, runas: Option<&str>) ->
     serde_yaml_ng::to_string(&spec).expect("an appspec always serialises")
 }
 
+/// Why an appspec was refused: the CodeDeploy agent's rules, each in one line.
+#[derive(Debug, thiserror::Error)]
+pub enum AppSpecError {
+    #[error("appspec.yml: {0}")]
+    Yaml(#[from] serde_yaml_ng::Error),
+    #[error("appspec.yml: version must be 0.0, not {0}")]
+    Version(f32),
+    #[error("appspec.yml: os must be linux, not {0}")]
+    Os(String),
+    #[error("appspec.yml: files destination {0} must be an absolute path")]
+    Destination(String),
+    #[error("appspec.yml: unknown hook {0}")]
+    UnknownHook(String),
+    #[error("appspec.yml: {0} is run by the agent and takes no scripts")]
+    AgentHook(Hook),
+    #[error("appspec.yml: {hook} script {location} must be a path inside the bundle")]
+    Outside { hook: Hook, location: String },
+    #[error("appspec.yml: {0} runas must be one user name")]
+    RunAs(Hook),
+    #[error("appspec.yml: {0} timeout must be 1..={MAX_HOOK_TIMEOUT_SECS} seconds")]
+    Timeout(Hook),
+}
+
 /// Parses and checks an appspec as the CodeDeploy agent would.
-pub fn parse(text: &str) -> Result<AppSpec, String> {
-    let spec: AppSpec =
-        serde_yaml_ng::from_str(text).map_err(|err| format!("appspec.yml: {err}"))?;
+pub fn parse(text: &str) -> Result<AppSpec, AppSpecError> {
+    let spec: AppSpec = serde_yaml_ng::from_str(text)?;
     if spec.version != 0.0 {
-        return Err(format!(
-            "appspec.yml: version must be 0.0, not {}",
-            spec.version
-        ));
+        return Err(AppSpecError::Version(spec.version));
     }
     if spec.os != "linux" {
-        return Err(format!("appspec.yml: os must be linux, not {}", spec.os));
+        return Err(AppSpecError::Os(spec.os));
     }
-    for file in &spec.files {
-        if !file.destination.starts_with('/') {
-            return Err(format!(
-                "appspec.yml: files destination {} must be an absolute path",
-                file.destination
-            ));
-        }
+    if let Some(file) = spec.files.iter().find(|f| !f.destination.starts_with('/')) {
+        return Err(AppSpecError::Destination(file.destination.clone()));
     }
     for (name, scripts) in &spec.hooks {
-        let hook = Hook::parse(name).ok_or_else(|| format!("appspec.yml: unknown hook {name}"))?;
+        let hook = Hook::parse(name).ok_or_else(|| AppSpecError::UnknownHook(name.clone()))?;
         if !hook.is_scriptable() {
-            return Err(format!(
-                "appspec.yml: {name} is run by the agent and takes no scripts"
-            ));
+            return Err(AppSpecError::AgentHook(hook));
         }
         for script in scripts {
-            let path = std::path::Path::new(&script.location);
-            let inside = path.components().all(|c| {
-                matches!(
-                    c,
-                    std::path::Component::Normal(_) | std::path::Component::CurDir
-                )
-            });
-            if !inside {
-                return Err(format!(
-                    "appspec.yml: {name} script {} must be a path inside the bundle",
-                    script.location
-                ));
-            }
-            if script
-                .runas
-                .as_deref()
-                .is_some_and(|u| u.is_empty() || u.contains(char::is_whitespace))
-            {
-                return Err(format!("appspec.yml: {name} runas must be one user name"));
-            }
-            if script
-                .timeout
-                .is_some_and(|t| t == 0 || t > MAX_HOOK_TIMEOUT_SECS)
-            {
-                return Err(format!(
-                    "appspec.yml: {name} timeout must be 1..={MAX_HOOK_TIMEOUT_SECS} seconds"
-                ));
-            }
+            check_script(hook, script)?;
         }
     }
     Ok(spec)
+}
+
+fn check_script(hook: Hook, script: &HookScript) -> Result<(), AppSpecError> {
+    let inside = std::path::Path::new(&script.location)
+        .components()
+        .all(|c| {
+            matches!(
+                c,
+                std::path::Component::Normal(_) | std::path::Component::CurDir
+            )
+        });
+    if !inside {
+        return Err(AppSpecError::Outside {
+            hook,
+            location: script.location.clone(),
+        });
+    }
+    if script
+        .runas
+        .as_deref()
+        .is_some_and(|u| u.is_empty() || u.contains(char::is_whitespace))
+    {
+        return Err(AppSpecError::RunAs(hook));
+    }
+    if script
+        .timeout
+        .is_some_and(|t| t == 0 || t > MAX_HOOK_TIMEOUT_SECS)
+    {
+        return Err(AppSpecError::Timeout(hook));
+    }
+    Ok(())
 }
 
 impl AppSpec {
@@ -358,12 +374,13 @@ runner = { kind = "codedeploy", application = "hello", group = "fleet", destinat
                 "runas",
             ),
         ] {
-            let err = parse(&format!("{base}{hooks}")).unwrap_err();
+            let err = parse(&format!("{base}{hooks}")).unwrap_err().to_string();
             assert!(err.contains(why), "{err}");
         }
         assert!(
             parse("version: 1.0\nos: linux\n")
                 .unwrap_err()
+                .to_string()
                 .contains("version")
         );
     }

@@ -27,11 +27,58 @@ use tokio::time::Instant;
 
 use super::appspec::MAX_HOOK_TIMEOUT_SECS;
 use super::lifecycle::{self, InstanceTarget, StageReport};
+use super::step::{self, Done, Failed};
 use super::{Interrupted, Job, Progress, Runner, RunnerError};
 use crate::aws::{self, AwsFailure, Backoff, Endpoint, FailureKind, Timeouts};
 use crate::config::{AppConfig, RunnerConfig};
-use crate::domain::{Hook, StageStatus};
+use crate::domain::{DeploymentId, Hook, StageStatus};
+use crate::store::StoreError;
 use crate::store::s3::S3Store;
+
+/// What a CodeDeploy deployment can fail with, in one line.
+#[derive(Debug, thiserror::Error)]
+pub enum CodeDeployError {
+    /// The bundle is not in S3 as recorded.
+    #[error(transparent)]
+    Bundle(#[from] StoreError),
+    #[error("CreateDeployment for application `{application}`, group `{group}`: {failure}")]
+    Create {
+        application: String,
+        group: String,
+        failure: AwsFailure,
+    },
+    #[error("CreateDeployment answered without a deployment id")]
+    NoDeploymentId,
+    /// It ended other than succeeded, or nonstop stopped following it; `event` is the
+    /// fleet's first failed lifecycle event.
+    #[error("{}", ended_reason(.deployment_id, .standing, .event.as_deref()))]
+    Ended {
+        deployment_id: String,
+        standing: Standing,
+        event: Option<String>,
+    },
+    #[error("deployment {deployment}: could not look for its CodeDeploy deployment: {failure}")]
+    LookUp {
+        deployment: DeploymentId,
+        failure: AwsFailure,
+    },
+    #[error("deployment {deployment}: could not stop {aws_id}: {failure}")]
+    Stop {
+        deployment: DeploymentId,
+        aws_id: String,
+        failure: AwsFailure,
+    },
+}
+
+/// AWS's reason and the failed event, else the bare fact.
+fn ended_reason(deployment_id: &str, standing: &Standing, event: Option<&str>) -> String {
+    match (standing.error(), event) {
+        (Some(error), Some(event)) => format!("{error} ({event})"),
+        (Some(error), None) => error,
+        (None, Some(event)) => event.to_owned(),
+        (None, None) => format!("deployment {deployment_id} ended {}", standing.word()),
+    }
+}
 
 /// What `nonstop.toml` says about an app's CodeDeploy runner.
 #[derive(Clone, Debug)]
@@ -98,16 +145,78 @@ enum Detail {
     Unavailable,
 }
 
+/// How per-instance detail is being asked for, from one poll to the next.
+struct Following {
+    source: Detail,
+    /// Failures of `source` in a row.
+    failures: u32,
+    /// Why detail stopped coming, for the stage log.
+    note: Option<String>,
+}
+
+/// What following a deployment ended with.
+struct Followed {
+    standing: Standing,
+    /// The last per-instance detail that came.
+    instances: Option<Vec<InstanceTarget>>,
+    note: Option<String>,
+}
+
 /// The overall state of a deployment, from GetDeployment.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Overall {
-    status: String,
-    error: Option<String>,
+#[derive(Clone, Debug, PartialEq)]
+pub struct Overall {
+    pub status: DeploymentStatus,
+    /// AWS's `errorInformation`, as `code: message`.
+    pub error: Option<String>,
 }
 
 impl Overall {
     fn is_done(&self) -> bool {
-        matches!(self.status.as_str(), "Succeeded" | "Failed" | "Stopped")
+        matches!(
+            self.status,
+            DeploymentStatus::Succeeded | DeploymentStatus::Failed | DeploymentStatus::Stopped
+        )
+    }
+}
+
+/// Where a deployment stands once nonstop stops following it: as AWS says, or one of the
+/// two ends nonstop adds.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Standing {
+    Aws(Overall),
+    /// Not finished at nonstop's timeout; nonstop asked CodeDeploy to stop it.
+    TimedOut {
+        status: DeploymentStatus,
+        after: Duration,
+    },
+    /// GetDeployment kept failing, or failed in a way that will not pass.
+    Lost(AwsFailure),
+}
+
+impl Standing {
+    fn succeeded(&self) -> bool {
+        matches!(self, Self::Aws(overall) if overall.status == DeploymentStatus::Succeeded)
+    }
+
+    /// The status the stage log shows: AWS's, or nonstop's own word for its two ends.
+    fn word(&self) -> &str {
+        match self {
+            Self::Aws(overall) => overall.status.as_str(),
+            Self::TimedOut { .. } => "TimedOut",
+            Self::Lost(_) => "Unknown",
+        }
+    }
+
+    fn error(&self) -> Option<String> {
+        match self {
+            Self::Aws(overall) => overall.error.clone(),
+            Self::TimedOut { status, after } => Some(format!(
+                "still {} after {} s; asked CodeDeploy to stop it",
+                status.as_str(),
+                after.as_secs()
+            )),
+            Self::Lost(failure) => Some(format!("lost track of the deployment: {failure}")),
+        }
     }
 }
 
@@ -216,12 +325,11 @@ impl CodeDeployRunner {
         self
     }
 
-    async fn create(&self, job: &Job) -> Result<String, String> {
+    async fn create(&self, job: &Job) -> Result<String, CodeDeployError> {
         let object = self
             .store
             .locate(&job.bundle_key, &job.bundle_sha256)
-            .await
-            .map_err(|err| err.to_string())?;
+            .await?;
         let location = S3Location::builder()
             .bucket(&object.bucket)
             .key(&object.key)
@@ -262,16 +370,15 @@ impl CodeDeployRunner {
             },
         )
         .await
-        .map_err(|failure| {
-            format!(
-                "CreateDeployment for application `{}`, group `{}`: {failure}",
-                self.settings.application, self.settings.group
-            )
+        .map_err(|failure| CodeDeployError::Create {
+            application: self.settings.application.clone(),
+            group: self.settings.group.clone(),
+            failure,
         })?;
         created
             .deployment_id()
             .map(str::to_owned)
-            .ok_or_else(|| "CreateDeployment answered without a deployment id".to_owned())
+            .ok_or(CodeDeployError::NoDeploymentId)
     }
 
     async fn overall(&self, deployment_id: &str) -> Result<Overall, AwsFailure> {
@@ -291,8 +398,8 @@ impl CodeDeployRunner {
         let info = answer.deployment_info();
         let status = info
             .and_then(|i| i.status())
-            .map(|s| s.as_str().to_owned())
-            .unwrap_or_else(|| DeploymentStatus::Created.as_str().to_owned());
+            .cloned()
+            .unwrap_or(DeploymentStatus::Created);
         let error = info.and_then(|i| i.error_information()).and_then(|e| {
             let code = e.code().map(|c| c.as_str());
             let message = e.message();
@@ -403,10 +510,13 @@ impl CodeDeployRunner {
     async fn detail(
         &self,
         deployment_id: &str,
-        source: &mut Detail,
-        failures: &mut u32,
-        note: &mut Option<String>,
+        following: &mut Following,
     ) -> Option<Vec<InstanceTarget>> {
+        let Following {
+            source,
+            failures,
+            note,
+        } = following;
         loop {
             let answer = match *source {
                 Detail::Targets => self.targets(deployment_id).await,
@@ -480,22 +590,21 @@ impl Told {
 /// AWS's reason and the rest are left unreported, as the local runner leaves them.
 fn final_reports(
     instances: Option<&[InstanceTarget]>,
-    overall: &Overall,
+    standing: &Standing,
     deployment_id: &str,
     note: Option<&str>,
-) -> (Vec<StageReport>, Option<(Hook, String)>) {
+) -> (Vec<StageReport>, Option<(Hook, CodeDeployError)>) {
     let mut reports = lifecycle::stage_reports(instances.unwrap_or(&[]));
     let header = format!(
         "CodeDeploy deployment {deployment_id}: {}{}\n{}",
-        overall.status,
-        overall
-            .error
-            .as_deref()
+        standing.word(),
+        standing
+            .error()
             .map(|e| format!(" — {e}"))
             .unwrap_or_default(),
         note.map(|n| format!("{n}\n")).unwrap_or_default()
     );
-    if overall.status == "Succeeded" {
+    if standing.succeeded() {
         for report in &mut reports {
             if matches!(report.status, StageStatus::Pending | StageStatus::Running) {
                 report.status = StageStatus::Succeeded;
@@ -504,13 +613,10 @@ fn final_reports(
         }
         return (reports, None);
     }
-    let instances = instances.unwrap_or(&[]);
-    let failed_event = lifecycle::first_failure(instances);
-    let reason = match (&overall.error, &failed_event) {
-        (Some(error), Some((_, event))) => format!("{error} ({event})"),
-        (Some(error), None) => error.clone(),
-        (None, Some((_, event))) => event.clone(),
-        (None, None) => format!("deployment {deployment_id} ended {}", overall.status),
+    let reason = CodeDeployError::Ended {
+        deployment_id: deployment_id.to_owned(),
+        standing: standing.clone(),
+        event: lifecycle::first_failure(instances.unwrap_or(&[])).map(|(_, event)| event),
     };
     // The hook to blame: the failed one, else the first that did not succeed.
     let blamed = reports
@@ -548,9 +654,9 @@ impl Runner for CodeDeployRunner {
     ) -> Result<String, RunnerError> {
         // Nothing of a fleet deployment runs on this host. One nonstop no longer follows
         // must not go on unwatched: AWS stops it (rolling back as the group is set to).
-        let fail = |reason: String| RunnerError {
+        let fail = |error: CodeDeployError| RunnerError {
             hook: Hook::ApplicationStop,
-            reason: format!("deployment {}: {reason}", job.deployment_id),
+            reason: error.into(),
         };
         let aws_id = match record.runner_ref {
             Some(aws_id) => aws_id.to_owned(),
@@ -561,9 +667,10 @@ impl Runner for CodeDeployRunner {
                     return Ok("no CodeDeploy deployment was created: nothing to stop".into());
                 }
                 Err(failure) => {
-                    return Err(fail(format!(
-                        "could not look for its CodeDeploy deployment: {failure}"
-                    )));
+                    return Err(fail(CodeDeployError::LookUp {
+                        deployment: job.deployment_id,
+                        failure,
+                    }));
                 }
             },
             None => return Ok("it never reached CodeDeploy: nothing to stop".into()),
@@ -586,51 +693,85 @@ impl Runner for CodeDeployRunner {
                 if failure.code.as_deref() == Some("DeploymentAlreadyCompletedException") {
                     return Ok(format!("{aws_id} had already ended"));
                 }
-                Err(fail(format!("could not stop {aws_id}: {failure}")))
+                Err(fail(CodeDeployError::Stop {
+                    deployment: job.deployment_id,
+                    aws_id: aws_id.to_owned(),
+                    failure,
+                }))
             }
         }
     }
 
     async fn run(&self, job: &Job, progress: &dyn Progress) -> Result<(), RunnerError> {
-        let deployment_id = match self.create(job).await {
-            Ok(id) => id,
-            Err(reason) => {
-                // Nothing ran on the fleet: the first hook stage carries why.
-                progress.hook_started(Hook::ApplicationStop).await;
-                progress
-                    .hook_finished(
-                        Hook::ApplicationStop,
-                        StageStatus::Failed,
-                        &format!("{reason}\n"),
-                    )
-                    .await;
-                return Err(RunnerError {
-                    hook: Hook::ApplicationStop,
-                    reason,
-                });
+        let at = |hook: Hook| {
+            move |error: CodeDeployError| RunnerError {
+                hook,
+                reason: error.into(),
             }
         };
-        tracing::info!(deployment_id = job.deployment_id, app = %job.app.name, aws_deployment_id = %deployment_id, application = %self.settings.application, group = %self.settings.group, "CodeDeploy deployment created");
+        let deployment_id = match self.create(job).await {
+            Ok(id) => id,
+            // Nothing ran on the fleet: the first hook stage carries why.
+            Err(error) => {
+                let created = async { Err::<Done<()>, _>(Failed::new(error)) };
+                return step::record(progress, Hook::ApplicationStop, created)
+                    .await
+                    .map_err(at(Hook::ApplicationStop));
+            }
+        };
+        tracing::info!(deployment_id = %job.deployment_id, app = %job.app.name, aws_deployment_id = %deployment_id, application = %self.settings.application, group = %self.settings.group, "CodeDeploy deployment created");
         progress.runner_ref(&deployment_id).await;
         let mut guard = StopOnDrop {
             client: self.client.clone(),
             deployment_id: deployment_id.clone(),
             armed: true,
         };
-        let deadline = Instant::now() + self.settings.timeout;
         let mut told = Told::default();
-        let mut source = Detail::Targets;
-        let mut failures = 0;
-        let mut note = None;
-        let mut last_instances: Option<Vec<InstanceTarget>> = None;
+        let followed = self.follow(&deployment_id, progress, &mut told).await;
+        // The deployment ended (or was stopped): nothing to stop on drop any more, except
+        // when it was lost, where stopping is the safe side.
+        guard.armed = matches!(followed.standing, Standing::Lost(_));
+        let (reports, failure) = final_reports(
+            followed.instances.as_deref(),
+            &followed.standing,
+            &deployment_id,
+            followed.note.as_deref(),
+        );
+        for report in &reports {
+            told.report(progress, report).await;
+        }
+        tracing::info!(deployment_id = %job.deployment_id, aws_deployment_id = %deployment_id, status = followed.standing.word(), error = followed.standing.error().as_deref(), "CodeDeploy deployment ended");
+        match failure {
+            None => Ok(()),
+            Some((hook, error)) => Err(at(hook)(error)),
+        }
+    }
+}
+
+impl CodeDeployRunner {
+    /// Polls the deployment until it ends, nonstop's timeout passes or it is lost, telling
+    /// each hook as the fleet starts and ends it.
+    async fn follow(
+        &self,
+        deployment_id: &str,
+        progress: &dyn Progress,
+        told: &mut Told,
+    ) -> Followed {
+        let deadline = Instant::now() + self.settings.timeout;
+        let mut following = Following {
+            source: Detail::Targets,
+            failures: 0,
+            note: None,
+        };
+        let mut instances: Option<Vec<InstanceTarget>> = None;
         let mut overall = Overall {
-            status: "Created".into(),
+            status: DeploymentStatus::Created,
             error: None,
         };
         let mut poll_errors = 0u32;
         // Bounded by the deadline; each turn waits `poll_interval`.
-        loop {
-            match self.overall(&deployment_id).await {
+        let standing = loop {
+            match self.overall(deployment_id).await {
                 Ok(now) => {
                     poll_errors = 0;
                     overall = now;
@@ -640,56 +781,34 @@ impl Runner for CodeDeployRunner {
                     tracing::warn!(aws_deployment_id = %deployment_id, error = %failure, "GetDeployment failed");
                     // Refused credentials or a vanished deployment will not come back.
                     if !failure.kind.is_retryable() || poll_errors >= 5 {
-                        overall = Overall {
-                            status: "Unknown".into(),
-                            error: Some(format!("lost track of the deployment: {failure}")),
-                        };
-                        break;
+                        break Standing::Lost(failure);
                     }
                 }
             }
-            if let Some(instances) = self
-                .detail(&deployment_id, &mut source, &mut failures, &mut note)
-                .await
-            {
-                last_instances = Some(instances);
+            if let Some(now) = self.detail(deployment_id, &mut following).await {
+                instances = Some(now);
             }
             if overall.is_done() {
-                break;
+                break Standing::Aws(overall);
             }
-            if let Some(instances) = &last_instances {
+            if let Some(instances) = &instances {
                 for report in lifecycle::stage_reports(instances) {
                     told.report(progress, &report).await;
                 }
             }
             if Instant::now() >= deadline {
-                overall.error = Some(format!(
-                    "still {} after {} s; asked CodeDeploy to stop it",
-                    overall.status,
-                    self.settings.timeout.as_secs()
-                ));
-                overall.status = "TimedOut".into();
-                stop(&self.client, &deployment_id).await;
-                break;
+                stop(&self.client, deployment_id).await;
+                break Standing::TimedOut {
+                    status: overall.status,
+                    after: self.settings.timeout,
+                };
             }
             tokio::time::sleep(self.poll_interval.min(deadline - Instant::now())).await;
-        }
-        // The deployment ended (or was stopped/lost): nothing to stop on drop any more,
-        // except when it was lost, where stopping is the safe side.
-        guard.armed = overall.status == "Unknown";
-        let (reports, failure) = final_reports(
-            last_instances.as_deref(),
-            &overall,
-            &deployment_id,
-            note.as_deref(),
-        );
-        for report in &reports {
-            told.report(progress, report).await;
-        }
-        tracing::info!(deployment_id = job.deployment_id, aws_deployment_id = %deployment_id, status = %overall.status, error = overall.error.as_deref(), "CodeDeploy deployment ended");
-        match failure {
-            None => Ok(()),
-            Some((hook, reason)) => Err(RunnerError { hook, reason }),
+        };
+        Followed {
+            standing,
+            instances,
+            note: following.note,
         }
     }
 }
@@ -699,11 +818,11 @@ mod tests {
     use super::*;
     use crate::runner::lifecycle::LifecycleEvent;
 
-    fn overall(status: &str, error: Option<&str>) -> Overall {
-        Overall {
+    fn overall(status: &str, error: Option<&str>) -> Standing {
+        Standing::Aws(Overall {
             status: status.into(),
             error: error.map(str::to_owned),
-        }
+        })
     }
 
     #[test]
@@ -746,15 +865,16 @@ mod tests {
         let (hook, reason) = failure.unwrap();
         assert_eq!(hook, Hook::DownloadBundle);
         assert_eq!(
-            reason,
+            reason.to_string(),
             "HEALTH_CONSTRAINTS: too many failed (i-1 DownloadBundle)"
         );
         assert_eq!(reports[1].status, StageStatus::Failed);
         assert_eq!(reports[2].status, StageStatus::Pending);
 
         let (_, failure) = final_reports(None, &overall("Stopped", None), "d-3", None);
+        let (hook, reason) = failure.unwrap();
         assert_eq!(
-            failure.unwrap(),
+            (hook, reason.to_string()),
             (Hook::ApplicationStop, "deployment d-3 ended Stopped".into())
         );
     }

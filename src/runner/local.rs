@@ -12,13 +12,59 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::process::Command;
 
-use super::appspec::{self, AppSpec};
-use super::{Interrupted, Job, Progress, Runner, RunnerError};
+use super::appspec::{self, AppSpec, AppSpecError};
+use super::step::{self, Done, Failed};
+use super::{Interrupted, Job, Progress, PruneError, Runner, RunnerError};
 use crate::config::{AppConfig, RunnerConfig, Secret};
-use crate::domain::{Hook, StageStatus};
-use crate::process;
-use crate::store::ArtifactStore;
+use crate::domain::Hook;
+use crate::process::{self, Exit, SpawnError};
+use crate::store::{ArtifactStore, StoreError};
 use crate::switch::TrafficSwitch;
+
+/// What a hook of the local runner can fail with, in one line; the hook's log has the rest.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("not a zip bundle: {0}")]
+    NotZip(zip::result::ZipError),
+    #[error("bad zip entry: {0}")]
+    BadEntry(zip::result::ZipError),
+    #[error("bundle entry `{0}` points outside the bundle")]
+    Outside(String),
+    #[error("bundle has no appspec.yml: {0}")]
+    NoAppSpec(std::io::Error),
+    #[error(transparent)]
+    AppSpec(#[from] AppSpecError),
+    /// A script gave up; it says why in its last line.
+    #[error("{last_line} ({script} {exit})")]
+    Script {
+        last_line: String,
+        script: String,
+        exit: Exit,
+    },
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+    #[error("could not install into {path}: {source}")]
+    Install {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> LocalError + '_ {
+    move |source| LocalError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
 
 pub struct LocalRunner {
     /// `<data_dir>/apps/<app>`.
@@ -30,6 +76,18 @@ pub struct LocalRunner {
     switch_token: Secret,
     /// Env vars holding nonstop's own secrets: hooks and apps never see them.
     scrubbed_env: Vec<String>,
+}
+
+/// Where one deployment lives on this host.
+struct Folders {
+    /// `deployments/<id>`: the bundle's zip while it is unpacked.
+    deployment: PathBuf,
+    /// `deployments/<id>/deployment-archive`: the unpacked bundle, its scripts run from here.
+    archive: PathBuf,
+    /// `releases/<version>`: what Install copied, what the instance runs.
+    release: PathBuf,
+    /// `run`: the instances' pid files and logs, shared by every deployment.
+    run: PathBuf,
 }
 
 impl LocalRunner {
@@ -57,23 +115,54 @@ impl LocalRunner {
         self.app_dir.join("last-successful-archive")
     }
 
+    fn folders(&self, job: &Job) -> Folders {
+        let deployment = self
+            .app_dir
+            .join("deployments")
+            .join(job.deployment_id.to_string());
+        Folders {
+            archive: deployment.join("deployment-archive"),
+            deployment,
+            release: self.app_dir.join("releases").join(&job.version),
+            run: self.app_dir.join("run"),
+        }
+    }
+
+    /// What the hooks of `job` are told, with `live` as the live port.
+    fn context<'a>(
+        &'a self,
+        job: &'a Job,
+        folders: &'a Folders,
+        live: Option<u16>,
+    ) -> HookContext<'a> {
+        HookContext {
+            job,
+            group: &self.group,
+            live,
+            release_dir: &folders.release,
+            run_dir: &folders.run,
+            switch_url: &self.switch_url,
+            switch_token: self.switch_token.expose(),
+        }
+    }
+
     /// Runs every script the appspec lists for `hook`; the hook's log is all their output.
     async fn run_scripts(
         &self,
         spec: &AppSpec,
         archive: &Path,
         hook: Hook,
-        env: &[(String, String)],
-        default_timeout: Duration,
-    ) -> Result<String, (String, String)> {
+        context: &HookContext<'_>,
+    ) -> Result<String, Failed<LocalError>> {
+        let env = context.env(hook);
+        let default_timeout = Duration::from_secs(context.job.app.hook_timeout_secs);
         let mut log = String::new();
         for script in spec.scripts(hook) {
-            let path = archive.join(&script.location);
             let timeout = script
                 .timeout
                 .map(Duration::from_secs)
                 .unwrap_or(default_timeout);
-            let mut command = Command::new(&path);
+            let mut command = Command::new(archive.join(&script.location));
             command
                 .current_dir(archive)
                 .envs(env.iter().map(|(k, v)| (k, v)));
@@ -85,29 +174,124 @@ impl LocalRunner {
                 script.location,
                 timeout.as_secs()
             ));
-            match process::run(command, timeout).await {
-                Ok(done) => {
-                    log.push_str(&done.log);
-                    if !done.success {
-                        log.push_str(&format!("{} ended: {}\n", script.location, done.status));
-                        // A script says why it gave up in its last line.
-                        let reason = format!(
-                            "{} ({} {})",
-                            last_line(&done.log),
-                            script.location,
-                            done.status
-                        );
-                        return Err((log, reason));
-                    }
-                }
-                Err(err) => {
-                    log.push_str(&format!("{err}\n"));
-                    return Err((log, err.to_string()));
-                }
+            let done = match process::run(command, timeout).await {
+                Ok(done) => done,
+                Err(err) => return Err(Failed::after(log, err.into())),
+            };
+            log.push_str(&done.log);
+            if !done.success {
+                log.push_str(&format!("{} ended: {}\n", script.location, done.status));
+                let error = LocalError::Script {
+                    last_line: last_line(&done.log).to_owned(),
+                    script: script.location.clone(),
+                    exit: done.status,
+                };
+                return Err(Failed { log, error });
             }
         }
         Ok(log)
     }
+
+    /// ApplicationStop runs the previous revision's scripts, as the agent does.
+    async fn stop_previous(
+        &self,
+        context: &HookContext<'_>,
+    ) -> Result<Done<()>, Failed<LocalError>> {
+        let previous = tokio::fs::read_to_string(self.last_revision_marker())
+            .await
+            .ok()
+            .map(PathBuf::from);
+        let Some(dir) = previous else {
+            return Ok(Done::skipped((), NOTHING_TO_STOP));
+        };
+        let spec = tokio::fs::read_to_string(dir.join("appspec.yml"))
+            .await
+            .ok()
+            .and_then(|text| appspec::parse(&text).ok());
+        let Some(spec) = spec else {
+            return Ok(Done::skipped((), NOTHING_TO_STOP));
+        };
+        let log = self
+            .run_scripts(&spec, &dir, Hook::ApplicationStop, context)
+            .await?;
+        Ok(Done::new((), log))
+    }
+
+    /// DownloadBundle: fetch from the store (checksum checked) and unpack.
+    async fn download(
+        &self,
+        job: &Job,
+        folders: &Folders,
+    ) -> Result<Done<AppSpec>, Failed<LocalError>> {
+        let zip_path = folders.deployment.join("bundle.zip");
+        self.store
+            .get(&job.bundle_key, &job.bundle_sha256, &zip_path)
+            .await
+            .map_err(LocalError::from)?;
+        let (zip, dest) = (zip_path.clone(), folders.archive.clone());
+        let files = tokio::task::spawn_blocking(move || extract(&zip, &dest))
+            .await
+            .map_err(LocalError::from)??;
+        // Unpacked, the zip is one more copy of the artifact on this host's disk.
+        let _ = tokio::fs::remove_file(&zip_path).await;
+        let spec = read_appspec(&folders.archive).await?;
+        let log = format!(
+            "fetched {} (sha256 {})\nunpacked {files} files into {}\n",
+            job.bundle_key,
+            job.bundle_sha256,
+            folders.archive.display()
+        );
+        Ok(Done::new(spec, log))
+    }
+
+    /// One of the hooks after DownloadBundle: Install copies the release, the others run
+    /// the new revision's scripts.
+    async fn hook(
+        &self,
+        hook: Hook,
+        spec: &AppSpec,
+        folders: &Folders,
+        context: &HookContext<'_>,
+    ) -> Result<Done<()>, Failed<LocalError>> {
+        if hook == Hook::Install {
+            let files = install(&folders.archive, &folders.release).await?;
+            let log = format!("copied {files} files to {}\n", folders.release.display());
+            return Ok(Done::new((), log));
+        }
+        if spec.scripts(hook).is_empty() {
+            return Ok(Done::skipped((), "no script for this hook\n"));
+        }
+        let log = self
+            .run_scripts(spec, &folders.archive, hook, context)
+            .await?;
+        Ok(Done::new((), log))
+    }
+
+    /// The next deployment's ApplicationStop runs from this revision.
+    async fn remember_revision(&self, archive: &Path) {
+        let marker = self.last_revision_marker();
+        if let Err(err) = tokio::fs::write(&marker, archive.display().to_string()).await {
+            tracing::warn!(path = %marker.display(), error = %err, "could not record the last revision");
+        }
+    }
+
+    /// The revision the next ApplicationStop runs from, by its folder's name.
+    async fn last_revision(&self) -> Option<String> {
+        let archive = tokio::fs::read_to_string(self.last_revision_marker())
+            .await
+            .ok()?;
+        let folder = Path::new(&archive).parent()?.file_name()?;
+        Some(folder.to_string_lossy().into_owned())
+    }
+}
+
+const NOTHING_TO_STOP: &str = "no previous revision on this host: nothing to stop\n";
+
+async fn read_appspec(archive: &Path) -> Result<AppSpec, LocalError> {
+    let text = tokio::fs::read_to_string(archive.join("appspec.yml"))
+        .await
+        .map_err(LocalError::NoAppSpec)?;
+    Ok(appspec::parse(&text)?)
 }
 
 /// What the hooks of one deployment are told; fixed when the deployment starts, so all
@@ -196,8 +380,58 @@ fn last_line(log: &str) -> &str {
         .unwrap_or("no output")
 }
 
+/// Ties a hook's error to the hook, as the pipeline records it.
+fn at(hook: Hook) -> impl FnOnce(LocalError) -> RunnerError {
+    move |error| RunnerError {
+        hook,
+        reason: error.into(),
+    }
+}
+
 #[async_trait]
 impl Runner for LocalRunner {
+    async fn run(&self, job: &Job, progress: &dyn Progress) -> Result<(), RunnerError> {
+        let folders = self.folders(job);
+        for dir in [&folders.deployment, &folders.run] {
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(io_at(dir))
+                .map_err(at(Hook::ApplicationStop))?;
+        }
+        // Idle and live are fixed once per deployment: the hooks of one deploy must agree.
+        let live = self.switch.live();
+        let idle = job.app.idle_port(live);
+        progress.target_port(idle).await;
+        let context = self.context(job, &folders, live);
+
+        step::record(
+            progress,
+            Hook::ApplicationStop,
+            self.stop_previous(&context),
+        )
+        .await
+        .map_err(at(Hook::ApplicationStop))?;
+        let spec = step::record(progress, Hook::DownloadBundle, self.download(job, &folders))
+            .await
+            .map_err(at(Hook::DownloadBundle))?;
+        for hook in [
+            Hook::BeforeInstall,
+            Hook::Install,
+            Hook::AfterInstall,
+            Hook::ApplicationStart,
+            Hook::ValidateService,
+        ] {
+            step::record(progress, hook, self.hook(hook, &spec, &folders, &context))
+                .await
+                .map_err(at(hook))?;
+            if hook == Hook::ApplicationStart {
+                progress.instance_started(idle).await;
+            }
+        }
+        self.remember_revision(&folders.archive).await;
+        Ok(())
+    }
+
     async fn clean_up_interrupted(
         &self,
         job: &Job,
@@ -208,252 +442,59 @@ impl Runner for LocalRunner {
         if !record.started_instances {
             return Ok("no hook that starts instances had begun: nothing to stop".into());
         }
-        let archive = self
-            .app_dir
-            .join("deployments")
-            .join(job.deployment_id.to_string())
-            .join("deployment-archive");
-        let Ok(text) = tokio::fs::read_to_string(archive.join("appspec.yml")).await else {
+        let folders = self.folders(job);
+        let Ok(text) = tokio::fs::read_to_string(folders.archive.join("appspec.yml")).await else {
             return Ok("its bundle was never unpacked: nothing was started".into());
         };
-        let spec = appspec::parse(&text).map_err(|reason| RunnerError {
-            hook: Hook::AfterInstall,
-            reason,
-        })?;
+        let spec = appspec::parse(&text).map_err(|err| at(Hook::AfterInstall)(err.into()))?;
         // AfterInstall is the hook that stops whatever runs on the idle port: the same host
         // script cleans up, with the live port as it is now.
-        let release_dir = self.app_dir.join("releases").join(&job.version);
-        let run_dir = self.app_dir.join("run");
-        let context = HookContext {
-            job,
-            group: &self.group,
-            live: self.switch.live(),
-            release_dir: &release_dir,
-            run_dir: &run_dir,
-            switch_url: &self.switch_url,
-            switch_token: self.switch_token.expose(),
-        };
-        let timeout = Duration::from_secs(job.app.hook_timeout_secs);
-        self.run_scripts(
-            &spec,
-            &archive,
-            Hook::AfterInstall,
-            &context.env(Hook::AfterInstall),
-            timeout,
-        )
-        .await
-        .map_err(|(_, reason)| RunnerError {
-            hook: Hook::AfterInstall,
-            reason,
-        })
+        let context = self.context(job, &folders, self.switch.live());
+        self.run_scripts(&spec, &folders.archive, Hook::AfterInstall, &context)
+            .await
+            .map_err(|failed| at(Hook::AfterInstall)(failed.error))
     }
 
-    async fn prune(&self, job: &Job, running: &[String]) -> Result<Vec<String>, String> {
+    async fn prune(&self, job: &Job, running: &[String]) -> Result<Vec<PathBuf>, PruneError> {
         let keep = match &job.app.runner {
             RunnerConfig::Local { keep, .. } => *keep as usize,
             RunnerConfig::CodeDeploy { .. } => return Ok(Vec::new()),
         };
-        let app_dir = self.app_dir.clone();
         // The revision the next ApplicationStop runs from, and this one, always stay.
-        let mut revisions = vec![job.deployment_id.to_string()];
-        if let Some(last) = tokio::fs::read_to_string(self.last_revision_marker())
-            .await
-            .ok()
-            .and_then(|archive| Some(Path::new(&archive).parent()?.file_name()?.to_owned()))
-        {
-            revisions.push(last.to_string_lossy().into_owned());
-        }
-        let running = running.to_vec();
+        let revisions: Vec<String> = std::iter::once(job.deployment_id.to_string())
+            .chain(self.last_revision().await)
+            .collect();
+        let (app_dir, running) = (self.app_dir.clone(), running.to_vec());
         tokio::task::spawn_blocking(move || {
             let mut deleted = prune_folder(&app_dir.join("deployments"), keep, &revisions)?;
             deleted.extend(prune_folder(&app_dir.join("releases"), keep, &running)?);
             Ok(deleted)
         })
         .await
-        .map_err(|err| err.to_string())?
-    }
-
-    async fn run(&self, job: &Job, progress: &dyn Progress) -> Result<(), RunnerError> {
-        let fail = |hook: Hook, reason: String| RunnerError { hook, reason };
-        let deployment_dir = self
-            .app_dir
-            .join("deployments")
-            .join(job.deployment_id.to_string());
-        let archive = deployment_dir.join("deployment-archive");
-        let release_dir = self.app_dir.join("releases").join(&job.version);
-        let run_dir = self.app_dir.join("run");
-        for dir in [&deployment_dir, &run_dir] {
-            tokio::fs::create_dir_all(dir)
-                .await
-                .map_err(|err| fail(Hook::ApplicationStop, format!("{}: {err}", dir.display())))?;
-        }
-        // Idle and live are fixed once per deployment: the hooks of one deploy must agree.
-        let live = self.switch.live();
-        progress.target_port(job.app.idle_port(live)).await;
-        let default_timeout = Duration::from_secs(job.app.hook_timeout_secs);
-        let context = HookContext {
-            job,
-            group: &self.group,
-            live,
-            release_dir: &release_dir,
-            run_dir: &run_dir,
-            switch_url: &self.switch_url,
-            switch_token: self.switch_token.expose(),
-        };
-        let env = |hook: Hook| context.env(hook);
-
-        // ApplicationStop runs the previous revision's scripts, as the agent does.
-        progress.hook_started(Hook::ApplicationStop).await;
-        let previous = tokio::fs::read_to_string(self.last_revision_marker())
-            .await
-            .ok()
-            .map(PathBuf::from);
-        let previous_spec = match &previous {
-            Some(dir) => tokio::fs::read_to_string(dir.join("appspec.yml"))
-                .await
-                .ok()
-                .and_then(|t| appspec::parse(&t).ok()),
-            None => None,
-        };
-        match (previous, previous_spec) {
-            (Some(dir), Some(spec)) => {
-                match self
-                    .run_scripts(
-                        &spec,
-                        &dir,
-                        Hook::ApplicationStop,
-                        &env(Hook::ApplicationStop),
-                        default_timeout,
-                    )
-                    .await
-                {
-                    Ok(log) => {
-                        progress
-                            .hook_finished(Hook::ApplicationStop, StageStatus::Succeeded, &log)
-                            .await
-                    }
-                    Err((log, reason)) => {
-                        progress
-                            .hook_finished(Hook::ApplicationStop, StageStatus::Failed, &log)
-                            .await;
-                        return Err(fail(Hook::ApplicationStop, reason));
-                    }
-                }
-            }
-            _ => {
-                let log = "no previous revision on this host: nothing to stop\n";
-                progress
-                    .hook_finished(Hook::ApplicationStop, StageStatus::Skipped, log)
-                    .await;
-            }
-        }
-
-        // DownloadBundle: fetch from the store (checksum checked) and unpack.
-        progress.hook_started(Hook::DownloadBundle).await;
-        let zip_path = deployment_dir.join("bundle.zip");
-        let downloaded = async {
-            self.store
-                .get(&job.bundle_key, &job.bundle_sha256, &zip_path)
-                .await
-                .map_err(|err| err.to_string())?;
-            let (zip, dest) = (zip_path.clone(), archive.clone());
-            let files = tokio::task::spawn_blocking(move || extract(&zip, &dest))
-                .await
-                .map_err(|err| err.to_string())??;
-            // Unpacked, the zip is one more copy of the artifact on this host's disk.
-            let _ = tokio::fs::remove_file(&zip_path).await;
-            let text = tokio::fs::read_to_string(archive.join("appspec.yml"))
-                .await
-                .map_err(|err| format!("bundle has no appspec.yml: {err}"))?;
-            let spec = appspec::parse(&text)?;
-            Ok::<_, String>((spec, files))
-        }
-        .await;
-        let spec = match downloaded {
-            Ok((spec, files)) => {
-                let log = format!(
-                    "fetched {} (sha256 {})\nunpacked {files} files into {}\n",
-                    job.bundle_key,
-                    job.bundle_sha256,
-                    archive.display()
-                );
-                progress
-                    .hook_finished(Hook::DownloadBundle, StageStatus::Succeeded, &log)
-                    .await;
-                spec
-            }
-            Err(reason) => {
-                progress
-                    .hook_finished(
-                        Hook::DownloadBundle,
-                        StageStatus::Failed,
-                        &format!("{reason}\n"),
-                    )
-                    .await;
-                return Err(fail(Hook::DownloadBundle, reason));
-            }
-        };
-
-        for hook in [
-            Hook::BeforeInstall,
-            Hook::Install,
-            Hook::AfterInstall,
-            Hook::ApplicationStart,
-            Hook::ValidateService,
-        ] {
-            progress.hook_started(hook).await;
-            let outcome = if hook == Hook::Install {
-                install(&archive, &release_dir).await
-            } else if spec.scripts(hook).is_empty() {
-                progress
-                    .hook_finished(hook, StageStatus::Skipped, "no script for this hook\n")
-                    .await;
-                continue;
-            } else {
-                self.run_scripts(&spec, &archive, hook, &env(hook), default_timeout)
-                    .await
-            };
-            match outcome {
-                Ok(log) => {
-                    progress
-                        .hook_finished(hook, StageStatus::Succeeded, &log)
-                        .await
-                }
-                Err((log, reason)) => {
-                    progress
-                        .hook_finished(hook, StageStatus::Failed, &log)
-                        .await;
-                    return Err(fail(hook, reason));
-                }
-            }
-            if hook == Hook::ApplicationStart {
-                progress.instance_started(job.app.idle_port(live)).await;
-            }
-        }
-
-        // The next deployment's ApplicationStop runs from this revision.
-        let marker = self.last_revision_marker();
-        if let Err(err) = tokio::fs::write(&marker, archive.display().to_string()).await {
-            tracing::warn!(path = %marker.display(), error = %err, "could not record the last revision");
-        }
-        Ok(())
+        .map_err(|err| PruneError {
+            path: self.app_dir.clone(),
+            source: std::io::Error::other(err),
+        })?
     }
 }
 
 /// Deletes the folders in `dir` beyond the newest `keep` (by last change: a deployment's
 /// folder and a release are made as it runs), except those named in `protect`. Returns
 /// their paths. A folder that is not there has nothing to prune.
-fn prune_folder(dir: &Path, keep: usize, protect: &[String]) -> Result<Vec<String>, String> {
-    let describe = |err: std::io::Error| format!("{}: {err}", dir.display());
+fn prune_folder(dir: &Path, keep: usize, protect: &[String]) -> Result<Vec<PathBuf>, PruneError> {
+    let failed = |source| PruneError {
+        path: dir.to_owned(),
+        source,
+    };
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(err) => return Err(describe(err)),
+        Err(err) => return Err(failed(err)),
     };
     let mut folders = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(describe)?;
-        let metadata = entry.metadata().map_err(describe)?;
+        let entry = entry.map_err(failed)?;
+        let metadata = entry.metadata().map_err(failed)?;
         if metadata.is_dir() {
             let name = entry.file_name().to_string_lossy().into_owned();
             folders.push((crate::store::modified(&metadata), name));
@@ -462,35 +503,31 @@ fn prune_folder(dir: &Path, keep: usize, protect: &[String]) -> Result<Vec<Strin
     let mut deleted = Vec::new();
     for name in crate::store::beyond_retention(folders, keep, protect) {
         let path = dir.join(&name);
-        std::fs::remove_dir_all(&path).map_err(|err| format!("{}: {err}", path.display()))?;
-        deleted.push(path.display().to_string());
+        std::fs::remove_dir_all(&path).map_err(|source| PruneError {
+            path: path.clone(),
+            source,
+        })?;
+        deleted.push(path);
     }
     Ok(deleted)
 }
 
 /// Install: the bundle's files go to `releases/<version>` (the appspec's `files` destination
-/// is for fleet hosts; on this host every release lives under the data dir).
-async fn install(archive: &Path, release_dir: &Path) -> Result<String, (String, String)> {
+/// is for fleet hosts; on this host every release lives under the data dir). Returns how
+/// many files it copied.
+async fn install(archive: &Path, release_dir: &Path) -> Result<usize, LocalError> {
     let (from, to) = (archive.to_owned(), release_dir.to_owned());
-    let copied = tokio::task::spawn_blocking(move || -> std::io::Result<usize> {
+    tokio::task::spawn_blocking(move || -> std::io::Result<usize> {
         if to.exists() {
             std::fs::remove_dir_all(&to)?;
         }
         copy_tree(&from, &to)
     })
-    .await
-    .map_err(std::io::Error::other)
-    .and_then(|r| r);
-    match copied {
-        Ok(files) => Ok(format!(
-            "copied {files} files to {}\n",
-            release_dir.display()
-        )),
-        Err(err) => {
-            let reason = format!("could not install into {}: {err}", release_dir.display());
-            Err((format!("{reason}\n"), reason))
-        }
-    }
+    .await?
+    .map_err(|source| LocalError::Install {
+        path: release_dir.to_owned(),
+        source,
+    })
 }
 
 fn copy_tree(from: &Path, to: &Path) -> std::io::Result<usize> {
@@ -511,44 +548,37 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<usize> {
 
 /// Unpacks `zip` into `dest`, refusing entries that would land outside it (`../`, absolute
 /// paths); file modes are kept so scripts stay executable. Returns the number of files.
-pub fn extract(zip: &Path, dest: &Path) -> Result<usize, String> {
-    let file = std::fs::File::open(zip).map_err(|err| format!("{}: {err}", zip.display()))?;
-    let mut archive =
-        zip::ZipArchive::new(file).map_err(|err| format!("not a zip bundle: {err}"))?;
+pub fn extract(zip: &Path, dest: &Path) -> Result<usize, LocalError> {
+    let file = std::fs::File::open(zip).map_err(io_at(zip))?;
+    let mut archive = zip::ZipArchive::new(file).map_err(LocalError::NotZip)?;
     if dest.exists() {
-        std::fs::remove_dir_all(dest).map_err(|err| format!("{}: {err}", dest.display()))?;
+        std::fs::remove_dir_all(dest).map_err(io_at(dest))?;
     }
     let mut files = 0;
     for index in 0..archive.len() {
-        let mut entry = archive
-            .by_index(index)
-            .map_err(|err| format!("bad zip entry: {err}"))?;
+        let mut entry = archive.by_index(index).map_err(LocalError::BadEntry)?;
         let name = entry.name().to_owned();
         let relative = Path::new(&name);
         let safe = relative
             .components()
             .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
         if !safe || name.contains('\\') {
-            return Err(format!("bundle entry `{name}` points outside the bundle"));
+            return Err(LocalError::Outside(name));
         }
         let target = dest.join(relative);
         if entry.is_dir() {
-            std::fs::create_dir_all(&target)
-                .map_err(|err| format!("{}: {err}", target.display()))?;
+            std::fs::create_dir_all(&target).map_err(io_at(&target))?;
             continue;
         }
         if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|err| format!("{}: {err}", parent.display()))?;
+            std::fs::create_dir_all(parent).map_err(io_at(parent))?;
         }
-        let mut out =
-            std::fs::File::create(&target).map_err(|err| format!("{}: {err}", target.display()))?;
-        std::io::copy(&mut entry, &mut out)
-            .map_err(|err| format!("{}: {err}", target.display()))?;
+        let mut out = std::fs::File::create(&target).map_err(io_at(&target))?;
+        std::io::copy(&mut entry, &mut out).map_err(io_at(&target))?;
         if let Some(mode) = entry.unix_mode() {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode & 0o777))
-                .map_err(|err| format!("{}: {err}", target.display()))?;
+                .map_err(io_at(&target))?;
         }
         files += 1;
     }
@@ -586,7 +616,7 @@ run = "{artifact} --port {port} --profile {profile}"
             .apps
             .remove(0);
         Job {
-            deployment_id: 7,
+            deployment_id: crate::domain::DeploymentId::new(7),
             app: Arc::new(app),
             version: "1.0.1-SNAPSHOT-20261125140000".into(),
             bundle_key: "hello/v.zip".into(),
@@ -664,7 +694,11 @@ run = "{artifact} --port {port} --profile {profile}"
             let zip = zip_with(&[("ok.txt", b"ok"), (evil, b"x")]);
             let dest = tempfile::tempdir().unwrap();
             let err = extract(zip.path(), &dest.path().join("out")).unwrap_err();
-            assert!(err.contains("outside the bundle"), "{evil}: {err}");
+            assert!(matches!(err, LocalError::Outside(_)), "{evil}: {err}");
+            assert!(
+                err.to_string().contains("outside the bundle"),
+                "{evil}: {err}"
+            );
             assert!(!dest.path().join("evil.sh").exists());
         }
     }

@@ -1,13 +1,16 @@
 //! Runners execute a stored bundle's appspec hooks in CodeDeploy's in-place order and report
 //! each hook as it starts and ends. `local` runs them on this host, as the CodeDeploy agent
-//! would; the AWS twin will sit beside it. A runner never touches the database: it reports
-//! through `Progress`, and the pipeline records.
+//! would; `codedeploy`, its AWS twin, has a fleet run them. A runner never touches the
+//! database: it reports through `Progress`, and the pipeline records; `step` records a hook
+//! the way the pipeline records its own stages.
 
 pub mod appspec;
 pub mod codedeploy;
 pub mod lifecycle;
 pub mod local;
+pub mod step;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -56,7 +59,24 @@ pub struct Interrupted<'a> {
 #[error("{hook} failed: {reason}")]
 pub struct RunnerError {
     pub hook: Hook,
-    pub reason: String,
+    pub reason: HookError,
+}
+
+/// Why a hook failed, in the words of the runner that ran it.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    #[error(transparent)]
+    Local(#[from] local::LocalError),
+    #[error(transparent)]
+    CodeDeploy(#[from] codedeploy::CodeDeployError),
+}
+
+/// Retention on a runner's host that stopped half-way: where, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {source}", path.display())]
+pub struct PruneError {
+    pub path: PathBuf,
+    pub source: std::io::Error,
 }
 
 #[async_trait]
@@ -76,7 +96,7 @@ pub trait Runner: Send + Sync {
     /// deployments beyond the app's limit, never a version in `running` (the instances on
     /// the app's ports). Returns what it deleted. Runners whose hosts keep their own
     /// revisions (the CodeDeploy agent) leave this as is.
-    async fn prune(&self, job: &Job, running: &[String]) -> Result<Vec<String>, String> {
+    async fn prune(&self, job: &Job, running: &[String]) -> Result<Vec<PathBuf>, PruneError> {
         let _ = (job, running);
         Ok(Vec::new())
     }

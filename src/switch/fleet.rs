@@ -25,33 +25,53 @@ pub fn slot_of(app: &AppConfig, answer: &str) -> Option<LiveSlot> {
     })
 }
 
+/// Why the fleet's live slot could not be told.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("{url}: {source}")]
+    Unreachable { url: String, source: reqwest::Error },
+    #[error("{url} answered {status}")]
+    Status {
+        url: String,
+        status: reqwest::StatusCode,
+    },
+    #[error("{url} answered `{shown}`, which is none of the profiles {profiles:?}")]
+    UnknownProfile {
+        url: String,
+        shown: String,
+        profiles: [String; 2],
+    },
+}
+
 /// Asks `public_url` + `/profile` which slot is live; one short request, a one-line error.
-pub async fn probe(app: &AppConfig, public_url: &str) -> Result<LiveSlot, String> {
+pub async fn probe(app: &AppConfig, public_url: &str) -> Result<LiveSlot, FleetError> {
     let url = format!("{}/profile", public_url.trim_end_matches('/'));
-    // A public URL that does not answer in seconds is down, not slow.
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(3))
-        .build()
-        .map_err(|err| format!("no HTTP client: {err}"))?;
-    let response = client
-        .get(&url)
-        .send()
-        .await
-        .map_err(|err| format!("{url}: {err}"))?;
+    let unreachable = |source| FleetError::Unreachable {
+        url: url.clone(),
+        source,
+    };
+    let response = client().get(&url).send().await.map_err(unreachable)?;
     let status = response.status();
-    let body = response
-        .text()
-        .await
-        .map_err(|err| format!("{url}: {err}"))?;
+    let body = response.text().await.map_err(unreachable)?;
     if !status.is_success() {
-        return Err(format!("{url} answered {status}"));
+        return Err(FleetError::Status { url, status });
     }
-    slot_of(app, &body).ok_or_else(|| {
-        let shown: String = body.trim().chars().take(40).collect();
-        format!(
-            "{url} answered `{shown}`, which is none of the profiles {:?}",
-            app.profiles
-        )
+    slot_of(app, &body).ok_or_else(|| FleetError::UnknownProfile {
+        shown: body.trim().chars().take(40).collect(),
+        profiles: app.profiles.clone(),
+        url,
+    })
+}
+
+/// One client for every probe, made on first use.
+fn client() -> &'static reqwest::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| {
+        // A public URL that does not answer in seconds is down, not slow.
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(3))
+            .build()
+            .unwrap_or_default()
     })
 }
 
@@ -101,6 +121,9 @@ mod tests {
         served.abort();
         let _ = served.await;
         let err = probe(&app, &format!("http://{addr}")).await.unwrap_err();
-        assert!(err.contains(&format!("http://{addr}/profile")), "{err}");
+        assert!(
+            err.to_string().contains(&format!("http://{addr}/profile")),
+            "{err}"
+        );
     }
 }

@@ -65,20 +65,20 @@ impl Nginx {
         command
     }
 
-    async fn run(&self, args: &[&str]) -> Result<(), String> {
+    async fn run(&self, args: &[&str]) -> Result<(), NginxFailed> {
         let done = process::run(self.nginx(args), NGINX_TIMEOUT)
             .await
-            .map_err(|err| err.to_string())?;
+            .map_err(|err| NginxFailed(err.to_string()))?;
         if done.success {
             Ok(())
         } else {
             let output = done.log.trim().replace('\n', " | ");
-            Err(format!(
+            Err(NginxFailed(format!(
                 "{} {} ({}): {output}",
                 self.bin,
                 args.join(" "),
                 done.status
-            ))
+            )))
         }
     }
 
@@ -92,6 +92,11 @@ impl Nginx {
         }
     }
 }
+
+/// nginx could not be started, or said no: its command, exit and output on one line.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct NginxFailed(String);
 
 async fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     let name = path

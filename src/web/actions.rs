@@ -81,7 +81,7 @@ async fn deploy(
         .filter(|c| !c.is_empty())
         .map(CommitSha::parse)
         .transpose()
-        .map_err(AppError::BadRequest)?;
+        .map_err(|err| AppError::BadRequest(err.to_string()))?;
     let trigger = Trigger {
         app: config.name.clone(),
         commit,

@@ -71,7 +71,7 @@ async fn live(
     if let Some(public_url) = runtime.config.fleet_url() {
         let slot = crate::switch::fleet::probe(&runtime.config, public_url)
             .await
-            .map_err(AppError::BadGateway)?;
+            .map_err(|err| AppError::BadGateway(err.to_string()))?;
         let name = app.clone();
         let last = state
             .db
@@ -168,7 +168,12 @@ async fn switch(
             "a switch or admin token is needed".into(),
         ));
     }
-    let AppJson(request) = body?;
+    let AppJson(request) = body.map_err(|err| match err {
+        AppError::BadRequest(reason) => {
+            AppError::BadRequest(format!("expected {{\"port\": N}}: {reason}"))
+        }
+        other => other,
+    })?;
     let moved = state
         .traffic
         .go_live(state.app(&app)?, request.port, None)

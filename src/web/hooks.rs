@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Query, Request, State};
-use axum::http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -64,11 +64,7 @@ async fn one_turn_each(
         // would otherwise meet a reset connection instead of this answer.
         let body = request.into_body();
         tokio::spawn(tokio::time::timeout(BODY_DEADLINE, discard(body)));
-        let mut response = too_large().into_response();
-        response
-            .headers_mut()
-            .insert(CONNECTION, HeaderValue::from_static("close"));
-        return response;
+        return too_large().into_response();
     }
     let Ok(Ok(_turn)) = tokio::time::timeout(WAIT_FOR_TURN, turns.acquire()).await else {
         return busy();

@@ -51,7 +51,7 @@ impl When {
 }
 
 pub struct DeploymentView {
-    pub id: i64,
+    pub id: crate::domain::DeploymentId,
     pub app: String,
     pub status: DeploymentStatus,
     pub version: String,

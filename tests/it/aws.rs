@@ -467,7 +467,7 @@ runner = { kind = "codedeploy", application = "hello", group = "fleet" }
 "#;
     let config = nonstop::config::Config::parse(text, Path::new("nonstop.toml")).unwrap();
     Job {
-        deployment_id: 1,
+        deployment_id: nonstop::domain::DeploymentId::new(1),
         app: Arc::new(config.apps[0].clone()),
         version: "v1".into(),
         bundle_key: bundle_key.into(),
@@ -520,11 +520,8 @@ async fn a_codedeploy_deployment_is_created_in_moto_and_followed_until_nonstop_g
         started.elapsed()
     );
     assert_eq!(err.hook, Hook::ApplicationStop);
-    assert!(
-        err.reason.contains("still Created after 3 s"),
-        "{}",
-        err.reason
-    );
+    let reason = err.reason.to_string();
+    assert!(reason.contains("still Created after 3 s"), "{reason}");
     let finished = progress.finished();
     assert_eq!(finished.len(), 1, "{finished:?}");
     let (hook, status, log) = &finished[0];
@@ -597,16 +594,14 @@ async fn a_missing_deployment_group_fails_with_codedeploys_words() {
         .await
         .unwrap_err();
     assert_eq!(err.hook, Hook::ApplicationStop);
+    let reason = err.reason.to_string();
     assert!(
-        err.reason
-            .contains("CreateDeployment for application `hello`, group `fleet`"),
-        "{}",
-        err.reason
+        reason.contains("CreateDeployment for application `hello`, group `fleet`"),
+        "{reason}"
     );
     assert!(
-        err.reason.contains("DeploymentGroupDoesNotExistException"),
-        "{}",
-        err.reason
+        reason.contains("DeploymentGroupDoesNotExistException"),
+        "{reason}"
     );
     assert_eq!(progress.finished()[0].1, StageStatus::Failed);
 }
@@ -798,17 +793,14 @@ async fn a_deployment_aws_reports_failed_ends_failed_with_its_reason_and_every_h
         Some("d-8K3SZ7QXA"),
         "the AWS id is kept as soon as it exists"
     );
+    let reason = err.reason.to_string();
     assert!(
-        err.reason
-            .starts_with("HEALTH_CONSTRAINTS: The overall deployment failed"),
-        "{}",
-        err.reason
+        reason.starts_with("HEALTH_CONSTRAINTS: The overall deployment failed"),
+        "{reason}"
     );
     assert!(
-        err.reason
-            .contains("(i-0f9e8d7c6b5a43210 ValidateService ScriptFailed in deploy.sh: "),
-        "{}",
-        err.reason
+        reason.contains("(i-0f9e8d7c6b5a43210 ValidateService ScriptFailed in deploy.sh: "),
+        "{reason}"
     );
 
     // Each hook started once (while running on the fleet) and finished once.

@@ -174,6 +174,50 @@ async fn a_full_disk_during_bundle_or_upload_fails_clearly_and_loses_nothing() {
 }
 
 #[tokio::test]
+async fn a_bundle_key_the_record_refuses_fails_upload_and_the_previous_version_serves() {
+    let app = spawn_app().await;
+    let good = app.deploy(&app.repo.commit("Good")).await;
+
+    // The record refuses the bundle's key, as a failing disk would: a bundle stored but not
+    // recorded could not be found again by a rollback, a redeploy or retention.
+    let conn = rusqlite::Connection::open(app.db_path()).unwrap();
+    conn.execute_batch(
+        "CREATE TRIGGER refuse_bundle_key BEFORE UPDATE OF bundle_key ON deployments \
+         BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END;",
+    )
+    .unwrap();
+    let error = fails_safely(&app, &good, &app.repo.commit("Unrecorded bundle")).await;
+    assert!(
+        error.starts_with("Upload failed: stored hello/")
+            && error.contains("could not record it")
+            && error.contains("disk I/O error"),
+        "{error}"
+    );
+    let (_, failed) = app.get_json("/api/deployments?status=failed").await;
+    let id = failed[0]["id"].as_i64().unwrap();
+    let (_, failed) = app.get_json(&format!("/api/deployments/{id}")).await;
+    let upload = stage(&failed, "Upload");
+    assert_eq!(upload["status"], "failed", "{failed:#}");
+    assert!(
+        upload["log"]
+            .as_str()
+            .unwrap()
+            .contains("could not record it"),
+        "{upload:#}"
+    );
+    assert_eq!(
+        stage(&failed, "ApplicationStop")["status"],
+        "skipped",
+        "no hook ran"
+    );
+
+    conn.execute_batch("DROP TRIGGER refuse_bundle_key")
+        .unwrap();
+    let next = app.deploy(&app.repo.commit("Recorded again")).await;
+    assert_eq!(app.served().await, next);
+}
+
+#[tokio::test]
 async fn killed_during_validate_service_the_half_started_instance_is_cleaned_up() {
     let mut app = spawn_app().await;
     let good = app.deploy(&app.repo.commit("Good")).await;
