@@ -318,6 +318,7 @@ impl Server {
     async fn json(&self, path: &str) -> Value {
         self.http
             .get(format!("{}{path}", self.base))
+            .bearer_auth(ADMIN_TOKEN)
             .send()
             .await
             .unwrap()

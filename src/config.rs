@@ -65,6 +65,16 @@ pub struct ServerConfig {
     pub proxy_socket: Option<PathBuf>,
     /// Where people reach the dashboard (links in Slack and GitHub); `http://<listen>` when unset.
     pub public_url: Option<String>,
+    /// Whether anyone may read the pages, the API, `/events` and `/metrics` without a login
+    /// or a token. Off by default: stage logs show paths, pids and whatever a build prints.
+    #[serde(default)]
+    pub public_read: bool,
+    /// Env var holding a bearer token that may read `/metrics` and nothing else (for a
+    /// Prometheus scraper, which should not hold the admin token).
+    pub metrics_token_env: Option<String>,
+    /// Filled from `metrics_token_env` at load time; never logged.
+    #[serde(skip)]
+    pub metrics_token: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -433,6 +443,7 @@ impl Config {
     }
 
     fn read_every_secret(&mut self, env: &impl Fn(&str) -> Option<String>) -> Result<(), Invalid> {
+        self.server.read_secret(env).under("server")?;
         for app in &mut self.apps {
             let table = format!("app.{}", app.name);
             app.read_secret(env).under(&table)?;
@@ -643,11 +654,50 @@ struct Sections {
     github: bool,
 }
 
+/// A metrics token shorter than this is refused: it is a password a scraper sends over the
+/// network, and a short one could be guessed.
+pub const MIN_METRICS_TOKEN_BYTES: usize = 32;
+
 impl ServerConfig {
     fn validate(&self) -> Result<(), Invalid> {
         if let Some(url) = &self.public_url {
             http_url("public_url", url)?;
         }
+        if let Some(var) = &self.metrics_token_env {
+            require(
+                !self.public_read,
+                "metrics_token_env",
+                "has no use with public_read = true, which lets anyone read /metrics",
+            )?;
+            require(
+                *var != self.admin_token_env,
+                "metrics_token_env",
+                "names the admin token's env var: the metrics token must be one that reads /metrics only",
+            )?;
+        }
+        Ok(())
+    }
+
+    fn read_secret(&mut self, env: &impl Fn(&str) -> Option<String>) -> Result<(), Invalid> {
+        let Some(var) = &self.metrics_token_env else {
+            return Ok(());
+        };
+        let token = env_value(env, "metrics_token_env", var, "the metrics token")?;
+        // It arrives as a header value: only printable characters can match.
+        require(
+            token.bytes().all(|b| b.is_ascii_graphic()),
+            "metrics_token_env",
+            format!("env var {var} holds characters a token cannot have"),
+        )?;
+        require(
+            token.len() >= MIN_METRICS_TOKEN_BYTES,
+            "metrics_token_env",
+            format!(
+                "env var {var} holds {} bytes; at least {MIN_METRICS_TOKEN_BYTES} are needed",
+                token.len()
+            ),
+        )?;
+        self.metrics_token = Some(Secret(token));
         Ok(())
     }
 }
@@ -992,6 +1042,61 @@ run = "{artifact} --port {port}"
         assert_eq!(app.idle_port(Some(8081)), 8082);
         assert_eq!(app.idle_port(Some(8082)), 8081);
         assert_eq!(app.entry(), "proxy 127.0.0.1:8080");
+        assert!(
+            !config.server.public_read,
+            "reading needs a login by default"
+        );
+        assert!(config.server.metrics_token.is_none());
+    }
+
+    #[test]
+    fn a_metrics_token_is_read_from_its_env_var_and_checked_without_being_shown() {
+        let server = "\n[server]\nmetrics_token_env = \"METRICS_TOKEN\"\n";
+        let text = format!("{MINIMAL}{server}");
+        let err = with_env(&text, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("server.metrics_token_env: env var METRICS_TOKEN is not set"),
+            "{err}"
+        );
+        let err = with_env(&text, &[("METRICS_TOKEN", "short-s3cret")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("server.metrics_token_env: env var METRICS_TOKEN holds 12 bytes"),
+            "{err}"
+        );
+        assert!(!err.contains("s3cret"), "{err}");
+        let spaced = format!("{} s3cret", "x".repeat(32));
+        let err = with_env(&text, &[("METRICS_TOKEN", &spaced)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("holds characters a token cannot have"),
+            "{err}"
+        );
+        assert!(!err.contains("s3cret"), "{err}");
+
+        let token = "m".repeat(MIN_METRICS_TOKEN_BYTES);
+        let config = with_env(&text, &[("METRICS_TOKEN", &token)]).unwrap();
+        let read = config.server.metrics_token.as_ref().map(Secret::expose);
+        assert_eq!(read, Some(token.as_str()));
+        assert!(!format!("{config:?}").contains(&token));
+
+        for (extra, problem) in [
+            ("public_read = true\n", "has no use with public_read = true"),
+            (
+                "admin_token_env = \"METRICS_TOKEN\"\n",
+                "names the admin token's env var",
+            ),
+        ] {
+            let err = with_env(&format!("{text}{extra}"), &[("METRICS_TOKEN", &token)])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("server.metrics_token_env: ") && err.contains(problem),
+                "{extra}: {err}"
+            );
+        }
     }
 
     #[test]

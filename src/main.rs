@@ -184,16 +184,35 @@ async fn post_action(
     Ok(body["deployment_id"].clone())
 }
 
-async fn status(config: &Config, app: Option<&str>) -> Result<()> {
-    let base = server_url(config);
-    let client = reqwest::Client::new();
-    let apps: Vec<serde_json::Value> = client
-        .get(format!("{base}/api/apps"))
+/// GETs `path` from the running server with the admin token (reads need it unless
+/// `server.public_read` is on); returns the JSON answer, or the server's one-line reason.
+async fn get_json<T: serde::de::DeserializeOwned>(config: &Config, path: &str) -> Result<T> {
+    let token = admin_token(config)?;
+    let url = format!("{}{path}", server_url(config));
+    let response = reqwest::Client::new()
+        .get(&url)
+        .bearer_auth(token)
         .send()
         .await
-        .with_context(|| format!("cannot reach the server at {base}: is `nonstop serve` running?"))?
+        .with_context(|| {
+            format!("cannot reach the server at {url}: is `nonstop serve` running?")
+        })?;
+    let status = response.status();
+    if !status.is_success() {
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        bail!(
+            "{status}: {}",
+            body["error"].as_str().unwrap_or("no reason given")
+        );
+    }
+    response
         .json()
-        .await?;
+        .await
+        .with_context(|| format!("{url} did not answer the JSON nonstop sends"))
+}
+
+async fn status(config: &Config, app: Option<&str>) -> Result<()> {
+    let apps: Vec<serde_json::Value> = get_json(config, "/api/apps").await?;
     for entry in apps
         .iter()
         .filter(|a| app.is_none_or(|name| a["name"] == name))
@@ -201,9 +220,9 @@ async fn status(config: &Config, app: Option<&str>) -> Result<()> {
         let live = &entry["live"];
         if live.is_null() {
             println!(
-                "{}  nothing live yet (proxy {})",
+                "{}  nothing live yet ({})",
                 entry["name"].as_str().unwrap_or("?"),
-                entry["proxy"].as_str().unwrap_or("?")
+                entry["entry"].as_str().unwrap_or("?")
             );
         } else {
             println!(
@@ -216,11 +235,12 @@ async fn status(config: &Config, app: Option<&str>) -> Result<()> {
             );
         }
     }
-    let mut url = format!("{base}/api/deployments?limit=10");
+    let mut path = "/api/deployments?limit=10".to_owned();
     if let Some(app) = app {
-        url.push_str(&format!("&app={app}"));
+        let app: String = url::form_urlencoded::byte_serialize(app.as_bytes()).collect();
+        path.push_str(&format!("&app={app}"));
     }
-    let deployments: Vec<serde_json::Value> = client.get(url).send().await?.json().await?;
+    let deployments: Vec<serde_json::Value> = get_json(config, &path).await?;
     for d in deployments {
         println!(
             "  #{:<5} {:<12} {:<11} {}",

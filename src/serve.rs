@@ -191,6 +191,7 @@ struct Wiring {
 /// The env vars that hold nonstop's own secrets.
 fn scrubbed_env(config: &Config) -> Vec<String> {
     std::iter::once(config.server.admin_token_env.clone())
+        .chain(config.server.metrics_token_env.clone())
         .chain(
             config
                 .apps

@@ -8,17 +8,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use askama::Template;
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;
+use axum::{Extension, Router};
 use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use tokio_stream::wrappers::BroadcastStream;
 
+use super::access::{self, MayRead};
 use super::session::{self, csrf_token};
 use super::views::{DeploymentView, LiveView, Progress, StageView, SwitchView};
 use super::{AppError, AppState, token_matches};
@@ -320,18 +321,32 @@ async fn stage_log(
 struct LoginPage {
     csrf: Option<String>,
     error: String,
+    /// Where the browser was going when it was sent here; it goes on there after login.
+    next: String,
 }
 
-async fn login_page() -> Result<Response, AppError> {
+#[derive(Deserialize)]
+struct LoginQuery {
+    next: Option<String>,
+}
+
+/// The page to go on to after login: `next` when it is a path on this server, else `/`.
+fn after_login(next: Option<&str>) -> &str {
+    next.and_then(access::local_path).unwrap_or("/")
+}
+
+async fn login_page(Query(query): Query<LoginQuery>) -> Result<Response, AppError> {
     render(&LoginPage {
         csrf: None,
         error: String::new(),
+        next: after_login(query.next.as_deref()).to_owned(),
     })
 }
 
 #[derive(Deserialize)]
 struct LoginForm {
     token: String,
+    next: Option<String>,
 }
 
 async fn login(
@@ -341,6 +356,7 @@ async fn login(
 ) -> Result<Response, AppError> {
     let form: LoginForm = serde_urlencoded::from_bytes(&body)
         .map_err(|err| AppError::BadRequest(format!("malformed login form: {err}")))?;
+    let next = after_login(form.next.as_deref()).to_owned();
     let throttle = state.sessions.throttle();
     if let Err(wait) = throttle.check(peer.ip(), now_ms()) {
         let wait = wait.as_secs().max(1);
@@ -348,6 +364,7 @@ async fn login(
             StatusCode::TOO_MANY_REQUESTS,
             format!("Too many wrong tokens from your address: try again in {wait} s."),
             Some(wait),
+            next,
         );
     }
     if !token_matches(Some(form.token.trim()), &state.admin_token) {
@@ -356,19 +373,25 @@ async fn login(
             StatusCode::UNAUTHORIZED,
             "That is not the admin token.".into(),
             None,
+            next,
         );
     }
     throttle.succeeded(peer.ip());
     let cookie = state.sessions.start(&state.admin_token, now_ms()).await?;
-    Ok(([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response())
+    Ok(([(header::SET_COOKIE, cookie)], Redirect::to(&next)).into_response())
 }
 
 fn login_refused(
     status: StatusCode,
     error: String,
     retry_after_secs: Option<u64>,
+    next: String,
 ) -> Result<Response, AppError> {
-    let mut response = render(&LoginPage { csrf: None, error })?;
+    let mut response = render(&LoginPage {
+        csrf: None,
+        error,
+        next,
+    })?;
     *response.status_mut() = status;
     if let Some(secs) = retry_after_secs {
         response
@@ -426,12 +449,20 @@ async fn events(
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
-/// A dot in the colour of the newest deployment's state: green, red, amber (running).
-async fn favicon(State(state): State<Arc<AppState>>) -> Result<Response, AppError> {
-    let latest = state
-        .db
-        .call(|conn| db::deployments(conn, None, None, 1, 0))
-        .await?;
+/// A dot in the colour of the newest deployment's state: green, red, amber (running). The
+/// login page shows it too, so to anyone who may not read the dashboard it stays grey.
+async fn favicon(
+    State(state): State<Arc<AppState>>,
+    Extension(MayRead(may_read)): Extension<MayRead>,
+) -> Result<Response, AppError> {
+    let latest = if may_read {
+        state
+            .db
+            .call(|conn| db::deployments(conn, None, None, 1, 0))
+            .await?
+    } else {
+        Vec::new()
+    };
     let colour = match latest.first().map(|d| d.status) {
         Some(DeploymentStatus::Succeeded) => "#1a7f37",
         Some(DeploymentStatus::Failed | DeploymentStatus::Interrupted) => "#cf222e",

@@ -1,7 +1,9 @@
 //! HTTP: webhooks, the JSON API, the dashboard and its event stream. Handlers are thin: they
 //! check who is asking, call the queue, the database or a switch, and map every error to a
-//! status and a one-line reason in one place (`AppError`).
+//! status and a one-line reason in one place (`AppError`). Who may read anything at all is
+//! decided once, before any handler, by `access::gate`.
 
+mod access;
 mod actions;
 mod api;
 mod dashboard;
@@ -63,6 +65,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(api::routes())
         .merge(actions::routes())
         .merge(dashboard::routes())
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            access::gate,
+        ))
+        // Outermost: a foreign Host is refused before anything else, and every answer
+        // (the gate's refusals too) carries the security headers.
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             headers::protect,

@@ -12,6 +12,7 @@ use axum::http::{HeaderMap, header};
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
+use super::access::NOT_LOGGED_IN;
 use super::{AppError, AppState, bearer, token_matches};
 use crate::config::Secret;
 use crate::db::{self, Db, DbError};
@@ -237,9 +238,7 @@ pub fn authorize(
         .sessions
         .current(headers, &state.admin_token, crate::db::now_ms())
     else {
-        return Err(AppError::Unauthorized(
-            "log in on the dashboard or send the admin token (Authorization: Bearer …)".into(),
-        ));
+        return Err(AppError::Unauthorized(NOT_LOGGED_IN.into()));
     };
     let presented = headers
         .get("x-csrf-token")

@@ -66,8 +66,11 @@ async function push(sha) {
   return JSON.parse(answer).deployment_id;
 }
 
+// Reading the API needs the admin token (server.public_read is off).
+const AS_ADMIN = { headers: { Authorization: `Bearer ${ADMIN_TOKEN}` } };
+
 async function live() {
-  return (await fetch(`${BASE}/api/apps/hello/live`)).json();
+  return (await fetch(`${BASE}/api/apps/hello/live`, AS_ADMIN)).json();
 }
 
 async function served() {
@@ -80,8 +83,21 @@ async function shot(page, name) {
   if (DOCS) writeFileSync(join(DOCS, `${name}.png`), readFileSync(file));
 }
 
-async function newPage() {
+// A session cookie, from logging in with the admin token as the login form does.
+async function sessionCookie() {
+  const response = await fetch(`${BASE}/login`, {
+    method: "POST", body: new URLSearchParams({ token: ADMIN_TOKEN }), redirect: "manual",
+  });
+  assert.equal(response.status, 303, await response.text());
+  const [name, value] = response.headers.get("set-cookie").split(";")[0].split("=");
+  return { name, value, url: BASE, httpOnly: true, sameSite: "Strict" };
+}
+
+// A page in a browser of its own: logged in (the dashboard is private by default), unless
+// the test is about logging in.
+async function newPage({ loggedIn = true } = {}) {
   const context = await browser.newContext({ viewport: { width: 1200, height: 900 } });
+  if (loggedIn) await context.addCookies([await sessionCookie()]);
   const page = await context.newPage();
   page.on("pageerror", (err) => { throw err; });
   return page;
@@ -124,7 +140,7 @@ test("a push shows its stages turn green and the live card flip, with no reload"
 });
 
 test("after logging in, Roll back flips the card back and the proxy serves the old version", async () => {
-  const page = await newPage();
+  const page = await newPage({ loggedIn: false });
   await page.goto(`${BASE}/`);
   assert.equal(await page.locator("[data-action=rollback]").count(), 0, "actions shown without a login");
 
@@ -220,4 +236,31 @@ test("after the server restarts, an open page reconnects by itself and shows the
   await card.locator(`.live-port:text-is("${expected}")`).waitFor({ timeout: WAIT });
   assert.equal(await card.locator(".live-version").textContent(), await served());
   assert.equal(await page.evaluate(() => window.sameDocument), true, "the overview reloaded");
+});
+
+test("a visit without a login lands on the login page and, logged in, goes on to the page it asked for", async () => {
+  const [latest] = await (await fetch(`${BASE}/api/deployments?limit=1`, AS_ADMIN)).json();
+  const asked = `/deployments/${latest.id}`;
+  const page = await newPage({ loggedIn: false });
+  await page.goto(`${BASE}${asked}`);
+  assert.equal(page.url(), `${BASE}/login?next=${encodeURIComponent(asked)}`);
+  assert.equal(await page.locator("[data-deployment-status]").count(), 0, "the deployment shown without a login");
+  // Nothing the login page loads is refused (the favicon, the style sheet; no event stream).
+  const refused = [];
+  page.on("response", (r) => { if (r.status() >= 400) refused.push(`${r.status()} ${r.url()}`); });
+  await page.reload();
+
+  await page.fill("input[name=token]", "not the token");
+  await page.click("button:text('Log in')");
+  await page.waitForSelector("text=That is not the admin token.");
+  refused.length = 0; // the wrong token's own 401
+  await page.fill("input[name=token]", ADMIN_TOKEN);
+  await page.click("button:text('Log in')");
+  await page.waitForURL(`${BASE}${asked}`);
+  await page.waitForSelector("[data-deployment-status]");
+  assert.match(await page.locator("h1").textContent(), new RegExp(`^Deployment ${latest.id} `));
+  // The event stream answers the logged-in page.
+  await page.waitForSelector("body[data-live=connected]");
+  assert.deepEqual(refused, []);
+  await shot(page, "after-login");
 });

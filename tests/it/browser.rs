@@ -75,7 +75,7 @@ async fn the_dashboard_in_a_real_browser() {
         app.server_log()
     );
     assert!(
-        report.contains("# pass 4") && report.contains("# fail 0"),
+        report.contains("# pass 5") && report.contains("# fail 0"),
         "not all browser tests ran:\n{report}"
     );
 }

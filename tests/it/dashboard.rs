@@ -46,6 +46,58 @@ async fn log_in(app: &common::TestApp) -> (String, String) {
 }
 
 #[tokio::test]
+async fn a_fresh_server_shows_a_stranger_the_login_page_and_nothing_else_but_the_cli_reads() {
+    let app = spawn_app().await;
+    for (page, login) in [
+        ("/", "/login"),
+        ("/deployments/1", "/login?next=%2Fdeployments%2F1"),
+    ] {
+        let response = app.get_as_stranger(page).await;
+        assert_eq!(response.status(), 303, "{page}");
+        assert_eq!(response.headers()["location"], login, "{page}");
+    }
+    for read in [
+        "/api/deployments",
+        "/api/deployments/1",
+        "/events",
+        "/metrics",
+    ] {
+        let response = app.get_as_stranger(read).await;
+        assert_eq!(response.status(), 401, "{read}");
+        let answer: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(
+            answer["error"],
+            "log in on the dashboard or send the admin token (Authorization: Bearer …)",
+            "{read}"
+        );
+    }
+    for open in ["/healthz", "/login"] {
+        assert_eq!(app.get_as_stranger(open).await.status(), 200, "{open}");
+    }
+    let ping = br#"{"zen":"Anything added dilutes everything else.","repository":{"full_name":"acme/hello"}}"#;
+    let (status, answer) = app
+        .webhook("ping", "stranger-ping", ping, Some(&common::sign(ping)))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+
+    // The CLI sends the admin token.
+    let out = app.cli(&["status"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        said.trim(),
+        format!(
+            "hello  nothing live yet (proxy 127.0.0.1:{})",
+            app.ports.proxy
+        )
+    );
+}
+
+#[tokio::test]
 async fn actions_refuse_without_a_login_or_with_a_forged_csrf_token() {
     let app = spawn_app().await;
     let url = format!("{}/api/apps/hello/rollback", app.base());
@@ -108,6 +160,7 @@ async fn actions_refuse_without_a_login_or_with_a_forged_csrf_token() {
 #[tokio::test]
 async fn buttons_show_only_to_a_logged_in_person() {
     let app = spawn_app().await;
+    // The admin token reads the page, but buttons need a login: their forms carry its CSRF token.
     let (_, anonymous) = app.get_text("/").await;
     assert!(
         !anonymous.contains("data-action"),
@@ -157,6 +210,7 @@ async fn a_logged_in_deploy_form_redirects_to_its_deployment_and_history_lists_i
     let history = app
         .http
         .get(format!("{}/deployments?status=succeeded", app.base()))
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap();
@@ -184,6 +238,7 @@ async fn the_event_stream_announces_deployments_stages_and_switches() {
     let mut stream = app
         .http
         .get(format!("{}/events", app.base()))
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap();

@@ -374,6 +374,21 @@ async fn old_bundles_revisions_and_releases_are_pruned_but_never_the_live_or_pre
         "succeeded"
     );
     assert_eq!(app.served().await, *previous);
+    // `status` reads the API with the admin token, as `deploy` and `rollback` act with it.
+    let out = app.cli(&["status", "hello"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.starts_with(&format!("hello  live on {} (real", app.ports.app[0]))
+            || said.starts_with(&format!("hello  live on {} (real", app.ports.app[1])),
+        "{said}"
+    );
+    assert!(said.contains(&format!("version {previous}")), "{said}");
+    assert!(said.contains("  #5 "), "{said}");
 
     // An app the server does not know: the CLI says so in one line.
     let out = app.cli(&["rollback", "nope"]);

@@ -20,6 +20,8 @@ use tower::ServiceExt;
 use crate::common::unique_port;
 
 const WEBHOOK_SECRET: &str = "routes-webhook-secret";
+/// What `ROUTES_METRICS_TOKEN` holds, for the tests that name it as `metrics_token_env`.
+const METRICS_TOKEN: &str = "routes-metrics-token-of-32-bytes-or-more";
 /// GitHub's cap, which nonstop enforces on both webhook routes.
 const MAX_WEBHOOK_BYTES: usize = 25 * 1024 * 1024;
 
@@ -43,6 +45,11 @@ struct Routes {
 
 impl Routes {
     async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    /// `start`, with `server` added to the `[server]` table.
+    async fn start_with(server: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ports = [unique_port(), unique_port()];
         let path = dir.path().join("nonstop.toml");
@@ -50,6 +57,7 @@ impl Routes {
             r#"[server]
 listen = "127.0.0.1:0"
 data_dir = "data"
+{server}
 
 [[app]]
 name = "hello"
@@ -70,8 +78,10 @@ switch = {{ kind = "proxy", listen = "127.0.0.1:0" }}
         let mut config = nonstop::config::Config::parse(&text, &path).unwrap();
         // The secrets come from here, not the process env that other tests share.
         config
-            .read_secrets(&path, |name| {
-                (name == "HELLO_WEBHOOK_SECRET").then(|| WEBHOOK_SECRET.to_owned())
+            .read_secrets(&path, |name| match name {
+                "HELLO_WEBHOOK_SECRET" => Some(WEBHOOK_SECRET.to_owned()),
+                "ROUTES_METRICS_TOKEN" => Some(METRICS_TOKEN.to_owned()),
+                _ => None,
             })
             .unwrap();
         let shutdown = CancellationToken::new();
@@ -91,8 +101,40 @@ switch = {{ kind = "proxy", listen = "127.0.0.1:0" }}
         self.state.admin_token.expose().to_owned()
     }
 
+    /// A GET with the admin token, as a script reads the API.
+    fn read(&self, uri: &str) -> Request<Body> {
+        with_token(uri, &self.admin_token())
+    }
+
     fn switch_token(&self) -> String {
         self.state.switch_token.expose().to_owned()
+    }
+
+    /// Logs in through the form, as a browser does; returns the session cookie (`name=value`).
+    async fn log_in(&self) -> String {
+        let login = Request::post("/login")
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Body::from(format!("token={}", self.admin_token())))
+            .unwrap();
+        let response = self.respond(loopback(), login).await;
+        assert_eq!(response.status(), StatusCode::SEE_OTHER);
+        response.headers()[header::SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// One finished deployment with its Build stage, for the reads to find.
+    fn record_a_deployment(&self) {
+        self.record(
+            "INSERT INTO deployments (id, app, status, trigger, branch, created_at, finished_at)
+             VALUES (1, 'hello', 'failed', 'push', 'main', 0, 0);
+             INSERT INTO stages (deployment_id, position, name, status, log)
+             VALUES (1, 0, 'Build', 'failed', 'error: /srv/builds/hello (pid 4242)');",
+        );
     }
 
     /// Runs `statement` on the real SQLite file, as the records a rule needs.
@@ -126,8 +168,17 @@ switch = {{ kind = "proxy", listen = "127.0.0.1:0" }}
     }
 }
 
+/// A GET with neither a token nor a login.
 fn get(uri: &str) -> Request<Body> {
     Request::get(uri).body(Body::empty()).unwrap()
+}
+
+/// A GET with `token` as its bearer.
+fn with_token(uri: &str, token: &str) -> Request<Body> {
+    Request::get(uri)
+        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .body(Body::empty())
+        .unwrap()
 }
 
 /// A JSON POST with `token` as its bearer, when given.
@@ -192,7 +243,7 @@ async fn every_app_route_answers_404_for_an_app_that_is_not_configured() {
     let unknown = error("no app named `nope`");
     let push = json!({ "ref": "refs/heads/main", "after": "0".repeat(40) }).to_string();
     let requests = [
-        get("/api/apps/nope/live"),
+        routes.read("/api/apps/nope/live"),
         post("/api/apps/nope/deploy", Some(&admin), json!({})),
         post("/api/apps/nope/rollback", Some(&admin), json!({})),
         post(
@@ -258,19 +309,7 @@ async fn deploy_rollback_and_redeploy_need_the_admin_token() {
 #[tokio::test]
 async fn a_dashboard_session_acts_only_with_its_csrf_token() {
     let routes = Routes::start().await;
-    let login = Request::post("/login")
-        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-        .body(Body::from(format!("token={}", routes.admin_token())))
-        .unwrap();
-    let response = routes.respond(loopback(), login).await;
-    assert_eq!(response.status(), StatusCode::SEE_OTHER);
-    let cookie = response.headers()[header::SET_COOKIE]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_owned();
+    let cookie = routes.log_in().await;
 
     for csrf in [None, Some("forged")] {
         let mut request = Request::post("/api/apps/hello/deploy")
@@ -378,7 +417,7 @@ async fn the_switch_answers_callers_on_this_host_only() {
     );
     // Nothing moved.
     assert_eq!(
-        routes.send(get("/api/apps/hello/live")).await,
+        routes.send(routes.read("/api/apps/hello/live")).await,
         (
             StatusCode::NOT_FOUND,
             error("`hello` has no live instance yet")
@@ -505,11 +544,13 @@ async fn travis_notifications_unsigned_oversize_or_malformed_are_refused() {
 async fn deployments_that_do_not_exist_and_unknown_statuses_get_their_reason() {
     let routes = Routes::start().await;
     assert_eq!(
-        routes.send(get("/api/deployments?status=bogus")).await,
+        routes
+            .send(routes.read("/api/deployments?status=bogus"))
+            .await,
         (StatusCode::BAD_REQUEST, error("unknown status `bogus`"))
     );
     assert_eq!(
-        routes.send(get("/api/deployments/999")).await,
+        routes.send(routes.read("/api/deployments/999")).await,
         (StatusCode::NOT_FOUND, error("no deployment 999"))
     );
     assert_eq!(
@@ -523,7 +564,9 @@ async fn deployments_that_do_not_exist_and_unknown_statuses_get_their_reason() {
         (StatusCode::NOT_FOUND, error("no deployment 999"))
     );
     assert_eq!(
-        routes.send(get("/api/deployments?status=succeeded")).await,
+        routes
+            .send(routes.read("/api/deployments?status=succeeded"))
+            .await,
         (StatusCode::OK, json!([]))
     );
 }
@@ -615,7 +658,7 @@ async fn a_redeploy_is_refused_without_a_stored_bundle() {
 #[tokio::test]
 async fn an_app_on_port_0_shows_where_its_proxy_really_listens() {
     let routes = Routes::start().await;
-    let (status, apps) = routes.send(get("/api/apps")).await;
+    let (status, apps) = routes.send(routes.read("/api/apps")).await;
     assert_eq!(status, StatusCode::OK);
     let entry = apps[0]["entry"].as_str().unwrap_or_default();
     let addr: SocketAddr = entry
@@ -647,5 +690,285 @@ async fn a_request_for_a_host_name_that_is_not_ours_is_refused() {
     for ours in ["localhost:9000", "127.0.0.1:9000", "[::1]:9000"] {
         let response = routes.respond(loopback(), for_host(ours)).await;
         assert_eq!(response.status(), StatusCode::OK, "{ours}");
+    }
+}
+
+/// The pages a person reads (a browser without a login is sent to log in first), and
+/// where the login sends it back to.
+const PAGES: [(&str, &str); 4] = [
+    ("/", "/login"),
+    (
+        "/deployments?app=hello",
+        "/login?next=%2Fdeployments%3Fapp%3Dhello",
+    ),
+    ("/deployments/1", "/login?next=%2Fdeployments%2F1"),
+    (
+        "/deployments/1/stages/Build/log",
+        "/login?next=%2Fdeployments%2F1%2Fstages%2FBuild%2Flog",
+    ),
+];
+
+/// What scripts read: refused with 401 and the reason.
+const READS: [&str; 6] = [
+    "/api/apps",
+    "/api/apps/hello/live",
+    "/api/deployments",
+    "/api/deployments/1",
+    "/events",
+    "/metrics",
+];
+
+const NOT_LOGGED_IN: &str =
+    "log in on the dashboard or send the admin token (Authorization: Bearer …)";
+
+/// A ping GitHub signed: what the hook answers shows the request got past the gate.
+fn signed_ping() -> Request<Body> {
+    let body =
+        json!({ "zen": "Keep it logically awesome.", "repository": { "full_name": "acme/hello" } })
+            .to_string()
+            .into_bytes();
+    github_hook("", Some("ping"), Some(&sign(&body)), body)
+}
+
+#[tokio::test]
+async fn without_a_login_or_the_admin_token_nothing_but_hooks_healthz_and_the_login_page_answers() {
+    let routes = Routes::start().await;
+    routes.record_a_deployment();
+
+    for (page, login) in PAGES {
+        let response = routes.respond(loopback(), get(page)).await;
+        assert_eq!(response.status(), StatusCode::SEE_OTHER, "{page}");
+        assert_eq!(response.headers()[header::LOCATION], login, "{page}");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(body.is_empty(), "{page} gave away {body:?}");
+    }
+    for read in READS {
+        assert_eq!(
+            routes.send(get(read)).await,
+            (StatusCode::UNAUTHORIZED, error(NOT_LOGGED_IN)),
+            "{read}"
+        );
+    }
+    // A wrong token, or the switch token (for hooks on this host), reads nothing either.
+    for token in ["not-the-token".to_owned(), routes.switch_token()] {
+        for uri in ["/", "/api/deployments/1", "/metrics"] {
+            assert_eq!(
+                routes.send(with_token(uri, &token)).await,
+                (
+                    StatusCode::UNAUTHORIZED,
+                    error("the admin token is not valid")
+                ),
+                "{uri}"
+            );
+        }
+    }
+
+    // Open to anyone: liveness, webhooks (their signature decides), the login page and
+    // what it loads; the favicon without the newest deployment's colour.
+    assert_eq!(
+        routes.respond(loopback(), get("/healthz")).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        routes.send(signed_ping()).await,
+        (StatusCode::OK, json!({ "ok": "pong", "app": "hello" }))
+    );
+    let push = b"{}".to_vec();
+    assert_eq!(
+        routes.send(github_hook("", Some("push"), None, push)).await,
+        (
+            StatusCode::UNAUTHORIZED,
+            error("missing X-Hub-Signature-256 header")
+        )
+    );
+    for open in ["/login", "/static/style.css", "/static/live.js"] {
+        let response = routes.respond(loopback(), get(open)).await;
+        assert_eq!(response.status(), StatusCode::OK, "{open}");
+    }
+    let favicon = routes.respond(loopback(), get("/favicon.svg")).await;
+    let favicon = favicon.into_body().collect().await.unwrap().to_bytes();
+    let favicon = String::from_utf8_lossy(&favicon);
+    assert!(favicon.contains("#6e7781"), "not grey: {favicon}");
+
+    // The admin token, or a login, reads them all.
+    let cookie = routes.log_in().await;
+    for uri in PAGES.iter().map(|(page, _)| *page).chain(READS) {
+        let uri = if uri == "/events" { "/healthz" } else { uri }; // a stream never ends
+        let response = routes.respond(loopback(), routes.read(uri)).await;
+        let by_token = response.status();
+        let session = Request::get(uri)
+            .header(header::COOKIE, &cookie)
+            .body(Body::empty())
+            .unwrap();
+        let by_session = routes.respond(loopback(), session).await.status();
+        let expected = if uri == "/api/apps/hello/live" {
+            StatusCode::NOT_FOUND // nothing is live: an answer past the gate
+        } else {
+            StatusCode::OK
+        };
+        assert_eq!((by_token, by_session), (expected, expected), "{uri}");
+    }
+    let events = Request::get("/events")
+        .header(header::COOKIE, &cookie)
+        .body(Body::empty())
+        .unwrap();
+    let events = routes.respond(loopback(), events).await;
+    assert_eq!(events.status(), StatusCode::OK);
+    assert_eq!(events.headers()[header::CONTENT_TYPE], "text/event-stream");
+    let favicon = Request::get("/favicon.svg")
+        .header(header::COOKIE, &cookie)
+        .body(Body::empty())
+        .unwrap();
+    let favicon = routes.respond(loopback(), favicon).await;
+    let favicon = favicon.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&favicon).contains("#cf222e"),
+        "a reader sees the failed deployment's red"
+    );
+}
+
+#[tokio::test]
+async fn with_public_read_every_read_answers_without_a_login() {
+    let routes = Routes::start_with("public_read = true").await;
+    routes.record_a_deployment();
+    for uri in PAGES.iter().map(|(page, _)| *page).chain(READS) {
+        let uri = if uri == "/events" { "/healthz" } else { uri };
+        let expected = if uri == "/api/apps/hello/live" {
+            StatusCode::NOT_FOUND
+        } else {
+            StatusCode::OK
+        };
+        assert_eq!(
+            routes.respond(loopback(), get(uri)).await.status(),
+            expected,
+            "{uri}"
+        );
+    }
+    let (status, deployment) = routes.send(get("/api/deployments/1")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(deployment["deployment"]["status"], "failed", "{deployment}");
+    let events = routes.respond(loopback(), get("/events")).await;
+    assert_eq!(events.headers()[header::CONTENT_TYPE], "text/event-stream");
+    // Acting still needs the token.
+    assert_eq!(
+        routes
+            .send(post("/api/apps/hello/deploy", None, json!({})))
+            .await,
+        (StatusCode::UNAUTHORIZED, error(NOT_LOGGED_IN))
+    );
+    assert_eq!(routes.count_deployments(), 1);
+}
+
+#[tokio::test]
+async fn the_metrics_token_reads_metrics_and_nothing_else() {
+    let routes = Routes::start_with(r#"metrics_token_env = "ROUTES_METRICS_TOKEN""#).await;
+    routes.record_a_deployment();
+    for token in [METRICS_TOKEN.to_owned(), routes.admin_token()] {
+        let response = routes
+            .respond(loopback(), with_token("/metrics", &token))
+            .await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let text = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(
+            String::from_utf8_lossy(&text)
+                .contains("nonstop_deployments_total{app=\"hello\",status=\"failed\"} 1"),
+            "{text:?}"
+        );
+    }
+    for uri in [
+        "/api/deployments",
+        "/api/deployments/1",
+        "/events",
+        "/",
+        "/deployments/1",
+    ] {
+        assert_eq!(
+            routes.send(with_token(uri, METRICS_TOKEN)).await,
+            (
+                StatusCode::FORBIDDEN,
+                error("the metrics token may read /metrics only")
+            ),
+            "{uri}"
+        );
+    }
+    assert_eq!(
+        routes
+            .send(post(
+                "/api/apps/hello/deploy",
+                Some(METRICS_TOKEN),
+                json!({})
+            ))
+            .await,
+        (
+            StatusCode::UNAUTHORIZED,
+            error("the admin token is not valid")
+        )
+    );
+    assert_eq!(
+        routes.send(get("/metrics")).await,
+        (
+            StatusCode::UNAUTHORIZED,
+            error("send the admin or the metrics token (Authorization: Bearer …)")
+        )
+    );
+    assert_eq!(routes.count_deployments(), 1);
+}
+
+#[tokio::test]
+async fn a_login_goes_back_to_the_page_it_was_asked_for_and_never_to_another_site() {
+    let routes = Routes::start().await;
+    let asked = "/deployments?app=hello&status=failed";
+    let response = routes.respond(loopback(), get(asked)).await;
+    let login = response.headers()[header::LOCATION]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        login,
+        "/login?next=%2Fdeployments%3Fapp%3Dhello%26status%3Dfailed"
+    );
+
+    let page = routes.respond(loopback(), get(&login)).await;
+    assert_eq!(page.status(), StatusCode::OK);
+    let page = page.into_body().collect().await.unwrap().to_bytes();
+    let page = String::from_utf8_lossy(&page);
+    assert!(
+        page.contains(r#"name="next" value="/deployments?app=hello&#38;status=failed""#)
+            || page.contains(r#"name="next" value="/deployments?app=hello&amp;status=failed""#),
+        "{page}"
+    );
+
+    let log_in = |token: &str, next: &str| {
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("token", token)
+            .append_pair("next", next)
+            .finish();
+        Request::post("/login")
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let admin = routes.admin_token();
+    for (next, goes_to) in [
+        (asked, asked),
+        ("/deployments/7", "/deployments/7"),
+        ("//evil.example/", "/"),
+        ("/\\evil.example", "/"),
+        ("https://evil.example/", "/"),
+        ("/login?next=/", "/"),
+        ("", "/"),
+    ] {
+        let response = routes.respond(loopback(), log_in(&admin, next)).await;
+        assert_eq!(response.status(), StatusCode::SEE_OTHER, "{next}");
+        assert_eq!(response.headers()[header::LOCATION], goes_to, "{next}");
+    }
+    // A wrong token keeps the way back for the next try, and only a local one.
+    for (next, kept) in [(asked, true), ("//evil.example/", false)] {
+        let response = routes.respond(loopback(), log_in("wrong", next)).await;
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        let page = response.into_body().collect().await.unwrap().to_bytes();
+        let page = String::from_utf8_lossy(&page);
+        assert_eq!(page.contains("/deployments?app=hello"), kept, "{page}");
+        assert!(!page.contains("evil.example"), "{page}");
     }
 }

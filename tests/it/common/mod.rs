@@ -547,11 +547,13 @@ hook_timeout_secs = 60
         answer["deployment_id"].as_i64().expect("a deployment id")
     }
 
-    /// GETs a page of the server; returns the status and the body as text.
+    /// GETs a page of the server with the admin token (reading needs it, as
+    /// `server.public_read` is off); returns the status and the body as text.
     pub async fn get_text(&self, path: &str) -> (u16, String) {
         let response = self
             .http
             .get(format!("{}{path}", self.base()))
+            .bearer_auth(ADMIN_TOKEN)
             .send()
             .await
             .unwrap();
@@ -559,7 +561,20 @@ hook_timeout_secs = 60
         (status, response.text().await.unwrap_or_default())
     }
 
-    /// GETs a JSON answer; `Null` when the body is not JSON.
+    /// GETs `path` as a stranger would: no token, no login, and a redirect is the answer
+    /// (not followed).
+    pub async fn get_as_stranger(&self, path: &str) -> reqwest::Response {
+        reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap()
+            .get(format!("{}{path}", self.base()))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// GETs a JSON answer with the admin token; `Null` when the body is not JSON.
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
         let (status, text) = self.get_text(path).await;
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
