@@ -1,28 +1,33 @@
 //! nonstop: a release server that turns a `git push` into a zero-downtime blue/green deploy
 //! and shows it live. See `docs/DESIGN.md` for the architecture;
 //! each module's own doc says what it is for and what it must never do.
+//!
+//! The public modules are what the binary, the integration tests and the benchmarks drive
+//! (start-up, config, the router, the backends tested against moto and nginx); the rest is
+//! the crate's own, so the compiler reports what nothing uses.
 
-pub mod apps;
 pub mod aws;
 pub mod config;
-pub mod db;
 pub mod domain;
-pub mod elapsed;
-pub mod events;
-pub mod fault;
-pub mod health;
-pub mod listen;
-pub mod notify;
 pub mod pipeline;
 pub mod process;
-pub mod queue;
-pub mod recovery;
-pub mod rollback;
 pub mod runner;
 pub mod serve;
 pub mod store;
 pub mod switch;
-pub mod traffic;
-pub mod version;
 pub mod web;
 pub mod webhook;
+
+pub(crate) mod apps;
+pub(crate) mod db;
+pub(crate) mod elapsed;
+pub(crate) mod events;
+pub(crate) mod fault;
+pub(crate) mod health;
+pub(crate) mod listen;
+pub(crate) mod notify;
+pub(crate) mod queue;
+pub(crate) mod recovery;
+pub(crate) mod rollback;
+pub(crate) mod traffic;
+pub(crate) mod version;

@@ -441,13 +441,6 @@ pub fn interrupt_running(conn: &mut Connection) -> rusqlite::Result<Vec<(Deploym
     Ok(interrupted)
 }
 
-/// Apps that have a queued deployment (resumed at start).
-pub fn apps_with_queued(conn: &Connection) -> rusqlite::Result<Vec<String>> {
-    conn.prepare("SELECT DISTINCT app FROM deployments WHERE status = 'queued'")?
-        .query_map([], |row| row.get(0))?
-        .collect()
-}
-
 /// The newest deployment of `app` that went live, other than `except`.
 pub fn last_succeeded(
     conn: &Connection,
@@ -555,26 +548,6 @@ pub fn count_deployments(
         "SELECT COUNT(*) FROM deployments WHERE (?1 IS NULL OR app = ?1) AND (?2 IS NULL OR status = ?2)",
     )?
     .query_row(params![app, status.map(|s| s.as_str())], |row| row.get(0))
-}
-
-/// The newest deployment of `app` in one of `statuses`.
-pub fn latest_with_status(
-    conn: &Connection,
-    app: Option<&str>,
-    statuses: &[DeploymentStatus],
-) -> rusqlite::Result<Option<Deployment>> {
-    let wanted: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
-    let list = serde_json::to_string(&wanted).expect("a list of strings is JSON");
-    conn.query_row(
-        &format!(
-            "SELECT {DEPLOYMENT_COLUMNS} FROM deployments
-             WHERE (?1 IS NULL OR app = ?1) AND status IN (SELECT value FROM json_each(?2))
-             ORDER BY id DESC LIMIT 1"
-        ),
-        params![app, list],
-        Deployment::from_row,
-    )
-    .optional()
 }
 
 #[derive(Clone, Debug, Serialize)]
