@@ -1,13 +1,13 @@
 //! Serving one listening socket that may face the internet: HTTP/1.1 connections with a
 //! header-read timeout (which is also how long a kept-alive connection may sit idle), a
-//! cap on open connections that sheds the oldest idle one when a new client arrives, and a
-//! shutdown with a deadline. A flood of idle or half-open sockets therefore costs the
-//! listener at most its cap in file descriptors, never starves another listener, and never
-//! locks a newcomer out. Knows nothing of routes: it drives any `tower` service.
+//! cap on open connections that sheds the oldest half-open or idle one when a new client
+//! arrives (the flooding client's first), and a shutdown with a deadline. A flood of idle
+//! or half-open sockets therefore costs the listener at most its cap in file descriptors,
+//! never starves another listener, and never locks another client's newcomer out. Knows nothing of routes: it drives any `tower` service.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -33,7 +33,8 @@ pub struct Limits {
     /// A request head must arrive whole within this, counted from the connection's start
     /// or the end of its previous response (so it is also the keep-alive idle timeout).
     pub header_read: Duration,
-    /// Open connections at most; at the cap a new client sheds the oldest idle one.
+    /// Open connections at most; at the cap a new client sheds the oldest idle one of the
+    /// client that holds the most.
     pub max_connections: usize,
     /// A request head larger than this is answered 431.
     pub max_head_bytes: usize,
@@ -60,6 +61,8 @@ const SHED: u8 = 3;
 
 /// One open connection as the cap sees it.
 struct Slot {
+    /// Who opened it: at the cap, the client holding the most connections gives one up.
+    client: IpAddr,
     state: AtomicU8,
     /// Cancelled to close the connection at once (shed, or the shutdown deadline).
     close: CancellationToken,
@@ -94,20 +97,18 @@ impl Slot {
 struct Slots(Mutex<VecDeque<Arc<Slot>>>);
 
 impl Slots {
-    /// A slot for a new connection, shedding the oldest idle one when at `cap`; `None`
-    /// when every open connection is busy.
-    fn admit(&self, cap: usize) -> Option<Arc<Slot>> {
+    /// A slot for a new connection from `client`, shedding one when at `cap`; `None` when
+    /// every open connection is busy.
+    fn admit(&self, cap: usize, client: IpAddr) -> Option<Arc<Slot>> {
         let mut slots = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if slots.len() >= cap {
-            // Half-open and never-used sockets go first: that is what a flood is made of.
-            let oldest = [FRESH, IDLE]
-                .into_iter()
-                .find_map(|from| slots.iter().position(|slot| slot.try_shed(from)))?;
-            if let Some(shed) = slots.remove(oldest) {
+            let shed = shed_position(&slots)?;
+            if let Some(shed) = slots.remove(shed) {
                 shed.close.cancel();
             }
         }
         let slot = Arc::new(Slot {
+            client,
             state: AtomicU8::new(FRESH),
             close: CancellationToken::new(),
         });
@@ -125,6 +126,28 @@ impl Slots {
     fn len(&self) -> usize {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
+}
+
+/// Which connection makes room for a newcomer (marking it shed): the oldest half-open one
+/// of the client holding the most connections, else anyone's oldest half-open one; then
+/// idle ones in the same order. Half-open sockets go first, since that is what a flood is
+/// made of; and the flooder's go first, since a flood that churns faster than a newcomer's
+/// head arrives would otherwise shed other clients' newcomers along with its own sockets.
+fn shed_position(slots: &VecDeque<Arc<Slot>>) -> Option<usize> {
+    let mut held: HashMap<IpAddr, usize> = HashMap::new();
+    for slot in slots {
+        *held.entry(slot.client).or_default() += 1;
+    }
+    let heaviest = held
+        .into_iter()
+        .max_by_key(|(_, count)| *count)
+        .map(|(ip, _)| ip);
+    [FRESH, IDLE].into_iter().find_map(|from| {
+        slots
+            .iter()
+            .position(|slot| Some(slot.client) == heaviest && slot.try_shed(from))
+            .or_else(|| slots.iter().position(|slot| slot.try_shed(from)))
+    })
 }
 
 /// Serves `service` on `listener` until `shutdown`, then lets requests in flight finish for
@@ -149,7 +172,7 @@ pub async fn serve<S>(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let Some(slot) = slots.admit(limits.max_connections) else {
+                    let Some(slot) = slots.admit(limits.max_connections, peer.ip().to_canonical()) else {
                         tracing::warn!(peer = %peer, open = slots.len(), "every connection is busy: refused one");
                         drop(stream);
                         continue;
@@ -376,6 +399,47 @@ mod tests {
             closed_by_server(&mut idle[0]).await,
             "the oldest idle socket stays open"
         );
+    }
+
+    async fn connect_from(client: &str, addr: SocketAddr) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(SocketAddr::new(client.parse().unwrap(), 0))
+            .unwrap();
+        socket.connect(addr).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn at_the_cap_a_flooding_client_sheds_its_own_sockets_not_another_clients() {
+        let limits = Limits {
+            max_connections: 4,
+            header_read: Duration::from_secs(60),
+            ..Limits::default()
+        };
+        let (addr, _shutdown, _task) = start(limits).await;
+        let mut visitor = connect_from("127.0.0.3", addr).await;
+        // Connections are taken in order: once a later one is answered, the visitor's is in.
+        assert!(get_once(addr, "/peer").await.starts_with("HTTP/1.1 200"));
+        let mut flood = Vec::new();
+        for _ in 0..8 {
+            flood.push(connect_from("127.0.0.2", addr).await);
+        }
+        assert!(
+            closed_by_server(&mut flood[0]).await,
+            "the flood's oldest socket stays open"
+        );
+
+        visitor
+            .write_all(b"GET /peer HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(DEADLINE, visitor.read_to_string(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("127.0.0.3"), "{answer}");
     }
 
     #[tokio::test]

@@ -414,7 +414,7 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 /// synced, then renamed over the name.
 fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let temp = path.with_extension("tmp");
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -422,6 +422,9 @@ fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
         .truncate(true)
         .mode(0o600)
         .open(&temp)?;
+    // `mode` applies only to a file this call creates; a temp file left by an earlier,
+    // interrupted write keeps its own mode unless it is set here.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     file.write_all(contents)?;
     file.sync_all()?;
     std::fs::rename(&temp, path)

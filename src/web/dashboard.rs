@@ -359,7 +359,8 @@ async fn login(
     let next = after_login(form.next.as_deref()).to_owned();
     let throttle = state.sessions.throttle();
     if let Err(wait) = throttle.check(peer.ip(), now_ms()) {
-        let wait = wait.as_secs().max(1);
+        // Rounded up: a client told to come back a moment too early is refused again.
+        let wait = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
         return login_refused(
             StatusCode::TOO_MANY_REQUESTS,
             format!("Too many wrong tokens from your address: try again in {wait} s."),

@@ -5,46 +5,6 @@ use std::time::{Duration, Instant};
 
 use crate::common::{self, ADMIN_TOKEN, spawn_app};
 
-/// Logs in through the form; returns the session cookie and the page's CSRF token.
-async fn log_in(app: &common::TestApp) -> (String, String) {
-    let client = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let response = client
-        .post(format!("{}/login", app.base()))
-        .form(&[("token", ADMIN_TOKEN)])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 303);
-    let set_cookie = response.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    assert!(
-        set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Strict"),
-        "{set_cookie}"
-    );
-    let cookie = set_cookie.split(';').next().unwrap().to_owned();
-    let page = client
-        .get(format!("{}/", app.base()))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let csrf = page
-        .split("name=\"csrf\" value=\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .expect("a logged-in page carries a CSRF token")
-        .to_owned();
-    (cookie, csrf)
-}
-
 #[tokio::test]
 async fn a_fresh_server_shows_a_stranger_the_login_page_and_nothing_else_but_the_cli_reads() {
     let app = spawn_app().await;
@@ -122,7 +82,7 @@ async fn actions_refuse_without_a_login_or_with_a_forged_csrf_token() {
         401
     );
 
-    let (cookie, csrf) = log_in(&app).await;
+    let (cookie, csrf) = app.log_in().await;
     assert_eq!(post(Some(&cookie), None).await.unwrap().status(), 403);
     assert_eq!(
         post(Some(&cookie), Some("forged")).await.unwrap().status(),
@@ -168,7 +128,7 @@ async fn buttons_show_only_to_a_logged_in_person() {
     );
     assert!(anonymous.contains("Log in"));
 
-    let (cookie, _) = log_in(&app).await;
+    let (cookie, _) = app.log_in().await;
     let page = app
         .http
         .get(format!("{}/", app.base()))
@@ -183,7 +143,7 @@ async fn buttons_show_only_to_a_logged_in_person() {
 #[tokio::test]
 async fn a_logged_in_deploy_form_redirects_to_its_deployment_and_history_lists_it() {
     let app = spawn_app().await;
-    let (cookie, csrf) = log_in(&app).await;
+    let (cookie, csrf) = app.log_in().await;
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()

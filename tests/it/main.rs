@@ -10,6 +10,7 @@ mod dashboard;
 mod deploy;
 mod faults;
 mod fleet;
+mod hostile;
 mod interrupted;
 mod nginx;
 mod notify;

@@ -258,6 +258,11 @@ impl TestApp {
         self.data_dir().join("nonstop.db")
     }
 
+    /// Where the proxy process's control socket is, relative to the test's folder.
+    pub fn proxy_socket(&self) -> &'static str {
+        self.extra.proxy_socket.unwrap_or("proxy.sock")
+    }
+
     fn config_path(&self) -> PathBuf {
         self.dir.path().join("nonstop.toml")
     }
@@ -297,9 +302,9 @@ hook_timeout_secs = 60
             extra_tables = extra.tables,
             server = ports.server,
             proxy_socket = if extra.proxy_process {
-                "proxy_socket = \"proxy.sock\""
+                format!("proxy_socket = \"{}\"", self.proxy_socket())
             } else {
-                ""
+                String::new()
             },
             switch = match extra.switch {
                 Some(switch) => switch(ports, self.dir.path()),
@@ -346,6 +351,24 @@ hook_timeout_secs = 60
                 .args(["sh", bin]);
             command
         };
+        if let Some((soft, hard)) = self.extra.nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe and touches only the child being
+            // started; nothing else runs between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: soft,
+                        rlim_max: hard,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
         let mut child = command
             .arg("serve")
             .arg("--config")
@@ -447,11 +470,38 @@ hook_timeout_secs = 60
     /// Stops the server with `signal`, waits until it is gone, and starts it again on the
     /// same addresses.
     pub async fn restart_with(&mut self, signal: i32) {
-        if let Some(mut child) = self.server.take() {
-            // SAFETY: kill(2) on the server process this helper started.
-            unsafe { libc::kill(child.id() as i32, signal) };
-            child.wait().unwrap();
+        let stopped = self.stop_with(signal, Duration::from_secs(60));
+        assert!(stopped.is_some(), "the server did not stop in 60 s");
+        self.start_again().await;
+    }
+
+    /// Sends `signal` to the server and waits for it to exit, at most `deadline`; returns
+    /// its exit status and how long it took, or `None` (and kills it) when it outlived the
+    /// deadline.
+    pub fn stop_with(
+        &mut self,
+        signal: i32,
+        deadline: Duration,
+    ) -> Option<(std::process::ExitStatus, Duration)> {
+        let mut child = self.server.take()?;
+        let started = Instant::now();
+        // SAFETY: kill(2) on the server process this helper started.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some((status, started.elapsed()));
+            }
+            if started.elapsed() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Starts the server again after `stop_with`, on the same addresses.
+    pub async fn start_again(&mut self) {
         let (server, proxy) = (self.ports.server, self.ports.proxy);
         self.start_server().await;
         assert_eq!(
@@ -460,6 +510,60 @@ hook_timeout_secs = 60
             "the restarted server listens where the config says"
         );
         self.wait_ready().await;
+    }
+
+    /// Runs `nonstop serve` on this app's config (no server may be running) with `env` on
+    /// top of the usual, for a start that must be refused: waits at most 30 s for it to
+    /// exit; returns its exit status and what it wrote on stderr.
+    pub fn serve_refused(&self, env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
+        assert!(self.server.is_none(), "stop the server first");
+        let stderr = self.dir.path().join("refused.log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nonstop"))
+            .arg("serve")
+            .arg("--config")
+            .arg(self.config_path())
+            .env("NONSTOP_TEST_SECRET", SECRET)
+            .env("NONSTOP_ADMIN_TOKEN", ADMIN_TOKEN)
+            .envs(self.extra.env.iter().map(|(k, v)| (k, v)))
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "nonstop serve was not refused in 30 s:\n{}",
+                    std::fs::read_to_string(&stderr).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        (status, std::fs::read_to_string(&stderr).unwrap_or_default())
+    }
+
+    /// The running server's process id.
+    pub fn server_pid(&self) -> u32 {
+        self.server.as_ref().expect("the server runs").id()
+    }
+
+    /// A memory figure of the server from `/proc/<pid>/status` in KiB: `VmRSS` (now) or
+    /// `VmHWM` (the peak resident set since it started).
+    pub fn server_memory_kib(&self, field: &str) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.server_pid())).unwrap();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc/<pid>/status:\n{status}"))
     }
 
     /// Starts `nonstop proxy` and waits until it said where the proxy listens and opened
@@ -480,7 +584,7 @@ hook_timeout_secs = 60
         let (_, proxy) = wait_announced(&mut child, &announced, true, &log_path).await;
         self.proxy_process = Some(child);
         self.ports.proxy = proxy.expect("the proxy process announced its address");
-        let socket = self.dir.path().join("proxy.sock");
+        let socket = self.dir.path().join(self.proxy_socket());
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::os::unix::net::UnixStream::connect(&socket).is_err() {
             assert!(
@@ -545,6 +649,52 @@ hook_timeout_secs = 60
             .await;
         assert_eq!(status, 202, "push not accepted: {answer}");
         answer["deployment_id"].as_i64().expect("a deployment id")
+    }
+
+    /// Logs in through the form; returns the session cookie and the page's CSRF token.
+    pub async fn log_in(&self) -> (String, String) {
+        self.log_in_with(ADMIN_TOKEN).await
+    }
+
+    /// Logs in through the form with `token`; returns the session cookie and the page's
+    /// CSRF token.
+    pub async fn log_in_with(&self, token: &str) -> (String, String) {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let response = client
+            .post(format!("{}/login", self.base()))
+            .form(&[("token", token)])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 303);
+        let set_cookie = response.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Strict"),
+            "{set_cookie}"
+        );
+        let cookie = set_cookie.split(';').next().unwrap().to_owned();
+        let page = client
+            .get(format!("{}/", self.base()))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let csrf = page
+            .split("name=\"csrf\" value=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .expect("a logged-in page carries a CSRF token")
+            .to_owned();
+        (cookie, csrf)
     }
 
     /// GETs a page of the server with the admin token (reading needs it, as
@@ -748,9 +898,14 @@ pub struct Extra {
     pub env: Vec<(String, String)>,
     pub switch: Option<fn(&Ports, &Path) -> String>,
     pub proxy_process: bool,
+    /// Where `server.proxy_socket` is (relative to the test's folder); `proxy.sock` if `None`.
+    pub proxy_socket: Option<&'static str>,
     /// Folders (relative to the test's folder) that the server sees as small filesystems
     /// of their own, with their sizes (`"8m"`): a disk that can fill up.
     pub tmpfs: &'static [(&'static str, &'static str)],
+    /// The server's open-file limit (soft, hard), as `ulimit -n` sets it before `exec`:
+    /// systemd's default of 1024 is what a host gives a service unless told otherwise.
+    pub nofile: Option<(u64, u64)>,
 }
 
 /// `spawn_app` with `extra` added to the config and the environment.
