@@ -334,10 +334,22 @@ async fn wait_flooding(count: &FloodCount, sockets: usize) {
     }
 }
 
-/// Connections to local `port` that a process holds open right now (in
-/// `/proc/net/tcp{,6}`, not listening, with a socket inode): for the server port, the
-/// connections `serve` has accepted and not yet closed.
-fn held_connections(port: u16) -> usize {
+/// Connections on local `port` that process `pid` holds open right now: the sockets among
+/// its files that `/proc/net/tcp{,6}` lists on that port, not listening.
+fn held_connections(pid: u32, port: u16) -> usize {
+    let sockets: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|fd| {
+            let target = std::fs::read_link(fd.path()).ok()?;
+            let inode = target
+                .to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?;
+            Some(inode.to_owned())
+        })
+        .collect();
     let held = |line: &&str| {
         let fields: Vec<&str> = line.split_whitespace().collect();
         let local_port = fields
@@ -346,7 +358,7 @@ fn held_connections(port: u16) -> usize {
             .and_then(|p| u16::from_str_radix(p, 16).ok());
         local_port == Some(port)
             && fields.get(3) != Some(&"0A")
-            && fields.get(9).is_some_and(|inode| *inode != "0")
+            && fields.get(9).is_some_and(|inode| sockets.contains(*inode))
     };
     ["/proc/net/tcp", "/proc/net/tcp6"]
         .iter()
@@ -355,14 +367,15 @@ fn held_connections(port: u16) -> usize {
         .sum()
 }
 
-/// Samples `held_connections(port)` and the server's open files until `until`, on a
+/// Samples the server's connections on `port` and its open files until `until`, on a
 /// thread of its own (reading `/proc` blocks); returns the peaks.
 async fn sample_peaks(app: &TestApp, port: u16, until: Instant) -> (usize, usize) {
-    let fd_dir = format!("/proc/{}/fd", app.server_pid());
+    let pid = app.server_pid();
+    let fd_dir = format!("/proc/{pid}/fd");
     tokio::task::spawn_blocking(move || {
         let (mut connections, mut files) = (0, 0);
         while Instant::now() < until {
-            connections = held_connections(port).max(connections);
+            connections = held_connections(pid, port).max(connections);
             let open = std::fs::read_dir(&fd_dir).map_or(0, |dir| dir.count());
             files = open.max(files);
             std::thread::sleep(Duration::from_millis(50));
@@ -696,7 +709,7 @@ async fn raw(addr: SocketAddr, request: &[u8]) -> String {
 async fn sigterm_stops_the_server_by_its_deadline_whatever_its_clients_hold() {
     let mut app = common::spawn_app_with(hostile_extra()).await;
     let addr = server_addr(&app);
-    let before = held_connections(app.ports.server);
+    let before = held_connections(app.server_pid(), app.ports.server);
     let mut half_head = TcpStream::connect(addr).await.unwrap();
     half_head
         .write_all(b"POST /hooks/github HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-")
@@ -720,7 +733,7 @@ async fn sigterm_stops_the_server_by_its_deadline_whatever_its_clients_hold() {
         .unwrap();
     assert!(first[..n].starts_with(b"HTTP/1.1 200"));
     let deadline = Instant::now() + Duration::from_secs(10);
-    while held_connections(app.ports.server) < before + 3 {
+    while held_connections(app.server_pid(), app.ports.server) < before + 3 {
         assert!(
             Instant::now() < deadline,
             "serve did not take the three connections"
