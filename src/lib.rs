@@ -10,6 +10,7 @@ pub mod domain;
 pub mod elapsed;
 pub mod events;
 pub mod fault;
+pub mod gate;
 pub mod health;
 pub mod listen;
 pub mod notify;

@@ -271,6 +271,7 @@ mod tests {
     fn build(number: &str) -> CiBuild {
         CiBuild {
             number: Some(number.into()),
+            check: None,
             url: Some(format!("https://ci.example/builds/{number}")),
         }
     }

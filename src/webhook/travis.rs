@@ -199,6 +199,7 @@ pub fn interpret(app: &AppConfig, build: &Build) -> Result<Outcome, WebhookError
     };
     let ci = CiBuild {
         number: Some(number.clone()),
+        check: None,
         url: build.build_url.clone(),
     };
     Ok(match verdict {
