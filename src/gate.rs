@@ -48,6 +48,57 @@ pub enum Coverage<'a> {
     Complete { running: &'a [String] },
 }
 
+/// How the gate hears about a waiting commit's checks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Evidence {
+    /// A webhook (`check_run`, `status`): one check's latest state.
+    Report(CheckReport),
+    /// A webhook (`check_suite`, `workflow_run`): the named suite finished. Which checks it
+    /// ran, and whether others run, is for GitHub's full list to say.
+    SuiteFinished(String),
+    /// GitHub's API: every check on the commit, and the suites still running.
+    FullList {
+        reports: Vec<CheckReport>,
+        running: Vec<String>,
+    },
+    /// The commit waited longer than the gate allows (`limit` in words).
+    OutOfTime { limit: String },
+}
+
+impl Evidence {
+    /// The reports it brings, to be kept with what was heard before.
+    pub fn reports(&self) -> &[CheckReport] {
+        match self {
+            Self::Report(report) => std::slice::from_ref(report),
+            Self::FullList { reports, .. } => reports,
+            Self::SuiteFinished(_) | Self::OutOfTime { .. } => &[],
+        }
+    }
+
+    /// The verdict once this evidence is heard; `known` is the latest report per check,
+    /// this evidence's included.
+    pub fn judge(&self, required: &Required, known: &[CheckReport]) -> CheckVerdict {
+        match self {
+            Self::Report(_) => decide(required, known, Coverage::Partial),
+            Self::SuiteFinished(suite) => match decide(required, known, Coverage::Partial) {
+                // A finished suite is the moment to ask for the full list, whatever the
+                // webhooks said so far.
+                CheckVerdict::Waiting { .. } => CheckVerdict::Waiting {
+                    waiting_for: format!(
+                        "GitHub's list of every check on the commit ({suite} finished)"
+                    ),
+                    confirm: true,
+                },
+                decided => decided,
+            },
+            Self::FullList { running, .. } => {
+                decide(required, known, Coverage::Complete { running })
+            }
+            Self::OutOfTime { limit } => out_of_time(required, known, limit),
+        }
+    }
+}
+
 /// What `reports` (the latest per check, in any order) decide under `required`. A failed
 /// required check fails the commit whatever the coverage; a pass of every check needs
 /// complete coverage.
@@ -305,6 +356,34 @@ mod tests {
         assert!(matches!(
             out_of_time(&Required::Every, &failed, "24 h"),
             CheckVerdict::Failed { check: Some(_), .. }
+        ));
+    }
+
+    #[test]
+    fn a_finished_suite_asks_for_the_full_list_unless_a_check_already_decided() {
+        let finished = Evidence::SuiteFinished("CI".into());
+        let pending = [run("test", CheckState::Pending, "in_progress")];
+        assert_eq!(
+            finished.judge(&Required::Every, &pending),
+            CheckVerdict::Waiting {
+                waiting_for: "GitHub's list of every check on the commit (CI finished)".into(),
+                confirm: true
+            }
+        );
+        let passed = [run("test", CheckState::Passed, "success")];
+        assert!(matches!(
+            finished.judge(&named(&["test"]), &passed),
+            CheckVerdict::Passed { .. }
+        ));
+        assert!(finished.reports().is_empty());
+        let full = Evidence::FullList {
+            reports: passed.to_vec(),
+            running: vec![],
+        };
+        assert_eq!(full.reports(), passed);
+        assert!(matches!(
+            full.judge(&Required::Every, &passed),
+            CheckVerdict::Passed { .. }
         ));
     }
 

@@ -166,6 +166,8 @@ async fn github_hook(
             Ok(ignored(reason))
         }
         github::Outcome::Deploy(trigger) => queue_push(&state, app, *trigger).await,
+        // Read, and not acted on yet: the gate's record comes next.
+        github::Outcome::Checks(_) => Ok(ignored("checks are not acted on yet".into())),
     }
 }
 
