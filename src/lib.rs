@@ -11,6 +11,7 @@ pub mod elapsed;
 pub mod events;
 pub mod fault;
 pub mod gate;
+pub mod github_api;
 pub mod health;
 pub mod listen;
 pub mod notify;
