@@ -4,6 +4,7 @@
 
 pub mod apps;
 pub mod aws;
+pub mod checks;
 pub mod config;
 pub mod db;
 pub mod domain;

@@ -1,7 +1,8 @@
 //! `POST /hooks/github` and `POST /hooks/travis`: verify, interpret, queue — and answer at
-//! once with the deployment id. An app with `trigger = "travis"` records a push as waiting;
-//! Travis's report of that commit releases it or fails it. What a delivery means is decided
-//! in `webhook`; this module only reads the request, calls the queue and answers.
+//! once with the deployment id. An app with `trigger = "travis"` or `"checks"` records a
+//! push as waiting; Travis's report, or GitHub's checks of that commit, release it or fail
+//! it. What a delivery means is decided in `webhook` and `gate`; this module only reads the
+//! request, calls the queue and answers.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -167,8 +168,27 @@ async fn github_hook(
             Ok(ignored(reason))
         }
         github::Outcome::Deploy(trigger) => queue_push(&state, app, *trigger).await,
-        // Read, and not acted on yet: the gate's record comes next.
-        github::Outcome::Checks(_) => Ok(ignored("checks are not acted on yet".into())),
+        github::Outcome::Checks(news) => {
+            let github::CheckNews { commit, evidence } = *news;
+            let outcome = state
+                .queue
+                .checks_reported(
+                    &app.name,
+                    Required::of(app),
+                    commit,
+                    evidence,
+                    Some(delivery.delivery.clone()),
+                )
+                .await?;
+            match &outcome {
+                CiOutcome::Waiting { confirm: true, .. } => state.checks.ask_now(),
+                CiOutcome::Ignored(reason) => {
+                    tracing::info!(app = %app.name, event = delivery.event, reason = %reason, "checks of a commit nothing waits for");
+                }
+                _ => {}
+            }
+            Ok(ci_answer(outcome, "this delivery was already received"))
+        }
     }
 }
 
