@@ -419,12 +419,12 @@ fn checks(app: &AppConfig, event: &str, body: &[u8]) -> Result<Outcome, WebhookE
         )));
     }
     #[derive(Deserialize)]
-    struct From {
+    struct Sent {
         repository: Repository,
     }
     let read = |err| malformed(event, err);
-    let from: From = serde_json::from_slice(body).map_err(read)?;
-    if let Some(ignored) = other_repository(app, &from.repository, "checks of") {
+    let sent: Sent = serde_json::from_slice(body).map_err(read)?;
+    if let Some(ignored) = other_repository(app, &sent.repository, "checks of") {
         return Ok(ignored);
     }
     let (sha, evidence) = match event {

@@ -2,7 +2,8 @@
 //! stand-in for GitHub's API: a push waits; `check_suite`, `check_run` and `status` webhooks
 //! (payloads in GitHub's shapes, from tests/fixtures/github) release it or fail it with the
 //! failing check's name and page; a push whose checks passed while nonstop was down deploys
-//! after the restart, found by asking the API; an API that fails fails nothing.
+//! after the restart, found by asking the API; an API that fails fails nothing; a push still
+//! undecided a day later fails.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -443,6 +444,47 @@ async fn named_checks_deploy_on_webhooks_alone_and_a_newer_push_replaces_a_waiti
         questions_about(&github, &sha).is_empty(),
         "named checks that all reported need no question to GitHub"
     );
+}
+
+#[tokio::test]
+async fn a_push_still_undecided_a_day_later_fails_saying_what_it_waited_for() {
+    let fake = FakeGitHub::default();
+    let github = fake.start().await;
+    let mut app = spawn_checks_app(&github, "").await;
+    let sha = app.repo.commit("Stuck in a queue");
+    let id = app.push(&sha).await;
+    fake.list(
+        &sha,
+        Listed {
+            check_runs: vec![check_run(&sha, 61, "test", "queued", None)],
+            ..Listed::default()
+        },
+    );
+    // As if the push came a little over 24 hours ago.
+    let conn = rusqlite::Connection::open(app.db_path()).unwrap();
+    conn.execute(
+        "UPDATE deployments SET created_at = created_at - 24 * 3600 * 1000 - 60000 WHERE id = ?1",
+        [id],
+    )
+    .unwrap();
+    drop(conn);
+
+    app.restart().await;
+    let deadline = Instant::now() + WAIT;
+    let failed = loop {
+        let now = deployment(&app, id).await;
+        if now["status"] != "waiting" {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "still waiting: {now:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(failed["status"], "failed", "{failed:#}");
+    assert_eq!(
+        failed["error"],
+        "no verdict on its checks within 24 h; it waited for test (queued)"
+    );
+    assert!(failed["started_at"].is_null(), "{failed:#}");
 }
 
 fn common_push(sha: &str) -> Vec<u8> {
