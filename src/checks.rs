@@ -46,7 +46,6 @@ const PAGE_SIZE: usize = 100;
 /// A push still waiting this long for its checks fails: GitHub itself gives up on a job
 /// that stays queued for a day, so no verdict is coming.
 pub const WAIT_LIMIT: Duration = Duration::from_secs(24 * 60 * 60);
-const WAIT_LIMIT_WORDS: &str = "24 h";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChecksError {
@@ -194,7 +193,7 @@ impl Poller {
         let waited = db::now_ms().saturating_sub(waiting.created_at);
         if matches!(outcome, CiOutcome::Waiting { .. }) && waited > WAIT_LIMIT.as_millis() as i64 {
             report(Evidence::OutOfTime {
-                limit: WAIT_LIMIT_WORDS.into(),
+                limit: format!("{} h", WAIT_LIMIT.as_secs() / 3600),
             })
             .await?;
         }
