@@ -92,6 +92,10 @@ pub struct AppConfig {
     pub branch: String,
     #[serde(default)]
     pub trigger: TriggerMode,
+    /// With `trigger = "checks"`: the check runs and status contexts that must pass on a
+    /// commit before it deploys; empty: every one GitHub reports on it.
+    #[serde(default)]
+    pub checks: Vec<String>,
     pub webhook_secret_env: Option<String>,
     pub build: String,
     #[serde(default = "default_build_timeout")]
@@ -186,12 +190,18 @@ pub struct AppGitHubConfig {
     pub mute: bool,
 }
 
+/// When a push of the app's branch deploys.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TriggerMode {
+    /// At once.
     #[default]
     Push,
+    /// Once Travis CI reports its commit's build passed.
     Travis,
+    /// Once the checks GitHub shows on its commit (GitHub Actions, or any CI that reports
+    /// check runs or commit statuses) passed.
+    Checks,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -904,6 +914,7 @@ impl AppConfig {
             "must contain {timestamp} so every version is unique and sorts in order",
         )?;
         self.health.validate().under("health")?;
+        self.validate_checks()?;
         require(
             !self.artifact.is_absolute() && self.artifact.file_name().is_some(),
             "artifact",
@@ -934,6 +945,18 @@ impl AppConfig {
 
     /// What this app asks of the file's other sections.
     fn validate_sections(&self, sections: &Sections) -> Result<(), Invalid> {
+        if self.trigger == TriggerMode::Checks {
+            require(
+                self.repository.is_some(),
+                "repository",
+                "trigger = \"checks\" needs it: a commit's checks are asked of GitHub by repository",
+            )?;
+            require(
+                sections.github,
+                "trigger",
+                "\"checks\" needs a GitHub token to ask for a commit's checks: add [github] with token_env",
+            )?;
+        }
         if self.trigger == TriggerMode::Travis {
             require(
                 self.repository.is_some(),
@@ -956,6 +979,29 @@ impl AppConfig {
             "github",
             "there is no [github] section for this to override",
         )
+    }
+
+    /// `checks` names each required check once, and only a checks gate reads it.
+    fn validate_checks(&self) -> Result<(), Invalid> {
+        require(
+            self.checks.is_empty() || self.trigger == TriggerMode::Checks,
+            "checks",
+            "only trigger = \"checks\" reads it",
+        )?;
+        let mut seen = HashSet::new();
+        for name in &self.checks {
+            require(
+                !name.trim().is_empty(),
+                "checks",
+                "a check's name cannot be empty",
+            )?;
+            require(
+                seen.insert(name),
+                "checks",
+                format!("`{name}` is named twice"),
+            )?;
+        }
+        Ok(())
     }
 
     fn read_secret(&mut self, env: &impl Fn(&str) -> Option<String>) -> Result<(), Invalid> {
@@ -1366,5 +1412,62 @@ run = "{artifact} --port {port}"
         let err = with_env(&by_file, &[]).unwrap_err().to_string();
         assert!(err.contains("travis.public_key_file: cannot read"), "{err}");
         assert!(!err.contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn a_checks_gate_needs_the_repository_and_a_github_token() {
+        let checks_app = format!("{MINIMAL}trigger = \"checks\"\n");
+        let err = with_env(&checks_app, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("app.hello.repository: trigger = \"checks\" needs it"),
+            "{err}"
+        );
+        let checks_app = format!("{checks_app}repository = \"acme/hello\"\n");
+        let err = with_env(&checks_app, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("app.hello.trigger: \"checks\" needs a GitHub token"),
+            "{err}"
+        );
+        let with_github = format!("{checks_app}\n[github]\ntoken_env = \"GH_TOKEN\"\n");
+        let err = with_env(&with_github, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("github.token_env: env var GH_TOKEN is not set"),
+            "{err}"
+        );
+        let config = with_env(&with_github, &[("GH_TOKEN", "ghp_s3cret")]).unwrap();
+        assert_eq!(config.apps[0].trigger, TriggerMode::Checks);
+        assert!(config.apps[0].checks.is_empty());
+        assert!(!format!("{config:?}").contains("ghp_s3cret"));
+
+        let named = with_github.replace(
+            "repository = ",
+            "checks = [\"test\", \"ci/lint\"]\nrepository = ",
+        );
+        let config = with_env(&named, &[("GH_TOKEN", "t")]).unwrap();
+        assert_eq!(config.apps[0].checks, ["test", "ci/lint"]);
+
+        for (checks, problem) in [
+            ("[\"test\", \"test\"]", "`test` is named twice"),
+            ("[\" \"]", "a check's name cannot be empty"),
+        ] {
+            let text = with_github.replace(
+                "repository = ",
+                &format!("checks = {checks}\nrepository = "),
+            );
+            let err = with_env(&text, &[("GH_TOKEN", "t")])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("app.hello.checks: {problem}")),
+                "{err}"
+            );
+        }
+        let err = with_env(&format!("{MINIMAL}checks = [\"test\"]\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("app.hello.checks: only trigger = \"checks\" reads it"),
+            "{err}"
+        );
     }
 }

@@ -188,10 +188,13 @@ pub struct Reuse {
     pub rollback_of: Option<DeploymentId>,
 }
 
-/// A CI build as shown with the deployment it let through or failed: its number and page.
+/// What CI said about a deployment's commit, as shown with the deployment it let through or
+/// failed: Travis's build number, or the GitHub checks that decided, and a page to look at.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CiBuild {
     pub number: Option<String>,
+    /// The check runs or status contexts that passed it, or the one that failed it.
+    pub check: Option<String>,
     pub url: Option<String>,
 }
 
@@ -261,6 +264,56 @@ string_enum! {
         Failed => "failed",
         Skipped => "skipped",
     }
+}
+
+/// The latest word GitHub holds on one check of a commit: a check run (a GitHub Actions
+/// job, a checks app) or a commit status (CI that reports the older way).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckReport {
+    pub kind: CheckKind,
+    /// The check run's name or the status's context: what `checks = [...]` names.
+    pub name: String,
+    /// GitHub's id of the run or status: a re-run, or a newer status of the same context,
+    /// has a higher one and replaces it.
+    pub github_id: i64,
+    pub state: CheckState,
+    /// GitHub's own word for it (`in_progress`, `success`, `timed_out`, `error`, …).
+    pub word: String,
+    /// Its page on GitHub, or the status's target URL.
+    pub url: Option<String>,
+}
+
+string_enum! {
+    /// The two ways CI reports to GitHub.
+    CheckKind {
+        Run => "check_run",
+        Status => "status",
+    }
+}
+
+string_enum! {
+    /// A check's state as the gate reads it: `success`, `neutral` and `skipped` pass; every
+    /// other conclusion fails; anything not concluded is pending.
+    CheckState {
+        Pending => "pending",
+        Passed => "passed",
+        Failed => "failed",
+    }
+}
+
+/// What the checks reported so far decide for a waiting commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CheckVerdict {
+    /// Every required check passed; `passed` names them.
+    Passed { passed: Vec<String> },
+    /// Nothing deploys, for `reason`; `check` is the one that failed, when one did.
+    Failed {
+        check: Option<CheckReport>,
+        reason: String,
+    },
+    /// Not decided yet; `waiting_for` says on what. `confirm`: what webhooks reported all
+    /// passed, and only GitHub's full list of the commit's checks can tell whether others run.
+    Waiting { waiting_for: String, confirm: bool },
 }
 
 string_enum! {

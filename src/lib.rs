@@ -19,10 +19,13 @@ pub mod web;
 pub mod webhook;
 
 pub(crate) mod apps;
+pub(crate) mod checks;
 pub(crate) mod db;
 pub(crate) mod elapsed;
 pub(crate) mod events;
 pub(crate) mod fault;
+pub(crate) mod gate;
+pub(crate) mod github_api;
 pub(crate) mod health;
 pub(crate) mod listen;
 pub(crate) mod notify;

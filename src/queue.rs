@@ -12,8 +12,11 @@ use tracing::Instrument;
 
 use crate::apps::{App, Apps};
 use crate::db::{self, CiOutcome, Db, DbError, Enqueued};
-use crate::domain::{CiBuild, DeploymentId, DeploymentStatus, Trigger};
+use crate::domain::{
+    AppName, CiBuild, CommitSha, Delivery, DeploymentId, DeploymentStatus, Trigger,
+};
 use crate::events::{Bus, Event};
+use crate::gate::{Evidence, Required};
 use crate::pipeline::Pipeline;
 
 #[derive(Clone)]
@@ -85,10 +88,14 @@ impl Queue {
         Ok(enqueued)
     }
 
-    /// Records a push that waits for CI to pass its commit (`trigger = "travis"`).
-    pub async fn hold(&self, trigger: Trigger) -> Result<Enqueued, DbError> {
+    /// Records a push that waits for CI to pass its commit (`trigger = "travis"` or
+    /// `"checks"`); `waiting_for` says for what.
+    pub async fn hold(&self, trigger: Trigger, waiting_for: String) -> Result<Enqueued, DbError> {
         let app = trigger.app.to_string();
-        let held = self.db.call(move |conn| db::hold(conn, &trigger)).await?;
+        let held = self
+            .db
+            .call(move |conn| db::hold(conn, &trigger, &waiting_for))
+            .await?;
         if let Enqueued::New { id, superseded } = &held {
             tracing::info!(deployment_id = %id, app = %app, "push waits for CI");
             self.publish_all(&app, superseded, DeploymentStatus::Superseded);
@@ -127,9 +134,57 @@ impl Queue {
             .db
             .call(move |conn| db::ci_failed(conn, &trigger, &build, &reason))
             .await?;
-        if let CiOutcome::Failed { id } = &outcome {
+        if let CiOutcome::Failed { id, .. } = &outcome {
             tracing::info!(deployment_id = %id, app = %app, "CI failed; nothing deploys");
             self.publish_all(&app, &[*id], DeploymentStatus::Failed);
+        }
+        Ok(outcome)
+    }
+
+    /// News of `commit`'s checks for `app`, gated on them (`trigger = "checks"`): kept with
+    /// what was heard before and judged under `required`, in one step under the database's
+    /// lock, so a webhook and the poller cannot both release (or fail) the same push.
+    pub async fn checks_reported(
+        &self,
+        app: &AppName,
+        required: Required,
+        commit: CommitSha,
+        evidence: Evidence,
+        delivery: Option<Delivery>,
+    ) -> Result<CiOutcome, DbError> {
+        let name = app.to_string();
+        let outcome = self
+            .db
+            .call(move |conn| {
+                db::checks_reported(
+                    conn,
+                    &name,
+                    &commit,
+                    delivery.as_ref(),
+                    evidence.reports(),
+                    |known| evidence.judge(&required, known),
+                )
+            })
+            .await?;
+        let app = app.to_string();
+        match &outcome {
+            CiOutcome::Released { id, superseded } => {
+                tracing::info!(deployment_id = %id, app = %app, "checks passed; deployment queued");
+                self.publish_all(&app, superseded, DeploymentStatus::Superseded);
+                self.publish_all(&app, &[*id], DeploymentStatus::Queued);
+                if let Some(notify) = self.wake.get(&app) {
+                    notify.notify_one();
+                }
+            }
+            CiOutcome::Failed { id, reason } => {
+                tracing::info!(deployment_id = %id, app = %app, reason = %reason, "a check failed; nothing deploys");
+                self.publish_all(&app, &[*id], DeploymentStatus::Failed);
+            }
+            // What it waits for may have changed: an open page shows it.
+            CiOutcome::Waiting { id, .. } => {
+                self.publish_all(&app, &[*id], DeploymentStatus::Waiting);
+            }
+            CiOutcome::Duplicate { .. } | CiOutcome::Ignored(_) => {}
         }
         Ok(outcome)
     }

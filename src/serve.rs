@@ -152,6 +152,9 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
         recoveries,
         shutdown.clone(),
     );
+    // After the queue: its first round may release a push whose checks passed meanwhile.
+    let checks = crate::checks::Checks::start(&config, db.clone(), queue.clone(), shutdown.clone())
+        .map_err(|err| ServeError::Setup(err.to_string()))?;
     let secure = dashboard_url.starts_with("https://");
     let sessions = web::Sessions::load(db.clone(), secure).await?;
     let allowed_hosts =
@@ -161,6 +164,7 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
         db,
         bus,
         queue,
+        checks,
         traffic,
         apps,
         admin_token,

@@ -1,13 +1,18 @@
-//! The CI gate's rows: a push to an app that deploys only after CI (`trigger = "travis"`) is
-//! recorded `waiting`; the build's report releases it into the queue or ends it `failed`.
-//! Every function runs under the connection's lock, so a check and the change that follows
-//! it cannot interleave with another writer.
+//! The CI gate's rows: a push to an app that deploys only after CI (`trigger = "travis"` or
+//! `"checks"`) is recorded `waiting`, with what it waits for; CI's report releases it into
+//! the queue or ends it `failed`. For the checks gate, the latest report of each of the
+//! commit's checks is kept while it waits (`ci_checks`). Every function runs under the
+//! connection's lock, so a check and the change that follows it cannot interleave with
+//! another writer.
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::now_ms;
-use super::queries::{Enqueued, enqueue, record_delivery_of, seen_delivery};
-use crate::domain::{CiBuild, DeploymentId, DeploymentStatus, Stage, Trigger};
+use super::queries::{Enqueued, enqueue, record_delivery_of, remember, seen, seen_delivery};
+use crate::domain::{
+    CheckKind, CheckReport, CheckState, CheckVerdict, CiBuild, CommitSha, Delivery, DeploymentId,
+    DeploymentStatus, Stage, Trigger,
+};
 
 /// What a CI report did.
 #[derive(Debug, PartialEq, Eq)]
@@ -17,17 +22,38 @@ pub enum CiOutcome {
         id: DeploymentId,
         superseded: Vec<DeploymentId>,
     },
-    /// A failed build ended deployment `id` (the waiting one, or a new row that records it).
-    Failed { id: DeploymentId },
+    /// A failed build ended deployment `id` (the waiting one, or a new row that records it),
+    /// for `reason`.
+    Failed { id: DeploymentId, reason: String },
+    /// Deployment `id` still waits, for `waiting_for`; `confirm`: ask GitHub for the full
+    /// list of the commit's checks, only that can decide.
+    Waiting {
+        id: DeploymentId,
+        waiting_for: String,
+        confirm: bool,
+    },
     /// The same report was received before; `id` is what it made then.
     Duplicate { id: Option<DeploymentId> },
     /// Nothing to do, and why.
     Ignored(String),
 }
 
-/// Records a push that waits for CI; older waiting pushes of the app are superseded (the
-/// newest push wins, as in the queue). With a delivery id, a redelivery changes nothing.
-pub fn hold(conn: &mut Connection, trigger: &Trigger) -> rusqlite::Result<Enqueued> {
+/// A deployment waiting for its commit's checks, as the poller asks about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaitingCommit {
+    pub id: DeploymentId,
+    pub commit: CommitSha,
+    pub created_at: i64,
+}
+
+/// Records a push that waits for CI (`waiting_for` says for what); older waiting pushes of
+/// the app are superseded (the newest push wins, as in the queue). With a delivery id, a
+/// redelivery changes nothing.
+pub fn hold(
+    conn: &mut Connection,
+    trigger: &Trigger,
+    waiting_for: &str,
+) -> rusqlite::Result<Enqueued> {
     let tx = conn.transaction()?;
     let now = now_ms();
     if let Some(duplicate) = seen_delivery(&tx, trigger)? {
@@ -41,8 +67,13 @@ pub fn hold(conn: &mut Connection, trigger: &Trigger) -> rusqlite::Result<Enqueu
         now,
     )?;
     let id = insert(&tx, trigger, DeploymentStatus::Waiting, now)?;
+    tx.execute(
+        "UPDATE deployments SET ci_waiting_for = ?2 WHERE id = ?1",
+        params![id, waiting_for],
+    )?;
     insert_stages(&tx, id, "pending")?;
     link_delivery(&tx, trigger, id, now)?;
+    forget_settled_checks(&tx, trigger.app.as_str())?;
     tx.commit()?;
     Ok(Enqueued::New { id, superseded })
 }
@@ -62,14 +93,7 @@ pub fn ci_passed(
     let commit = trigger.commit.as_ref().map(|c| c.as_str());
     if let Some(id) = waiting_for(conn, app, commit)? {
         let tx = conn.transaction()?;
-        let mut superseded = supersede(&tx, app, "queued", DeploymentId::new(i64::MAX), now)?;
-        // An older push still waiting would deploy older code after this one: drop it.
-        superseded.extend(supersede(&tx, app, "waiting", id, now)?);
-        tx.execute(
-            "UPDATE deployments SET status = 'queued', ci_build_number = ?2, ci_build_url = ?3
-             WHERE id = ?1",
-            params![id, build.number, build.url],
-        )?;
+        let superseded = release(&tx, app, id, build, now)?;
         link_delivery(&tx, trigger, id, now)?;
         tx.commit()?;
         return Ok(CiOutcome::Released { id, superseded });
@@ -106,28 +130,240 @@ pub fn ci_failed(
     }
     let app = trigger.app.as_str();
     let id = match waiting_for(&tx, app, trigger.commit.as_ref().map(|c| c.as_str()))? {
-        Some(id) => {
-            tx.execute(
-                "UPDATE stages SET status = 'skipped' WHERE deployment_id = ?1",
-                [id],
-            )?;
-            id
-        }
+        Some(id) => id,
         None => {
             let id = insert(&tx, trigger, DeploymentStatus::Failed, now)?;
             insert_stages(&tx, id, "skipped")?;
             id
         }
     };
-    tx.execute(
-        "UPDATE deployments SET status = 'failed', error = ?2, finished_at = ?3,
-             ci_build_number = ?4, ci_build_url = ?5
-         WHERE id = ?1",
-        params![id, reason, now, build.number, build.url],
-    )?;
+    fail(&tx, app, id, build, reason, now)?;
     link_delivery(&tx, trigger, id, now)?;
     tx.commit()?;
-    Ok(CiOutcome::Failed { id })
+    Ok(CiOutcome::Failed {
+        id,
+        reason: reason.to_owned(),
+    })
+}
+
+/// News of `commit`'s checks (`reports`, from a webhook's `delivery` or GitHub's API) for
+/// the checks gate of `app`: kept with what was heard before (a check's newer run replaces
+/// its older one), then `judge` decides over the latest report of every check, and the
+/// waiting deployment is released, failed, or told what it waits for. Only a waiting commit
+/// is heard; for any other, nothing is kept.
+pub fn checks_reported(
+    conn: &mut Connection,
+    app: &str,
+    commit: &CommitSha,
+    delivery: Option<&Delivery>,
+    reports: &[CheckReport],
+    judge: impl FnOnce(&[CheckReport]) -> CheckVerdict,
+) -> rusqlite::Result<CiOutcome> {
+    let tx = conn.transaction()?;
+    let now = now_ms();
+    if let Some(id) = delivery.map(|d| seen(&tx, d)).transpose()?.flatten() {
+        return Ok(CiOutcome::Duplicate { id });
+    }
+    let Some(id) = waiting_for(&tx, app, Some(commit.as_str()))? else {
+        let reason = match latest_for(&tx, app, Some(commit.as_str()))? {
+            Some((id, status)) => format!(
+                "nothing waits for the checks of {}: its deployment {id} is {status}",
+                commit.short()
+            ),
+            None => format!(
+                "nothing waits for the checks of {}: no push of it was received",
+                commit.short()
+            ),
+        };
+        remember(&tx, delivery, None, now)?;
+        tx.commit()?;
+        return Ok(CiOutcome::Ignored(reason));
+    };
+    for report in reports {
+        keep_check(&tx, app, commit, report, now)?;
+    }
+    let outcome = match judge(&checks_of(&tx, app, commit)?) {
+        CheckVerdict::Passed { passed } => {
+            let build = CiBuild {
+                check: Some(passed.join(", ")),
+                ..CiBuild::default()
+            };
+            let superseded = release(&tx, app, id, &build, now)?;
+            CiOutcome::Released { id, superseded }
+        }
+        CheckVerdict::Failed { check, reason } => {
+            let build = CiBuild {
+                number: None,
+                url: check.as_ref().and_then(|c| c.url.clone()),
+                check: check.map(|c| c.name),
+            };
+            fail(&tx, app, id, &build, &reason, now)?;
+            CiOutcome::Failed { id, reason }
+        }
+        CheckVerdict::Waiting {
+            waiting_for,
+            confirm,
+        } => {
+            tx.execute(
+                "UPDATE deployments SET ci_waiting_for = ?2 WHERE id = ?1",
+                params![id, waiting_for],
+            )?;
+            CiOutcome::Waiting {
+                id,
+                waiting_for,
+                confirm,
+            }
+        }
+    };
+    remember(&tx, delivery, Some(id), now)?;
+    tx.commit()?;
+    Ok(outcome)
+}
+
+/// The app's deployments waiting for CI, oldest first (at most one per app, unless a
+/// redelivered push raced its replacement).
+pub fn waiting_commits(conn: &Connection, app: &str) -> rusqlite::Result<Vec<WaitingCommit>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, commit_sha, created_at FROM deployments
+         WHERE app = ?1 AND status = 'waiting' AND commit_sha IS NOT NULL ORDER BY id",
+    )?;
+    stmt.query_map([app], |row| {
+        Ok(WaitingCommit {
+            id: row.get(0)?,
+            commit: parsed(row, 1, |text| CommitSha::parse(text).ok())?,
+            created_at: row.get(2)?,
+        })
+    })?
+    .collect()
+}
+
+/// The latest report of each check kept for `commit`.
+pub fn checks_of(
+    conn: &Connection,
+    app: &str,
+    commit: &CommitSha,
+) -> rusqlite::Result<Vec<CheckReport>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT kind, name, github_id, state, word, url FROM ci_checks
+         WHERE app = ?1 AND commit_sha = ?2 ORDER BY name, kind",
+    )?;
+    stmt.query_map(params![app, commit.as_str()], |row| {
+        Ok(CheckReport {
+            kind: parsed(row, 0, CheckKind::parse)?,
+            name: row.get(1)?,
+            github_id: row.get(2)?,
+            state: parsed(row, 3, CheckState::parse)?,
+            word: row.get(4)?,
+            url: row.get(5)?,
+        })
+    })?
+    .collect()
+}
+
+/// Column `index` read through `parse`; a value it refuses is a read error, not a default.
+fn parsed<T>(
+    row: &Row<'_>,
+    index: usize,
+    parse: impl Fn(&str) -> Option<T>,
+) -> rusqlite::Result<T> {
+    let text: String = row.get(index)?;
+    parse(&text).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            index,
+            rusqlite::types::Type::Text,
+            format!("`{text}` is not a value this column holds").into(),
+        )
+    })
+}
+
+/// Keeps `report` unless what is kept is newer: a higher GitHub id (a re-run, a newer
+/// status), or the same run already concluded (its `in_progress` webhook came late).
+fn keep_check(
+    conn: &Connection,
+    app: &str,
+    commit: &CommitSha,
+    report: &CheckReport,
+    now: i64,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO ci_checks (app, commit_sha, kind, name, github_id, state, word, url, reported_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT (app, commit_sha, kind, name) DO UPDATE SET
+             github_id = excluded.github_id, state = excluded.state, word = excluded.word,
+             url = excluded.url, reported_at = excluded.reported_at
+         WHERE excluded.github_id > ci_checks.github_id
+            OR (excluded.github_id = ci_checks.github_id
+                AND (excluded.state != 'pending' OR ci_checks.state = 'pending'))",
+        params![
+            app,
+            commit.as_str(),
+            report.kind.as_str(),
+            report.name,
+            report.github_id,
+            report.state.as_str(),
+            report.word,
+            report.url,
+            now
+        ],
+    )?;
+    Ok(())
+}
+
+/// Reports are kept only while their commit waits: a released, failed or replaced push's
+/// checks are forgotten.
+fn forget_settled_checks(conn: &Connection, app: &str) -> rusqlite::Result<()> {
+    conn.execute(
+        "DELETE FROM ci_checks WHERE app = ?1 AND commit_sha NOT IN
+             (SELECT commit_sha FROM deployments
+              WHERE app = ?1 AND status = 'waiting' AND commit_sha IS NOT NULL)",
+        [app],
+    )?;
+    Ok(())
+}
+
+/// Moves waiting deployment `id` into the queue with the CI that passed it; what was queued,
+/// and older pushes still waiting, are superseded. Returns those.
+fn release(
+    conn: &Connection,
+    app: &str,
+    id: DeploymentId,
+    build: &CiBuild,
+    now: i64,
+) -> rusqlite::Result<Vec<DeploymentId>> {
+    let mut superseded = supersede(conn, app, "queued", DeploymentId::new(i64::MAX), now)?;
+    // An older push still waiting would deploy older code after this one: drop it.
+    superseded.extend(supersede(conn, app, "waiting", id, now)?);
+    conn.execute(
+        "UPDATE deployments SET status = 'queued', ci_waiting_for = NULL WHERE id = ?1",
+        [id],
+    )?;
+    set_build(conn, id, build)?;
+    forget_settled_checks(conn, app)?;
+    Ok(superseded)
+}
+
+/// Ends deployment `id` (waiting, or just recorded) `failed` for `reason`: none of its
+/// stages will run.
+fn fail(
+    conn: &Connection,
+    app: &str,
+    id: DeploymentId,
+    build: &CiBuild,
+    reason: &str,
+    now: i64,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE stages SET status = 'skipped' WHERE deployment_id = ?1",
+        [id],
+    )?;
+    conn.execute(
+        "UPDATE deployments SET status = 'failed', error = ?2, finished_at = ?3,
+             ci_waiting_for = NULL
+         WHERE id = ?1",
+        params![id, reason, now],
+    )?;
+    set_build(conn, id, build)?;
+    forget_settled_checks(conn, app)
 }
 
 fn link_delivery(
@@ -154,7 +390,8 @@ fn supersede(
     };
     let ids = conn
         .prepare(
-            "UPDATE deployments SET status = 'superseded', finished_at = ?4, error = ?5
+            "UPDATE deployments SET status = 'superseded', finished_at = ?4, error = ?5,
+                 ci_waiting_for = NULL
              WHERE app = ?1 AND status = ?2 AND id < ?3 RETURNING id",
         )?
         .query_map(params![app, status, before, now, why], |row| row.get(0))?
@@ -203,8 +440,9 @@ fn insert_stages(conn: &Connection, id: DeploymentId, status: &str) -> rusqlite:
 
 fn set_build(conn: &Connection, id: DeploymentId, build: &CiBuild) -> rusqlite::Result<()> {
     conn.execute(
-        "UPDATE deployments SET ci_build_number = ?2, ci_build_url = ?3 WHERE id = ?1",
-        params![id, build.number, build.url],
+        "UPDATE deployments SET ci_build_number = ?2, ci_build_url = ?3, ci_check = ?4
+         WHERE id = ?1",
+        params![id, build.number, build.url, build.check],
     )?;
     Ok(())
 }
@@ -240,7 +478,7 @@ fn latest_for(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{AppName, CommitSha, Delivery, TriggerKind};
+    use crate::domain::{AppName, TriggerKind};
 
     fn conn() -> Connection {
         let conn = Connection::open_in_memory().unwrap();
@@ -277,6 +515,7 @@ mod tests {
     fn build(number: &str) -> CiBuild {
         CiBuild {
             number: Some(number.into()),
+            check: None,
             url: Some(format!("https://ci.example/builds/{number}")),
         }
     }
@@ -284,14 +523,20 @@ mod tests {
     #[test]
     fn a_waiting_push_is_released_by_its_build_and_supersedes_older_waiting_ones() {
         let mut conn = conn();
-        let Enqueued::New { id: a, .. } =
-            hold(&mut conn, &trigger('a', TriggerKind::Push, "p1")).unwrap()
-        else {
+        let Enqueued::New { id: a, .. } = hold(
+            &mut conn,
+            &trigger('a', TriggerKind::Push, "p1"),
+            "CI to pass",
+        )
+        .unwrap() else {
             panic!()
         };
-        let Enqueued::New { id: b, superseded } =
-            hold(&mut conn, &trigger('b', TriggerKind::Push, "p2")).unwrap()
-        else {
+        let Enqueued::New { id: b, superseded } = hold(
+            &mut conn,
+            &trigger('b', TriggerKind::Push, "p2"),
+            "CI to pass",
+        )
+        .unwrap() else {
             panic!()
         };
         assert_eq!(superseded, vec![a]);
@@ -361,9 +606,12 @@ mod tests {
     #[test]
     fn a_failed_build_ends_the_waiting_push_or_records_a_failed_row() {
         let mut conn = conn();
-        let Enqueued::New { id, .. } =
-            hold(&mut conn, &trigger('a', TriggerKind::Push, "p1")).unwrap()
-        else {
+        let Enqueued::New { id, .. } = hold(
+            &mut conn,
+            &trigger('a', TriggerKind::Push, "p1"),
+            "CI to pass",
+        )
+        .unwrap() else {
             panic!()
         };
         let outcome = ci_failed(
@@ -373,7 +621,13 @@ mod tests {
             "broken",
         )
         .unwrap();
-        assert_eq!(outcome, CiOutcome::Failed { id });
+        assert_eq!(
+            outcome,
+            CiOutcome::Failed {
+                id,
+                reason: "broken".into()
+            }
+        );
         assert_eq!(status(&conn, id), "failed");
         let skipped: i64 = conn
             .query_row(
@@ -384,7 +638,7 @@ mod tests {
             .unwrap();
         assert_eq!(skipped as usize, Stage::ALL.len());
 
-        let CiOutcome::Failed { id: other } = ci_failed(
+        let CiOutcome::Failed { id: other, .. } = ci_failed(
             &mut conn,
             &trigger('d', TriggerKind::Travis, "t2"),
             &build("4"),
@@ -395,5 +649,248 @@ mod tests {
         };
         assert_ne!(other, id);
         assert_eq!(status(&conn, other), "failed");
+    }
+
+    fn sha(c: char) -> CommitSha {
+        CommitSha::parse(&c.to_string().repeat(40)).unwrap()
+    }
+
+    fn check(name: &str, id: i64, state: CheckState, word: &str) -> CheckReport {
+        CheckReport {
+            kind: CheckKind::Run,
+            name: name.into(),
+            github_id: id,
+            state,
+            word: word.into(),
+            url: Some(format!("https://github.com/acme/hello/runs/{id}")),
+        }
+    }
+
+    fn waiting() -> CheckVerdict {
+        CheckVerdict::Waiting {
+            waiting_for: "test".into(),
+            confirm: false,
+        }
+    }
+
+    /// Hears `reports` about commit `c` and returns what is kept after, deciding `verdict`.
+    fn hear(
+        conn: &mut Connection,
+        c: char,
+        reports: &[CheckReport],
+        verdict: CheckVerdict,
+    ) -> (CiOutcome, Vec<CheckReport>) {
+        let mut kept = Vec::new();
+        let outcome = checks_reported(conn, "hello", &sha(c), None, reports, |known| {
+            kept = known.to_vec();
+            verdict
+        })
+        .unwrap();
+        (outcome, kept)
+    }
+
+    #[test]
+    fn checks_of_a_commit_nothing_waits_for_are_ignored_and_not_kept() {
+        let mut conn = conn();
+        let report = check("test", 1, CheckState::Passed, "success");
+        let (outcome, _) = hear(&mut conn, 'a', &[report], waiting());
+        let CiOutcome::Ignored(reason) = outcome else {
+            panic!("{outcome:?}")
+        };
+        assert!(reason.contains("no push of it was received"), "{reason}");
+        let rows: i64 = conn
+            .query_row("SELECT COUNT(*) FROM ci_checks", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 0);
+    }
+
+    #[test]
+    fn the_newest_run_of_each_check_is_kept_and_a_late_older_report_changes_nothing() {
+        let mut conn = conn();
+        hold(&mut conn, &trigger('a', TriggerKind::Push, "p1"), "checks").unwrap();
+        let first = check("test", 10, CheckState::Failed, "cancelled");
+        let rerun = check("test", 11, CheckState::Pending, "queued");
+        let done = check("test", 11, CheckState::Passed, "success");
+        let (_, kept) = hear(&mut conn, 'a', std::slice::from_ref(&first), waiting());
+        assert_eq!(kept, std::slice::from_ref(&first));
+        let (_, kept) = hear(&mut conn, 'a', std::slice::from_ref(&rerun), waiting());
+        assert_eq!(
+            kept,
+            std::slice::from_ref(&rerun),
+            "a re-run replaces the old verdict"
+        );
+        let (_, kept) = hear(&mut conn, 'a', std::slice::from_ref(&done), waiting());
+        assert_eq!(kept, std::slice::from_ref(&done));
+        // Late webhooks: the old run's, and the re-run's own `queued`.
+        let (_, kept) = hear(&mut conn, 'a', &[first, rerun], waiting());
+        assert_eq!(kept, [done]);
+        let status = CheckReport {
+            kind: CheckKind::Status,
+            ..check("test", 3, CheckState::Pending, "pending")
+        };
+        let (_, kept) = hear(&mut conn, 'a', &[status], waiting());
+        assert_eq!(
+            kept.len(),
+            2,
+            "a status and a check run of one name are two checks"
+        );
+    }
+
+    #[test]
+    fn a_verdict_releases_or_fails_the_waiting_push_and_forgets_its_checks() {
+        let mut conn = conn();
+        let Enqueued::New { id, .. } =
+            hold(&mut conn, &trigger('a', TriggerKind::Push, "p1"), "checks").unwrap()
+        else {
+            panic!()
+        };
+        let passed = check("test", 1, CheckState::Passed, "success");
+        let (outcome, _) = hear(
+            &mut conn,
+            'a',
+            &[passed],
+            CheckVerdict::Passed {
+                passed: vec!["test".into(), "lint".into()],
+            },
+        );
+        assert_eq!(
+            outcome,
+            CiOutcome::Released {
+                id,
+                superseded: vec![]
+            }
+        );
+        let row = crate::db::deployment(&conn, id).unwrap().unwrap();
+        assert_eq!(row.status, DeploymentStatus::Queued);
+        assert_eq!(row.ci_check.as_deref(), Some("test, lint"));
+        assert_eq!(row.ci_waiting_for, None);
+        assert!(checks_of(&conn, "hello", &sha('a')).unwrap().is_empty());
+
+        let Enqueued::New { id, .. } =
+            hold(&mut conn, &trigger('b', TriggerKind::Push, "p2"), "checks").unwrap()
+        else {
+            panic!()
+        };
+        let failed = check("lint", 2, CheckState::Failed, "failure");
+        let (outcome, _) = hear(
+            &mut conn,
+            'b',
+            std::slice::from_ref(&failed),
+            CheckVerdict::Failed {
+                check: Some(failed.clone()),
+                reason: "lint failed".into(),
+            },
+        );
+        assert_eq!(
+            outcome,
+            CiOutcome::Failed {
+                id,
+                reason: "lint failed".into()
+            }
+        );
+        let row = crate::db::deployment(&conn, id).unwrap().unwrap();
+        assert_eq!(row.status, DeploymentStatus::Failed);
+        assert_eq!(row.error.as_deref(), Some("lint failed"));
+        assert_eq!(row.ci_check.as_deref(), Some("lint"));
+        assert_eq!(
+            row.ci_build_url.as_deref(),
+            Some("https://github.com/acme/hello/runs/2")
+        );
+        assert!(row.started_at.is_none());
+    }
+
+    #[test]
+    fn a_waiting_push_says_what_for_and_a_newer_push_replaces_it_and_its_checks() {
+        let mut conn = conn();
+        let Enqueued::New { id: old, .. } = hold(
+            &mut conn,
+            &trigger('a', TriggerKind::Push, "p1"),
+            "every check on aaaaaaa to pass",
+        )
+        .unwrap() else {
+            panic!()
+        };
+        let row = crate::db::deployment(&conn, old).unwrap().unwrap();
+        assert_eq!(
+            row.ci_waiting_for.as_deref(),
+            Some("every check on aaaaaaa to pass")
+        );
+        let pending = check("test", 1, CheckState::Pending, "in_progress");
+        let (outcome, _) = hear(
+            &mut conn,
+            'a',
+            &[pending],
+            CheckVerdict::Waiting {
+                waiting_for: "test (in_progress)".into(),
+                confirm: true,
+            },
+        );
+        assert_eq!(
+            outcome,
+            CiOutcome::Waiting {
+                id: old,
+                waiting_for: "test (in_progress)".into(),
+                confirm: true
+            }
+        );
+        let row = crate::db::deployment(&conn, old).unwrap().unwrap();
+        assert_eq!(row.ci_waiting_for.as_deref(), Some("test (in_progress)"));
+        assert_eq!(
+            waiting_commits(&conn, "hello").unwrap(),
+            [WaitingCommit {
+                id: old,
+                commit: sha('a'),
+                created_at: row.created_at
+            }]
+        );
+
+        let Enqueued::New { id, superseded } =
+            hold(&mut conn, &trigger('b', TriggerKind::Push, "p2"), "checks").unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(superseded, [old]);
+        assert!(checks_of(&conn, "hello", &sha('a')).unwrap().is_empty());
+        assert_eq!(waiting_commits(&conn, "hello").unwrap()[0].id, id);
+        let (outcome, _) = hear(&mut conn, 'a', &[], waiting());
+        assert!(
+            matches!(&outcome, CiOutcome::Ignored(why) if why.contains("is superseded")),
+            "{outcome:?}"
+        );
+    }
+
+    #[test]
+    fn a_redelivered_check_event_is_a_duplicate() {
+        let mut conn = conn();
+        let Enqueued::New { id, .. } =
+            hold(&mut conn, &trigger('a', TriggerKind::Push, "p1"), "checks").unwrap()
+        else {
+            panic!()
+        };
+        let delivery = Delivery {
+            source: "github",
+            id: "check-1".into(),
+            body_sha256: Some("f00d".into()),
+        };
+        let report = [check("test", 1, CheckState::Pending, "queued")];
+        for expected in [
+            CiOutcome::Waiting {
+                id,
+                waiting_for: "test".into(),
+                confirm: false,
+            },
+            CiOutcome::Duplicate { id: Some(id) },
+        ] {
+            let outcome = checks_reported(
+                &mut conn,
+                "hello",
+                &sha('a'),
+                Some(&delivery),
+                &report,
+                |_| waiting(),
+            )
+            .unwrap();
+            assert_eq!(outcome, expected);
+        }
     }
 }

@@ -38,6 +38,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0005_runner_ref.sql"),
     include_str!("../../migrations/0006_bundle_pruned.sql"),
     include_str!("../../migrations/0007_sessions.sql"),
+    include_str!("../../migrations/0008_ci_checks.sql"),
 ];
 
 #[derive(Clone)]

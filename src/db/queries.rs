@@ -5,8 +5,8 @@ use serde::Serialize;
 
 use super::now_ms;
 use crate::domain::{
-    AppName, BundleRef, CommitSha, DeploymentId, DeploymentStatus, Stage, StageStatus, Trigger,
-    TriggerKind,
+    AppName, BundleRef, CommitSha, Delivery, DeploymentId, DeploymentStatus, Stage, StageStatus,
+    Trigger, TriggerKind,
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -32,6 +32,11 @@ pub struct Deployment {
     /// The CI build that let this deployment through or failed it (Travis's number and page).
     pub ci_build_number: Option<String>,
     pub ci_build_url: Option<String>,
+    /// With `trigger = "checks"`: the checks that let it through, or the one that failed it
+    /// (its page is `ci_build_url`).
+    pub ci_check: Option<String>,
+    /// While `waiting`: what for (`Travis CI to pass …`, `test (in_progress), lint (queued)`).
+    pub ci_waiting_for: Option<String>,
     /// The runner's own name for it elsewhere (the AWS CodeDeploy deployment id).
     pub runner_ref: Option<String>,
     /// When retention deleted its bundle from the store.
@@ -40,7 +45,8 @@ pub struct Deployment {
 
 const DEPLOYMENT_COLUMNS: &str = "id, app, status, trigger, branch, commit_sha, commit_message, \
      author, version, port, bundle_key, bundle_sha256, error, created_at, started_at, finished_at, \
-     rollback_of, ci_build_number, ci_build_url, runner_ref, bundle_pruned_at";
+     rollback_of, ci_build_number, ci_build_url, runner_ref, bundle_pruned_at, ci_check, \
+     ci_waiting_for";
 
 impl Deployment {
     fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
@@ -68,6 +74,8 @@ impl Deployment {
             ci_build_url: row.get(18)?,
             runner_ref: row.get(19)?,
             bundle_pruned_at: row.get(20)?,
+            ci_check: row.get(21)?,
+            ci_waiting_for: row.get(22)?,
         })
     }
 }
@@ -166,6 +174,14 @@ pub(super) fn seen_delivery(
     let Some(delivery) = &trigger.delivery else {
         return Ok(None);
     };
+    Ok(seen(conn, delivery)?.map(|id| Enqueued::Duplicate { id }))
+}
+
+/// What `delivery` (or the same body) made when it was seen before; `Some(None)`: nothing.
+pub(super) fn seen(
+    conn: &Connection,
+    delivery: &Delivery,
+) -> rusqlite::Result<Option<Option<DeploymentId>>> {
     for (source, key) in delivery.keys() {
         let seen: Option<Option<DeploymentId>> = conn
             .query_row(
@@ -174,8 +190,8 @@ pub(super) fn seen_delivery(
                 |row| row.get(0),
             )
             .optional()?;
-        if let Some(id) = seen {
-            return Ok(Some(Enqueued::Duplicate { id }));
+        if seen.is_some() {
+            return Ok(seen);
         }
     }
     Ok(None)
@@ -188,7 +204,17 @@ pub(super) fn record_delivery_of(
     id: Option<DeploymentId>,
     now: i64,
 ) -> rusqlite::Result<()> {
-    for (source, key) in trigger.delivery.iter().flat_map(|d| d.keys()) {
+    remember(conn, trigger.delivery.as_ref(), id, now)
+}
+
+/// Remembers `delivery` (if any) under each of its keys, with what it made.
+pub(super) fn remember(
+    conn: &Connection,
+    delivery: Option<&Delivery>,
+    id: Option<DeploymentId>,
+    now: i64,
+) -> rusqlite::Result<()> {
+    for (source, key) in delivery.iter().flat_map(|d| d.keys()) {
         conn.execute(
             "INSERT INTO deliveries (source, delivery_id, deployment_id, received_at)
              VALUES (?1, ?2, ?3, ?4)

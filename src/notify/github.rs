@@ -31,14 +31,8 @@ struct Created {
 
 impl GitHub {
     pub fn new(config: &GitHubConfig, apps: &[AppConfig], db: Db) -> Result<Self, NotifyError> {
-        let token = config
-            .token
-            .clone()
-            .ok_or_else(|| NotifyError::Setup("github.token_env was not read at start".into()))?;
-        let client = Octocrab::builder()
-            .base_uri(config.api_url.as_str())
-            .and_then(|builder| builder.personal_token(token.expose().to_owned()).build())
-            .map_err(|err| NotifyError::Setup(format!("github.api_url: {err}")))?;
+        let client =
+            crate::github_api::client(config).map_err(|err| NotifyError::Setup(err.to_string()))?;
         let repositories = apps
             .iter()
             .filter_map(|app| Some((app.name.to_string(), app.repository.clone()?)))
@@ -244,6 +238,8 @@ mod tests {
                 finished_at: None,
                 ci_build_number: None,
                 ci_build_url: None,
+                ci_check: None,
+                ci_waiting_for: None,
                 rollback_of: None,
                 runner_ref: None,
                 bundle_pruned_at: None,

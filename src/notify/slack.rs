@@ -418,6 +418,8 @@ mod tests {
                 finished_at: Some(14_300),
                 ci_build_number: None,
                 ci_build_url: None,
+                ci_check: None,
+                ci_waiting_for: None,
                 rollback_of: None,
                 runner_ref: None,
                 bundle_pruned_at: None,

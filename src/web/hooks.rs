@@ -1,7 +1,8 @@
 //! `POST /hooks/github` and `POST /hooks/travis`: verify, interpret, queue — and answer at
-//! once with the deployment id. An app with `trigger = "travis"` records a push as waiting;
-//! Travis's report of that commit releases it or fails it. What a delivery means is decided
-//! in `webhook`; this module only reads the request, calls the queue and answers.
+//! once with the deployment id. An app with `trigger = "travis"` or `"checks"` records a
+//! push as waiting; Travis's report, or GitHub's checks of that commit, release it or fail
+//! it. What a delivery means is decided in `webhook` and `gate`; this module only reads the
+//! request, calls the queue and answers.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +23,8 @@ use super::{AppError, AppState};
 use crate::apps::App;
 use crate::config::{AppConfig, TriggerMode};
 use crate::db::{self, CiOutcome, Enqueued};
-use crate::domain::{DeploymentId, Trigger};
+use crate::domain::{CommitSha, DeploymentId, Trigger};
+use crate::gate::Required;
 use crate::webhook::{self, WebhookError, github, travis};
 
 /// GitHub caps webhook payloads at 25 MB.
@@ -166,6 +168,27 @@ async fn github_hook(
             Ok(ignored(reason))
         }
         github::Outcome::Deploy(trigger) => queue_push(&state, app, *trigger).await,
+        github::Outcome::Checks(news) => {
+            let github::CheckNews { commit, evidence } = *news;
+            let outcome = state
+                .queue
+                .checks_reported(
+                    &app.name,
+                    Required::of(app),
+                    commit,
+                    evidence,
+                    Some(delivery.delivery.clone()),
+                )
+                .await?;
+            match &outcome {
+                CiOutcome::Waiting { confirm: true, .. } => state.checks.ask_now(),
+                CiOutcome::Ignored(reason) => {
+                    tracing::info!(app = %app.name, event = delivery.event, reason = %reason, "checks of a commit nothing waits for");
+                }
+                _ => {}
+            }
+            Ok(ci_answer(outcome, "this delivery was already received"))
+        }
     }
 }
 
@@ -193,29 +216,31 @@ async fn queue_push(
             return Ok(ignored(reason));
         }
     }
-    // `trigger = "travis"`: the push waits until Travis CI passes its commit.
-    let waiting = (app.trigger == TriggerMode::Travis).then(|| {
-        let commit = trigger
-            .commit
-            .as_ref()
-            .map(|c| c.to_string())
-            .unwrap_or_default();
-        format!("for Travis CI to pass {commit}")
-    });
-    let enqueued = match waiting {
-        Some(_) => state.queue.hold(trigger).await?,
+    let waiting = waiting_for(app, trigger.commit.as_ref());
+    let enqueued = match &waiting {
+        Some(waiting) => state.queue.hold(trigger, waiting.clone()).await?,
         None => state.queue.enqueue(trigger).await?,
     };
     Ok(match enqueued {
         Enqueued::New { id, .. } => {
             let mut answer = json!({ "deployment_id": id });
             if let Some(waiting) = waiting {
-                answer["waiting"] = json!(waiting);
+                answer["waiting"] = json!(format!("for {waiting}"));
             }
             (StatusCode::ACCEPTED, Json(answer)).into_response()
         }
         Enqueued::Duplicate { id } => duplicate(id, "this delivery was already received"),
     })
+}
+
+/// What a push of `commit` waits for before it deploys, for an app that deploys after CI.
+fn waiting_for(app: &AppConfig, commit: Option<&CommitSha>) -> Option<String> {
+    let commit = commit?;
+    match app.trigger {
+        TriggerMode::Push => None,
+        TriggerMode::Travis => Some(format!("Travis CI to pass {commit}")),
+        TriggerMode::Checks => Some(Required::of(app).describe(commit)),
+    }
 }
 
 /// Travis CI's build notification: the form field `payload`, signed with Travis's key.
@@ -244,18 +269,24 @@ async fn travis_hook(
             state.queue.ci_failed(trigger, ci, reason).await?
         }
     };
-    Ok(match answer {
-        CiOutcome::Released { id, .. } => {
-            (StatusCode::ACCEPTED, Json(json!({ "deployment_id": id }))).into_response()
+    Ok(ci_answer(answer, "this build was already reported"))
+}
+
+/// The answer to a CI report (Travis's build, GitHub's checks): 202 with the deployment it
+/// released, failed (and why) or still holds (and for what); `again` says what a duplicate is.
+fn ci_answer(outcome: CiOutcome, again: &str) -> Response {
+    let accepted = |answer| (StatusCode::ACCEPTED, Json(answer)).into_response();
+    match outcome {
+        CiOutcome::Released { id, .. } => accepted(json!({ "deployment_id": id })),
+        CiOutcome::Failed { id, reason } => {
+            accepted(json!({ "deployment_id": id, "failed": reason }))
         }
-        CiOutcome::Failed { id } => (
-            StatusCode::ACCEPTED,
-            Json(json!({ "deployment_id": id, "failed": "the build failed; nothing deploys" })),
-        )
-            .into_response(),
-        CiOutcome::Duplicate { id } => duplicate(id, "this build was already reported"),
+        CiOutcome::Waiting {
+            id, waiting_for, ..
+        } => accepted(json!({ "deployment_id": id, "waiting": format!("for {waiting_for}") })),
+        CiOutcome::Duplicate { id } => duplicate(id, again),
         CiOutcome::Ignored(reason) => ignored(reason),
-    })
+    }
 }
 
 /// 202: received and understood, and nothing deploys, for `reason`.

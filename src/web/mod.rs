@@ -25,6 +25,7 @@ use axum::http::{HeaderMap, header};
 use tokio_util::sync::CancellationToken;
 
 use crate::apps::{App, Apps};
+use crate::checks::Checks;
 use crate::config::{Config, Secret};
 use crate::db::Db;
 use crate::events::Bus;
@@ -36,6 +37,8 @@ pub struct AppState {
     pub db: Db,
     pub bus: Bus,
     pub queue: Queue,
+    /// Asks GitHub about commits waiting for their checks, when a webhook cannot decide.
+    pub checks: Checks,
     pub traffic: Traffic,
     pub apps: Apps,
     /// For people and scripts: API actions and the dashboard login.

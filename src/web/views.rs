@@ -64,9 +64,12 @@ pub struct DeploymentView {
     pub error: String,
     pub port: String,
     pub can_redeploy: bool,
-    /// The CI build that gated it, when its page is an http(s) link.
+    /// The CI that gated it, in words (`build #12`, `check lint`, `checks test, lint
+    /// passed`), and its page when that is an http(s) link.
+    pub ci: String,
     pub ci_build_url: String,
-    pub ci_build_number: String,
+    /// While it waits: what for.
+    pub waiting_for: String,
     /// The runner's own id for it elsewhere: the AWS CodeDeploy deployment.
     pub runner_ref: String,
 }
@@ -107,9 +110,23 @@ impl DeploymentView {
                 .clone()
                 .filter(|url| url.starts_with("https://") || url.starts_with("http://"))
                 .unwrap_or_default(),
-            ci_build_number: d.ci_build_number.clone().unwrap_or_default(),
+            ci: ci_words(d),
+            waiting_for: match d.status {
+                DeploymentStatus::Waiting => d.ci_waiting_for.clone().unwrap_or_default(),
+                _ => String::new(),
+            },
             runner_ref: d.runner_ref.clone().unwrap_or_default(),
         }
+    }
+}
+
+/// What CI said of a deployment, in a few words; empty when no CI gated it.
+fn ci_words(d: &Deployment) -> String {
+    match (&d.ci_check, &d.ci_build_number) {
+        (Some(check), _) if d.status == DeploymentStatus::Failed => format!("check {check}"),
+        (Some(checks), _) => format!("checks {checks} passed"),
+        (None, Some(number)) => format!("build #{number}"),
+        (None, None) => String::new(),
     }
 }
 

@@ -1,7 +1,8 @@
 //! GitHub webhooks: `X-Hub-Signature-256` (HMAC-SHA256 of the raw body, hex, compared in
-//! constant time) and the `push` event. The signature is checked before a byte is parsed;
-//! then the body is decoded by its content type (GitHub offers JSON and a form field
-//! `payload`), and only then is the JSON read.
+//! constant time), the `push` event, and for apps gated on GitHub's checks the events that
+//! report them (`check_run`, `status`, `check_suite`, `workflow_run`). The signature is
+//! checked before a byte is parsed; then the body is decoded by its content type (GitHub
+//! offers JSON and a form field `payload`), and only then is the JSON read.
 
 use std::borrow::Cow;
 
@@ -10,8 +11,9 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::WebhookError;
-use crate::config::AppConfig;
-use crate::domain::{self, CommitSha, Trigger, TriggerKind};
+use crate::config::{AppConfig, TriggerMode};
+use crate::domain::{self, CheckKind, CheckReport, CheckState, CommitSha, Trigger, TriggerKind};
+use crate::gate::Evidence;
 
 pub const SIGNATURE_HEADER: &str = "x-hub-signature-256";
 pub const EVENT_HEADER: &str = "x-github-event";
@@ -205,7 +207,145 @@ pub fn repository_of(body: &[u8]) -> Option<String> {
 pub enum Outcome {
     Pong,
     Deploy(Box<Trigger>),
+    /// News of a commit's checks, for an app that deploys once they pass.
+    Checks(Box<CheckNews>),
     Ignored(String),
+}
+
+/// What a `check_run`, `status`, `check_suite` or `workflow_run` delivery says of a commit.
+#[derive(Debug, PartialEq, Eq)]
+pub struct CheckNews {
+    pub commit: CommitSha,
+    pub evidence: Evidence,
+}
+
+/// A check run as GitHub sends it, in a `check_run` webhook and in the API's list of a
+/// commit's check runs alike.
+#[derive(Debug, Deserialize)]
+pub struct CheckRun {
+    pub id: i64,
+    pub name: String,
+    pub head_sha: String,
+    /// `queued`, `in_progress`, `completed`, `waiting`, `requested`, `pending`.
+    pub status: String,
+    /// Once completed: `success`, `failure`, `neutral`, `cancelled`, `skipped`, `timed_out`,
+    /// `action_required`, `stale`, `startup_failure`.
+    pub conclusion: Option<String>,
+    pub html_url: Option<String>,
+    pub details_url: Option<String>,
+}
+
+impl CheckRun {
+    pub fn report(&self) -> CheckReport {
+        let (state, word) = match (self.status.as_str(), self.conclusion.as_deref()) {
+            ("completed", Some(conclusion)) => (conclusion_state(conclusion), conclusion),
+            (status, _) => (CheckState::Pending, status),
+        };
+        CheckReport {
+            kind: CheckKind::Run,
+            name: self.name.clone(),
+            github_id: self.id,
+            state,
+            word: word.to_owned(),
+            url: self.html_url.clone().or_else(|| self.details_url.clone()),
+        }
+    }
+}
+
+/// What a check run's conclusion means for the gate. One GitHub adds later counts as a
+/// failure: a deploy that does not happen is seen and fixed; a wrong one is not undone.
+fn conclusion_state(conclusion: &str) -> CheckState {
+    match conclusion {
+        "success" | "neutral" | "skipped" => CheckState::Passed,
+        _ => CheckState::Failed,
+    }
+}
+
+/// A commit status as GitHub sends it: the `status` webhook, or one of the API's combined
+/// status of a commit (`sha` is then absent).
+#[derive(Debug, Deserialize)]
+pub struct CommitStatus {
+    pub id: i64,
+    pub sha: Option<String>,
+    pub context: String,
+    /// `pending`, `success`, `failure`, `error`.
+    pub state: String,
+    pub target_url: Option<String>,
+}
+
+impl CommitStatus {
+    pub fn report(&self) -> CheckReport {
+        CheckReport {
+            kind: CheckKind::Status,
+            name: self.context.clone(),
+            github_id: self.id,
+            state: match self.state.as_str() {
+                "success" => CheckState::Passed,
+                "pending" => CheckState::Pending,
+                _ => CheckState::Failed,
+            },
+            word: self.state.clone(),
+            url: self.target_url.clone().filter(|url| !url.is_empty()),
+        }
+    }
+}
+
+/// A check suite: the checks one app (GitHub Actions: one workflow run) runs on a commit.
+#[derive(Debug, Deserialize)]
+pub struct CheckSuite {
+    pub id: i64,
+    pub head_sha: String,
+    /// `requested`, `queued`, `in_progress`, `completed`.
+    pub status: Option<String>,
+    pub app: Option<CheckApp>,
+    /// Apps that never run a check on the commit still get a suite (it stays `queued`).
+    #[serde(default)]
+    pub latest_check_runs_count: u64,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CheckApp {
+    pub name: String,
+}
+
+impl CheckSuite {
+    /// What the dashboard calls it: the app that runs it.
+    pub fn name(&self) -> String {
+        self.app.as_ref().map_or_else(
+            || format!("check suite {}", self.id),
+            |app| app.name.clone(),
+        )
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct CheckRunEvent {
+    action: String,
+    check_run: CheckRun,
+}
+
+#[derive(Debug, Deserialize)]
+struct CheckSuiteEvent {
+    action: String,
+    check_suite: CheckSuite,
+}
+
+#[derive(Debug, Deserialize)]
+struct WorkflowRunEvent {
+    action: String,
+    workflow_run: WorkflowRun,
+    workflow: Option<Workflow>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WorkflowRun {
+    name: Option<String>,
+    head_sha: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Workflow {
+    name: String,
 }
 
 /// Maps a verified event to a deploy or a reason to ignore it.
@@ -218,16 +358,14 @@ pub fn interpret(
     match event {
         "ping" => return Ok(Outcome::Pong),
         "push" => {}
+        "check_run" | "status" | "check_suite" | "workflow_run" => {
+            return checks(app, event, body);
+        }
         other => return Ok(Outcome::Ignored(format!("event `{other}` is not deployed"))),
     }
     let push: Push = serde_json::from_slice(body).map_err(|err| malformed(event, err))?;
-    if let Some(expected) = &app.repository
-        && !push.repository.full_name.eq_ignore_ascii_case(expected)
-    {
-        return Ok(Outcome::Ignored(format!(
-            "push to {} but {} deploys from {expected}",
-            push.repository.full_name, app.name
-        )));
+    if let Some(ignored) = other_repository(app, &push.repository, "push to") {
+        return Ok(ignored);
     }
     let Some(branch) = push.git_ref.strip_prefix("refs/heads/") else {
         return Ok(Outcome::Ignored(format!(
@@ -260,6 +398,86 @@ pub fn interpret(
     })))
 }
 
+/// Ignored, when `repository` is not the one `app` deploys from; `what` is what came from it.
+fn other_repository(app: &AppConfig, repository: &Repository, what: &str) -> Option<Outcome> {
+    let expected = app.repository.as_ref()?;
+    (!repository.full_name.eq_ignore_ascii_case(expected)).then(|| {
+        Outcome::Ignored(format!(
+            "{what} {} but {} deploys from {expected}",
+            repository.full_name, app.name
+        ))
+    })
+}
+
+/// A verified event about a commit's checks: news for an app gated on them, or a reason to
+/// ignore it. Read only for such an app, so a push-deployed app never answers 400 for them.
+fn checks(app: &AppConfig, event: &str, body: &[u8]) -> Result<Outcome, WebhookError> {
+    if app.trigger != TriggerMode::Checks {
+        return Ok(Outcome::Ignored(format!(
+            "event `{event}` is not deployed: {} does not wait for checks (trigger = \"checks\")",
+            app.name
+        )));
+    }
+    #[derive(Deserialize)]
+    struct Sent {
+        repository: Repository,
+    }
+    let read = |err| malformed(event, err);
+    let sent: Sent = serde_json::from_slice(body).map_err(read)?;
+    if let Some(ignored) = other_repository(app, &sent.repository, "checks of") {
+        return Ok(ignored);
+    }
+    let (sha, evidence) = match event {
+        "check_run" => {
+            let news: CheckRunEvent = serde_json::from_slice(body).map_err(read)?;
+            // A re-run asked for (`rerequested`) reports as a new check run once it exists.
+            if !matches!(news.action.as_str(), "created" | "completed") {
+                return Ok(Outcome::Ignored(format!(
+                    "check run {}: nothing has concluded",
+                    news.action
+                )));
+            }
+            let report = news.check_run.report();
+            (news.check_run.head_sha, Evidence::Report(report))
+        }
+        "status" => {
+            let status: CommitStatus = serde_json::from_slice(body).map_err(read)?;
+            let report = status.report();
+            let sha = status.sha.ok_or_else(|| malformed(event, "no `sha`"))?;
+            (sha, Evidence::Report(report))
+        }
+        "check_suite" => {
+            let news: CheckSuiteEvent = serde_json::from_slice(body).map_err(read)?;
+            if news.action != "completed" {
+                return Ok(Outcome::Ignored(format!(
+                    "check suite {}: its checks report on their own",
+                    news.action
+                )));
+            }
+            let name = news.check_suite.name();
+            (news.check_suite.head_sha, Evidence::SuiteFinished(name))
+        }
+        _ => {
+            let news: WorkflowRunEvent = serde_json::from_slice(body).map_err(read)?;
+            if news.action != "completed" {
+                return Ok(Outcome::Ignored(format!(
+                    "workflow run {}: its checks report on their own",
+                    news.action
+                )));
+            }
+            let name = news
+                .workflow_run
+                .name
+                .filter(|name| !name.is_empty())
+                .or(news.workflow.map(|w| w.name))
+                .unwrap_or_else(|| "a workflow run".into());
+            (news.workflow_run.head_sha, Evidence::SuiteFinished(name))
+        }
+    };
+    let commit = CommitSha::parse(&sha).map_err(|reason| malformed(event, reason))?;
+    Ok(Outcome::Checks(Box::new(CheckNews { commit, evidence })))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,6 +507,211 @@ run = "{artifact} --port {port}"
             .unwrap()
             .apps
             .remove(0)
+    }
+
+    fn checks_app(checks: &str) -> AppConfig {
+        let text = format!(
+            r#"
+[[app]]
+name = "hello"
+repo = "x"
+repository = "acme/hello"
+trigger = "checks"
+checks = {checks}
+build = "true"
+artifact = "hello"
+run = "{{artifact}} --port {{port}}"
+
+[github]
+"#
+        );
+        Config::parse(&text, std::path::Path::new("n.toml"))
+            .unwrap()
+            .apps
+            .remove(0)
+    }
+
+    /// A payload as GitHub sends it (tests/fixtures/github), for commit `SHA`.
+    fn fixture(name: &str) -> serde_json::Value {
+        let path = format!(
+            "{}/tests/fixtures/github/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        serde_json::from_str(&text.replace("d6fde92930d4715a2b49857d24b940956b26d2d3", SHA))
+            .unwrap()
+    }
+
+    fn news(app: &AppConfig, event: &str, body: &serde_json::Value) -> Outcome {
+        interpret(app, event, None, body.to_string().as_bytes()).unwrap()
+    }
+
+    fn evidence(outcome: Outcome) -> Evidence {
+        let Outcome::Checks(news) = outcome else {
+            panic!("{outcome:?}")
+        };
+        assert_eq!(news.commit.as_str(), SHA);
+        news.evidence
+    }
+
+    #[test]
+    fn a_check_run_reports_its_name_state_and_page() {
+        let app = checks_app("[]");
+        let mut run = fixture("check_run.completed.json");
+        let Evidence::Report(report) = evidence(news(&app, "check_run", &run)) else {
+            panic!()
+        };
+        assert_eq!(
+            report,
+            CheckReport {
+                kind: CheckKind::Run,
+                name: "lint".into(),
+                github_id: 32461107741,
+                state: CheckState::Failed,
+                word: "failure".into(),
+                url: Some(
+                    "https://github.com/acme/hello/actions/runs/11639810372/job/32461107741".into()
+                ),
+            }
+        );
+        for (status, conclusion, state, word) in [
+            ("completed", "success", CheckState::Passed, "success"),
+            ("completed", "neutral", CheckState::Passed, "neutral"),
+            ("completed", "skipped", CheckState::Passed, "skipped"),
+            ("completed", "cancelled", CheckState::Failed, "cancelled"),
+            ("completed", "timed_out", CheckState::Failed, "timed_out"),
+            (
+                "completed",
+                "action_required",
+                CheckState::Failed,
+                "action_required",
+            ),
+            (
+                "completed",
+                "a_word_from_2030",
+                CheckState::Failed,
+                "a_word_from_2030",
+            ),
+            ("in_progress", "", CheckState::Pending, "in_progress"),
+            ("queued", "", CheckState::Pending, "queued"),
+        ] {
+            run["check_run"]["status"] = status.into();
+            run["check_run"]["conclusion"] = match conclusion {
+                "" => serde_json::Value::Null,
+                word => word.into(),
+            };
+            let Evidence::Report(report) = evidence(news(&app, "check_run", &run)) else {
+                panic!()
+            };
+            assert_eq!(
+                (report.state, report.word.as_str()),
+                (state, word),
+                "{status} {conclusion}"
+            );
+        }
+        run["action"] = "rerequested".into();
+        assert!(matches!(news(&app, "check_run", &run), Outcome::Ignored(_)));
+    }
+
+    #[test]
+    fn a_commit_status_reports_its_context() {
+        let app = checks_app("[\"ci/jenkins\"]");
+        let mut status = fixture("status.json");
+        let Evidence::Report(report) = evidence(news(&app, "status", &status)) else {
+            panic!()
+        };
+        assert_eq!(
+            (
+                report.kind,
+                report.name.as_str(),
+                report.state,
+                report.github_id
+            ),
+            (
+                CheckKind::Status,
+                "ci/jenkins",
+                CheckState::Passed,
+                30318412455
+            )
+        );
+        assert_eq!(
+            report.url.as_deref(),
+            Some("https://ci.example.com/acme/hello/builds/877")
+        );
+        for (state, expected) in [
+            ("pending", CheckState::Pending),
+            ("failure", CheckState::Failed),
+            ("error", CheckState::Failed),
+        ] {
+            status["state"] = state.into();
+            let Evidence::Report(report) = evidence(news(&app, "status", &status)) else {
+                panic!()
+            };
+            assert_eq!(report.state, expected, "{state}");
+        }
+    }
+
+    #[test]
+    fn a_finished_check_suite_or_workflow_run_says_which_suite() {
+        let app = checks_app("[]");
+        let mut suite = fixture("check_suite.completed.json");
+        assert_eq!(
+            evidence(news(&app, "check_suite", &suite)),
+            Evidence::SuiteFinished("GitHub Actions".into())
+        );
+        let mut run = fixture("workflow_run.completed.json");
+        assert_eq!(
+            evidence(news(&app, "workflow_run", &run)),
+            Evidence::SuiteFinished("CI".into())
+        );
+        suite["action"] = "requested".into();
+        run["action"] = "in_progress".into();
+        assert!(matches!(
+            news(&app, "check_suite", &suite),
+            Outcome::Ignored(_)
+        ));
+        assert!(matches!(
+            news(&app, "workflow_run", &run),
+            Outcome::Ignored(_)
+        ));
+    }
+
+    #[test]
+    fn checks_are_news_only_for_a_checks_gate_of_that_repository() {
+        let events = [
+            ("check_run", fixture("check_run.completed.json")),
+            ("status", fixture("status.json")),
+            ("check_suite", fixture("check_suite.completed.json")),
+            ("workflow_run", fixture("workflow_run.completed.json")),
+        ];
+        for (event, body) in &events {
+            // A push-deployed app ignores them, however malformed.
+            match interpret(&app(), event, None, b"{not json") {
+                Ok(Outcome::Ignored(why)) => {
+                    assert!(why.contains("does not wait for checks"), "{why}")
+                }
+                other => panic!("{event}: {other:?}"),
+            }
+            let mut elsewhere = body.clone();
+            elsewhere["repository"]["full_name"] = "evil/hello".into();
+            match news(&checks_app("[]"), event, &elsewhere) {
+                Outcome::Ignored(why) => assert!(why.contains("deploys from acme/hello"), "{why}"),
+                other => panic!("{event}: {other:?}"),
+            }
+            let mut bad_sha = body.to_string().replace(SHA, "abc");
+            assert!(
+                matches!(
+                    interpret(&checks_app("[]"), event, None, bad_sha.as_bytes()),
+                    Err(WebhookError::Malformed { .. })
+                ),
+                "{event}"
+            );
+            bad_sha.truncate(10);
+            assert!(matches!(
+                interpret(&checks_app("[]"), event, None, bad_sha.as_bytes()),
+                Err(WebhookError::Malformed { .. })
+            ));
+        }
     }
 
     fn push(git_ref: &str, repo: &str, deleted: bool) -> Vec<u8> {
@@ -538,10 +961,19 @@ run = "{artifact} --port {port}"
 
             #[test]
             fn any_event_and_body_is_answered_without_a_panic(
-                event in prop_oneof![Just("push".to_owned()), Just("ping".to_owned()), ".{0,20}"],
+                event in prop_oneof![
+                    Just("push".to_owned()),
+                    Just("ping".to_owned()),
+                    Just("check_run".to_owned()),
+                    Just("status".to_owned()),
+                    Just("check_suite".to_owned()),
+                    Just("workflow_run".to_owned()),
+                    ".{0,20}",
+                ],
                 body in vec(any::<u8>(), 0..2048),
             ) {
                 let _ = interpret(&app(), &event, Some(&delivery("d")), &body);
+                let _ = interpret(&checks_app("[]"), &event, Some(&delivery("d")), &body);
                 let _ = repository_of(&body);
                 if let Ok(document) = payload(ContentType::Form, &event, &body) {
                     let _ = interpret(&app(), &event, Some(&delivery("d")), &document);

@@ -146,11 +146,20 @@ pub fn interpret(app: &AppConfig, build: &Build) -> Result<Outcome, WebhookError
             app.name
         )));
     }
-    if app.trigger != TriggerMode::Travis {
-        return Ok(Outcome::Ignored(format!(
-            "{} deploys on push; set trigger = \"travis\" to deploy after CI",
-            app.name
-        )));
+    match app.trigger {
+        TriggerMode::Travis => {}
+        TriggerMode::Push => {
+            return Ok(Outcome::Ignored(format!(
+                "{} deploys on push; set trigger = \"travis\" to deploy after CI",
+                app.name
+            )));
+        }
+        TriggerMode::Checks => {
+            return Ok(Outcome::Ignored(format!(
+                "{} waits for the checks GitHub shows, not for Travis CI's webhook",
+                app.name
+            )));
+        }
     }
     if build.pull_request || build.kind.as_deref() == Some("pull_request") {
         return Ok(Outcome::Ignored("pull request builds do not deploy".into()));
@@ -190,6 +199,7 @@ pub fn interpret(app: &AppConfig, build: &Build) -> Result<Outcome, WebhookError
     };
     let ci = CiBuild {
         number: Some(number.clone()),
+        check: None,
         url: build.build_url.clone(),
     };
     Ok(match verdict {

@@ -6,6 +6,7 @@ mod common;
 
 mod aws;
 mod browser;
+mod checks;
 mod dashboard;
 mod deploy;
 mod faults;
