@@ -283,12 +283,11 @@ async fn a_flaky_receiver_gets_three_tries_and_a_hanging_one_never_holds_up_a_de
         tries[0].body["text"],
         format!("Deploying hello {}", &sha[..7])
     );
+    // At least the timeout apart; how much more depends on the machine's load, and the
+    // three tries arriving within WAIT already shows no try hung.
     for pair in tries[..3].windows(2) {
         let gap = pair[1].at - pair[0].at;
-        assert!(
-            gap >= Duration::from_secs(5) && gap < Duration::from_secs(9),
-            "{gap:?} between tries"
-        );
+        assert!(gap >= Duration::from_secs(5), "{gap:?} between tries");
     }
     let log = app.server_log();
     assert!(log.contains("notification failed; trying again"), "{log}");
