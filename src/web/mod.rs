@@ -1,6 +1,8 @@
-//! HTTP: webhooks, the JSON API, the dashboard and its event stream. Handlers are thin: they
-//! check who is asking, call the queue, the database or a switch, and map every error to a
-//! status and a one-line reason in one place (`AppError`). Who may read anything at all is
+//! HTTP: webhooks, the JSON API, the dashboard and its event stream. Handlers are thin: who
+//! may read is decided once (`access`), who may act by `session`; a handler then makes one
+//! call into the queue, `traffic`, `rollback` or the database, and every error becomes a
+//! status and a one-line reason in one place (`error::AppError`). Nothing here moves
+//! traffic or decides a rollback itself. Who may read anything at all is
 //! decided once, before any handler, by `access::gate`.
 
 mod access;

@@ -137,41 +137,8 @@ pub enum Outcome {
 
 /// Maps a verified build to a deploy, a failure to record, or a reason to ignore it.
 pub fn interpret(app: &AppConfig, build: &Build) -> Result<Outcome, WebhookError> {
-    let slug = build.slug();
-    if let Some(expected) = &app.repository
-        && !slug.eq_ignore_ascii_case(expected)
-    {
-        return Ok(Outcome::Ignored(format!(
-            "build of {slug} but {} deploys from {expected}",
-            app.name
-        )));
-    }
-    match app.trigger {
-        TriggerMode::Travis => {}
-        TriggerMode::Push => {
-            return Ok(Outcome::Ignored(format!(
-                "{} deploys on push; set trigger = \"travis\" to deploy after CI",
-                app.name
-            )));
-        }
-        TriggerMode::Checks => {
-            return Ok(Outcome::Ignored(format!(
-                "{} waits for the checks GitHub shows, not for Travis CI's webhook",
-                app.name
-            )));
-        }
-    }
-    if build.pull_request || build.kind.as_deref() == Some("pull_request") {
-        return Ok(Outcome::Ignored("pull request builds do not deploy".into()));
-    }
-    if let Some(tag) = build.tag.as_deref().filter(|t| !t.is_empty()) {
-        return Ok(Outcome::Ignored(format!("tag {tag} builds do not deploy")));
-    }
-    if build.branch != app.branch {
-        return Ok(Outcome::Ignored(format!(
-            "build of {}; {} deploys {}",
-            build.branch, app.name, app.branch
-        )));
+    if let Some(reason) = not_for(app, build) {
+        return Ok(Outcome::Ignored(reason));
     }
     let verdict = build.verdict();
     let number = build.number.clone().unwrap_or_else(|| build.id.to_string());
@@ -216,6 +183,47 @@ pub fn interpret(app: &AppConfig, build: &Build) -> Result<Outcome, WebhookError
             };
             Outcome::Failed(trigger, ci, reason)
         }
+    })
+}
+
+/// Why a build says nothing about what `app` deploys: another repository, an app that
+/// does not wait for Travis, a pull request, a tag or another branch.
+fn not_for(app: &AppConfig, build: &Build) -> Option<String> {
+    let slug = build.slug();
+    if let Some(expected) = &app.repository
+        && !slug.eq_ignore_ascii_case(expected)
+    {
+        return Some(format!(
+            "build of {slug} but {} deploys from {expected}",
+            app.name
+        ));
+    }
+    match app.trigger {
+        TriggerMode::Travis => {}
+        TriggerMode::Push => {
+            return Some(format!(
+                "{} deploys on push; set trigger = \"travis\" to deploy after CI",
+                app.name
+            ));
+        }
+        TriggerMode::Checks => {
+            return Some(format!(
+                "{} waits for the checks GitHub shows, not for Travis CI's webhook",
+                app.name
+            ));
+        }
+    }
+    if build.pull_request || build.kind.as_deref() == Some("pull_request") {
+        return Some("pull request builds do not deploy".into());
+    }
+    if let Some(tag) = build.tag.as_deref().filter(|t| !t.is_empty()) {
+        return Some(format!("tag {tag} builds do not deploy"));
+    }
+    (build.branch != app.branch).then(|| {
+        format!(
+            "build of {}; {} deploys {}",
+            build.branch, app.name, app.branch
+        )
     })
 }
 
