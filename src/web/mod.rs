@@ -1,8 +1,8 @@
-//! HTTP: webhooks, the JSON API, the dashboard and its event stream. Handlers are thin: who
-//! may read is decided once, before any handler (`access::gate`), who may act by `session`; a handler then makes one
-//! call into the queue, `traffic`, `rollback` or the database, and every error becomes a
-//! status and a one-line reason in one place (`error::AppError`). Nothing here moves
-//! traffic or decides a rollback itself.
+//! HTTP: webhooks, the JSON API, the dashboard and its event stream. Handlers are thin:
+//! who may read is decided once, before any handler (`access::gate`), who may act by
+//! `session`; a handler then makes one call into the queue, `traffic`, `rollback` or the
+//! database, and every error becomes a status and a one-line reason in one place
+//! (`error::AppError`). Nothing here moves traffic or decides a rollback itself.
 
 mod access;
 mod actions;
