@@ -8,6 +8,7 @@
 //! closed connection gave back unwritten is sent again, on another connection.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use hyper::client::conn::http1;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 use tracing::debug;
 
 use super::Target;
@@ -38,6 +40,10 @@ const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// keep-alive clients per worker.
 const MAX_IDLE_PER_TARGET: usize = 1024;
 
+/// New connections one request may try when each closes before its request was written
+/// (an app that accepts and hangs up at once), before it gives up with a 502.
+const MAX_NEW_CONNECTIONS_PER_REQUEST: usize = 3;
+
 type Sender = http1::SendRequest<Incoming>;
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +56,10 @@ pub(super) enum UpstreamError {
     Handshake(hyper::Error),
     #[error("request: {0}")]
     Request(hyper::Error),
+    #[error(
+        "{MAX_NEW_CONNECTIONS_PER_REQUEST} new connections closed before the request was written"
+    )]
+    Unusable,
 }
 
 impl UpstreamError {
@@ -71,6 +81,9 @@ struct IdleConnections {
     target: Arc<Target>,
     /// Last in, first out: the connections used most recently stay warm, the others age out.
     idle: Vec<Idle>,
+    /// Requests connecting anew that take the next connection coming back instead, if it
+    /// comes back before their own connect is done (see [`obtain`]).
+    waiting: VecDeque<oneshot::Sender<Sender>>,
 }
 
 struct Idle {
@@ -115,25 +128,47 @@ impl UpstreamPool {
         None
     }
 
-    /// Takes back a connection whose response ended; kept only while its target is live.
-    fn checkin(&mut self, target: Arc<Target>, sender: Sender) {
+    fn set_of(&mut self, target: &Arc<Target>) -> &mut IdleConnections {
+        let at = match self
+            .by_target
+            .iter()
+            .position(|set| Arc::ptr_eq(&set.target, target))
+        {
+            Some(at) => at,
+            None => {
+                self.by_target.push(IdleConnections {
+                    target: Arc::clone(target),
+                    idle: Vec::new(),
+                    waiting: VecDeque::new(),
+                });
+                self.by_target.len() - 1
+            }
+        };
+        &mut self.by_target[at]
+    }
+
+    /// Takes back a connection whose response ended, or that was just opened; kept only
+    /// while its target is live. A request waiting for one gets it first.
+    fn checkin(&mut self, target: Arc<Target>, mut sender: Sender) {
         if sender.is_closed() || !self.is_live(&target) {
             return;
         }
         let sweep = self.sweep;
-        let idle = Idle { sender, sweep };
-        match self
-            .by_target
-            .iter_mut()
-            .find(|set| Arc::ptr_eq(&set.target, &target))
-        {
-            Some(set) if set.idle.len() < MAX_IDLE_PER_TARGET => set.idle.push(idle),
-            Some(_) => {}
-            None => self.by_target.push(IdleConnections {
-                target,
-                idle: vec![idle],
-            }),
+        let set = self.set_of(&target);
+        while let Some(waiter) = set.waiting.pop_front() {
+            match waiter.send(sender) {
+                Ok(()) => return,
+                // That request got its own connection meanwhile, or went away.
+                Err(back) => sender = back,
+            }
         }
+        if set.idle.len() < MAX_IDLE_PER_TARGET {
+            set.idle.push(Idle { sender, sweep });
+        }
+    }
+
+    fn wait_for_checkin(&mut self, target: &Arc<Target>, waiter: oneshot::Sender<Sender>) {
+        self.set_of(target).waiting.push_back(waiter);
     }
 
     /// Closes connections idle since before the previous sweep, those the app closed, and
@@ -148,7 +183,8 @@ impl UpstreamPool {
             }
             set.idle
                 .retain(|idle| idle.sweep >= oldest_kept && !idle.sender.is_closed());
-            !set.idle.is_empty()
+            set.waiting.retain(|waiter| !waiter.is_closed());
+            !set.idle.is_empty() || !set.waiting.is_empty()
         });
     }
 }
@@ -162,10 +198,20 @@ pub(super) async fn send(
     target: &Arc<Target>,
     mut req: Request<Incoming>,
 ) -> Result<Response<UpstreamBody>, UpstreamError> {
+    let mut new_connections = 0;
     loop {
         // The borrow ends with this statement: nothing holds the pool across an await.
         let pooled = pool.borrow_mut().checkout(target);
-        let Some(mut sender) = pooled else { break };
+        let mut sender = match pooled {
+            Some(sender) => sender,
+            None if new_connections == MAX_NEW_CONNECTIONS_PER_REQUEST => {
+                return Err(UpstreamError::Unusable);
+            }
+            None => {
+                new_connections += 1;
+                obtain(pool, target).await?
+            }
+        };
         // Usually ready at once; a connection whose last response just ended may need its
         // task to run once more first.
         if !sender.is_ready() && sender.ready().await.is_err() {
@@ -175,17 +221,42 @@ pub(super) async fn send(
             Ok(response) => return Ok(lease(pool, target, sender, response)),
             Err(mut err) => match err.take_message() {
                 Some(unsent) => {
-                    debug!(port = target.port, error = %err.error(), "pooled upstream connection was closed; request not written, sending it on another");
+                    debug!(port = target.port, error = %err.error(), "upstream connection was closed; request not written, sending it on another");
                     req = unsent;
                 }
                 None => return Err(UpstreamError::Request(err.into_error())),
             },
         }
     }
-    let mut sender = connect(target).await?;
-    match sender.try_send_request(req).await {
-        Ok(response) => Ok(lease(pool, target, sender, response)),
-        Err(err) => Err(UpstreamError::Request(err.into_error())),
+}
+
+/// A connection for a request that found none idle: a new one, or the first that another
+/// request hands back while this one is connecting, whichever comes first. Right after a
+/// switch every request of a busy worker needs one at once; a burst of connects can
+/// overflow a freshly started app's accept queue, and a connect whose SYN was dropped
+/// waits a second or more for its retry. Taking a connection that came back meanwhile (as
+/// hyper_util's pool does) keeps that wait off the request; the connect still finishes, in
+/// the background, and its connection joins the pool.
+async fn obtain(
+    pool: &Rc<RefCell<UpstreamPool>>,
+    target: &Arc<Target>,
+) -> Result<Sender, UpstreamError> {
+    let (waiter, mut handed_back) = oneshot::channel();
+    pool.borrow_mut().wait_for_checkin(target, waiter);
+    let mut connecting = Box::pin(connect(Arc::clone(target)));
+    tokio::select! {
+        biased;
+        connected = &mut connecting => connected,
+        // An `Err` here means the pool dropped the wait (a switch): the connect decides.
+        Ok(sender) = &mut handed_back => {
+            let (pool, target) = (Rc::clone(pool), Arc::clone(target));
+            tokio::task::spawn_local(async move {
+                if let Ok(sender) = connecting.await {
+                    pool.borrow_mut().checkin(target, sender);
+                }
+            });
+            Ok(sender)
+        }
     }
 }
 
@@ -206,7 +277,7 @@ fn lease(
 }
 
 /// A new connection to `target`, driven by a task of this worker.
-async fn connect(target: &Target) -> Result<Sender, UpstreamError> {
+async fn connect(target: Arc<Target>) -> Result<Sender, UpstreamError> {
     let stream = tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(target.address))
         .await
         .map_err(|_| UpstreamError::ConnectTimeout)?
