@@ -44,6 +44,19 @@ pub struct Config {
     pub slack: Option<SlackConfig>,
     /// `[github]`: GitHub deployments and their statuses for apps that name a `repository`.
     pub github: Option<GitHubConfig>,
+    /// `[proxy]`: how the built-in proxies treat their clients.
+    pub proxy: ProxyConfig,
+}
+
+/// `[proxy]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Peers in front of nonstop (a load balancer, a CDN) whose `X-Forwarded-*`,
+    /// `X-Real-IP` and `Forwarded` headers are believed and extended; from anyone else
+    /// they are replaced with what the proxy saw.
+    #[serde(default)]
+    pub trusted_proxies: Vec<crate::domain::IpRange>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -421,6 +434,8 @@ struct RawConfig {
     travis: Option<TravisKeyConfig>,
     slack: Option<SlackConfig>,
     github: Option<GitHubConfig>,
+    #[serde(default)]
+    proxy: ProxyConfig,
 }
 
 impl Config {
@@ -507,6 +522,7 @@ impl Config {
             travis: raw.travis,
             slack: raw.slack,
             github: raw.github,
+            proxy: raw.proxy,
         })
     }
 

@@ -2,6 +2,7 @@
 //! stages of a deployment and the states they move through. Pure data, no I/O.
 
 use std::fmt;
+use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
@@ -129,6 +130,66 @@ impl std::str::FromStr for DeploymentId {
     }
 }
 
+/// A range of peer addresses, `10.0.0.0/8`, `fd00::/8` or a single `192.0.2.7`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpRange {
+    network: IpAddr,
+    prefix_len: u8,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("`{0}` is not an IP address or CIDR range (like 10.0.0.0/8)")]
+pub struct BadIpRange(String);
+
+impl std::str::FromStr for IpRange {
+    type Err = BadIpRange;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || BadIpRange(text.to_owned());
+        let (address, prefix_len) = match text.split_once('/') {
+            Some((address, len)) => (address, Some(len.parse::<u8>().map_err(|_| bad())?)),
+            None => (text, None),
+        };
+        let network = address.parse::<IpAddr>().map_err(|_| bad())?.to_canonical();
+        let max = if network.is_ipv4() { 32 } else { 128 };
+        let prefix_len = prefix_len.unwrap_or(max);
+        if prefix_len > max {
+            return Err(bad());
+        }
+        Ok(Self {
+            network,
+            prefix_len,
+        })
+    }
+}
+
+impl IpRange {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.network, ip.to_canonical()) {
+            (IpAddr::V4(network), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix_len))
+                    .unwrap_or(0);
+                u32::from(network) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(network), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix_len))
+                    .unwrap_or(0);
+                u128::from(network) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for IpRange {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(deserializer)?;
+        raw.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// A request to deploy one commit (or the branch head) of one app.
 #[derive(Clone, Debug)]
 pub struct Trigger {
@@ -246,7 +307,8 @@ impl DeploymentStatus {
 }
 
 string_enum! {
-    /// What started a deployment.
+
+/// What started a deployment.
     TriggerKind {
         Push => "push",
         Travis => "travis",

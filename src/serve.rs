@@ -25,7 +25,7 @@ use crate::store::s3::{S3Settings, S3Store};
 use crate::switch::TrafficSwitch;
 use crate::switch::control::{self, RemoteProxy};
 use crate::switch::nginx::Nginx;
-use crate::switch::proxy::Proxy;
+use crate::switch::proxy::{ConnectionLimits, Proxy, ProxyOptions};
 use crate::traffic::Traffic;
 use crate::web::{self, AppState};
 
@@ -127,6 +127,7 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
         switch_token: Secret::new(random_token()),
         scrubbed_env: scrubbed_env(&config),
         proxy_socket: config.proxy_socket(),
+        proxy_options: proxy_options(&config),
     };
 
     // Notifiers subscribe before the queue starts, so resumed deployments are reported too.
@@ -183,6 +184,8 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
 /// What start-up settles once and every app's backends share.
 struct Wiring {
     data_dir: PathBuf,
+    /// What every built-in proxy of this process is started with.
+    proxy_options: ProxyOptions,
     /// How hooks on this host reach the switch endpoint.
     control_url: String,
     /// For hooks on this host: the switch endpoint only. Made anew at every start.
@@ -190,6 +193,15 @@ struct Wiring {
     /// Env vars holding nonstop's secrets, removed from builds and hooks.
     scrubbed_env: Vec<String>,
     proxy_socket: Option<PathBuf>,
+}
+
+/// The proxies' trusted peers, and connection limits that fit this process's open-file
+/// limit (raised to its hard limit first).
+fn proxy_options(config: &Config) -> ProxyOptions {
+    ProxyOptions {
+        trusted_proxies: config.proxy.trusted_proxies.clone(),
+        limits: ConnectionLimits::for_fd_limit(crate::listen::raise_fd_limit()),
+    }
 }
 
 /// The env vars that hold nonstop's own secrets.
@@ -252,7 +264,7 @@ async fn build_switch(
             Ok(Arc::new(remote))
         }
         (SwitchConfig::Proxy { listen }, None) => {
-            let proxy = Proxy::start(*listen, live).await?;
+            let proxy = Proxy::start_with(*listen, live, wiring.proxy_options.clone()).await?;
             tracing::info!(app = %app.name, proxy = %proxy.local_addr(), live_port = live, "proxy listening");
             // Port 0 in the config: the app's entry shows the port the proxy really got.
             app.switch = SwitchConfig::Proxy {
@@ -347,7 +359,7 @@ pub async fn run_proxies(config: Config, shutdown: CancellationToken) -> Result<
     for app in &config.apps {
         if let SwitchConfig::Proxy { listen } = app.switch {
             let live = saved.get(app.name.as_str()).copied();
-            let proxy = Proxy::start(listen, live).await?;
+            let proxy = Proxy::start_with(listen, live, proxy_options(&config)).await?;
             tracing::info!(app = %app.name, proxy = %proxy.local_addr(), live_port = live, "proxy listening");
             announce(format_args!("proxy {} on {}", app.name, proxy.local_addr()));
             let ports = app.ports;

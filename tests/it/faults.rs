@@ -241,12 +241,16 @@ async fn killed_during_validate_service_the_half_started_instance_is_cleaned_up(
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(
-        reqwest::get(format!("http://127.0.0.1:{idle}/"))
-            .await
-            .is_ok(),
-        "the new instance runs"
-    );
+    // Started by ApplicationStart; it may still be binding its port when ValidateService
+    // begins.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reqwest::get(format!("http://127.0.0.1:{idle}/"))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "the new instance never answered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     app.restart().await;
 

@@ -54,6 +54,10 @@ fn server_addr(app: &TestApp) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], app.ports.server))
 }
 
+fn proxy_addr(app: &TestApp) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], app.ports.proxy))
+}
+
 /// Latencies of one kind of request that must keep being answered during a flood.
 struct Figures {
     what: &'static str,
@@ -395,6 +399,11 @@ fn half_head(index: usize) -> Vec<u8> {
     }
 }
 
+/// A POST whose megabyte body will come one byte a second.
+fn slow_body_head(_: usize) -> Vec<u8> {
+    b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1048576\r\n\r\nx".to_vec()
+}
+
 /// Deploys a version and checks the child really runs under `NOFILE`.
 async fn live_app_under_nofile() -> (TestApp, String) {
     let app = common::spawn_app_with(hostile_extra()).await;
@@ -451,6 +460,54 @@ async fn idle_sockets_flooding_the_server_port_leave_the_proxy_healthz_and_webho
         peak_files <= NOFILE.0 as usize / 2,
         "serve held {peak_files} open files ({peak_connections} connections on its port)"
     );
+    assert_eq!(app.served().await, version);
+}
+
+#[tokio::test]
+async fn slow_bodies_flooding_the_proxy_leave_new_visitors_and_the_server_port_answering() {
+    let _one_flood_at_a_time = FLOODS.lock().await;
+    let (app, version) = live_app_under_nofile().await;
+    // The 474, rounded up: each costs the proxy two descriptors (the visitor's and
+    // the upstream's), so together they are more than `NOFILE`.
+    const SOCKETS: usize = 500;
+    let stop = CancellationToken::new();
+    let (count, flood) = flood(
+        proxy_addr(&app),
+        SOCKETS,
+        slow_body_head,
+        b"x",
+        stop.clone(),
+    );
+    wait_flooding(&count, SOCKETS).await;
+
+    let until = Instant::now() + FLOOD_WINDOW;
+    let (figures, (peak_connections, peak_files)) = tokio::join!(
+        probe_all(&app, &version, until),
+        sample_peaks(&app, app.ports.proxy, until)
+    );
+    stop.cancel();
+    flood.await.unwrap();
+
+    eprintln!(
+        "proxy flood of {SOCKETS} slow-body sockets: {}",
+        count.summary()
+    );
+    for figures in &figures {
+        eprintln!("  {}", figures.summary());
+    }
+    eprintln!(
+        "  the proxy held at most {peak_connections} connections on its port, serve {peak_files} open files; peak RSS (VmHWM) {} KiB",
+        app.server_memory_kib("VmHWM")
+    );
+    for figures in figures.iter().filter(|f| !f.failures.is_empty()) {
+        eprintln!(
+            "  {} failed first with {:?}",
+            figures.what, figures.failures[0]
+        );
+    }
+    for figures in &figures {
+        figures.assert_all_answered(20);
+    }
     assert_eq!(app.served().await, version);
 }
 

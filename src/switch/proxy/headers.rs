@@ -7,9 +7,10 @@
 //! built once per client connection ([`ClientPeer`]).
 
 use std::net::IpAddr;
-use std::str::FromStr;
 
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::domain::IpRange;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
 /// legacy `Proxy-Connection`. They are never forwarded in either direction.
@@ -53,59 +54,6 @@ const END_TO_END: [HeaderName; 16] = [
 
 /// The only scheme this proxy serves (TLS is not terminated here yet).
 const PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
-
-/// A range of peer addresses, `10.0.0.0/8`, `fd00::/8` or a single `192.0.2.7`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct IpRange {
-    network: IpAddr,
-    prefix_len: u8,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("`{0}` is not an IP address or CIDR range (like 10.0.0.0/8)")]
-pub struct BadIpRange(String);
-
-impl FromStr for IpRange {
-    type Err = BadIpRange;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let bad = || BadIpRange(text.to_owned());
-        let (address, prefix_len) = match text.split_once('/') {
-            Some((address, len)) => (address, Some(len.parse::<u8>().map_err(|_| bad())?)),
-            None => (text, None),
-        };
-        let network = address.parse::<IpAddr>().map_err(|_| bad())?.to_canonical();
-        let max = if network.is_ipv4() { 32 } else { 128 };
-        let prefix_len = prefix_len.unwrap_or(max);
-        if prefix_len > max {
-            return Err(bad());
-        }
-        Ok(Self {
-            network,
-            prefix_len,
-        })
-    }
-}
-
-impl IpRange {
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.network, ip.to_canonical()) {
-            (IpAddr::V4(network), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix_len))
-                    .unwrap_or(0);
-                u32::from(network) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(network), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix_len))
-                    .unwrap_or(0);
-                u128::from(network) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-}
 
 /// What the rewrite needs to know about the client's end of one connection, built when the
 /// connection is accepted so that each request only clones these values.

@@ -12,6 +12,7 @@
 //! Not supported yet: protocol upgrades (WebSocket). `Upgrade` is a hop-by-hop header and is
 //! stripped like the others, so the upstream sees an ordinary request; `CONNECT` is refused.
 
+mod admission;
 mod headers;
 mod pool;
 #[cfg(test)]
@@ -28,7 +29,8 @@ use tokio::net::TcpSocket;
 use tokio::sync::watch;
 use tracing::info;
 
-pub use headers::{BadIpRange, IpRange};
+pub use crate::domain::{BadIpRange, IpRange};
+pub use admission::ConnectionLimits;
 
 use super::{SwitchError, TrafficSwitch};
 
@@ -39,6 +41,8 @@ pub struct ProxyOptions {
     /// `X-Real-IP` and `Forwarded` headers are kept and extended. From anyone else those
     /// headers are replaced with what the proxy itself saw.
     pub trusted_proxies: Vec<IpRange>,
+    /// How many connections the proxy holds open, in all and per client.
+    pub limits: ConnectionLimits,
 }
 
 /// One upstream: an app instance listening on `127.0.0.1:<port>`. Each switch makes a new
@@ -118,14 +122,20 @@ impl Proxy {
         }
 
         let live = Arc::new(ArcSwapOption::new(live));
+        let admission =
+            admission::Admission::new(options.limits, options.trusted_proxies.clone().into());
         let options = Arc::new(options);
         let (shutdown, shutdown_rx) = watch::channel(false);
         for (index, listener) in listeners.into_iter().enumerate() {
-            let (live, options, shutdown_rx) =
-                (Arc::clone(&live), Arc::clone(&options), shutdown_rx.clone());
+            let (live, options, admission, shutdown_rx) = (
+                Arc::clone(&live),
+                Arc::clone(&options),
+                Arc::clone(&admission),
+                shutdown_rx.clone(),
+            );
             std::thread::Builder::new()
                 .name(format!("proxy-{}-{index}", local_addr.port()))
-                .spawn(move || worker::run(listener, live, options, shutdown_rx))?;
+                .spawn(move || worker::run(listener, live, options, admission, shutdown_rx))?;
         }
         info!(addr = %local_addr, workers, live = ?live.load().as_ref().map(|t| t.port), "proxy listening");
 

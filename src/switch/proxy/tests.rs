@@ -372,6 +372,7 @@ async fn a_trusted_proxy_in_front_keeps_the_client_it_named() {
     let app = spawn_upstream("app").await;
     let options = ProxyOptions {
         trusted_proxies: vec!["127.0.0.0/8".parse().expect("range")],
+        ..ProxyOptions::default()
     };
     let proxy = Proxy::start_with(loopback_any_port(), Some(app.port), options)
         .await

@@ -30,9 +30,11 @@ use tokio::task::LocalSet;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::headers::{self, ClientPeer, IpRange};
+use super::admission::{Admission, Refused, Ticket};
+use super::headers::{self, ClientPeer};
 use super::pool::{self, UPSTREAM_IDLE_SWEEP, UpstreamBody, UpstreamError, UpstreamPool};
 use super::{ProxyOptions, Target};
+use crate::domain::IpRange;
 
 /// Accept errors are mostly fd exhaustion; retrying at once would spin a core.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
@@ -52,7 +54,10 @@ pub(super) struct Worker {
     pool: Rc<RefCell<UpstreamPool>>,
     trusted_proxies: Arc<[IpRange]>,
     failures: RefCell<FailureLog>,
+    /// Connections closed at the limits, logged like failures: at most one line a second.
+    refusals: RefCell<FailureLog>,
     stopping: Stopping,
+    admission: Arc<Admission>,
     /// Built once: the settings of every client connection.
     http1: hyper::server::conn::http1::Builder,
 }
@@ -63,6 +68,7 @@ pub(super) fn run(
     listener: std::net::TcpListener,
     live: Arc<ArcSwapOption<Target>>,
     options: Arc<ProxyOptions>,
+    admission: Arc<Admission>,
     shutdown: watch::Receiver<bool>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -84,7 +90,7 @@ pub(super) fn run(
                 return;
             }
         };
-        let worker = Rc::new(Worker::new(live, &options));
+        let worker = Rc::new(Worker::new(live, &options, admission));
         tokio::task::spawn_local(sweep_idle_connections(Rc::clone(&worker.pool)));
         let connections = TaskTracker::new();
         accept_loop(listener, worker, shutdown, &connections).await;
@@ -94,7 +100,11 @@ pub(super) fn run(
 }
 
 impl Worker {
-    fn new(live: Arc<ArcSwapOption<Target>>, options: &ProxyOptions) -> Self {
+    fn new(
+        live: Arc<ArcSwapOption<Target>>,
+        options: &ProxyOptions,
+        admission: Arc<Admission>,
+    ) -> Self {
         let mut http1 = hyper::server::conn::http1::Builder::new();
         http1
             .keep_alive(true)
@@ -106,7 +116,9 @@ impl Worker {
             live,
             trusted_proxies: options.trusted_proxies.clone().into(),
             failures: RefCell::new(FailureLog::default()),
+            refusals: RefCell::new(FailureLog::default()),
             stopping: Stopping::default(),
+            admission,
             http1,
         }
     }
@@ -174,13 +186,27 @@ async fn accept_loop(
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, client_addr)) => {
-                    connections.spawn_local(serve_connection(
-                        stream,
-                        client_addr,
-                        Rc::clone(&worker),
-                    ));
-                }
+                Ok((stream, client_addr)) => match worker.admission.admit(client_addr.ip()) {
+                    Ok(ticket) => {
+                        connections.spawn_local(serve_connection(
+                            stream,
+                            client_addr,
+                            Rc::clone(&worker),
+                            ticket,
+                        ));
+                    }
+                    Err(refused) => {
+                        // Closed before anything is read: the client sees a clean close.
+                        drop(stream);
+                        if let Some(held_back) = worker.refusals.borrow_mut().admit(Instant::now()) {
+                            let limit = match refused {
+                                Refused::Full => "the proxy's",
+                                Refused::ClientFull => "this client's",
+                            };
+                            warn!(client = %client_addr.ip(), limit, earlier_refusals_not_logged = held_back, "connection closed: at the connection limit");
+                        }
+                    }
+                },
                 Err(err) => {
                     warn!(error = %err, "accept failed");
                     tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
@@ -193,7 +219,13 @@ async fn accept_loop(
     info!(addr = ?listener.local_addr().ok(), "proxy stopped accepting");
 }
 
-async fn serve_connection(stream: TcpStream, client_addr: SocketAddr, worker: Rc<Worker>) {
+/// Serves one client connection; its place (`_ticket`) is given back when it ends.
+async fn serve_connection(
+    stream: TcpStream,
+    client_addr: SocketAddr,
+    worker: Rc<Worker>,
+    _ticket: Ticket,
+) {
     if let Err(err) = stream.set_nodelay(true) {
         debug!(client = %client_addr, error = %err, "could not set TCP_NODELAY");
     }
