@@ -172,7 +172,11 @@ async fn redeploy(
         .await?
         .ok_or_else(|| AppError::NotFound(format!("no deployment {id}")))?;
     let app = state.app(&past.app)?;
-    unless_locked(&state, &past.app, action.input.force).await?;
+    if let Err(refused) = unless_locked(&state, &past.app, action.input.force).await {
+        // Its URL names no app: the why log learns it here.
+        let heard = Heard::new(&past.app, Decision::Refused, refused.to_string(), None);
+        return Ok(heard.on(refused));
+    }
     let new_id = rollback::redeploy(&state.queue, app, &past).await?;
     let heard = Heard::new(
         &past.app,
