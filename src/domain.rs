@@ -318,6 +318,26 @@ string_enum! {
 }
 
 string_enum! {
+    /// What nonstop decided about a trigger (a webhook delivery, an action), for the why log:
+    /// `deployed` (a deployment was queued), `waiting` (for CI), `blocked` (waiting for the
+    /// app's lock), `superseded` (replaced by a newer one before it ran), `ignored` (another
+    /// event, branch, tag or repository, a duplicate, a commit already live, a ping),
+    /// `failed` (CI failed the commit), `refused` (bad signature, malformed, too large,
+    /// unknown app, locked, …), and the lock actions `locked` and `unlocked`.
+    Decision {
+        Deployed => "deployed",
+        Waiting => "waiting",
+        Blocked => "blocked",
+        Superseded => "superseded",
+        Ignored => "ignored",
+        Failed => "failed",
+        Refused => "refused",
+        Locked => "locked",
+        Unlocked => "unlocked",
+    }
+}
+
+string_enum! {
     /// `pending → running → succeeded | failed | skipped`.
     StageStatus {
         Pending => "pending",

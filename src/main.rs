@@ -1,5 +1,5 @@
-//! The `nonstop` command: `serve` runs the server; `deploy` and `status` talk to a running
-//! one through its HTTP API.
+//! The `nonstop` command: `serve` runs the server; `deploy`, `rollback`, `lock`, `unlock` and
+//! `status` talk to a running one through its HTTP API.
 
 use std::path::{Path, PathBuf};
 
@@ -42,7 +42,20 @@ enum Command {
         app: String,
         #[arg(long)]
         commit: Option<String>,
+        /// Deploy even though APP is locked.
+        #[arg(long)]
+        force: bool,
     },
+    /// Lock APP: pushes wait (recorded `waiting`) and deploys need --force until `unlock`.
+    /// Rollbacks still go through.
+    Lock {
+        app: String,
+        /// Why, shown with every push that waits and on the dashboard.
+        #[arg(long)]
+        reason: String,
+    },
+    /// Unlock APP and deploy the newest push that waited for it.
+    Unlock { app: String },
     /// Undo APP's live deployment on the running server: switch back to the previous
     /// instance while it runs, else redeploy the previous version's bundle.
     Rollback { app: String },
@@ -62,9 +75,11 @@ async fn run(cli: Cli) -> Result<()> {
     let load = match cli.command {
         Command::Serve => Config::load,
         Command::Proxy => Config::load_settings,
-        Command::Deploy { .. } | Command::Rollback { .. } | Command::Status { .. } => {
-            Config::load_settings
-        }
+        Command::Deploy { .. }
+        | Command::Rollback { .. }
+        | Command::Lock { .. }
+        | Command::Unlock { .. }
+        | Command::Status { .. } => Config::load_settings,
     };
     let config = load(&cli.config).map_err(|err| anyhow::anyhow!("{err}"))?;
     match cli.command {
@@ -78,8 +93,8 @@ async fn run(cli: Cli) -> Result<()> {
             serve::run_proxies(config, shutdown).await?;
             Ok(())
         }
-        Command::Deploy { app, commit } => {
-            let body = serde_json::json!({ "commit": commit });
+        Command::Deploy { app, commit, force } => {
+            let body = serde_json::json!({ "commit": commit, "force": force });
             let id = post_action(&config, &format!("/api/apps/{app}/deploy"), &body).await?;
             println!(
                 "deployment {id} queued for {app}: {}/deployments/{id}",
@@ -94,6 +109,26 @@ async fn run(cli: Cli) -> Result<()> {
                 "rollback of {app}: deployment {id}, {}/deployments/{id}",
                 server_url(&config)
             );
+            Ok(())
+        }
+        Command::Lock { app, reason } => {
+            let body = serde_json::json!({ "reason": reason });
+            post_json(&config, &format!("/api/apps/{app}/lock"), &body).await?;
+            println!(
+                "{app} is locked: pushes wait and deploys need --force until `nonstop unlock {app}`"
+            );
+            Ok(())
+        }
+        Command::Unlock { app } => {
+            let body = serde_json::json!({});
+            let answer = post_json(&config, &format!("/api/apps/{app}/unlock"), &body).await?;
+            match answer["deployment_id"].as_i64() {
+                Some(id) => println!(
+                    "{app} is unlocked; the newest waiting push is deployment {id}: {}/deployments/{id}",
+                    server_url(&config)
+                ),
+                None => println!("{app} is unlocked; no push was waiting"),
+            }
             Ok(())
         }
         Command::Status { app } => status(&config, app.as_deref()).await,
@@ -162,6 +197,16 @@ async fn post_action(
     path: &str,
     body: &serde_json::Value,
 ) -> Result<serde_json::Value> {
+    Ok(post_json(config, path, body).await?["deployment_id"].clone())
+}
+
+/// POSTs an action to the running server with the admin token; returns its JSON answer, or
+/// the server's one-line reason as the error.
+async fn post_json(
+    config: &Config,
+    path: &str,
+    body: &serde_json::Value,
+) -> Result<serde_json::Value> {
     let token = admin_token(config)?;
     let url = format!("{}{path}", server_url(config));
     let response = reqwest::Client::new()
@@ -181,7 +226,7 @@ async fn post_action(
             body["error"].as_str().unwrap_or("no reason given")
         );
     }
-    Ok(body["deployment_id"].clone())
+    Ok(body)
 }
 
 /// GETs `path` from the running server with the admin token (reads need it unless
@@ -217,6 +262,15 @@ async fn status(config: &Config, app: Option<&str>) -> Result<()> {
         .iter()
         .filter(|a| app.is_none_or(|name| a["name"] == name))
     {
+        let lock = &entry["lock"];
+        if !lock.is_null() {
+            println!(
+                "{}  locked by {}: {}",
+                entry["name"].as_str().unwrap_or("?"),
+                lock["actor"].as_str().unwrap_or("?"),
+                lock["reason"].as_str().unwrap_or("?"),
+            );
+        }
         let live = &entry["live"];
         if live.is_null() {
             println!(

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::apps::{App, Apps};
-use crate::db::{self, CiOutcome, Db, DbError, Enqueued};
+use crate::db::{self, CiOutcome, Db, DbError, Enqueued, Unlocked};
 use crate::domain::{
     AppName, CiBuild, CommitSha, Delivery, DeploymentId, DeploymentStatus, Trigger,
 };
@@ -85,7 +85,33 @@ impl Queue {
                 notify.notify_one();
             }
         }
+        if let Enqueued::Held { id, .. } = &enqueued {
+            tracing::info!(deployment_id = %id, app = %app, "push waits for the app's lock");
+            self.publish_all(&app, &[*id], DeploymentStatus::Waiting);
+        }
         Ok(enqueued)
+    }
+
+    /// Releases `app`'s lock, and queues the newest push that waited for it (`None`: the
+    /// app was not locked).
+    pub async fn unlock(&self, app: &AppName) -> Result<Option<Unlocked>, DbError> {
+        let name = app.to_string();
+        let unlocked = self.db.call(move |conn| db::unlock(conn, &name)).await?;
+        if let Some(Unlocked {
+            released: Some(id),
+            superseded,
+            ..
+        }) = &unlocked
+        {
+            let app = app.to_string();
+            tracing::info!(deployment_id = %id, app = %app, "unlocked; the newest waiting push is queued");
+            self.publish_all(&app, superseded, DeploymentStatus::Superseded);
+            self.publish_all(&app, &[*id], DeploymentStatus::Queued);
+            if let Some(notify) = self.wake.get(&app) {
+                notify.notify_one();
+            }
+        }
+        Ok(unlocked)
     }
 
     /// Records a push that waits for CI to pass its commit (`trigger = "travis"` or
@@ -118,6 +144,10 @@ impl Queue {
             if let Some(notify) = self.wake.get(&app) {
                 notify.notify_one();
             }
+        }
+        if let CiOutcome::Held { id, .. } = &outcome {
+            tracing::info!(deployment_id = %id, app = %app, "CI passed; waits for the app's lock");
+            self.publish_all(&app, &[*id], DeploymentStatus::Waiting);
         }
         Ok(outcome)
     }
@@ -181,7 +211,7 @@ impl Queue {
                 self.publish_all(&app, &[*id], DeploymentStatus::Failed);
             }
             // What it waits for may have changed: an open page shows it.
-            CiOutcome::Waiting { id, .. } => {
+            CiOutcome::Waiting { id, .. } | CiOutcome::Held { id, .. } => {
                 self.publish_all(&app, &[*id], DeploymentStatus::Waiting);
             }
             CiOutcome::Duplicate { .. } | CiOutcome::Ignored(_) => {}

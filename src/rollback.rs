@@ -153,7 +153,8 @@ fn redeploy_of(
 
 async fn enqueue(queue: &Queue, trigger: Trigger) -> Result<DeploymentId, RollbackError> {
     match queue.enqueue(trigger).await? {
-        Enqueued::New { id, .. } => Ok(id),
+        // A rollback or a redeploy is never held by a lock (`db::enqueue`).
+        Enqueued::New { id, .. } | Enqueued::Held { id, .. } => Ok(id),
         Enqueued::Duplicate { .. } => Err(RollbackError::Duplicate),
     }
 }

@@ -7,8 +7,10 @@
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
+use super::locks::lock_of;
 use super::now_ms;
 use super::queries::{Enqueued, enqueue, record_delivery_of, remember, seen, seen_delivery};
+use super::triggers::mark_superseded;
 use crate::domain::{
     CheckKind, CheckReport, CheckState, CheckVerdict, CiBuild, CommitSha, Delivery, DeploymentId,
     DeploymentStatus, Stage, Trigger,
@@ -31,6 +33,11 @@ pub enum CiOutcome {
         id: DeploymentId,
         waiting_for: String,
         confirm: bool,
+    },
+    /// CI passed deployment `id`, and the app is locked: it waits for `unlock`.
+    Held {
+        id: DeploymentId,
+        waiting_for: String,
     },
     /// The same report was received before; `id` is what it made then.
     Duplicate { id: Option<DeploymentId> },
@@ -65,8 +72,10 @@ pub fn hold(
         "waiting",
         DeploymentId::new(i64::MAX),
         now,
+        REPLACED_BEFORE_CI,
     )?;
     let id = insert(&tx, trigger, DeploymentStatus::Waiting, now)?;
+    mark_superseded(&tx, &superseded, id)?;
     tx.execute(
         "UPDATE deployments SET ci_waiting_for = ?2 WHERE id = ?1",
         params![id, waiting_for],
@@ -93,10 +102,10 @@ pub fn ci_passed(
     let commit = trigger.commit.as_ref().map(|c| c.as_str());
     if let Some(id) = waiting_for(conn, app, commit)? {
         let tx = conn.transaction()?;
-        let superseded = release(&tx, app, id, build, now)?;
+        let outcome = release(&tx, app, id, build, now)?;
         link_delivery(&tx, trigger, id, now)?;
         tx.commit()?;
-        return Ok(CiOutcome::Released { id, superseded });
+        return Ok(outcome);
     }
     if let Some((id, status)) = latest_for(conn, app, commit)?
         && status == DeploymentStatus::Superseded.as_str()
@@ -110,6 +119,10 @@ pub fn ci_passed(
         Enqueued::New { id, superseded } => {
             set_build(conn, id, build)?;
             Ok(CiOutcome::Released { id, superseded })
+        }
+        Enqueued::Held { id, waiting_for } => {
+            set_build(conn, id, build)?;
+            Ok(CiOutcome::Held { id, waiting_for })
         }
         Enqueued::Duplicate { id } => Ok(CiOutcome::Duplicate { id }),
     }
@@ -188,8 +201,7 @@ pub fn checks_reported(
                 check: Some(passed.join(", ")),
                 ..CiBuild::default()
             };
-            let superseded = release(&tx, app, id, &build, now)?;
-            CiOutcome::Released { id, superseded }
+            release(&tx, app, id, &build, now)?
         }
         CheckVerdict::Failed { check, reason } => {
             let build = CiBuild {
@@ -225,7 +237,8 @@ pub fn checks_reported(
 pub fn waiting_commits(conn: &Connection, app: &str) -> rusqlite::Result<Vec<WaitingCommit>> {
     let mut stmt = conn.prepare_cached(
         "SELECT id, commit_sha, created_at FROM deployments
-         WHERE app = ?1 AND status = 'waiting' AND commit_sha IS NOT NULL ORDER BY id",
+         WHERE app = ?1 AND status = 'waiting' AND held_by_lock = 0 AND commit_sha IS NOT NULL
+         ORDER BY id",
     )?;
     stmt.query_map([app], |row| {
         Ok(WaitingCommit {
@@ -322,25 +335,45 @@ fn forget_settled_checks(conn: &Connection, app: &str) -> rusqlite::Result<()> {
 }
 
 /// Moves waiting deployment `id` into the queue with the CI that passed it; what was queued,
-/// and older pushes still waiting, are superseded. Returns those.
+/// and older pushes still waiting, are superseded. While the app is locked it waits on, for
+/// the lock now (`unlock` releases it).
 fn release(
     conn: &Connection,
     app: &str,
     id: DeploymentId,
     build: &CiBuild,
     now: i64,
-) -> rusqlite::Result<Vec<DeploymentId>> {
-    let mut superseded = supersede(conn, app, "queued", DeploymentId::new(i64::MAX), now)?;
+) -> rusqlite::Result<CiOutcome> {
+    set_build(conn, id, build)?;
+    if let Some(lock) = lock_of(conn, app)? {
+        let waiting_for = lock.waiting_for(app);
+        conn.execute(
+            "UPDATE deployments SET held_by_lock = 1, ci_waiting_for = ?2 WHERE id = ?1",
+            params![id, waiting_for],
+        )?;
+        return Ok(CiOutcome::Held { id, waiting_for });
+    }
+    let why = "a newer deployment was queued";
+    let mut superseded = supersede(conn, app, "queued", DeploymentId::new(i64::MAX), now, why)?;
     // An older push still waiting would deploy older code after this one: drop it.
-    superseded.extend(supersede(conn, app, "waiting", id, now)?);
+    superseded.extend(supersede(
+        conn,
+        app,
+        "waiting",
+        id,
+        now,
+        REPLACED_BEFORE_CI,
+    )?);
     conn.execute(
         "UPDATE deployments SET status = 'queued', ci_waiting_for = NULL WHERE id = ?1",
         [id],
     )?;
-    set_build(conn, id, build)?;
+    mark_superseded(conn, &superseded, id)?;
     forget_settled_checks(conn, app)?;
-    Ok(superseded)
+    Ok(CiOutcome::Released { id, superseded })
 }
+
+const REPLACED_BEFORE_CI: &str = "a newer push replaced this one before CI passed it";
 
 /// Ends deployment `id` (waiting, or just recorded) `failed` for `reason`: none of its
 /// stages will run.
@@ -375,23 +408,20 @@ fn link_delivery(
     record_delivery_of(conn, trigger, Some(id), now)
 }
 
-/// Ends the app's rows in `status` older than `before` as superseded; returns their ids.
-fn supersede(
+/// Ends the app's rows in `status` older than `before` as superseded, for `why`; returns
+/// their ids.
+pub(super) fn supersede(
     conn: &Connection,
     app: &str,
     status: &str,
     before: DeploymentId,
     now: i64,
+    why: &str,
 ) -> rusqlite::Result<Vec<DeploymentId>> {
-    let why = if status == "waiting" {
-        "a newer push replaced this one before CI passed it"
-    } else {
-        "a newer deployment was queued"
-    };
     let ids = conn
         .prepare(
             "UPDATE deployments SET status = 'superseded', finished_at = ?4, error = ?5,
-                 ci_waiting_for = NULL
+                 ci_waiting_for = NULL, held_by_lock = 0
              WHERE app = ?1 AND status = ?2 AND id < ?3 RETURNING id",
         )?
         .query_map(params![app, status, before, now, why], |row| row.get(0))?
@@ -405,7 +435,7 @@ fn supersede(
     Ok(ids)
 }
 
-fn insert(
+pub(super) fn insert(
     conn: &Connection,
     trigger: &Trigger,
     status: DeploymentStatus,
@@ -428,7 +458,11 @@ fn insert(
     Ok(DeploymentId::new(conn.last_insert_rowid()))
 }
 
-fn insert_stages(conn: &Connection, id: DeploymentId, status: &str) -> rusqlite::Result<()> {
+pub(super) fn insert_stages(
+    conn: &Connection,
+    id: DeploymentId,
+    status: &str,
+) -> rusqlite::Result<()> {
     let mut stmt = conn.prepare_cached(
         "INSERT INTO stages (deployment_id, position, name, status) VALUES (?1, ?2, ?3, ?4)",
     )?;

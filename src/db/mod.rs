@@ -5,8 +5,10 @@
 //! This module knows rows and states, never HTTP or processes.
 
 mod ci;
+mod locks;
 mod queries;
 mod sql;
+mod triggers;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -14,7 +16,9 @@ use std::sync::{Arc, Mutex};
 use rusqlite::Connection;
 
 pub use ci::*;
+pub use locks::*;
 pub use queries::*;
+pub use triggers::*;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -39,6 +43,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0006_bundle_pruned.sql"),
     include_str!("../../migrations/0007_sessions.sql"),
     include_str!("../../migrations/0008_ci_checks.sql"),
+    include_str!("../../migrations/0009_triggers_and_locks.sql"),
 ];
 
 #[derive(Clone)]

@@ -3,7 +3,9 @@
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::Serialize;
 
+use super::locks::{hold_for_lock, lock_of};
 use super::now_ms;
+use super::triggers::mark_superseded;
 use crate::domain::{
     AppName, BundleRef, CommitSha, Delivery, DeploymentId, DeploymentStatus, Stage, StageStatus,
     Trigger, TriggerKind,
@@ -106,17 +108,31 @@ pub enum Enqueued {
         id: DeploymentId,
         superseded: Vec<DeploymentId>,
     },
+    /// The app is locked: the push was recorded `waiting` for the lock, as `id`.
+    Held {
+        id: DeploymentId,
+        waiting_for: String,
+    },
     /// The delivery was seen before; `id` is what it made then (None: it made nothing).
     Duplicate { id: Option<DeploymentId> },
 }
 
 /// Records a deployment and its pending stages, and supersedes the app's queued ones; with a
-/// delivery id, a second call for the same delivery changes nothing.
+/// delivery id, a second call for the same delivery changes nothing. A push (or a CI pass)
+/// to a locked app is recorded waiting for the lock instead; a manual deploy or a rollback
+/// is not held here.
 pub fn enqueue(conn: &mut Connection, trigger: &Trigger) -> rusqlite::Result<Enqueued> {
     let tx = conn.transaction()?;
     let now = now_ms();
     if let Some(duplicate) = seen_delivery(&tx, trigger)? {
         return Ok(duplicate);
+    }
+    if matches!(trigger.kind, TriggerKind::Push | TriggerKind::Travis)
+        && let Some(lock) = lock_of(&tx, trigger.app.as_str())?
+    {
+        let (id, waiting_for) = hold_for_lock(&tx, trigger, &lock, now)?;
+        tx.commit()?;
+        return Ok(Enqueued::Held { id, waiting_for });
     }
     let superseded = {
         let mut stmt = tx.prepare(
@@ -162,6 +178,7 @@ pub fn enqueue(conn: &mut Connection, trigger: &Trigger) -> rusqlite::Result<Enq
         }
     }
     record_delivery_of(&tx, trigger, Some(id), now)?;
+    mark_superseded(&tx, &superseded, id)?;
     tx.commit()?;
     Ok(Enqueued::New { id, superseded })
 }

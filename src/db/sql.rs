@@ -4,7 +4,7 @@
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
 
 use crate::domain::{
-    AppName, CommitSha, DeploymentId, DeploymentStatus, Stage, StageStatus, TriggerKind,
+    AppName, CommitSha, Decision, DeploymentId, DeploymentStatus, Stage, StageStatus, TriggerKind,
 };
 
 /// The error for a stored text that is not a `what`.
@@ -36,6 +36,7 @@ stored_as_text!(
     DeploymentStatus::parse
 );
 stored_as_text!(StageStatus, "stage status", StageStatus::parse);
+stored_as_text!(Decision, "decision", Decision::parse);
 stored_as_text!(Stage, "stage", Stage::parse);
 stored_as_text!(TriggerKind, "trigger", TriggerKind::parse);
 stored_as_text!(AppName, "app name", |text| AppName::parse(text).ok());

@@ -185,6 +185,7 @@ mod tests {
             "/deployments",
             "/deployments/1",
             "/deployments/1/stages/Build/log",
+            "/deliveries",
             "/no-such-page",
         ] {
             assert_eq!(rule(&get, page), Rule::Page, "{page}");
@@ -195,6 +196,7 @@ mod tests {
             "/api/apps/hello/live",
             "/api/deployments",
             "/api/deployments/1",
+            "/api/deliveries",
             "/events",
         ] {
             assert_eq!(rule(&get, api), Rule::Api, "{api}");
@@ -202,6 +204,8 @@ mod tests {
         assert_eq!(rule(&get, "/metrics"), Rule::Metrics);
         for action in [
             "/api/apps/hello/deploy",
+            "/api/apps/hello/lock",
+            "/api/apps/hello/unlock",
             "/api/apps/hello/switch",
             "/logout",
         ] {

@@ -36,7 +36,7 @@ async fn apps(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, A
             .call(move |conn| {
                 names
                     .iter()
-                    .map(|n| db::live(conn, n))
+                    .map(|n| Ok((db::live(conn, n)?, db::lock_of(conn, n)?)))
                     .collect::<rusqlite::Result<Vec<_>>>()
             })
             .await?
@@ -45,7 +45,7 @@ async fn apps(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, A
         .apps
         .iter()
         .zip(lives)
-        .map(|(app, live)| {
+        .map(|(app, (live, lock))| {
             let app = &app.config;
             json!({
                 "name": app.name,
@@ -54,6 +54,7 @@ async fn apps(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, A
                 "profiles": app.profiles,
                 "entry": app.entry(),
                 "live": live,
+                "lock": lock,
             })
         })
         .collect();

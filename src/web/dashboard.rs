@@ -21,7 +21,8 @@ use tokio_stream::wrappers::BroadcastStream;
 
 use super::access::{self, MayRead};
 use super::session::{self, csrf_token};
-use super::views::{DeploymentView, LiveView, Progress, StageView, SwitchView};
+use super::views::{DeploymentView, LiveView, LockView, Progress, StageView, SwitchView};
+use super::why::TriggerView;
 use super::{AppError, AppState, token_matches};
 use crate::db::{self, now_ms};
 use crate::domain::{DeploymentId, DeploymentStatus, Stage};
@@ -59,14 +60,14 @@ async fn static_file(content_type: &'static str, body: &'static str) -> impl Int
 }
 
 /// The CSRF token of the request's login session, if logged in (templates show actions).
-fn csrf_of(state: &AppState, headers: &HeaderMap) -> Option<String> {
+pub(super) fn csrf_of(state: &AppState, headers: &HeaderMap) -> Option<String> {
     state
         .sessions
         .current(headers, &state.admin_token, now_ms())
         .map(|s| csrf_token(&state.admin_token, &s))
 }
 
-fn render(page: &impl Template) -> Result<Response, AppError> {
+pub(super) fn render(page: &impl Template) -> Result<Response, AppError> {
     let html = page
         .render()
         .map_err(|err| AppError::Internal(format!("template: {err}")))?;
@@ -82,6 +83,8 @@ struct AppCard {
     /// Whether the live instance answered its health check just now.
     healthy: Option<bool>,
     running: Option<Progress>,
+    /// While locked: pushes wait, and a deploy must be forced.
+    lock: Option<LockView>,
 }
 
 #[derive(Template)]
@@ -114,13 +117,13 @@ async fn overview(
                         Some((d, stages)) => Some((d, stages?)),
                         None => None,
                     };
-                    per_app.push((live, running));
+                    per_app.push((live, running, db::lock_of(conn, name)?));
                 }
                 Ok((per_app, db::deployments(conn, None, None, 10, 0)?))
             })
             .await?
     };
-    let probes = state.apps.iter().zip(&per_app).map(|(app, (live, _))| {
+    let probes = state.apps.iter().zip(&per_app).map(|(app, (live, _, _))| {
         let path = app.config.health.path.clone();
         let port = live.as_ref().map(|l| l.port);
         async move {
@@ -138,7 +141,7 @@ async fn overview(
         .iter()
         .zip(per_app)
         .zip(health)
-        .map(|((app, (live, running)), healthy)| {
+        .map(|((app, (live, running, lock)), healthy)| {
             let config = &app.config;
             AppCard {
                 entry: config.entry(),
@@ -157,6 +160,7 @@ async fn overview(
                     stages: stages.iter().map(|s| StageView::new(s, now)).collect(),
                 }),
                 name: config.name.to_string(),
+                lock: lock.as_ref().map(|l| LockView::new(l, now)),
             }
         })
         .collect();
@@ -260,6 +264,10 @@ struct DeploymentPage {
     stages: Vec<StageView>,
     switches: Vec<SwitchView>,
     rollback_of: Option<DeploymentId>,
+    /// The trigger that made it (a delivery, an action), in the why log.
+    cause: Option<TriggerView>,
+    /// Its app's lock, while there is one.
+    lock: Option<LockView>,
 }
 
 async fn deployment_page(
@@ -274,14 +282,17 @@ async fn deployment_page(
             let Some(deployment) = db::deployment(conn, id)? else {
                 return Ok(None);
             };
+            let lock = db::lock_of(conn, deployment.app.as_str())?;
             Ok(Some((
-                deployment,
                 db::stages(conn, id)?,
                 db::switches_of(conn, id)?,
+                db::trigger_of(conn, id)?,
+                lock,
+                deployment,
             )))
         })
         .await?;
-    let (deployment, stages, switches) =
+    let (stages, switches, cause, lock, deployment) =
         found.ok_or_else(|| AppError::NotFound(format!("no deployment {id}")))?;
     render(&DeploymentPage {
         csrf: csrf_of(&state, &headers),
@@ -294,6 +305,8 @@ async fn deployment_page(
         deployment: DeploymentView::new(&deployment, now),
         stages: stages.iter().map(|s| StageView::new(s, now)).collect(),
         switches: switches.iter().map(|s| SwitchView::new(s, now)).collect(),
+        cause: cause.as_ref().map(|t| TriggerView::new(t, now)),
+        lock: lock.as_ref().map(|l| LockView::new(l, now)),
     })
 }
 

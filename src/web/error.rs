@@ -39,7 +39,7 @@ pub enum AppError {
 }
 
 impl AppError {
-    fn status(&self) -> StatusCode {
+    pub fn status(&self) -> StatusCode {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -60,13 +60,17 @@ impl IntoResponse for AppError {
         if status.is_server_error() {
             tracing::warn!(status = status.as_u16(), reason = %self, "request failed");
         }
-        (
-            status,
-            Json(serde_json::json!({ "error": self.to_string() })),
-        )
-            .into_response()
+        let reason = self.to_string();
+        let mut response = (status, Json(serde_json::json!({ "error": reason }))).into_response();
+        // The why log records a refused trigger with this reason (`why::record`).
+        response.extensions_mut().insert(Refusal(reason));
+        response
     }
 }
+
+/// The one-line reason a request was refused, carried on its answer for the why log.
+#[derive(Clone, Debug)]
+pub struct Refusal(pub String);
 
 impl From<DbError> for AppError {
     fn from(err: DbError) -> Self {

@@ -19,11 +19,13 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::Semaphore;
 
+use super::error::Refusal;
+use super::why::{self, Heard};
 use super::{AppError, AppState};
 use crate::apps::App;
 use crate::config::{AppConfig, TriggerMode};
 use crate::db::{self, CiOutcome, Enqueued};
-use crate::domain::{CommitSha, DeploymentId, Trigger};
+use crate::domain::{AppName, CommitSha, Decision, DeploymentId, Trigger};
 use crate::gate::Required;
 use crate::webhook::{self, WebhookError, github, travis};
 
@@ -41,13 +43,18 @@ const WAIT_FOR_TURN: Duration = Duration::from_secs(10);
 /// seconds, so a body that trickles is a client holding memory, not a slow network.
 const BODY_DEADLINE: Duration = Duration::from_secs(30);
 
-pub fn routes() -> Router<Arc<AppState>> {
+pub fn routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
     let turns = Arc::new(Semaphore::new(MAX_WEBHOOKS_AT_ONCE));
     Router::new()
         .route("/hooks/github", post(github_hook))
         .route("/hooks/travis", post(travis_hook))
         .layer(DefaultBodyLimit::max(MAX_WEBHOOK_BYTES))
         .layer(axum::middleware::from_fn_with_state(turns, one_turn_each))
+        // Outside the turns: a delivery's row is written after its turn is given back.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            why::record,
+        ))
 }
 
 /// Refuses a declared oversize body before reading it, lets a bounded number of deliveries
@@ -75,11 +82,13 @@ async fn one_turn_each(
         Ok(response) => response,
         Err(_) => {
             let reason = format!("the delivery did not arrive whole within {BODY_DEADLINE:?}");
-            (
+            let mut response = (
                 StatusCode::REQUEST_TIMEOUT,
                 Json(json!({ "error": reason })),
             )
-                .into_response()
+                .into_response();
+            response.extensions_mut().insert(Refusal(reason));
+            response
         }
     }
 }
@@ -100,6 +109,7 @@ fn busy() -> Response {
     response
         .headers_mut()
         .insert(RETRY_AFTER, HeaderValue::from_static("5"));
+    response.extensions_mut().insert(Refusal(reason.to_owned()));
     response
 }
 
@@ -157,7 +167,15 @@ async fn github_hook(
     let repository = delivery.repository();
     let app = &webhook::app_for_repository(&signed_by, repository.as_deref(), config_of)?.config;
     match delivery.interpret(app)? {
-        github::Outcome::Pong => Ok(Json(json!({ "ok": "pong", "app": app.name })).into_response()),
+        github::Outcome::Pong => {
+            let heard = Heard::new(
+                &app.name,
+                Decision::Ignored,
+                "ping: nothing to deploy",
+                None,
+            );
+            Ok(heard.on(Json(json!({ "ok": "pong", "app": app.name }))))
+        }
         github::Outcome::Ignored(reason) => {
             let id = delivery.delivery.id.clone();
             state
@@ -165,7 +183,7 @@ async fn github_hook(
                 .call(move |conn| db::record_delivery(conn, "github", &id))
                 .await?;
             tracing::info!(app = %app.name, event = delivery.event, reason = %reason, "webhook ignored");
-            Ok(ignored(reason))
+            Ok(ignored(&app.name, reason))
         }
         github::Outcome::Deploy(trigger) => queue_push(&state, app, *trigger).await,
         github::Outcome::Checks(news) => {
@@ -187,7 +205,11 @@ async fn github_hook(
                 }
                 _ => {}
             }
-            Ok(ci_answer(outcome, "this delivery was already received"))
+            Ok(ci_answer(
+                &app.name,
+                outcome,
+                "this delivery was already received",
+            ))
         }
     }
 }
@@ -213,7 +235,7 @@ async fn queue_push(
         if live_commit.as_deref() == Some(commit.as_str()) {
             let reason = format!("commit {commit} is already live");
             tracing::info!(app = %app.name, reason = %reason, "webhook ignored");
-            return Ok(ignored(reason));
+            return Ok(ignored(&app.name, reason));
         }
     }
     let waiting = waiting_for(app, trigger.commit.as_ref());
@@ -221,15 +243,40 @@ async fn queue_push(
         Some(waiting) => state.queue.hold(trigger, waiting.clone()).await?,
         None => state.queue.enqueue(trigger).await?,
     };
+    let name = &app.name;
     Ok(match enqueued {
-        Enqueued::New { id, .. } => {
-            let mut answer = json!({ "deployment_id": id });
-            if let Some(waiting) = waiting {
-                answer["waiting"] = json!(format!("for {waiting}"));
-            }
-            (StatusCode::ACCEPTED, Json(answer)).into_response()
-        }
-        Enqueued::Duplicate { id } => duplicate(id, "this delivery was already received"),
+        Enqueued::New { id, .. } => match waiting {
+            Some(waiting) => waits(
+                Heard::new(
+                    name,
+                    Decision::Waiting,
+                    format!("#{id} waits for {waiting}"),
+                    Some(id),
+                ),
+                id,
+                &waiting,
+            ),
+            None => queued(
+                Heard::new(
+                    name,
+                    Decision::Deployed,
+                    format!("queued as #{id}"),
+                    Some(id),
+                ),
+                id,
+            ),
+        },
+        Enqueued::Held { id, waiting_for } => waits(
+            Heard::new(
+                name,
+                Decision::Blocked,
+                format!("#{id} waits for {waiting_for}"),
+                Some(id),
+            ),
+            id,
+            &waiting_for,
+        ),
+        Enqueued::Duplicate { id } => duplicate(name, id, "this delivery was already received"),
     })
 }
 
@@ -262,45 +309,112 @@ async fn travis_hook(
     let answer = match travis::interpret(app, &build)? {
         travis::Outcome::Ignored(reason) => {
             tracing::info!(app = %app.name, build_id = build.id, reason = %reason, "Travis notification ignored");
-            return Ok(ignored(reason));
+            return Ok(with_build(ignored(&app.name, reason), build.id));
         }
         travis::Outcome::Passed(trigger, ci) => state.queue.ci_passed(trigger, ci).await?,
         travis::Outcome::Failed(trigger, ci, reason) => {
             state.queue.ci_failed(trigger, ci, reason).await?
         }
     };
-    Ok(ci_answer(answer, "this build was already reported"))
+    let answer = ci_answer(&app.name, answer, "this build was already reported");
+    Ok(with_build(answer, build.id))
+}
+
+/// A Travis answer's why-log entry names the build it was about.
+fn with_build(mut response: Response, build: u64) -> Response {
+    if let Some(heard) = response.extensions_mut().get_mut::<Heard>() {
+        heard.delivery_id = Some(format!("build {build}"));
+    }
+    response
 }
 
 /// The answer to a CI report (Travis's build, GitHub's checks): 202 with the deployment it
 /// released, failed (and why) or still holds (and for what); `again` says what a duplicate is.
-fn ci_answer(outcome: CiOutcome, again: &str) -> Response {
-    let accepted = |answer| (StatusCode::ACCEPTED, Json(answer)).into_response();
+fn ci_answer(app: &AppName, outcome: CiOutcome, again: &str) -> Response {
     match outcome {
-        CiOutcome::Released { id, .. } => accepted(json!({ "deployment_id": id })),
+        CiOutcome::Released { id, .. } => queued(
+            Heard::new(
+                app,
+                Decision::Deployed,
+                format!("CI passed: queued as #{id}"),
+                Some(id),
+            ),
+            id,
+        ),
         CiOutcome::Failed { id, reason } => {
-            accepted(json!({ "deployment_id": id, "failed": reason }))
+            let heard = Heard::new(
+                app,
+                Decision::Failed,
+                format!("CI failed #{id}: {reason}"),
+                Some(id),
+            );
+            heard.on((
+                StatusCode::ACCEPTED,
+                Json(json!({ "deployment_id": id, "failed": reason })),
+            ))
         }
         CiOutcome::Waiting {
             id, waiting_for, ..
-        } => accepted(json!({ "deployment_id": id, "waiting": format!("for {waiting_for}") })),
-        CiOutcome::Duplicate { id } => duplicate(id, again),
-        CiOutcome::Ignored(reason) => ignored(reason),
+        } => waits(
+            Heard::new(
+                app,
+                Decision::Waiting,
+                format!("#{id} waits for {waiting_for}"),
+                Some(id),
+            ),
+            id,
+            &waiting_for,
+        ),
+        CiOutcome::Held { id, waiting_for } => waits(
+            Heard::new(
+                app,
+                Decision::Blocked,
+                format!("CI passed; #{id} waits for {waiting_for}"),
+                Some(id),
+            ),
+            id,
+            &waiting_for,
+        ),
+        CiOutcome::Duplicate { id } => duplicate(app, id, again),
+        CiOutcome::Ignored(reason) => ignored(app, reason),
     }
 }
 
+/// 202 with the deployment queued.
+fn queued(heard: Heard, id: DeploymentId) -> Response {
+    heard.on((StatusCode::ACCEPTED, Json(json!({ "deployment_id": id }))))
+}
+
+/// 202 with the deployment recorded and what it waits for.
+fn waits(heard: Heard, id: DeploymentId, waiting_for: &str) -> Response {
+    heard.on((
+        StatusCode::ACCEPTED,
+        Json(json!({ "deployment_id": id, "waiting": format!("for {waiting_for}") })),
+    ))
+}
+
 /// 202: received and understood, and nothing deploys, for `reason`.
-fn ignored(reason: String) -> Response {
-    (StatusCode::ACCEPTED, Json(json!({ "ignored": reason }))).into_response()
+fn ignored(app: &AppName, reason: String) -> Response {
+    let heard = Heard::new(app, Decision::Ignored, reason.clone(), None);
+    heard.on((StatusCode::ACCEPTED, Json(json!({ "ignored": reason }))))
 }
 
 /// 200: seen before; `id` is what it made then.
-fn duplicate(id: Option<DeploymentId>, what: &str) -> Response {
-    (
+fn duplicate(app: &AppName, id: Option<DeploymentId>, what: &str) -> Response {
+    let made = id.map_or_else(
+        || "it deployed nothing".to_owned(),
+        |id| format!("it made #{id}"),
+    );
+    let heard = Heard::new(
+        app,
+        Decision::Ignored,
+        format!("duplicate: {what} ({made})"),
+        id,
+    );
+    heard.on((
         StatusCode::OK,
         Json(json!({ "deployment_id": id, "duplicate": what })),
-    )
-        .into_response()
+    ))
 }
 
 fn config_of(app: &Arc<App>) -> &AppConfig {

@@ -13,6 +13,7 @@ mod headers;
 mod hooks;
 mod session;
 mod views;
+mod why;
 
 pub use error::{AppError, AppJson};
 pub use headers::AllowedHosts;
@@ -65,10 +66,11 @@ impl AppState {
 /// The whole HTTP surface; `serve` serves it, `tests/it/routes.rs` drives it with `oneshot`.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
-        .merge(hooks::routes())
+        .merge(hooks::routes(&state))
         .merge(api::routes())
-        .merge(actions::routes())
+        .merge(actions::routes(&state))
         .merge(dashboard::routes())
+        .merge(why::routes())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             access::gate,

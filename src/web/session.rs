@@ -18,6 +18,26 @@ use crate::config::Secret;
 use crate::db::{self, Db, DbError};
 
 pub const COOKIE: &str = "nonstop_session";
+
+/// Who took an action, as the why log and a lock name them. Named users come later; for now
+/// it is the admin token, or a dashboard login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Actor {
+    /// The admin token (the CLI, a script).
+    Admin,
+    /// A dashboard login session.
+    Dashboard,
+}
+
+impl Actor {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::Dashboard => "dashboard",
+        }
+    }
+}
+
 /// A login lasts a working week.
 const SESSION_MS: i64 = 7 * 24 * 3600 * 1000;
 
@@ -225,9 +245,9 @@ pub fn authorize(
     state: &AppState,
     headers: &HeaderMap,
     form_csrf: Option<&str>,
-) -> Result<(), AppError> {
+) -> Result<Actor, AppError> {
     if token_matches(bearer(headers), &state.admin_token) {
-        return Ok(());
+        return Ok(Actor::Admin);
     }
     if bearer(headers).is_some() {
         return Err(AppError::Unauthorized(
@@ -246,7 +266,7 @@ pub fn authorize(
         .or(form_csrf);
     let expected = Secret::new(csrf_token(&state.admin_token, &session));
     if token_matches(presented, &expected) {
-        Ok(())
+        Ok(Actor::Dashboard)
     } else {
         Err(AppError::Forbidden("missing or wrong CSRF token".into()))
     }

@@ -3,7 +3,7 @@
 
 use chrono::DateTime;
 
-use crate::db::{Deployment, Live, StageRow, Switch};
+use crate::db::{Deployment, Live, Lock, StageRow, Switch};
 use crate::domain::{DeploymentStatus, StageStatus};
 use crate::elapsed;
 
@@ -197,6 +197,23 @@ impl LiveView {
             profile: live.profile.clone(),
             version: live.version.clone().unwrap_or_else(|| "unknown".into()),
             since: When::new(live.since, now_ms),
+        }
+    }
+}
+
+/// An app's lock: who, since when, why.
+pub struct LockView {
+    pub actor: String,
+    pub reason: String,
+    pub since: When,
+}
+
+impl LockView {
+    pub fn new(lock: &Lock, now_ms: i64) -> Self {
+        Self {
+            actor: lock.actor.clone(),
+            reason: lock.reason.clone(),
+            since: When::new(lock.locked_at, now_ms),
         }
     }
 }

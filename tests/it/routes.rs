@@ -972,3 +972,176 @@ async fn a_login_goes_back_to_the_page_it_was_asked_for_and_never_to_another_sit
         assert!(!page.contains("evil.example"), "{page}");
     }
 }
+
+#[tokio::test]
+async fn lock_unlock_and_the_why_log_refuse_unknown_apps_strangers_and_deploys_while_locked() {
+    let routes = Routes::start().await;
+    let admin = routes.admin_token();
+    let reason = json!({ "reason": "release freeze" });
+    let unknown = error("no app named `nope`");
+    for request in [
+        post("/api/apps/nope/lock", Some(&admin), reason.clone()),
+        post("/api/apps/nope/unlock", Some(&admin), json!({})),
+        routes.read("/api/deliveries?app=nope"),
+    ] {
+        let uri = request.uri().to_string();
+        assert_eq!(
+            routes.send(request).await,
+            (StatusCode::NOT_FOUND, unknown.clone()),
+            "{uri}"
+        );
+    }
+    let not_logged_in =
+        error("log in on the dashboard or send the admin token (Authorization: Bearer …)");
+    for request in [
+        post("/api/apps/hello/lock", None, reason.clone()),
+        post("/api/apps/hello/unlock", None, json!({})),
+        get("/api/deliveries"),
+    ] {
+        let uri = request.uri().to_string();
+        assert_eq!(
+            routes.send(request).await,
+            (StatusCode::UNAUTHORIZED, not_logged_in.clone()),
+            "{uri}"
+        );
+    }
+    let page = routes.respond(loopback(), get("/deliveries")).await;
+    assert_eq!(
+        page.status(),
+        StatusCode::SEE_OTHER,
+        "a stranger goes to the login"
+    );
+    assert_eq!(
+        routes
+            .send(post(
+                "/api/apps/hello/lock",
+                Some(&admin),
+                json!({ "reason": " " })
+            ))
+            .await,
+        (
+            StatusCode::BAD_REQUEST,
+            error("a lock needs a reason (--reason \"…\")")
+        )
+    );
+    assert_eq!(
+        routes
+            .send(post("/api/apps/hello/unlock", Some(&admin), json!({})))
+            .await,
+        (StatusCode::CONFLICT, error("`hello` is not locked"))
+    );
+
+    let (status, locked) = routes
+        .send(post("/api/apps/hello/lock", Some(&admin), reason.clone()))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{locked}");
+    assert_eq!(locked["lock"]["actor"], "admin");
+    assert_eq!(locked["lock"]["reason"], "release freeze");
+    let (status, twice) = routes
+        .send(post("/api/apps/hello/lock", Some(&admin), reason.clone()))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{twice}");
+    assert!(
+        twice["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("`hello` is already locked by admin since "),
+        "{twice}"
+    );
+    let (_, apps) = routes.send(routes.read("/api/apps")).await;
+    assert_eq!(apps[0]["lock"]["reason"], "release freeze", "{apps}");
+
+    // A manual deploy and a redeploy are refused while locked; a rollback is not stopped by
+    // the lock (here it is refused for its own reason: nothing is live).
+    routes.record(
+        "INSERT INTO deployments (id, app, status, trigger, branch, created_at, finished_at,
+             version, bundle_key, bundle_sha256)
+         VALUES (1, 'hello', 'succeeded', 'push', 'main', 0, 0, 'v1', 'hello/v1.zip', 'ab');",
+    );
+    for uri in ["/api/apps/hello/deploy", "/api/deployments/1/redeploy"] {
+        let (status, answer) = routes.send(post(uri, Some(&admin), json!({}))).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{uri}: {answer}");
+        let reason = answer["error"].as_str().unwrap();
+        assert!(
+            reason.starts_with("`hello` is locked by admin since ")
+                && reason.ends_with(": release freeze; deploy with --force to deploy anyway"),
+            "{reason}"
+        );
+    }
+    assert_eq!(routes.count_deployments(), 1);
+    assert_eq!(
+        routes
+            .send(post("/api/apps/hello/rollback", Some(&admin), json!({})))
+            .await,
+        (
+            StatusCode::CONFLICT,
+            error("nothing of `hello` is live to roll back from")
+        )
+    );
+    let (status, forced) = routes
+        .send(post(
+            "/api/apps/hello/deploy",
+            Some(&admin),
+            json!({ "force": true }),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{forced}");
+    assert_eq!(routes.count_deployments(), 2);
+
+    let (status, unlocked) = routes
+        .send(post("/api/apps/hello/unlock", Some(&admin), json!({})))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{unlocked}");
+    assert_eq!(
+        unlocked["deployment_id"],
+        Value::Null,
+        "no push was waiting"
+    );
+
+    // Every one of those actions is in the why log, refusals with their status and reason.
+    let (status, log) = routes
+        .send(routes.read("/api/deliveries?app=hello&limit=500"))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let mut decisions: Vec<(String, String, u64)> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["event"].as_str().unwrap().to_owned(),
+                t["decision"].as_str().unwrap().to_owned(),
+                t["status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    decisions.reverse();
+    let expected = [
+        ("lock", "refused", 404),
+        ("unlock", "refused", 404),
+        ("lock", "refused", 401),
+        ("unlock", "refused", 401),
+        ("lock", "refused", 400),
+        ("unlock", "refused", 409),
+        ("lock", "locked", 200),
+        ("lock", "refused", 409),
+        ("deploy", "refused", 409),
+        ("redeploy", "refused", 409),
+        ("rollback", "refused", 409),
+        ("deploy", "deployed", 202),
+        ("unlock", "unlocked", 200),
+    ];
+    let expected: Vec<(String, String, u64)> = expected
+        .iter()
+        .map(|(e, d, s)| (e.to_string(), d.to_string(), *s))
+        .collect();
+    // The unknown app's refusals are kept without an app: not in `hello`'s log.
+    assert_eq!(decisions, expected[2..], "{log:#}");
+    let anonymous = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["actor"] == "anonymous")
+        .count();
+    assert_eq!(anonymous, 2, "{log:#}");
+}

@@ -217,6 +217,39 @@ async fn a_failed_build_is_recorded_with_its_number_and_page_and_deploys_nothing
         "{answer}"
     );
     assert_eq!(app.count_rows("deployments"), 1);
+
+    // The why log: the push waited for CI, the pending build changed nothing, the failed one
+    // failed it, and its redelivery was a duplicate; each names its build.
+    let (_, log) = app.get_json("/api/deliveries?app=hello").await;
+    let mut seen: Vec<(String, String, String)> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["decision"].as_str().unwrap().to_owned(),
+                t["delivery_id"].as_str().unwrap_or("").to_owned(),
+                t["reason"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    seen.reverse();
+    let decisions: Vec<&str> = seen.iter().map(|(d, ..)| d.as_str()).collect();
+    assert_eq!(
+        decisions,
+        ["waiting", "ignored", "failed", "ignored"],
+        "{seen:#?}"
+    );
+    assert!(
+        seen[0].2.contains("waits for Travis CI to pass"),
+        "{seen:#?}"
+    );
+    assert_eq!(seen[2].1, "build 202", "{seen:#?}");
+    assert!(
+        seen[2].2.contains("Travis CI build #202 Failed"),
+        "{seen:#?}"
+    );
+    assert!(seen[3].2.starts_with("duplicate: "), "{seen:#?}");
 }
 
 #[tokio::test]

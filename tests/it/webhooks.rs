@@ -302,3 +302,235 @@ async fn the_switch_endpoint_needs_its_token_and_a_port_of_the_app() {
     let (status, _) = app.get_json("/api/apps/hello/live").await;
     assert_eq!(status, 404, "nothing is live after refused switches");
 }
+
+/// The why log: every delivery and action — refused, ignored, blocked by the lock,
+/// superseded, duplicate, deployed — is one entry with its decision and a one-line reason,
+/// and never the body it came with.
+#[tokio::test]
+async fn every_trigger_is_in_the_why_log_once_with_its_decision_and_reason() {
+    let app = spawn_app().await;
+    let body = push_payload("refs/heads/main", SHA, REPOSITORY);
+    let forged = nonstop::webhook::github::sign(b"not the secret", &body);
+    assert_eq!(
+        app.webhook("push", "forged", &body, Some(&forged)).await.0,
+        401
+    );
+    let junk = b"{not json";
+    assert_eq!(
+        app.webhook("push", "junk", junk, Some(&sign(junk))).await.0,
+        400
+    );
+    let typed = app
+        .webhook_as(
+            Some("text/plain"),
+            "push",
+            "typed",
+            &body,
+            Some(&sign(&body)),
+        )
+        .await;
+    assert_eq!(typed.0, 415);
+    let huge = vec![b' '; 25 * 1024 * 1024 + 1];
+    let response = app
+        .http
+        .post(format!("{}/hooks/github", app.base()))
+        .header("X-GitHub-Event", "push")
+        .header("X-GitHub-Delivery", "huge")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    let unknown = app
+        .http
+        .post(format!("{}/hooks/github?app=nope", app.base()))
+        .header("X-GitHub-Event", "push")
+        .header("X-Hub-Signature-256", sign(&body))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    for (index, (event, payload)) in [
+        ("push", push_payload("refs/heads/feature", SHA, REPOSITORY)),
+        ("push", push_payload("refs/heads/main", SHA, "someone/else")),
+        ("push", push_payload("refs/tags/v1.0", SHA, REPOSITORY)),
+        ("issues", br#"{"action":"opened"}"#.to_vec()),
+        ("ping", br#"{"zen":"Keep it logically awesome."}"#.to_vec()),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (status, answer) = app
+            .webhook(
+                event,
+                &format!("ignored-{index}"),
+                payload,
+                Some(&sign(payload)),
+            )
+            .await;
+        assert!([200, 202].contains(&status), "{answer}");
+    }
+
+    let locked = app.cli(&["lock", "hello", "--reason", "release freeze"]);
+    assert!(locked.status.success(), "{locked:?}");
+    let a = app.repo.commit("A, held by the lock");
+    let held_a = app.push(&a).await;
+    let again = push_payload("refs/heads/main", &a, REPOSITORY);
+    let (status, _) = app
+        .webhook(
+            "push",
+            &format!("delivery-{a}"),
+            &again,
+            Some(&sign(&again)),
+        )
+        .await;
+    assert_eq!(status, 200, "a redelivery");
+    let b = app.repo.commit("B, held by the lock");
+    let held_b = app.push(&b).await;
+    let refused = app.cli(&["deploy", "hello"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("409") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    let unlocked = app.cli(&["unlock", "hello"]);
+    let stdout = String::from_utf8_lossy(&unlocked.stdout);
+    assert!(
+        unlocked.status.success() && stdout.contains(&format!("deployment {held_b}")),
+        "{unlocked:?}"
+    );
+    let done = app.wait_finished(held_b).await;
+    assert_eq!(done["deployment"]["status"], "succeeded", "{done:#}");
+    let (status, answer) = app
+        .webhook(
+            "push",
+            "live-again",
+            &again_of(&b),
+            Some(&sign(&again_of(&b))),
+        )
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    let c = app.repo.commit("C");
+    let queued_c = app.push(&c).await;
+
+    let (status, log) = app.get_json("/api/deliveries?limit=100").await;
+    assert_eq!(status, 200, "{log}");
+    let mut entries = log.as_array().unwrap().clone();
+    entries.reverse();
+    let seen: Vec<(String, String, u64, String)> = entries
+        .iter()
+        .map(|t| {
+            (
+                format!(
+                    "{} {}",
+                    t["source"].as_str().unwrap(),
+                    t["event"].as_str().unwrap()
+                ),
+                t["decision"].as_str().unwrap().to_owned(),
+                t["status"].as_u64().unwrap(),
+                t["reason"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expected: &[(&str, &str, u64, &str)] = &[
+        ("github push", "refused", 401, "signature"),
+        ("github push", "refused", 400, ""),
+        ("github push", "refused", 415, "application/json"),
+        ("github push", "refused", 413, "over 26214400 bytes"),
+        ("github push", "refused", 404, "no app named `nope`"),
+        ("github push", "ignored", 202, "push to feature"),
+        ("github push", "ignored", 202, "deploys from acme/hello"),
+        ("github push", "ignored", 202, "not a branch"),
+        ("github issues", "ignored", 202, "`issues` is not deployed"),
+        ("github ping", "ignored", 200, "ping"),
+        ("api lock", "locked", 200, "locked: release freeze"),
+        (
+            "github push",
+            "superseded",
+            202,
+            &format!("superseded by #{held_b} before it ran"),
+        ),
+        (
+            "github push",
+            "ignored",
+            200,
+            &format!("duplicate: this delivery was already received (it made #{held_a})"),
+        ),
+        (
+            "github push",
+            "blocked",
+            202,
+            "to be unlocked (locked by admin: release freeze)",
+        ),
+        ("api deploy", "refused", 409, "is locked by admin"),
+        (
+            "api unlock",
+            "unlocked",
+            200,
+            &format!("the newest waiting push is queued as #{held_b}"),
+        ),
+        ("github push", "ignored", 202, "is already live"),
+        (
+            "github push",
+            "deployed",
+            202,
+            &format!("queued as #{queued_c}"),
+        ),
+    ];
+    assert_eq!(seen.len(), expected.len(), "{seen:#?}");
+    for (got, want) in seen.iter().zip(expected) {
+        assert!(
+            got.0 == want.0 && got.1 == want.1 && got.2 == want.2 && got.3.contains(want.3),
+            "{got:?} is not {want:?}\n{seen:#?}"
+        );
+        assert!(
+            !got.3.contains('\n') && !got.3.contains("A change"),
+            "{got:?}"
+        );
+    }
+    let actors: Vec<&str> = entries
+        .iter()
+        .map(|t| t["actor"].as_str().unwrap())
+        .collect();
+    assert_eq!(actors[10], "admin", "{actors:?}");
+    assert_eq!(actors[13], "github", "{actors:?}");
+    assert_eq!(entries[13]["deployment_id"], held_b);
+    assert_eq!(entries[13]["deployment_status"], "succeeded");
+    assert_eq!(entries[11]["deployment_status"], "superseded");
+    assert!(
+        entries[4]["app"].is_null(),
+        "an unknown app is not recorded"
+    );
+
+    // Filtered by app, limited; the deployment's page links the delivery that made it.
+    let (_, hello) = app.get_json("/api/deliveries?app=hello&limit=3").await;
+    assert_eq!(hello.as_array().unwrap().len(), 3, "{hello:#}");
+    let (status, _) = app.get_json("/api/deliveries?app=nope").await;
+    assert_eq!(status, 404);
+    let trigger_b = entries[13]["id"].as_i64().unwrap();
+    let (_, page) = app.get_text(&format!("/deployments/{held_b}")).await;
+    assert!(
+        page.contains(&format!("/deliveries?app=hello#trigger-{trigger_b}")),
+        "{page}"
+    );
+    let (status, page) = app.get_text("/deliveries?app=hello").await;
+    assert_eq!(status, 200);
+    assert!(
+        page.contains(&format!("id=\"trigger-{trigger_b}\""))
+            && page.contains(&format!("superseded by #{held_b}")),
+        "{page}"
+    );
+    assert_eq!(
+        app.get_as_stranger("/api/deliveries").await.status(),
+        401,
+        "the why log is private"
+    );
+}
+
+/// A push of `sha` to main, as a new delivery (another body than `push`'s).
+fn again_of(sha: &str) -> Vec<u8> {
+    let mut body = push_payload("refs/heads/main", sha, REPOSITORY);
+    body.push(b'\n');
+    body
+}
