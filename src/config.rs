@@ -2,7 +2,7 @@
 //! one line naming the key and the problem. Secrets are never in the file, only the names of
 //! the env vars that hold them; this module reads those vars once and never logs them.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -129,6 +129,20 @@ pub struct AppConfig {
     pub slack: Option<AppSlackConfig>,
     /// GitHub overrides for this app.
     pub github: Option<AppGitHubConfig>,
+    /// Env vars the app's build, hooks and instances get. Not secret: they are in this file
+    /// and in every bundle (fleet hosts read them there).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Names of env vars of the server whose values the app gets; they are never bundled,
+    /// logged or stored.
+    #[serde(default)]
+    pub secrets: Vec<String>,
+    /// `KEY=VALUE` lines read at each deploy, never sourced (relative to the config file);
+    /// its values are treated as secrets. On fleet hosts deploy.sh reads the same path there.
+    pub env_file: Option<PathBuf>,
+    /// Filled from `secrets` at load time, by name; never logged.
+    #[serde(skip)]
+    pub secret_values: Vec<(String, Secret)>,
     /// Filled from `webhook_secret_env` at load time; never serialised or logged.
     #[serde(skip)]
     pub webhook_secret: Option<Secret>,
@@ -500,10 +514,15 @@ impl Config {
             Some(parent) if !parent.as_os_str().is_empty() => parent,
             _ => Path::new("."),
         };
+        let base_dir = folder.canonicalize().unwrap_or_else(|_| folder.to_owned());
+        let mut apps = raw.apps;
+        for app in &mut apps {
+            app.env_file = app.env_file.as_ref().map(|file| base_dir.join(file));
+        }
         Ok(Self {
             server,
-            apps: raw.apps,
-            base_dir: folder.canonicalize().unwrap_or_else(|_| folder.to_owned()),
+            apps,
+            base_dir,
             travis: raw.travis,
             slack: raw.slack,
             github: raw.github,
@@ -550,6 +569,15 @@ impl RawConfig {
                 require(free, "switch.listen", taken).under(&table)?;
             }
         }
+        let own = self.own_secret_vars(server);
+        for app in &self.apps {
+            let table = format!("app.{}", app.name);
+            for name in &app.secrets {
+                let message =
+                    format!("{name} holds one of nonstop's own secrets, which no app may get");
+                require(!own.contains(name.as_str()), "secrets", message).under(&table)?;
+            }
+        }
         server.validate().under("server")?;
         if let Some(source) = &self.travis {
             source.validate().under("travis")?;
@@ -558,6 +586,29 @@ impl RawConfig {
             github.validate().under("github")?;
         }
         Ok(())
+    }
+}
+
+impl RawConfig {
+    /// The env vars that hold nonstop's own secrets (the admin and metrics tokens, webhook
+    /// secrets, Slack's URL, the GitHub token).
+    fn own_secret_vars<'a>(&'a self, server: &'a ServerConfig) -> HashSet<&'a str> {
+        std::iter::once(server.admin_token_env.as_str())
+            .chain(server.metrics_token_env.as_deref())
+            .chain(
+                self.apps
+                    .iter()
+                    .filter_map(|a| a.webhook_secret_env.as_deref()),
+            )
+            .chain(self.slack.iter().map(|s| s.webhook_url_env.as_str()))
+            .chain(self.github.iter().map(|g| g.token_env.as_str()))
+            .chain(
+                self.travis
+                    .iter()
+                    .chain(self.apps.iter().filter_map(|a| a.travis.as_ref()))
+                    .filter_map(|t| t.public_key_env.as_deref()),
+            )
+            .collect()
     }
 }
 
@@ -915,6 +966,7 @@ impl AppConfig {
         )?;
         self.health.validate().under("health")?;
         self.validate_checks()?;
+        self.validate_env()?;
         require(
             !self.artifact.is_absolute() && self.artifact.file_name().is_some(),
             "artifact",
@@ -1004,11 +1056,51 @@ impl AppConfig {
         Ok(())
     }
 
+    /// `env` and `secrets` name valid env vars the runner does not set, each once; `env`'s
+    /// values fit on one line (they are bundled as lines).
+    fn validate_env(&self) -> Result<(), Invalid> {
+        for (name, value) in &self.env {
+            if let Some(problem) = crate::app_env::refuse_name(name) {
+                return Err(Invalid::new("env", format!("`{name}` {problem}")));
+            }
+            require(
+                !value.contains(['\n', '\r', '\0']),
+                "env",
+                format!("the value of {name} must be one line"),
+            )?;
+        }
+        let mut seen = HashSet::new();
+        for name in &self.secrets {
+            if let Some(problem) = crate::app_env::refuse_name(name) {
+                return Err(Invalid::new("secrets", format!("`{name}` {problem}")));
+            }
+            require(
+                seen.insert(name),
+                "secrets",
+                format!("{name} is named twice"),
+            )?;
+            require(
+                !self.env.contains_key(name),
+                "secrets",
+                format!("{name} is also in env: a value is either in the file or a secret"),
+            )?;
+        }
+        Ok(())
+    }
+
     fn read_secret(&mut self, env: &impl Fn(&str) -> Option<String>) -> Result<(), Invalid> {
         if let Some(var) = &self.webhook_secret_env {
             let secret = env_value(env, "webhook_secret_env", var, "the webhook secret")?;
             self.webhook_secret = Some(Secret(secret));
         }
+        self.secret_values = self
+            .secrets
+            .iter()
+            .map(|var| {
+                let value = env_value(env, "secrets", var, "a secret of this app")?;
+                Ok((var.clone(), Secret(value)))
+            })
+            .collect::<Result<_, Invalid>>()?;
         Ok(())
     }
 
@@ -1259,6 +1351,83 @@ run = "{artifact} --port {port}"
         let secret = config.apps[0].webhook_secret.clone().unwrap();
         assert_eq!(secret.expose(), "s3cret");
         assert_eq!(format!("{secret:?}"), "Secret(…)");
+    }
+
+    #[test]
+    fn an_apps_env_and_secrets_are_checked_by_name_and_read_without_being_shown() {
+        let keys = "env = { RUST_LOG = \"info\", APP_MODE = \"production\" }\n\
+                    secrets = [\"DATABASE_URL\", \"SESSION_KEY\"]\n\
+                    env_file = \"hello.env\"\n";
+        let text = format!("{MINIMAL}{keys}");
+        let secrets = [
+            ("DATABASE_URL", "postgres://s3cret"),
+            ("SESSION_KEY", "k3y"),
+        ];
+        let config = with_env(&text, &secrets).unwrap();
+        let app = &config.apps[0];
+        assert_eq!(app.env["APP_MODE"], "production");
+        let read: Vec<_> = app
+            .secret_values
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.expose()))
+            .collect();
+        assert_eq!(read, secrets);
+        assert_eq!(app.env_file, Some(config.base_dir.join("hello.env")));
+        assert!(!format!("{app:?}").contains("s3cret"));
+
+        let err = with_env(&text, &secrets[..1]).unwrap_err().to_string();
+        assert!(
+            err.contains("app.hello.secrets: env var SESSION_KEY is not set"),
+            "{err}"
+        );
+        for (keys, key, problem) in [
+            (
+                "env = { \"1X\" = \"a\" }",
+                "app.hello.env",
+                "`1X` is not an env var name",
+            ),
+            (
+                "env = { NONSTOP_RUN = \"a\" }",
+                "app.hello.env",
+                "is nonstop's own",
+            ),
+            (
+                "env = { DEPLOYMENT_ID = \"a\" }",
+                "app.hello.env",
+                "set by the runner",
+            ),
+            (
+                "env = { A = \"two\\nlines\" }",
+                "app.hello.env",
+                "must be one line",
+            ),
+            (
+                "secrets = [\"A\", \"A\"]",
+                "app.hello.secrets",
+                "named twice",
+            ),
+            (
+                "env = { A = \"x\" }\nsecrets = [\"A\"]",
+                "app.hello.secrets",
+                "also in env",
+            ),
+            (
+                "secrets = [\"HOOK_SECRET\"]\nwebhook_secret_env = \"HOOK_SECRET\"",
+                "app.hello.secrets",
+                "one of nonstop's own secrets",
+            ),
+            (
+                "secrets = [\"NONSTOP_ADMIN_TOKEN\"]",
+                "app.hello.secrets",
+                "is nonstop's own",
+            ),
+        ] {
+            let err = parse(&format!("{MINIMAL}{keys}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("{key}: ")), "{keys}: {err}");
+            assert!(err.contains(problem), "{keys}: {err}");
+        }
     }
 
     fn with_env(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {

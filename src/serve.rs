@@ -125,7 +125,6 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
         data_dir: data_dir.clone(),
         control_url: config.server.control_url.clone().unwrap_or(bound.clone()),
         switch_token: Secret::new(random_token()),
-        scrubbed_env: scrubbed_env(&config),
         proxy_socket: config.proxy_socket(),
     };
 
@@ -143,7 +142,7 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
     }
     let traffic = Traffic::new(db.clone(), bus.clone());
     let recoveries = recovery::undo(&apps, cut, &traffic);
-    let pipeline = Pipeline::new(db.clone(), bus.clone(), data_dir, wiring.scrubbed_env);
+    let pipeline = Pipeline::new(db.clone(), bus.clone(), data_dir);
     let queue = Queue::start(
         db.clone(),
         bus.clone(),
@@ -187,24 +186,7 @@ struct Wiring {
     control_url: String,
     /// For hooks on this host: the switch endpoint only. Made anew at every start.
     switch_token: Secret,
-    /// Env vars holding nonstop's secrets, removed from builds and hooks.
-    scrubbed_env: Vec<String>,
     proxy_socket: Option<PathBuf>,
-}
-
-/// The env vars that hold nonstop's own secrets.
-fn scrubbed_env(config: &Config) -> Vec<String> {
-    std::iter::once(config.server.admin_token_env.clone())
-        .chain(config.server.metrics_token_env.clone())
-        .chain(
-            config
-                .apps
-                .iter()
-                .filter_map(|a| a.webhook_secret_env.clone()),
-        )
-        .chain(config.slack.iter().map(|s| s.webhook_url_env.clone()))
-        .chain(config.github.iter().map(|g| g.token_env.clone()))
-        .collect()
 }
 
 /// One app with the backends its config chose: its switch (on the port recorded live),
@@ -322,7 +304,6 @@ async fn build_runner(
             switch.clone(),
             wiring.control_url.clone(),
             wiring.switch_token.clone(),
-            wiring.scrubbed_env.clone(),
         ))),
         (RunnerConfig::CodeDeploy { .. }, Some(settings), Store::S3(s3)) => {
             Ok(Arc::new(CodeDeployRunner::new(settings, s3.clone()).await))

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use crate::app_env::{AppEnv, AppEnvError};
 use crate::apps::App;
 use crate::config::AppConfig;
 use crate::db::{self, Db, DbError, Deployment};
@@ -30,6 +31,9 @@ use source::{Fetched, SourceError};
 /// recorded error; each stage's log has the rest.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
+    /// The app's env file could not be read; nothing ran.
+    #[error("the app's environment: {0}")]
+    Env(#[from] AppEnvError),
     #[error("Fetch failed: {0}")]
     Fetch(#[from] SourceError),
     /// Recording the commit and its version, between Fetch and Build.
@@ -62,8 +66,6 @@ pub struct Pipeline {
     db: Db,
     bus: Bus,
     data_dir: PathBuf,
-    /// Env vars holding nonstop's secrets, removed from builds and hooks.
-    scrubbed_env: Arc<Vec<String>>,
 }
 
 /// Records one deployment's stages: the database first, then the bus.
@@ -157,13 +159,8 @@ impl Progress for Recorder {
 }
 
 impl Pipeline {
-    pub fn new(db: Db, bus: Bus, data_dir: PathBuf, scrubbed_env: Vec<String>) -> Self {
-        Self {
-            db,
-            bus,
-            data_dir,
-            scrubbed_env: Arc::new(scrubbed_env),
-        }
+    pub fn new(db: Db, bus: Bus, data_dir: PathBuf) -> Self {
+        Self { db, bus, data_dir }
     }
 
     /// Runs a claimed (`running`) deployment to its end and records how it ended.
@@ -225,7 +222,9 @@ impl Pipeline {
         app: &App,
         recorder: &Recorder,
     ) -> Result<(), PipelineError> {
-        if let Some(job) = stored_job(deployment, &app.config) {
+        // Read at each deploy: an edited env file applies to the next deployment.
+        let env = Arc::new(AppEnv::resolve(&app.config)?);
+        if let Some(job) = stored_job(deployment, &app.config, env.clone()) {
             // A redeploy or rollback: the bundle is in the store already.
             let log = format!(
                 "reusing the stored bundle {} ({})\n",
@@ -255,7 +254,7 @@ impl Pipeline {
             version: &version,
             commit: &fetched.sha,
             branch: &deployment.branch,
-            scrubbed_env: &self.scrubbed_env,
+            env: &env,
         });
         let artifact = step::record(recorder, Stage::Build, built).await?;
         let bundle = self
@@ -274,6 +273,7 @@ impl Pipeline {
                 key: stored.key,
                 sha256: stored.sha256,
             },
+            env,
         };
         self.run_hooks(&job, app, recorder).await
     }
@@ -433,12 +433,13 @@ impl Pipeline {
 
 /// The job of a deployment whose bundle is stored already (a redeploy or rollback, or one
 /// the last stop cut short after Upload); `None` for one that has not made its bundle yet.
-pub fn stored_job(deployment: &Deployment, app: &Arc<AppConfig>) -> Option<Job> {
+pub fn stored_job(deployment: &Deployment, app: &Arc<AppConfig>, env: Arc<AppEnv>) -> Option<Job> {
     Some(Job {
         deployment_id: deployment.id,
         app: app.clone(),
         version: deployment.version.clone()?,
         bundle: deployment.bundle.clone()?,
+        env,
     })
 }
 
@@ -452,11 +453,13 @@ async fn make_bundle(
 ) -> Result<Done<()>, Failed<BundleError>> {
     let appspec = runner::appspec::render_for(app);
     let host_env = runner::appspec::render_host_env(app);
+    let app_env = runner::appspec::render_app_env(app);
     let (dest, version) = (path.to_owned(), version.to_owned());
     let bundled = tokio::task::spawn_blocking(move || {
         let contents = bundle::BundleContents {
             appspec: &appspec,
             host_env: &host_env,
+            app_env: &app_env,
             artifact: &artifact,
             version: &version,
         };

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
-use crate::process::{self, Exit, SpawnError};
+use crate::process::{self, ChildEnv, Exit, SpawnError};
 use crate::runner::step::{Done, Failed};
 
 /// Git talks to the network at most this long per command.
@@ -60,13 +60,19 @@ pub fn resolve_repo(repo: &str, base_dir: &Path) -> String {
     }
 }
 
+/// What git gets of the server's environment besides the base: the ssh agent's socket, so
+/// an `ssh://` or `git@` repo can use the key the agent holds. `HOME` (in the base) is where
+/// git finds its config and credential helpers; nothing else of the server's reaches git.
+pub const GIT_ENV: [&str; 1] = ["SSH_AUTH_SOCK"];
+
 fn git(dir: Option<&Path>) -> Command {
-    let mut command = Command::new("git");
+    let mut env = ChildEnv::base().inherit(&GIT_ENV);
+    // Never wait for a password prompt nobody will answer.
+    env.set("GIT_TERMINAL_PROMPT", "0");
+    let mut command = env.command("git");
     if let Some(dir) = dir {
         command.arg("-C").arg(dir);
     }
-    // Never wait for a password prompt nobody will answer.
-    command.env("GIT_TERMINAL_PROMPT", "0");
     command
 }
 

@@ -10,14 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::process::Command;
 
 use super::appspec::{self, AppSpec, AppSpecError};
 use super::step::{self, Done, Failed};
 use super::{Interrupted, Job, Progress, PruneError, Runner, RunnerError};
 use crate::config::{AppConfig, RunnerConfig, Secret};
 use crate::domain::Hook;
-use crate::process::{self, Exit, SpawnError};
+use crate::process::{self, ChildEnv, Exit, SpawnError};
 use crate::store::{ArtifactStore, StoreError};
 use crate::switch::TrafficSwitch;
 
@@ -74,8 +73,6 @@ pub struct LocalRunner {
     switch: Arc<dyn TrafficSwitch>,
     switch_url: String,
     switch_token: Secret,
-    /// Env vars holding nonstop's own secrets: hooks and apps never see them.
-    scrubbed_env: Vec<String>,
 }
 
 /// Where one deployment lives on this host.
@@ -98,7 +95,6 @@ impl LocalRunner {
         switch: Arc<dyn TrafficSwitch>,
         switch_url: String,
         switch_token: Secret,
-        scrubbed_env: Vec<String>,
     ) -> Self {
         Self {
             app_dir,
@@ -107,7 +103,6 @@ impl LocalRunner {
             switch,
             switch_url,
             switch_token,
-            scrubbed_env,
         }
     }
 
@@ -162,13 +157,8 @@ impl LocalRunner {
                 .timeout
                 .map(Duration::from_secs)
                 .unwrap_or(default_timeout);
-            let mut command = Command::new(archive.join(&script.location));
-            command
-                .current_dir(archive)
-                .envs(env.iter().map(|(k, v)| (k, v)));
-            for name in &self.scrubbed_env {
-                command.env_remove(name);
-            }
+            let mut command = env.command(archive.join(&script.location));
+            command.current_dir(archive);
             log.push_str(&format!(
                 "$ {} ({hook}, timeout {}s)\n",
                 script.location,
@@ -178,11 +168,12 @@ impl LocalRunner {
                 Ok(done) => done,
                 Err(err) => return Err(Failed::after(log, err.into())),
             };
-            log.push_str(&done.log);
+            let output = context.job.env.redact(&done.log);
+            log.push_str(&output);
             if !done.success {
                 log.push_str(&format!("{} ended: {}\n", script.location, done.status));
                 let error = LocalError::Script {
-                    last_line: last_line(&done.log).to_owned(),
+                    last_line: last_line(&output).to_owned(),
                     script: script.location.clone(),
                     exit: done.status,
                 };
@@ -307,8 +298,20 @@ pub struct HookContext<'a> {
 }
 
 impl HookContext<'_> {
-    /// Everything a hook script is told, as env vars: CodeDeploy's, then nonstop's.
-    pub fn env(&self, hook: Hook) -> Vec<(String, String)> {
+    /// A hook's whole environment: the base allow-list, the app's own env, then what
+    /// `vars` tells every hook, and the names of the app's env (deploy.sh passes those on to
+    /// the instance, and nothing else of the hook's).
+    pub fn env(&self, hook: Hook) -> ChildEnv {
+        let mut env = ChildEnv::base();
+        env.extend(self.job.env.pairs());
+        env.extend(self.vars(hook));
+        env.set("NONSTOP_APP_ENV", self.job.env.names());
+        env
+    }
+
+    /// What a hook script is told of its deployment, as env vars: CodeDeploy's, then
+    /// nonstop's.
+    pub fn vars(&self, hook: Hook) -> Vec<(String, String)> {
         let app: &AppConfig = &self.job.app;
         let idle = app.idle_port(self.live);
         let profile = app.profile_of(idle).unwrap_or_default();
@@ -619,6 +622,7 @@ run = "{artifact} --port {port} --profile {profile}"
             deployment_id: crate::domain::DeploymentId::new(7),
             app: Arc::new(app),
             version: "1.0.1-SNAPSHOT-20261125140000".into(),
+            env: Arc::default(),
             bundle: crate::domain::BundleRef {
                 key: "hello/v.zip".into(),
                 sha256: "0".repeat(64),
@@ -639,7 +643,7 @@ run = "{artifact} --port {port} --profile {profile}"
             switch_token: "t",
         };
         let env: std::collections::HashMap<_, _> =
-            context.env(Hook::ApplicationStart).into_iter().collect();
+            context.vars(Hook::ApplicationStart).into_iter().collect();
         assert_eq!(env["LIFECYCLE_EVENT"], "ApplicationStart");
         assert_eq!(env["DEPLOYMENT_ID"], "d-nonstop-7");
         assert_eq!(env["APPLICATION_NAME"], "hello");
@@ -662,7 +666,7 @@ run = "{artifact} --port {port} --profile {profile}"
             ..context
         };
         let env: std::collections::HashMap<_, _> =
-            first.env(Hook::AfterInstall).into_iter().collect();
+            first.vars(Hook::AfterInstall).into_iter().collect();
         assert_eq!(
             (
                 env["NONSTOP_LIVE_PORT"].as_str(),
@@ -670,6 +674,41 @@ run = "{artifact} --port {port} --profile {profile}"
             ),
             ("", "8081")
         );
+    }
+
+    #[test]
+    fn a_hook_gets_the_base_the_apps_env_and_its_deployment_and_nothing_else() {
+        let mut job = job();
+        let mut app = (*job.app).clone();
+        app.env.insert("APP_MODE".into(), "production".into());
+        app.secret_values = vec![("DATABASE_URL".into(), Secret::new("postgres://s".into()))];
+        job.env = Arc::new(crate::app_env::AppEnv::resolve(&app).unwrap());
+        let context = HookContext {
+            job: &job,
+            group: "local",
+            live: None,
+            release_dir: Path::new("/data/releases/v"),
+            run_dir: Path::new("/data/run"),
+            switch_url: "http://127.0.0.1:9000",
+            switch_token: "t",
+        };
+        let env = context.env(Hook::ApplicationStart);
+        assert_eq!(env.get("APP_MODE"), Some("production"));
+        assert_eq!(env.get("DATABASE_URL"), Some("postgres://s"));
+        assert_eq!(env.get("NONSTOP_APP_ENV"), Some("APP_MODE DATABASE_URL"));
+        let deployment: Vec<String> = context
+            .vars(Hook::ApplicationStart)
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        for name in env.names() {
+            assert!(
+                crate::process::BASE_ENV.contains(&name)
+                    || ["APP_MODE", "DATABASE_URL", "NONSTOP_APP_ENV"].contains(&name)
+                    || deployment.iter().any(|d| d == name),
+                "{name} is none of the hook's own"
+            );
+        }
     }
 
     #[test]

@@ -474,6 +474,7 @@ runner = { kind = "codedeploy", application = "hello", group = "fleet" }
             key: bundle_key.into(),
             sha256: sha256.into(),
         },
+        env: Arc::default(),
     }
 }
 

@@ -286,10 +286,10 @@ repo = "hello-repo"
 repository = "{REPOSITORY}"
 branch = "main"
 webhook_secret_env = "NONSTOP_TEST_SECRET"
-build = "cargo build --release --target-dir target"
+build = "{build}"
 artifact = "target/release/hello"
 version = "1.0.1-SNAPSHOT-{{timestamp}}"
-run = "{{artifact}} --port {{port}} --profile {{profile}}"
+run = "{run}"
 ports = [{a}, {b}]
 profiles = ["real1", "real2"]
 health = {{ path = "/profile", attempts = 40, interval_ms = 100 }}
@@ -297,6 +297,18 @@ hook_timeout_secs = 60
 {switch}
 {extra_app}
 {extra_tables}"#,
+            build = extra
+                .build
+                .as_deref()
+                .unwrap_or("cargo build --release --target-dir target")
+                .replace('\\', "\\\\")
+                .replace('"', "\\\""),
+            run = extra
+                .run
+                .as_deref()
+                .unwrap_or("{artifact} --port {port} --profile {profile}")
+                .replace('\\', "\\\\")
+                .replace('"', "\\\""),
             extra_server = extra.server,
             extra_app = extra.app,
             extra_tables = extra.tables,
@@ -892,6 +904,10 @@ pub async fn spawn_app() -> TestApp {
 /// runs in a `nonstop proxy` process of its own.
 #[derive(Default)]
 pub struct Extra {
+    /// The app's `build` and `run` lines instead of the example's (written into the TOML
+    /// string quoted).
+    pub build: Option<String>,
+    pub run: Option<String>,
     pub server: String,
     pub app: String,
     pub tables: String,
