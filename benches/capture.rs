@@ -120,6 +120,7 @@ async fn main() {
             commit: "0000000000000000000000000000000000000000",
             branch: "main",
             env: &nonstop::app_env::AppEnv::default(),
+            env_change: None,
         })
         .await;
         match built {

@@ -142,7 +142,8 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
     }
     let traffic = Traffic::new(db.clone(), bus.clone());
     let recoveries = recovery::undo(&apps, cut, &traffic);
-    let pipeline = Pipeline::new(db.clone(), bus.clone(), data_dir);
+    let env_key = private_key(&data_dir.join("env-key"))?;
+    let pipeline = Pipeline::new(db.clone(), bus.clone(), data_dir, env_key);
     let queue = Queue::start(
         db.clone(),
         bus.clone(),
@@ -369,6 +370,28 @@ fn admin_token(config: &Config, data_dir: &Path) -> Result<Secret, ServeError> {
             })?;
             tracing::info!(path = %path.display(), env = %env, "made an admin token (set the env var to choose your own)");
             Ok(Secret::new(token))
+        }
+        Err(err) => Err(ServeError::Setup(format!(
+            "cannot read {}: {err}",
+            path.display()
+        ))),
+    }
+}
+
+/// The random key kept at `path` (mode 0600), made on first start.
+fn private_key(path: &Path) -> Result<Secret, ServeError> {
+    match std::fs::read_to_string(path) {
+        Ok(key) if key.trim().len() >= MIN_ADMIN_TOKEN_BYTES => Ok(Secret::new(key.trim().into())),
+        Ok(_) => Err(ServeError::Setup(format!(
+            "{} is too short (delete it to have a new one made)",
+            path.display()
+        ))),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            let key = random_token();
+            write_private(path, key.as_bytes()).map_err(|err| {
+                ServeError::Setup(format!("cannot write {}: {err}", path.display()))
+            })?;
+            Ok(Secret::new(key))
         }
         Err(err) => Err(ServeError::Setup(format!(
             "cannot read {}: {err}",

@@ -39,6 +39,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0006_bundle_pruned.sql"),
     include_str!("../../migrations/0007_sessions.sql"),
     include_str!("../../migrations/0008_ci_checks.sql"),
+    include_str!("../../migrations/0009_deployment_env.sql"),
 ];
 
 #[derive(Clone)]

@@ -29,6 +29,8 @@ pub struct BuildInput<'a> {
     pub commit: &'a str,
     pub branch: &'a str,
     pub env: &'a AppEnv,
+    /// Which of the app's env names changed since its last deployment, for the log's top.
+    pub env_change: Option<&'a str>,
 }
 
 /// Where the Rust toolchain and its caches are, when the server was told: tool locations,
@@ -57,7 +59,10 @@ pub async fn run(input: BuildInput<'_>) -> Result<Done<PathBuf>, Failed<BuildErr
         .arg(&app.build)
         .current_dir(input.checkout);
     let timeout = Duration::from_secs(app.build_timeout_secs);
-    let mut log = format!("$ {}\n", app.build);
+    let mut log = match input.env_change {
+        Some(change) => format!("{change}\n$ {}\n", app.build),
+        None => format!("$ {}\n", app.build),
+    };
     let done = match process::run(command, timeout).await {
         Ok(done) => done,
         Err(err) => return Err(Failed::after(log, err.into())),

@@ -8,15 +8,17 @@ pub mod build;
 pub mod bundle;
 pub mod source;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::app_env::{AppEnv, AppEnvError};
+use crate::app_env::{self, AppEnv, AppEnvError};
 use crate::apps::App;
 use crate::config::AppConfig;
+use crate::config::Secret;
 use crate::db::{self, Db, DbError, Deployment};
 use crate::domain::{BundleRef, DeploymentId, DeploymentStatus, Hook, Stage, StageStatus};
 use crate::events::{Bus, Event};
@@ -66,6 +68,8 @@ pub struct Pipeline {
     db: Db,
     bus: Bus,
     data_dir: PathBuf,
+    /// Keys the hashes of the app env's values kept per deployment (see `app_env::digest`).
+    env_key: Secret,
 }
 
 /// Records one deployment's stages: the database first, then the bus.
@@ -159,8 +163,13 @@ impl Progress for Recorder {
 }
 
 impl Pipeline {
-    pub fn new(db: Db, bus: Bus, data_dir: PathBuf) -> Self {
-        Self { db, bus, data_dir }
+    pub fn new(db: Db, bus: Bus, data_dir: PathBuf, env_key: Secret) -> Self {
+        Self {
+            db,
+            bus,
+            data_dir,
+            env_key,
+        }
     }
 
     /// Runs a claimed (`running`) deployment to its end and records how it ended.
@@ -224,11 +233,14 @@ impl Pipeline {
     ) -> Result<(), PipelineError> {
         // Read at each deploy: an edited env file applies to the next deployment.
         let env = Arc::new(AppEnv::resolve(&app.config)?);
+        let env_change = self.record_env(deployment, &env).await;
         if let Some(job) = stored_job(deployment, &app.config, env.clone()) {
             // A redeploy or rollback: the bundle is in the store already.
             let log = format!(
-                "reusing the stored bundle {} ({})\n",
-                job.bundle.key, job.version
+                "{}reusing the stored bundle {} ({})\n",
+                env_change.map(|c| c + "\n").unwrap_or_default(),
+                job.bundle.key,
+                job.version
             );
             for stage in [Stage::Fetch, Stage::Build, Stage::Bundle, Stage::Upload] {
                 recorder.finished(stage, StageStatus::Skipped, &log).await;
@@ -255,6 +267,7 @@ impl Pipeline {
             commit: &fetched.sha,
             branch: &deployment.branch,
             env: &env,
+            env_change: env_change.as_deref(),
         });
         let artifact = step::record(recorder, Stage::Build, built).await?;
         let bundle = self
@@ -276,6 +289,29 @@ impl Pipeline {
             env,
         };
         self.run_hooks(&job, app, recorder).await
+    }
+
+    /// Keeps the digest of the env this deployment runs with, and says which names changed
+    /// since the app's previous deployment (nothing for the first one recorded). A record
+    /// that cannot be read or written only costs the note.
+    async fn record_env(&self, deployment: &Deployment, env: &AppEnv) -> Option<String> {
+        let now = env.digest(self.env_key.expose().as_bytes());
+        let text = serde_json::to_string(&now).ok()?;
+        let (id, app) = (deployment.id, deployment.app.to_string());
+        let before = self
+            .db
+            .call(move |conn| db::swap_env_digest(conn, id, &app, &text))
+            .await;
+        match before {
+            Ok(before) => {
+                let before: BTreeMap<String, String> = serde_json::from_str(&before?).ok()?;
+                app_env::changes(&before, &now)
+            }
+            Err(err) => {
+                tracing::warn!(deployment_id = %id, error = %err, "could not record the app's env digest");
+                None
+            }
+        }
     }
 
     /// Records the commit Fetch found and stamps the version. The version is stamped once

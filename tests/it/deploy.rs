@@ -594,3 +594,59 @@ async fn assert_secrets_nowhere(app: &common::TestApp, id: i64, also: &[&str]) {
         }
     }
 }
+
+#[tokio::test]
+async fn a_deployment_records_which_env_names_changed_and_never_their_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let env_file = dir.path().join("hello.env");
+    std::fs::write(&env_file, "FILE_TOKEN=first-s3cret\nGONE_SOON=1\n").unwrap();
+    let app = spawn_app_with(Extra {
+        app: format!(
+            "env = {{ APP_MODE = \"production\" }}\nenv_file = \"{}\"\n",
+            env_file.display()
+        ),
+        ..Extra::default()
+    })
+    .await;
+    let build_log =
+        |done: &serde_json::Value| stage(done, "Build")["log"].as_str().unwrap().to_owned();
+
+    let id = app.push(&app.repo.commit("First")).await;
+    let first = app.wait_finished(id).await;
+    assert_eq!(first["deployment"]["status"], "succeeded", "{first:#}");
+    assert!(
+        !build_log(&first).contains("environment changed"),
+        "nothing to compare with"
+    );
+
+    // The same env: nothing to say.
+    let id = app.push(&app.repo.commit("Same env")).await;
+    let same = app.wait_finished(id).await;
+    assert!(
+        !build_log(&same).contains("environment changed"),
+        "{}",
+        build_log(&same)
+    );
+
+    // The env file is read at each deploy.
+    std::fs::write(&env_file, "FILE_TOKEN=second-s3cret\nNEW_FLAG=on\n").unwrap();
+    let id = app.push(&app.repo.commit("New env")).await;
+    let changed = app.wait_finished(id).await;
+    assert_eq!(changed["deployment"]["status"], "succeeded", "{changed:#}");
+    assert!(
+        build_log(&changed)
+            .starts_with("environment changed: ~FILE_TOKEN, +NEW_FLAG, -GONE_SOON\n"),
+        "{}",
+        build_log(&changed)
+    );
+    let db = std::fs::read(app.db_path()).unwrap_or_default();
+    let wal = std::fs::read(app.data_dir().join("nonstop.db-wal")).unwrap_or_default();
+    for secret in ["first-s3cret", "second-s3cret"] {
+        for bytes in [&db, &wal] {
+            assert!(
+                !String::from_utf8_lossy(bytes).contains(secret),
+                "{secret} is in the database"
+            );
+        }
+    }
+}
