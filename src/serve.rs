@@ -65,8 +65,20 @@ fn announce(listener: std::fmt::Arguments) {
     let _ = writeln!(stdout, "nonstop: {listener}").and_then(|()| stdout.flush());
 }
 
+/// Makes this process undumpable: no process of the same user (a build, an app instance)
+/// may read its memory or `/proc/<pid>/environ`, where nonstop's own secrets are, or attach
+/// to it; only one with `CAP_SYS_PTRACE` can. Children get the flag back at `exec`.
+pub fn forbid_inspection() {
+    // SAFETY: prctl(PR_SET_DUMPABLE) changes a flag of this process only; no memory involved.
+    let set = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    if set != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "could not make the process undumpable");
+    }
+}
+
 /// Runs the server until `shutdown` is cancelled.
 pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
+    forbid_inspection();
     let fd_limit = crate::listen::raise_fd_limit();
     let limits = crate::listen::Limits {
         // A flood of sockets on this port must leave descriptors for the proxies, the
@@ -319,6 +331,7 @@ async fn build_runner(
 /// `nonstop proxy`: every app's built-in proxy, in a process of its own that `serve` drives
 /// through `server.proxy_socket`; runs until `shutdown`. Starts on the live ports it saved.
 pub async fn run_proxies(config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
+    forbid_inspection();
     let socket = config.proxy_socket().ok_or_else(|| {
         ServeError::Setup(
             "server.proxy_socket is not set: `nonstop proxy` listens there for `serve`".into(),

@@ -1198,3 +1198,45 @@ async fn the_control_socket_answers_only_its_own_user_and_the_apps_own_ports() {
         "{log}"
     );
 }
+
+/// Whether a process without capabilities (as any other process of the test's user) can
+/// read `/proc/<pid>/environ`.
+fn environ_readable_by_a_peer(pid: u32) -> bool {
+    let mut cat = std::process::Command::new("setpriv");
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        cat.args(["--bounding-set=-all", "--inh-caps=-all"]);
+    }
+    cat.arg("cat")
+        .arg(format!("/proc/{pid}/environ"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[tokio::test]
+async fn no_process_of_the_servers_user_can_read_its_environment() {
+    let app = crate::common::spawn_app_with(Extra {
+        capless: true,
+        ..Extra::default()
+    })
+    .await;
+    // The check itself can succeed: a peer process that did not forbid it is readable.
+    let mut peer = std::process::Command::new("setpriv");
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        peer.args(["--bounding-set=-all", "--inh-caps=-all"]);
+    }
+    let mut peer = peer.args(["sleep", "30"]).spawn().unwrap();
+    let readable = environ_readable_by_a_peer(peer.id());
+    let _ = peer.kill();
+    let _ = peer.wait();
+    assert!(readable, "a peer's environ should be readable by a peer");
+
+    assert!(
+        !environ_readable_by_a_peer(app.server_pid()),
+        "the server's environment (its admin token, webhook secrets) is readable by its own user's processes"
+    );
+}

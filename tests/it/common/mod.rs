@@ -340,7 +340,16 @@ hook_timeout_secs = 60
             .open(&log_path)
             .unwrap();
         let bin = env!("CARGO_BIN_EXE_nonstop");
-        let mut command = if self.extra.tmpfs.is_empty() {
+        let mut command = if self.extra.capless {
+            // As root, a process without capabilities: what any other process of nonstop's
+            // user is, towards it. Another user has none to drop.
+            let mut command = Command::new("setpriv");
+            if unsafe { libc::geteuid() } == 0 {
+                command.args(["--bounding-set=-all", "--inh-caps=-all"]);
+            }
+            command.arg(bin);
+            command
+        } else if self.extra.tmpfs.is_empty() {
             Command::new(bin)
         } else {
             // A mount namespace of its own, so the small filesystems go away with the server.
@@ -919,6 +928,9 @@ pub struct Extra {
     /// Folders (relative to the test's folder) that the server sees as small filesystems
     /// of their own, with their sizes (`"8m"`): a disk that can fill up.
     pub tmpfs: &'static [(&'static str, &'static str)],
+    /// The server runs without any capability (root's dropped), as any other process of
+    /// its user would.
+    pub capless: bool,
     /// The server's open-file limit (soft, hard), as `ulimit -n` sets it before `exec`:
     /// systemd's default of 1024 is what a host gives a service unless told otherwise.
     pub nofile: Option<(u64, u64)>,
