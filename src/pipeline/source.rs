@@ -1,5 +1,7 @@
 //! Fetch: the exact commit into a cached clone per app, checked out clean. Ignored files
 //! (a build's `target/`) survive between deploys so builds stay incremental, as a CI cache.
+//! A repo URL's credentials (`https://user:token@host/…`) never leave this module: every
+//! command line, git output and error it gives out has them replaced by `***`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -76,21 +78,51 @@ fn git(dir: Option<&Path>) -> Command {
     command
 }
 
-/// Runs one git command, its line and output added to `log`; returns its output.
+/// `text` with the userinfo of every URL in it (`user:token@` after `scheme://`) replaced
+/// by `***`, so that a repo URL's credentials are never shown: git prints the URL it was
+/// given in its errors, and a stage log is read by whoever can see the dashboard.
+pub fn redact_credentials(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (before, after) = rest.split_at(at + 3);
+        out.push_str(before);
+        // The authority ends where the path, query or fragment starts, or the URL does.
+        let end = after
+            .find(|c: char| {
+                c == '/' || c == '?' || c == '#' || c.is_whitespace() || "'\"<>`".contains(c)
+            })
+            .unwrap_or(after.len());
+        match after[..end].rfind('@') {
+            Some(userinfo_end) => {
+                out.push_str("***");
+                rest = &after[userinfo_end..];
+            }
+            None => rest = after,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Runs one git command, its line and output added to `log` with credentials redacted;
+/// returns its output.
 async fn run_git(command: Command, log: &mut String) -> Result<String, SourceError> {
     let args: Vec<_> = command
         .as_std()
         .get_args()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
-    log.push_str(&format!("$ git {}\n", args.join(" ")));
+    let args = redact_credentials(&args.join(" "));
+    log.push_str(&format!("$ git {args}\n"));
     let done = process::run(command, GIT_TIMEOUT).await?;
-    log.push_str(&done.log);
+    let output = redact_credentials(&done.log);
+    log.push_str(&output);
     if done.success {
-        Ok(done.log)
+        Ok(output)
     } else {
         Err(SourceError::Git {
-            args: args.join(" "),
+            args,
             exit: done.status,
         })
     }
@@ -253,6 +285,34 @@ fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_in_urls_are_redacted_wherever_they_appear() {
+        for (text, shown) in [
+            (
+                "$ git clone --quiet https://user:tok3n@127.0.0.1:1/x.git /data/checkout",
+                "$ git clone --quiet https://***@127.0.0.1:1/x.git /data/checkout",
+            ),
+            (
+                "fatal: unable to access 'https://tok3n@github.com/a/b.git/': refused",
+                "fatal: unable to access 'https://***@github.com/a/b.git/': refused",
+            ),
+            ("ssh://git:p@ss@host:22/repo", "ssh://***@host:22/repo"),
+            (
+                "https://a:b@h?q=c@d and http://e:f@g",
+                "https://***@h?q=c@d and http://***@g",
+            ),
+            // Nothing to hide: the text stays as it is.
+            (
+                "https://github.com/a/b.git, git@github.com:a/b.git",
+                "https://github.com/a/b.git, git@github.com:a/b.git",
+            ),
+            ("a://", "a://"),
+            ("no url at all", "no url at all"),
+        ] {
+            assert_eq!(redact_credentials(text), shown, "{text}");
+        }
+    }
 
     #[test]
     fn local_paths_are_relative_to_the_config_and_urls_stay() {

@@ -1240,3 +1240,44 @@ async fn no_process_of_the_servers_user_can_read_its_environment() {
         "the server's environment (its admin token, webhook secrets) is readable by its own user's processes"
     );
 }
+
+#[tokio::test]
+async fn a_repo_urls_credentials_are_shown_nowhere() {
+    let app = crate::common::spawn_app_with(Extra {
+        repo: Some("https://user:tok3n@127.0.0.1:1/x.git"),
+        ..Extra::default()
+    })
+    .await;
+    let id = app.push(&"a".repeat(40)).await;
+    let done = app.wait_finished(id).await;
+    assert_eq!(done["deployment"]["status"], "failed", "{done:#}");
+
+    let fetch_log = crate::common::stage(&done, "Fetch")["log"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        fetch_log.contains("https://***@127.0.0.1:1/x.git"),
+        "{fetch_log}"
+    );
+    let error = done["deployment"]["error"].as_str().unwrap();
+    assert!(error.starts_with("Fetch failed: "), "{error}");
+    let (_, page) = app.get_text(&format!("/deployments/{id}")).await;
+    assert!(page.contains("https://***@127.0.0.1:1/x.git"), "{page}");
+    let mut places = vec![
+        ("the API".to_owned(), done.to_string()),
+        ("the page".to_owned(), page),
+        ("the server's log".to_owned(), app.server_log()),
+    ];
+    for suffix in ["", "-wal"] {
+        let file = app.data_dir().join(format!("nonstop.db{suffix}"));
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        places.push((
+            file.display().to_string(),
+            String::from_utf8_lossy(&bytes).into_owned(),
+        ));
+    }
+    for (place, text) in places {
+        assert!(!text.contains("tok3n"), "the token is in {place}");
+    }
+}

@@ -282,7 +282,7 @@ data_dir = "data"
 
 [[app]]
 name = "hello"
-repo = "hello-repo"
+repo = "{repo}"
 repository = "{REPOSITORY}"
 branch = "main"
 webhook_secret_env = "NONSTOP_TEST_SECRET"
@@ -297,6 +297,7 @@ hook_timeout_secs = 60
 {switch}
 {extra_app}
 {extra_tables}"#,
+            repo = extra.repo.unwrap_or("hello-repo"),
             build = extra
                 .build
                 .as_deref()
@@ -344,6 +345,7 @@ hook_timeout_secs = 60
             // As root, a process without capabilities: what any other process of nonstop's
             // user is, towards it. Another user has none to drop.
             let mut command = Command::new("setpriv");
+            // SAFETY: geteuid has no preconditions.
             if unsafe { libc::geteuid() } == 0 {
                 command.args(["--bounding-set=-all", "--inh-caps=-all"]);
             }
@@ -917,6 +919,8 @@ pub struct Extra {
     /// string quoted).
     pub build: Option<String>,
     pub run: Option<String>,
+    /// The app's `repo` instead of the test's own repository.
+    pub repo: Option<&'static str>,
     pub server: String,
     pub app: String,
     pub tables: String,
