@@ -964,6 +964,11 @@ impl AppConfig {
             "version",
             "must contain {timestamp} so every version is unique and sorts in order",
         )?;
+        require(
+            crate::version::is_safe_pattern(&self.version),
+            "version",
+            "may hold only letters, digits, '.', '_', '-' and {timestamp}, {sha}, {branch}: a version names a folder",
+        )?;
         self.health.validate().under("health")?;
         self.validate_checks()?;
         self.validate_env()?;
@@ -1253,6 +1258,14 @@ run = "{artifact} --port {port}"
         assert!(err.to_string().contains("app.hello.ports"), "{err}");
         let err = parse(&MINIMAL.replace("\"hello\"", "\"Hello\"")).unwrap_err();
         assert!(err.to_string().contains("not a valid app name"), "{err}");
+        for pattern in ["../../{timestamp}", "v/{timestamp}", "{timestamp}-{user}"] {
+            let err = parse(&format!("{MINIMAL}version = \"{pattern}\"\n")).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("app.hello.version: may hold only letters"),
+                "{pattern}: {err}"
+            );
+        }
     }
 
     #[test]
