@@ -509,14 +509,22 @@ instance_env() {
 # The app's run line for the idle slot, from NONSTOP_RUN_TEMPLATE (prints it: no checks
 # here, a `die` inside $(...) would be swallowed).
 fill_run_template() {
-  local run=$NONSTOP_RUN_TEMPLATE
-  run=${run//\{artifact\}/${NONSTOP_ARTIFACT:-}}
+  local run=$NONSTOP_RUN_TEMPLATE artifact
+  # The line is read by sh: the artifact's path goes in as one single-quoted word.
+  artifact=$(sh_quote "${NONSTOP_ARTIFACT:-}")
+  run=${run//\{artifact\}/"$artifact"}
   run=${run//\{port\}/$IDLE_PORT}
   run=${run//\{profile\}/$IDLE_PROFILE}
   printf '%s' "$run"
 }
 
 # --- small helpers -------------------------------------------------------------------------
+
+# Prints $1 single-quoted for sh, a ' in it written as '\''.
+sh_quote() {
+  local quote="'\\''"
+  printf "'%s'" "${1//\'/"$quote"}"
+}
 
 log() { printf 'deploy.sh %s: %s\n' "$EVENT" "$*"; }
 warn() { printf 'deploy.sh %s: %s\n' "$EVENT" "$*" >&2; }

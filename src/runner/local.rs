@@ -318,10 +318,11 @@ impl HookContext<'_> {
         let artifact = self
             .release_dir
             .join(app.artifact.file_name().unwrap_or_default());
-        // The run command comes from the operator's config, never from a request.
+        // The run command comes from the operator's config, never from a request; it is
+        // read by `sh`, so the artifact's path goes in as one quoted word.
         let run = app
             .run
-            .replace("{artifact}", &artifact.display().to_string())
+            .replace("{artifact}", &shell_quote(&artifact.display().to_string()))
             .replace("{port}", &idle.to_string())
             .replace("{profile}", profile);
         let pairs = [
@@ -373,6 +374,20 @@ impl HookContext<'_> {
             ("NONSTOP_SWITCH_TOKEN", self.switch_token.to_owned()),
         ];
         pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+    }
+}
+
+/// `text` as one word for `sh`: as it is when it holds nothing `sh` reads specially,
+/// else in single quotes (a `'` in it written as `'\''`).
+pub fn shell_quote(text: &str) -> String {
+    let plain = !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+:,=@%".contains(c));
+    if plain {
+        text.to_owned()
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
     }
 }
 
@@ -709,6 +724,48 @@ run = "{artifact} --port {port} --profile {profile}"
                 "{name} is none of the hook's own"
             );
         }
+    }
+
+    #[test]
+    fn the_artifacts_path_is_one_word_of_the_run_line_whatever_it_holds() {
+        assert_eq!(
+            shell_quote("/data/releases/v/hello"),
+            "/data/releases/v/hello"
+        );
+        assert_eq!(
+            shell_quote("/my data/it's $(id)"),
+            "'/my data/it'\\''s $(id)'"
+        );
+        assert_eq!(shell_quote(""), "''");
+        let job = job();
+        let context = HookContext {
+            job: &job,
+            group: "local",
+            live: None,
+            release_dir: Path::new("/my data/releases/v"),
+            run_dir: Path::new("/data/run"),
+            switch_url: "http://127.0.0.1:9000",
+            switch_token: "t",
+        };
+        let vars: std::collections::HashMap<_, _> =
+            context.vars(Hook::ApplicationStart).into_iter().collect();
+        assert_eq!(
+            vars["NONSTOP_RUN"],
+            "'/my data/releases/v/hello' --port 8081 --profile real1"
+        );
+        // sh reads it back as the path it was.
+        let words = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "printf '%s\\n' {}",
+                shell_quote("/my data/it's $(id)")
+            ))
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&words.stdout),
+            "/my data/it's $(id)\n"
+        );
     }
 
     #[test]

@@ -141,7 +141,7 @@ fn a_fleet_host_deploys_blue_green_from_the_bundle_alone() {
 name = "hello"
 repo = "x"
 build = "cargo build --release"
-artifact = "target/release/hello"
+artifact = "target/release/hello app"
 run = "sh -c 'env > {host}/instance-$0.env; exec \"$@\"' {{port}} {{artifact}} --port {{port}} --profile {{profile}}"
 ports = [{a}, {b}]
 env = {{ APP_MODE = "production" }}
@@ -167,7 +167,9 @@ runner = {{ kind = "codedeploy", application = "hello", group = "fleet", destina
         "DATABASE_URL=postgres://host-s3cret\n",
     )
     .unwrap();
-    let artifact = build_example(&host.join("target"));
+    // A file name with a space: the run line must take the path as one word.
+    let artifact = host.join("target/release/hello app");
+    std::fs::copy(build_example(&host.join("target")), &artifact).unwrap();
     // Nothing listens on the second port yet: nginx answers 502, so the first slot is idle.
     let nginx = Nginx::start(&host.join("nginx"), front, ports[1]);
     let _instances = Instances(destination.join("run"));
