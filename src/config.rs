@@ -140,6 +140,16 @@ pub struct AppConfig {
     /// `KEY=VALUE` lines read at each deploy, never sourced (relative to the config file);
     /// its values are treated as secrets. On fleet hosts deploy.sh reads the same path there.
     pub env_file: Option<PathBuf>,
+    /// The user the hooks, the release and the instances run as on this host (the local
+    /// runner), instead of nonstop's own; resolved at load time into `run_user`.
+    pub run_as: Option<String>,
+    /// The user Fetch and the build run as, instead of nonstop's own; resolved at load time
+    /// into `build_user`.
+    pub build_as: Option<String>,
+    #[serde(skip)]
+    pub run_user: Option<crate::user::User>,
+    #[serde(skip)]
+    pub build_user: Option<crate::user::User>,
     /// Filled from `secrets` at load time, by name; never logged.
     #[serde(skip)]
     pub secret_values: Vec<(String, Secret)>,
@@ -972,6 +982,7 @@ impl AppConfig {
         self.health.validate().under("health")?;
         self.validate_checks()?;
         self.validate_env()?;
+        self.validate_users()?;
         require(
             !self.artifact.is_absolute() && self.artifact.file_name().is_some(),
             "artifact",
@@ -1093,7 +1104,45 @@ impl AppConfig {
         Ok(())
     }
 
+    /// `run_as` and `build_as` are one user name each; a fleet's hooks run as `runner.runas`.
+    fn validate_users(&self) -> Result<(), Invalid> {
+        for (key, user) in [("run_as", &self.run_as), ("build_as", &self.build_as)] {
+            let one_user = user.as_deref().is_none_or(|u| {
+                !u.is_empty() && !u.contains(|c: char| c.is_whitespace() || c == '\0')
+            });
+            require(one_user, key, "must be one user name")?;
+        }
+        require(
+            self.run_as.is_none() || matches!(self.runner, RunnerConfig::Local { .. }),
+            "run_as",
+            "is for the local runner: on a fleet, hooks run as runner.runas",
+        )
+    }
+
+    /// The users `run_as` and `build_as` name, from this host's user database.
+    fn resolve_users(&mut self) -> Result<(), Invalid> {
+        let lookup = |key: &str, name: &Option<String>| -> Result<_, Invalid> {
+            let Some(name) = name else { return Ok(None) };
+            match crate::user::User::lookup(name) {
+                Ok(Some(user)) => Ok(Some(user)),
+                Ok(None) => Err(Invalid::new(
+                    key,
+                    format!("there is no user `{name}` on this host"),
+                )),
+                Err(err) => Err(Invalid::new(
+                    key,
+                    format!("cannot look up user `{name}`: {err}"),
+                )),
+            }
+        };
+        self.run_user = lookup("run_as", &self.run_as)?;
+        self.build_user = lookup("build_as", &self.build_as)?;
+        Ok(())
+    }
+
     fn read_secret(&mut self, env: &impl Fn(&str) -> Option<String>) -> Result<(), Invalid> {
+        // What this host gives the app is read here, with its secrets: its users too.
+        self.resolve_users()?;
         if let Some(var) = &self.webhook_secret_env {
             let secret = env_value(env, "webhook_secret_env", var, "the webhook secret")?;
             self.webhook_secret = Some(Secret(secret));
@@ -1439,6 +1488,39 @@ run = "{artifact} --port {port}"
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(&format!("{key}: ")), "{keys}: {err}");
+            assert!(err.contains(problem), "{keys}: {err}");
+        }
+    }
+
+    #[test]
+    fn run_as_and_build_as_name_users_of_this_host() {
+        let config = parse(&format!(
+            "{MINIMAL}run_as = \"nobody\"\nbuild_as = \"root\"\n"
+        ))
+        .unwrap();
+        let app = &config.apps[0];
+        assert_eq!(
+            app.run_user.as_ref().map(|u| u.name.as_str()),
+            Some("nobody")
+        );
+        assert_eq!(app.build_user.as_ref().map(|u| u.uid), Some(0));
+        for (keys, problem) in [
+            (
+                "run_as = \"no-such-user-here\"",
+                "app.hello.run_as: there is no user `no-such-user-here`",
+            ),
+            (
+                "build_as = \"two users\"",
+                "app.hello.build_as: must be one user name",
+            ),
+            (
+                "run_as = \"nobody\"\nstore = { kind = \"s3\", bucket = \"releases\" }\nrunner = { kind = \"codedeploy\", application = \"a\", group = \"g\" }",
+                "app.hello.run_as: is for the local runner",
+            ),
+        ] {
+            let err = parse(&format!("{MINIMAL}{keys}\n"))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(problem), "{keys}: {err}");
         }
     }

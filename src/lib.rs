@@ -16,6 +16,7 @@ pub mod runner;
 pub mod serve;
 pub mod store;
 pub mod switch;
+pub mod user;
 pub mod web;
 pub mod webhook;
 

@@ -114,13 +114,16 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
 /// tests use it to drive the router without a socket.
 pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Server, ServeError> {
     let data_dir = config.data_dir();
-    create_private_dir(&data_dir).map_err(|err| {
+    open_data_dir(&config, &data_dir).map_err(|err| {
         ServeError::Setup(format!(
             "cannot create data_dir {}: {err}",
             data_dir.display()
         ))
     })?;
     let db = Db::open(&data_dir.join("nonstop.db")).await?;
+    // SQLite gives its -wal and -shm files the database file's mode.
+    set_mode(&data_dir.join("nonstop.db"), 0o600)
+        .map_err(|err| ServeError::Setup(format!("cannot make the database private: {err}")))?;
     let cut = recovery::mark_interrupted(&db, &data_dir).await?;
     let admin_token = admin_token(&config, &data_dir)?;
     let listener = tokio::net::TcpListener::bind(config.server.listen)
@@ -424,11 +427,39 @@ fn long_enough(token: String, from: &str) -> Result<Secret, ServeError> {
 }
 
 /// The data dir holds the database, the admin token and every build: only nonstop's user
-/// may enter it.
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
+/// may enter it. When an app builds or runs as another user (`build_as`, `run_as`), that
+/// user must pass through it to the folders handed over to it: the data dir and `apps/`
+/// are then 0711 (no listing, no reading), and what lies beside them stays 0700 or 0600.
+fn open_data_dir(config: &Config, dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    let shared = config
+        .apps
+        .iter()
+        .any(|app| app.run_user.is_some() || app.build_user.is_some());
+    if !shared {
+        return set_mode(dir, 0o700);
+    }
+    crate::user::pass_through(dir)?;
+    crate::user::pass_through(&dir.join("apps"))?;
+    for private in ["artifacts", "tmp"] {
+        std::fs::create_dir_all(dir.join(private))?;
+        set_mode(&dir.join(private), 0o700)?;
+    }
+    for app in &config.apps {
+        let app_dir = dir.join("apps").join(app.name.as_str());
+        if app.run_user.is_some() || app.build_user.is_some() {
+            crate::user::pass_through(&app_dir)?;
+        } else {
+            std::fs::create_dir_all(&app_dir)?;
+            set_mode(&app_dir, 0o700)?;
+        }
+    }
+    Ok(())
+}
+
+fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
 /// Writes a file only its owner can read, whole or not at all: a temp file beside it,

@@ -58,6 +58,9 @@ pub async fn run(input: BuildInput<'_>) -> Result<Done<PathBuf>, Failed<BuildErr
         .arg("-c")
         .arg(&app.build)
         .current_dir(input.checkout);
+    if let Some(user) = &app.build_user {
+        user.apply(&mut command);
+    }
     let timeout = Duration::from_secs(app.build_timeout_secs);
     let mut log = match input.env_change {
         Some(change) => format!("{change}\n$ {}\n", app.build),

@@ -254,7 +254,8 @@ impl Pipeline {
             .join(app.config.name.as_str())
             .join("checkout");
         let commit = deployment.commit_sha.as_deref();
-        let fetched = source::fetch(&app.repo, &checkout, &deployment.branch, commit);
+        let build_user = app.config.build_user.as_ref();
+        let fetched = source::fetch(&app.repo, &checkout, &deployment.branch, commit, build_user);
         let fetched = step::record(recorder, Stage::Fetch, fetched).await?;
         let version = self
             .stamp_version(deployment, &app.config, &fetched)

@@ -159,6 +159,9 @@ impl LocalRunner {
                 .unwrap_or(default_timeout);
             let mut command = env.command(archive.join(&script.location));
             command.current_dir(archive);
+            if let Some(user) = &context.job.app.run_user {
+                user.apply(&mut command);
+            }
             log.push_str(&format!(
                 "$ {} ({hook}, timeout {}s)\n",
                 script.location,
@@ -225,6 +228,8 @@ impl LocalRunner {
             .map_err(LocalError::from)??;
         // Unpacked, the zip is one more copy of the artifact on this host's disk.
         let _ = tokio::fs::remove_file(&zip_path).await;
+        // Its scripts run as `run_as`.
+        self.hand_over(job, &folders.deployment).await?;
         let spec = read_appspec(&folders.archive).await?;
         let log = format!(
             "fetched {} (sha256 {})\nunpacked {files} files into {}\n",
@@ -246,6 +251,8 @@ impl LocalRunner {
     ) -> Result<Done<()>, Failed<LocalError>> {
         if hook == Hook::Install {
             let files = install(&folders.archive, &folders.release).await?;
+            // The instance runs from it as `run_as`.
+            self.hand_over(context.job, &folders.release).await?;
             let log = format!("copied {files} files to {}\n", folders.release.display());
             return Ok(Done::new((), log));
         }
@@ -256,6 +263,24 @@ impl LocalRunner {
             .run_scripts(spec, &folders.archive, hook, context)
             .await?;
         Ok(Done::new((), log))
+    }
+
+    /// Gives `path` to the app's `run_as` user, when it has one, and lets it pass through
+    /// the folders above it up to the app's own.
+    async fn hand_over(&self, job: &Job, path: &Path) -> Result<(), LocalError> {
+        let Some(user) = job.app.run_user.clone() else {
+            return Ok(());
+        };
+        let (app_dir, path) = (self.app_dir.clone(), path.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let mut above = path.parent();
+            while let Some(dir) = above.filter(|dir| dir.starts_with(&app_dir)) {
+                crate::user::pass_through(dir).map_err(io_at(dir))?;
+                above = dir.parent();
+            }
+            user.hand_over(&path).map_err(io_at(&path))
+        })
+        .await?
     }
 
     /// The next deployment's ApplicationStop runs from this revision.
@@ -416,6 +441,10 @@ impl Runner for LocalRunner {
                 .map_err(io_at(dir))
                 .map_err(at(Hook::ApplicationStop))?;
         }
+        // The instances write their pid files and logs here, as `run_as`.
+        self.hand_over(job, &folders.run)
+            .await
+            .map_err(at(Hook::ApplicationStop))?;
         // Idle and live are fixed once per deployment: the hooks of one deploy must agree.
         let live = self.switch.live();
         let idle = job.app.idle_port(live);

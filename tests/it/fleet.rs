@@ -17,7 +17,7 @@ use nonstop::runner::appspec::{parse, render_app_env, render_for, render_host_en
 use nonstop::runner::local::extract;
 
 /// The example app, built once with cargo as a CI job would.
-fn build_example(target: &Path) -> PathBuf {
+pub fn build_example(target: &Path) -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hello/Cargo.toml");
     let out = Command::new("cargo")
         .args(["build", "--release", "--quiet", "--manifest-path"])

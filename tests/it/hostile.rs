@@ -1230,7 +1230,13 @@ async fn no_process_of_the_servers_user_can_read_its_environment() {
         peer.args(["--bounding-set=-all", "--inh-caps=-all"]);
     }
     let mut peer = peer.args(["sleep", "30"]).spawn().unwrap();
-    let readable = environ_readable_by_a_peer(peer.id());
+    // Until setpriv has dropped its capabilities and become `sleep`, it is not a peer yet.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut readable = environ_readable_by_a_peer(peer.id());
+    while !readable && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        readable = environ_readable_by_a_peer(peer.id());
+    }
     let _ = peer.kill();
     let _ = peer.wait();
     assert!(readable, "a peer's environ should be readable by a peer");
@@ -1280,4 +1286,88 @@ async fn a_repo_urls_credentials_are_shown_nowhere() {
     for (place, text) in places {
         assert!(!text.contains("tok3n"), "the token is in {place}");
     }
+}
+
+#[tokio::test]
+async fn builds_hooks_and_instances_run_as_the_users_the_config_names_and_cannot_read_the_data_dir()
+{
+    use std::os::unix::fs::MetadataExt;
+    let nobody = nonstop::user::User::lookup("nobody").unwrap().unwrap();
+    // The example, built by the test (cargo lives in root's home, which nobody cannot
+    // enter), and the folder where the build and the instance say who they are.
+    let shared = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(shared.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let hello = shared.path().join("hello");
+    std::fs::copy(
+        crate::fleet::build_example(&shared.path().join("target")),
+        &hello,
+    )
+    .unwrap();
+    let s = shared.path().display();
+    let app = crate::common::spawn_app_with(Extra {
+        build: Some(format!(
+            "id -u > {s}/build.uid; cat ../../../nonstop.db ../../../env-key > {s}/read 2>&1; \
+             mkdir -p target/release && cp {s}/hello target/release/hello"
+        )),
+        run: Some(format!(
+            "sh -c 'id -u > {s}/instance.uid; exec \"$0\" \"$@\"' {{artifact}} --port {{port}} --profile {{profile}}"
+        )),
+        app: "build_as = \"nobody\"\nrun_as = \"nobody\"\n".into(),
+        ..Extra::default()
+    })
+    .await;
+    // The test's own folder is root's 0700 temp dir: let the users pass, as a host's
+    // data dir's parents would.
+    std::fs::set_permissions(app.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    // git as nobody refuses a repository of another user: a local repo is the build
+    // user's, as the README says.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        nobody.hand_over(&app.repo.path).unwrap();
+    }
+
+    let id = app.push(&app.repo.commit("Run as nobody")).await;
+    let done = app.wait_finished(id).await;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        // Only root may start a child as another user: the deployment fails, saying why.
+        assert_eq!(done["deployment"]["status"], "failed", "{done:#}");
+        let error = done["deployment"]["error"].as_str().unwrap();
+        assert!(error.contains("Operation not permitted"), "{error}");
+        return;
+    }
+    assert_eq!(done["deployment"]["status"], "succeeded", "{done:#}");
+    let uid_of = |file: &str| std::fs::read_to_string(shared.path().join(file)).unwrap();
+    assert_eq!(
+        uid_of("build.uid"),
+        format!("{}\n", nobody.uid),
+        "the build's user"
+    );
+    assert_eq!(
+        uid_of("instance.uid"),
+        format!("{}\n", nobody.uid),
+        "the instance's user"
+    );
+    let run_dir = app.data_dir().join("apps/hello/run");
+    let pid_file = run_dir.join(format!("{}.pid", app.ports.app[0]));
+    assert_eq!(
+        std::fs::metadata(&pid_file).unwrap().uid(),
+        nobody.uid,
+        "deploy.sh's user"
+    );
+
+    // What the build tried to read of nonstop's own, it could not.
+    let read = uid_of("read");
+    assert_eq!(read.matches("Permission denied").count(), 2, "{read}");
+    let mode = |path: &Path| std::fs::metadata(path).unwrap().mode() & 0o777;
+    assert_eq!(mode(&app.data_dir()), 0o711);
+    assert_eq!(mode(&app.db_path()), 0o600);
+    assert_eq!(mode(&app.data_dir().join("artifacts")), 0o700);
+
+    // The next deployment's hooks, as nobody, stop and start nobody's instances.
+    let id = app.push(&app.repo.commit("Again as nobody")).await;
+    let done = app.wait_finished(id).await;
+    assert_eq!(done["deployment"]["status"], "succeeded", "{done:#}");
+    let second = run_dir.join(format!("{}.pid", app.ports.app[1]));
+    assert_eq!(std::fs::metadata(&second).unwrap().uid(), nobody.uid);
 }

@@ -28,6 +28,8 @@ fn git(dir: &Path, args: &[&str]) -> String {
         .arg("-C")
         .arg(dir)
         .args(["-c", "user.name=Test", "-c", "user.email=test@localhost"])
+        // A test may hand the repository to another user (`build_as`).
+        .args(["-c", "safe.directory=*"])
         .args(args)
         .output()
         .unwrap();
