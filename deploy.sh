@@ -38,9 +38,19 @@
 #                               {artifact}, {port} and {profile} filled in here
 #   NONSTOP_ARTIFACT            what {artifact} stands for
 #   NONSTOP_HEALTH_PATH         when NONSTOP_HEALTH_URL is unset, default /profile
+#   NONSTOP_ENV_FILE            the host's env file for the app (its secrets), read when no
+#                               runner set NONSTOP_APP_ENV
+# The app's own env:
+#   NONSTOP_APP_ENV             names of the app's env vars the runner set for this hook;
+#                               unset on a fleet host, where they come from app.env (beside
+#                               this script: the config's `env`) and NONSTOP_ENV_FILE
 # On a fleet host nobody sets these: nonstop bundles them as `nonstop.env` beside this
 # script, one NAME=value per line. It is read, never sourced, and a variable already set
 # wins, so the local runner's own values always come first.
+#
+# The instance gets exactly: PATH, HOME, LANG, TZ, CodeDeploy's names, NONSTOP_* but the
+# switch token, and the app's own env; nothing else of this hook's environment (which, on a
+# fleet host, is the CodeDeploy agent's).
 #
 # Needs bash, curl and setsid (util-linux). Every value above is only ever used quoted, as
 # one argument; the one exception is NONSTOP_RUN, which comes from nonstop's trusted config
@@ -107,12 +117,15 @@ on_application_start() {
   # - fds 0, 1 and 2 point away from the hook's, and any other inherited fd is closed: the
   #   runner reads the hook's stdout and stderr until EOF, which would never come while the
   #   app held a copy of them.
-  # - the switch token stays with this script; the app gets NONSTOP_VERSION.
+  # - its environment is built from nothing (instance_env): the switch token stays with this
+  #   script, and nothing of the runner's own environment reaches the app.
   # - the run line is read by sh (trusted config, see the top); `exec` makes the app take
   #   over that shell's pid, as the subshell's `exec` does with env.
+  load_app_env
+  instance_env "$version"
   (
     close_inherited_fds
-    exec env -u NONSTOP_SWITCH_TOKEN NONSTOP_VERSION="$version" setsid sh -c "exec $run"
+    exec env -i "${INSTANCE_ENV[@]}" setsid sh -c "exec $run"
   ) </dev/null >>"$log_file" 2>&1 &
   local pid=$!
 
@@ -435,17 +448,83 @@ load_host_env() {
   done <"$file"
 }
 
+# On a fleet host (no runner set NONSTOP_APP_ENV): exports the app's env from app.env beside
+# this script, then from the host's NONSTOP_ENV_FILE (its secrets; a later value wins), and
+# sets NONSTOP_APP_ENV to their names. Read as NAME=value lines, never sourced.
+load_app_env() {
+  [[ -z ${NONSTOP_APP_ENV+set} ]] || return 0
+  NONSTOP_APP_ENV=""
+  read_app_env_file "$SCRIPT_DIR/app.env" optional
+  if [[ -n ${NONSTOP_ENV_FILE:-} ]]; then
+    read_app_env_file "$NONSTOP_ENV_FILE" required
+  fi
+  export NONSTOP_APP_ENV
+}
+
+# Exports the NAME=value lines of file $1 ($2: optional or required) and adds their names to
+# NONSTOP_APP_ENV. An error names the line's number, never its text (it may hold a secret).
+read_app_env_file() {
+  local file=$1 line name number=0
+  if [[ ! -r $file ]]; then
+    [[ $2 == optional && ! -e $file ]] && return 0
+    die "the app's env file $file cannot be read"
+  fi
+  while IFS= read -r line || [[ -n $line ]]; do
+    number=$((number + 1))
+    line=${line%$'\r'}
+    [[ -z ${line//[[:space:]]/} || $line =~ ^[[:space:]]*# ]] && continue
+    name=${line%%=*}
+    [[ $line == *=* && $name =~ ^[A-Za-z_][A-Za-z0-9_]*$ && $name != NONSTOP_* ]] ||
+      die "$file:$number: expected NAME=value (NONSTOP_* names are nonstop's own)"
+    export "$name=${line#*=}"
+    NONSTOP_APP_ENV+=" $name"
+  done <"$file"
+}
+
+# Fills INSTANCE_ENV with NAME=value for everything the instance may see (see the top).
+instance_env() {
+  local name
+  INSTANCE_ENV=()
+  for name in PATH HOME LANG TZ LIFECYCLE_EVENT DEPLOYMENT_ID DEPLOYMENT_GROUP_ID \
+    DEPLOYMENT_GROUP_NAME APPLICATION_NAME; do
+    if [[ -n ${!name+set} ]]; then
+      INSTANCE_ENV+=("$name=${!name}")
+    fi
+  done
+  while IFS= read -r name; do
+    if [[ $name == NONSTOP_* && $name != NONSTOP_SWITCH_TOKEN && $name != NONSTOP_VERSION ]]; then
+      INSTANCE_ENV+=("$name=${!name}")
+    fi
+  done < <(compgen -e)
+  for name in ${NONSTOP_APP_ENV:-}; do
+    [[ $name =~ ^[A-Za-z_][A-Za-z0-9_]*$ && $name != NONSTOP_* ]] ||
+      die "NONSTOP_APP_ENV: '$(one_line "$name")' is not an app's env var name"
+    if [[ -n ${!name+set} ]]; then
+      INSTANCE_ENV+=("$name=${!name}")
+    fi
+  done
+  INSTANCE_ENV+=("NONSTOP_VERSION=$1")
+}
+
 # The app's run line for the idle slot, from NONSTOP_RUN_TEMPLATE (prints it: no checks
 # here, a `die` inside $(...) would be swallowed).
 fill_run_template() {
-  local run=$NONSTOP_RUN_TEMPLATE
-  run=${run//\{artifact\}/${NONSTOP_ARTIFACT:-}}
+  local run=$NONSTOP_RUN_TEMPLATE artifact
+  # The line is read by sh: the artifact's path goes in as one single-quoted word.
+  artifact=$(sh_quote "${NONSTOP_ARTIFACT:-}")
+  run=${run//\{artifact\}/"$artifact"}
   run=${run//\{port\}/$IDLE_PORT}
   run=${run//\{profile\}/$IDLE_PROFILE}
   printf '%s' "$run"
 }
 
 # --- small helpers -------------------------------------------------------------------------
+
+# Prints $1 single-quoted for sh, a ' in it written as '\''.
+sh_quote() {
+  local quote="'\\''"
+  printf "'%s'" "${1//\'/"$quote"}"
+}
 
 log() { printf 'deploy.sh %s: %s\n' "$EVENT" "$*"; }
 warn() { printf 'deploy.sh %s: %s\n' "$EVENT" "$*" >&2; }

@@ -119,7 +119,8 @@ async fn main() {
             version: "1.0.0",
             commit: "0000000000000000000000000000000000000000",
             branch: "main",
-            scrubbed_env: &[],
+            env: &nonstop::app_env::AppEnv::default(),
+            env_change: None,
         })
         .await;
         match built {

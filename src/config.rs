@@ -2,7 +2,7 @@
 //! one line naming the key and the problem. Secrets are never in the file, only the names of
 //! the env vars that hold them; this module reads those vars once and never logs them.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -142,6 +142,30 @@ pub struct AppConfig {
     pub slack: Option<AppSlackConfig>,
     /// GitHub overrides for this app.
     pub github: Option<AppGitHubConfig>,
+    /// Env vars the app's build, hooks and instances get. Not secret: they are in this file
+    /// and in every bundle (fleet hosts read them there).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Names of env vars of the server whose values the app gets; they are never bundled,
+    /// logged or stored.
+    #[serde(default)]
+    pub secrets: Vec<String>,
+    /// `KEY=VALUE` lines read at each deploy, never sourced (relative to the config file);
+    /// its values are treated as secrets. On fleet hosts deploy.sh reads the same path there.
+    pub env_file: Option<PathBuf>,
+    /// The user the hooks, the release and the instances run as on this host (the local
+    /// runner), instead of nonstop's own; resolved at load time into `run_user`.
+    pub run_as: Option<String>,
+    /// The user Fetch and the build run as, instead of nonstop's own; resolved at load time
+    /// into `build_user`.
+    pub build_as: Option<String>,
+    #[serde(skip)]
+    pub run_user: Option<crate::user::User>,
+    #[serde(skip)]
+    pub build_user: Option<crate::user::User>,
+    /// Filled from `secrets` at load time, by name; never logged.
+    #[serde(skip)]
+    pub secret_values: Vec<(String, Secret)>,
     /// Filled from `webhook_secret_env` at load time; never serialised or logged.
     #[serde(skip)]
     pub webhook_secret: Option<Secret>,
@@ -515,10 +539,15 @@ impl Config {
             Some(parent) if !parent.as_os_str().is_empty() => parent,
             _ => Path::new("."),
         };
+        let base_dir = folder.canonicalize().unwrap_or_else(|_| folder.to_owned());
+        let mut apps = raw.apps;
+        for app in &mut apps {
+            app.env_file = app.env_file.as_ref().map(|file| base_dir.join(file));
+        }
         Ok(Self {
             server,
-            apps: raw.apps,
-            base_dir: folder.canonicalize().unwrap_or_else(|_| folder.to_owned()),
+            apps,
+            base_dir,
             travis: raw.travis,
             slack: raw.slack,
             github: raw.github,
@@ -566,6 +595,15 @@ impl RawConfig {
                 require(free, "switch.listen", taken).under(&table)?;
             }
         }
+        let own = self.own_secret_vars(server);
+        for app in &self.apps {
+            let table = format!("app.{}", app.name);
+            for name in &app.secrets {
+                let message =
+                    format!("{name} holds one of nonstop's own secrets, which no app may get");
+                require(!own.contains(name.as_str()), "secrets", message).under(&table)?;
+            }
+        }
         server.validate().under("server")?;
         if let Some(source) = &self.travis {
             source.validate().under("travis")?;
@@ -574,6 +612,29 @@ impl RawConfig {
             github.validate().under("github")?;
         }
         Ok(())
+    }
+}
+
+impl RawConfig {
+    /// The env vars that hold nonstop's own secrets (the admin and metrics tokens, webhook
+    /// secrets, Slack's URL, the GitHub token).
+    fn own_secret_vars<'a>(&'a self, server: &'a ServerConfig) -> HashSet<&'a str> {
+        std::iter::once(server.admin_token_env.as_str())
+            .chain(server.metrics_token_env.as_deref())
+            .chain(
+                self.apps
+                    .iter()
+                    .filter_map(|a| a.webhook_secret_env.as_deref()),
+            )
+            .chain(self.slack.iter().map(|s| s.webhook_url_env.as_str()))
+            .chain(self.github.iter().map(|g| g.token_env.as_str()))
+            .chain(
+                self.travis
+                    .iter()
+                    .chain(self.apps.iter().filter_map(|a| a.travis.as_ref()))
+                    .filter_map(|t| t.public_key_env.as_deref()),
+            )
+            .collect()
     }
 }
 
@@ -929,8 +990,15 @@ impl AppConfig {
             "version",
             "must contain {timestamp} so every version is unique and sorts in order",
         )?;
+        require(
+            crate::version::is_safe_pattern(&self.version),
+            "version",
+            "may hold only letters, digits, '.', '_', '-' and {timestamp}, {sha}, {branch}: a version names a folder",
+        )?;
         self.health.validate().under("health")?;
         self.validate_checks()?;
+        self.validate_env()?;
+        self.validate_users()?;
         require(
             !self.artifact.is_absolute() && self.artifact.file_name().is_some(),
             "artifact",
@@ -1020,11 +1088,89 @@ impl AppConfig {
         Ok(())
     }
 
+    /// `env` and `secrets` name valid env vars the runner does not set, each once; `env`'s
+    /// values fit on one line (they are bundled as lines).
+    fn validate_env(&self) -> Result<(), Invalid> {
+        for (name, value) in &self.env {
+            if let Some(problem) = crate::app_env::refuse_name(name) {
+                return Err(Invalid::new("env", format!("`{name}` {problem}")));
+            }
+            require(
+                !value.contains(['\n', '\r', '\0']),
+                "env",
+                format!("the value of {name} must be one line"),
+            )?;
+        }
+        let mut seen = HashSet::new();
+        for name in &self.secrets {
+            if let Some(problem) = crate::app_env::refuse_name(name) {
+                return Err(Invalid::new("secrets", format!("`{name}` {problem}")));
+            }
+            require(
+                seen.insert(name),
+                "secrets",
+                format!("{name} is named twice"),
+            )?;
+            require(
+                !self.env.contains_key(name),
+                "secrets",
+                format!("{name} is also in env: a value is either in the file or a secret"),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// `run_as` and `build_as` are one user name each; a fleet's hooks run as `runner.runas`.
+    fn validate_users(&self) -> Result<(), Invalid> {
+        for (key, user) in [("run_as", &self.run_as), ("build_as", &self.build_as)] {
+            let one_user = user.as_deref().is_none_or(|u| {
+                !u.is_empty() && !u.contains(|c: char| c.is_whitespace() || c == '\0')
+            });
+            require(one_user, key, "must be one user name")?;
+        }
+        require(
+            self.run_as.is_none() || matches!(self.runner, RunnerConfig::Local { .. }),
+            "run_as",
+            "is for the local runner: on a fleet, hooks run as runner.runas",
+        )
+    }
+
+    /// The users `run_as` and `build_as` name, from this host's user database.
+    fn resolve_users(&mut self) -> Result<(), Invalid> {
+        let lookup = |key: &str, name: &Option<String>| -> Result<_, Invalid> {
+            let Some(name) = name else { return Ok(None) };
+            match crate::user::User::lookup(name) {
+                Ok(Some(user)) => Ok(Some(user)),
+                Ok(None) => Err(Invalid::new(
+                    key,
+                    format!("there is no user `{name}` on this host"),
+                )),
+                Err(err) => Err(Invalid::new(
+                    key,
+                    format!("cannot look up user `{name}`: {err}"),
+                )),
+            }
+        };
+        self.run_user = lookup("run_as", &self.run_as)?;
+        self.build_user = lookup("build_as", &self.build_as)?;
+        Ok(())
+    }
+
     fn read_secret(&mut self, env: &impl Fn(&str) -> Option<String>) -> Result<(), Invalid> {
+        // What this host gives the app is read here, with its secrets: its users too.
+        self.resolve_users()?;
         if let Some(var) = &self.webhook_secret_env {
             let secret = env_value(env, "webhook_secret_env", var, "the webhook secret")?;
             self.webhook_secret = Some(Secret(secret));
         }
+        self.secret_values = self
+            .secrets
+            .iter()
+            .map(|var| {
+                let value = env_value(env, "secrets", var, "a secret of this app")?;
+                Ok((var.clone(), Secret(value)))
+            })
+            .collect::<Result<_, Invalid>>()?;
         Ok(())
     }
 
@@ -1177,6 +1323,14 @@ run = "{artifact} --port {port}"
         assert!(err.to_string().contains("app.hello.ports"), "{err}");
         let err = parse(&MINIMAL.replace("\"hello\"", "\"Hello\"")).unwrap_err();
         assert!(err.to_string().contains("not a valid app name"), "{err}");
+        for pattern in ["../../{timestamp}", "v/{timestamp}", "{timestamp}-{user}"] {
+            let err = parse(&format!("{MINIMAL}version = \"{pattern}\"\n")).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("app.hello.version: may hold only letters"),
+                "{pattern}: {err}"
+            );
+        }
     }
 
     #[test]
@@ -1275,6 +1429,116 @@ run = "{artifact} --port {port}"
         let secret = config.apps[0].webhook_secret.clone().unwrap();
         assert_eq!(secret.expose(), "s3cret");
         assert_eq!(format!("{secret:?}"), "Secret(…)");
+    }
+
+    #[test]
+    fn an_apps_env_and_secrets_are_checked_by_name_and_read_without_being_shown() {
+        let keys = "env = { RUST_LOG = \"info\", APP_MODE = \"production\" }\n\
+                    secrets = [\"DATABASE_URL\", \"SESSION_KEY\"]\n\
+                    env_file = \"hello.env\"\n";
+        let text = format!("{MINIMAL}{keys}");
+        let secrets = [
+            ("DATABASE_URL", "postgres://s3cret"),
+            ("SESSION_KEY", "k3y"),
+        ];
+        let config = with_env(&text, &secrets).unwrap();
+        let app = &config.apps[0];
+        assert_eq!(app.env["APP_MODE"], "production");
+        let read: Vec<_> = app
+            .secret_values
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.expose()))
+            .collect();
+        assert_eq!(read, secrets);
+        assert_eq!(app.env_file, Some(config.base_dir.join("hello.env")));
+        assert!(!format!("{app:?}").contains("s3cret"));
+
+        let err = with_env(&text, &secrets[..1]).unwrap_err().to_string();
+        assert!(
+            err.contains("app.hello.secrets: env var SESSION_KEY is not set"),
+            "{err}"
+        );
+        for (keys, key, problem) in [
+            (
+                "env = { \"1X\" = \"a\" }",
+                "app.hello.env",
+                "`1X` is not an env var name",
+            ),
+            (
+                "env = { NONSTOP_RUN = \"a\" }",
+                "app.hello.env",
+                "is nonstop's own",
+            ),
+            (
+                "env = { DEPLOYMENT_ID = \"a\" }",
+                "app.hello.env",
+                "set by the runner",
+            ),
+            (
+                "env = { A = \"two\\nlines\" }",
+                "app.hello.env",
+                "must be one line",
+            ),
+            (
+                "secrets = [\"A\", \"A\"]",
+                "app.hello.secrets",
+                "named twice",
+            ),
+            (
+                "env = { A = \"x\" }\nsecrets = [\"A\"]",
+                "app.hello.secrets",
+                "also in env",
+            ),
+            (
+                "secrets = [\"HOOK_SECRET\"]\nwebhook_secret_env = \"HOOK_SECRET\"",
+                "app.hello.secrets",
+                "one of nonstop's own secrets",
+            ),
+            (
+                "secrets = [\"NONSTOP_ADMIN_TOKEN\"]",
+                "app.hello.secrets",
+                "is nonstop's own",
+            ),
+        ] {
+            let err = parse(&format!("{MINIMAL}{keys}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("{key}: ")), "{keys}: {err}");
+            assert!(err.contains(problem), "{keys}: {err}");
+        }
+    }
+
+    #[test]
+    fn run_as_and_build_as_name_users_of_this_host() {
+        let config = parse(&format!(
+            "{MINIMAL}run_as = \"nobody\"\nbuild_as = \"root\"\n"
+        ))
+        .unwrap();
+        let app = &config.apps[0];
+        assert_eq!(
+            app.run_user.as_ref().map(|u| u.name.as_str()),
+            Some("nobody")
+        );
+        assert_eq!(app.build_user.as_ref().map(|u| u.uid), Some(0));
+        for (keys, problem) in [
+            (
+                "run_as = \"no-such-user-here\"",
+                "app.hello.run_as: there is no user `no-such-user-here`",
+            ),
+            (
+                "build_as = \"two users\"",
+                "app.hello.build_as: must be one user name",
+            ),
+            (
+                "run_as = \"nobody\"\nstore = { kind = \"s3\", bucket = \"releases\" }\nrunner = { kind = \"codedeploy\", application = \"a\", group = \"g\" }",
+                "app.hello.run_as: is for the local runner",
+            ),
+        ] {
+            let err = parse(&format!("{MINIMAL}{keys}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(problem), "{keys}: {err}");
+        }
     }
 
     fn with_env(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {

@@ -6,6 +6,7 @@
 //! (start-up, config, the router, the backends tested against moto and nginx); the rest is
 //! the crate's own, so the compiler reports what nothing uses.
 
+pub mod app_env;
 pub mod aws;
 pub mod config;
 pub mod domain;
@@ -15,6 +16,7 @@ pub mod runner;
 pub mod serve;
 pub mod store;
 pub mod switch;
+pub mod user;
 pub mod web;
 pub mod webhook;
 

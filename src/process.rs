@@ -10,7 +10,13 @@
 //! taken waits in its own write: the pipe pushes back) into the `Tail` the log keeps, and into
 //! an optional `LineSink` that sees every line as it is printed. It never holds a whole
 //! output in memory, and never a whole line longer than the cap.
+//!
+//! A child never inherits nonstop's environment (which holds its own secrets and whatever
+//! cloud credentials the host gave it): every command is made by `ChildEnv::command`, which
+//! clears it and passes only an allow-list plus what the caller adds.
 
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -34,6 +40,81 @@ const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// Batches of lines read ahead of the sink: what the capture holds in flight is bounded by
 /// this many reads (each at most `READ_CHUNK_BYTES` plus one cut line).
 const BATCHES_IN_FLIGHT: usize = 8;
+
+/// What every child gets of the server's own environment, when the server has it: where
+/// programs are, the home folder (git's and cargo's config, credential helpers), language and
+/// time zone. Nothing else of the server's environment reaches a child.
+pub const BASE_ENV: [&str; 4] = ["PATH", "HOME", "LANG", "TZ"];
+
+/// `PATH` for a child when the server has none.
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// The environment of one child, built from nothing: `ChildEnv::base()` and what the caller
+/// adds. `Debug` shows the names only, never a value.
+#[derive(Clone, Default)]
+pub struct ChildEnv {
+    vars: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for ChildEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.vars.keys()).finish()
+    }
+}
+
+impl ChildEnv {
+    /// `BASE_ENV`, from the server's environment (a default `PATH` when it has none).
+    pub fn base() -> Self {
+        let mut env = Self::default().inherit(&BASE_ENV);
+        env.vars
+            .entry("PATH".into())
+            .or_insert_with(|| DEFAULT_PATH.into());
+        env
+    }
+
+    /// Adds those of `names` the server's environment has (a value that is not UTF-8 is
+    /// left out).
+    pub fn inherit(mut self, names: &[&str]) -> Self {
+        for name in names {
+            if let Ok(value) = std::env::var(name) {
+                self.vars.insert((*name).to_owned(), value);
+            }
+        }
+        self
+    }
+
+    /// Sets `name` (over any value it had).
+    pub fn set(&mut self, name: impl Into<String>, value: impl Into<String>) -> &mut Self {
+        self.vars.insert(name.into(), value.into());
+        self
+    }
+
+    /// Sets every pair, in order (a later one wins).
+    pub fn extend<K: Into<String>, V: Into<String>>(
+        &mut self,
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> &mut Self {
+        for (name, value) in pairs {
+            self.set(name, value);
+        }
+        self
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.vars.get(name).map(String::as_str)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.vars.keys().map(String::as_str)
+    }
+
+    /// A command for `program` whose environment is exactly this one.
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut command = Command::new(program);
+        command.env_clear().envs(&self.vars);
+        command
+    }
+}
 
 /// How a child ended.
 #[derive(Debug)]

@@ -125,7 +125,9 @@ async fn stop_half_started(app: &App, cut: Cut) {
         started_instances,
     } = cut;
     // Hooks start instances, and CodeDeploy deploys, only from a stored bundle.
-    let Some(job) = crate::pipeline::stored_job(&deployment, &app.config) else {
+    // Cleaning up stops instances, it starts none: the app's own env is of no use to it.
+    let env = Default::default();
+    let Some(job) = crate::pipeline::stored_job(&deployment, &app.config, env) else {
         tracing::info!(deployment_id = %deployment.id, "cut short before its bundle was stored: nothing to clean up");
         return;
     };

@@ -206,7 +206,12 @@ mod tests {
     }
 
     fn queue(f: &Fixture) -> Queue {
-        let pipeline = Pipeline::new(f.db.clone(), f.bus.clone(), "unused".into(), Vec::new());
+        let pipeline = Pipeline::new(
+            f.db.clone(),
+            f.bus.clone(),
+            "unused".into(),
+            crate::config::Secret::new("k".into()),
+        );
         let no_apps = Apps::default();
         Queue::start(
             f.db.clone(),

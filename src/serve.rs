@@ -65,8 +65,20 @@ fn announce(listener: std::fmt::Arguments) {
     let _ = writeln!(stdout, "nonstop: {listener}").and_then(|()| stdout.flush());
 }
 
+/// Makes this process undumpable: no process of the same user (a build, an app instance)
+/// may read its memory or `/proc/<pid>/environ`, where nonstop's own secrets are, or attach
+/// to it; only one with `CAP_SYS_PTRACE` can. Children get the flag back at `exec`.
+pub fn forbid_inspection() {
+    // SAFETY: prctl(PR_SET_DUMPABLE) changes a flag of this process only; no memory involved.
+    let set = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    if set != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "could not make the process undumpable");
+    }
+}
+
 /// Runs the server until `shutdown` is cancelled.
 pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
+    forbid_inspection();
     let fd_limit = crate::listen::raise_fd_limit();
     let limits = crate::listen::Limits {
         // A flood of sockets on this port must leave descriptors for the proxies, the
@@ -102,13 +114,16 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
 /// tests use it to drive the router without a socket.
 pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Server, ServeError> {
     let data_dir = config.data_dir();
-    create_private_dir(&data_dir).map_err(|err| {
+    open_data_dir(&config, &data_dir).map_err(|err| {
         ServeError::Setup(format!(
             "cannot create data_dir {}: {err}",
             data_dir.display()
         ))
     })?;
     let db = Db::open(&data_dir.join("nonstop.db")).await?;
+    // SQLite gives its -wal and -shm files the database file's mode.
+    set_mode(&data_dir.join("nonstop.db"), 0o600)
+        .map_err(|err| ServeError::Setup(format!("cannot make the database private: {err}")))?;
     let cut = recovery::mark_interrupted(&db, &data_dir).await?;
     let admin_token = admin_token(&config, &data_dir)?;
     let listener = tokio::net::TcpListener::bind(config.server.listen)
@@ -125,7 +140,6 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
         data_dir: data_dir.clone(),
         control_url: config.server.control_url.clone().unwrap_or(bound.clone()),
         switch_token: Secret::new(random_token()),
-        scrubbed_env: scrubbed_env(&config),
         proxy_socket: config.proxy_socket(),
         proxy_options: proxy_options(&config),
     };
@@ -144,7 +158,8 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
     }
     let traffic = Traffic::new(db.clone(), bus.clone());
     let recoveries = recovery::undo(&apps, cut, &traffic);
-    let pipeline = Pipeline::new(db.clone(), bus.clone(), data_dir, wiring.scrubbed_env);
+    let env_key = private_key(&data_dir.join("env-key"))?;
+    let pipeline = Pipeline::new(db.clone(), bus.clone(), data_dir, env_key);
     let queue = Queue::start(
         db.clone(),
         bus.clone(),
@@ -190,8 +205,6 @@ struct Wiring {
     control_url: String,
     /// For hooks on this host: the switch endpoint only. Made anew at every start.
     switch_token: Secret,
-    /// Env vars holding nonstop's secrets, removed from builds and hooks.
-    scrubbed_env: Vec<String>,
     proxy_socket: Option<PathBuf>,
 }
 
@@ -202,21 +215,6 @@ fn proxy_options(config: &Config) -> ProxyOptions {
         trusted_proxies: config.proxy.trusted_proxies.clone(),
         limits: ConnectionLimits::for_fd_limit(crate::listen::raise_fd_limit()),
     }
-}
-
-/// The env vars that hold nonstop's own secrets.
-fn scrubbed_env(config: &Config) -> Vec<String> {
-    std::iter::once(config.server.admin_token_env.clone())
-        .chain(config.server.metrics_token_env.clone())
-        .chain(
-            config
-                .apps
-                .iter()
-                .filter_map(|a| a.webhook_secret_env.clone()),
-        )
-        .chain(config.slack.iter().map(|s| s.webhook_url_env.clone()))
-        .chain(config.github.iter().map(|g| g.token_env.clone()))
-        .collect()
 }
 
 /// One app with the backends its config chose: its switch (on the port recorded live),
@@ -334,7 +332,6 @@ async fn build_runner(
             switch.clone(),
             wiring.control_url.clone(),
             wiring.switch_token.clone(),
-            wiring.scrubbed_env.clone(),
         ))),
         (RunnerConfig::CodeDeploy { .. }, Some(settings), Store::S3(s3)) => {
             Ok(Arc::new(CodeDeployRunner::new(settings, s3.clone()).await))
@@ -349,6 +346,7 @@ async fn build_runner(
 /// `nonstop proxy`: every app's built-in proxy, in a process of its own that `serve` drives
 /// through `server.proxy_socket`; runs until `shutdown`. Starts on the live ports it saved.
 pub async fn run_proxies(config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
+    forbid_inspection();
     let socket = config.proxy_socket().ok_or_else(|| {
         ServeError::Setup(
             "server.proxy_socket is not set: `nonstop proxy` listens there for `serve`".into(),
@@ -408,6 +406,28 @@ fn admin_token(config: &Config, data_dir: &Path) -> Result<Secret, ServeError> {
     }
 }
 
+/// The random key kept at `path` (mode 0600), made on first start.
+fn private_key(path: &Path) -> Result<Secret, ServeError> {
+    match std::fs::read_to_string(path) {
+        Ok(key) if key.trim().len() >= MIN_ADMIN_TOKEN_BYTES => Ok(Secret::new(key.trim().into())),
+        Ok(_) => Err(ServeError::Setup(format!(
+            "{} is too short (delete it to have a new one made)",
+            path.display()
+        ))),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            let key = random_token();
+            write_private(path, key.as_bytes()).map_err(|err| {
+                ServeError::Setup(format!("cannot write {}: {err}", path.display()))
+            })?;
+            Ok(Secret::new(key))
+        }
+        Err(err) => Err(ServeError::Setup(format!(
+            "cannot read {}: {err}",
+            path.display()
+        ))),
+    }
+}
+
 fn long_enough(token: String, from: &str) -> Result<Secret, ServeError> {
     if token.len() < MIN_ADMIN_TOKEN_BYTES {
         return Err(ServeError::Setup(format!(
@@ -419,11 +439,39 @@ fn long_enough(token: String, from: &str) -> Result<Secret, ServeError> {
 }
 
 /// The data dir holds the database, the admin token and every build: only nonstop's user
-/// may enter it.
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
+/// may enter it. When an app builds or runs as another user (`build_as`, `run_as`), that
+/// user must pass through it to the folders handed over to it: the data dir and `apps/`
+/// are then 0711 (no listing, no reading), and what lies beside them stays 0700 or 0600.
+fn open_data_dir(config: &Config, dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    let shared = config
+        .apps
+        .iter()
+        .any(|app| app.run_user.is_some() || app.build_user.is_some());
+    if !shared {
+        return set_mode(dir, 0o700);
+    }
+    crate::user::pass_through(dir)?;
+    crate::user::pass_through(&dir.join("apps"))?;
+    for private in ["artifacts", "tmp"] {
+        std::fs::create_dir_all(dir.join(private))?;
+        set_mode(&dir.join(private), 0o700)?;
+    }
+    for app in &config.apps {
+        let app_dir = dir.join("apps").join(app.name.as_str());
+        if app.run_user.is_some() || app.build_user.is_some() {
+            crate::user::pass_through(&app_dir)?;
+        } else {
+            std::fs::create_dir_all(&app_dir)?;
+            set_mode(&app_dir, 0o700)?;
+        }
+    }
+    Ok(())
+}
+
+fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
 /// Writes a file only its owner can read, whole or not at all: a temp file beside it,

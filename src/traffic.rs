@@ -261,7 +261,6 @@ ports = [{healthy}, {gone}]
             proxy.clone(),
             "http://127.0.0.1:9".into(),
             Secret::new("switch".into()),
-            Vec::new(),
         ));
         let app = App {
             config: app_config,

@@ -17,15 +17,38 @@ pub fn next_stamp_time(now: DateTime<Utc>, previous: Option<DateTime<Utc>>) -> D
     }
 }
 
-/// Fills `{timestamp}`, `{sha}` (7 chars) and `{branch}` into `pattern`.
+/// The placeholders a pattern may hold.
+pub const PLACEHOLDERS: [&str; 3] = ["{timestamp}", "{sha}", "{branch}"];
+
+/// Whether `c` may be in a version: a version names folders (`releases/<version>`) and
+/// objects, so nothing that could make it a path (`/`) or need quoting.
+pub fn is_version_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
+/// Whether every version `pattern` renders is made of `is_version_char`s only: its own text
+/// is, and its placeholders are the known ones (which `render` fills with such characters).
+/// With `{timestamp}` in it, a version is never `.` or `..` either.
+pub fn is_safe_pattern(pattern: &str) -> bool {
+    PLACEHOLDERS
+        .iter()
+        .fold(pattern.to_owned(), |text, placeholder| {
+            text.replace(placeholder, "")
+        })
+        .chars()
+        .all(is_version_char)
+}
+
+/// Fills `{timestamp}`, `{sha}` (7 chars) and `{branch}` into `pattern`. In the values,
+/// every character that is not an `is_version_char` becomes `-`: a branch `feature/x` gives
+/// `feature-x`, never a path separator.
 pub fn render(pattern: &str, at: DateTime<Utc>, sha: &str, branch: &str) -> String {
-    let short_sha = sha.get(..7).unwrap_or(sha);
-    // A branch like `feature/x` would put a path separator into file names built from it.
-    let branch = branch.replace(|c: char| !(c.is_ascii_alphanumeric() || c == '.'), "-");
+    let safe = |text: &str| text.replace(|c: char| !is_version_char(c), "-");
+    let short_sha = safe(sha.get(..7).unwrap_or(sha));
     pattern
         .replace("{timestamp}", &at.format("%Y%m%d%H%M%S").to_string())
-        .replace("{sha}", short_sha)
-        .replace("{branch}", &branch)
+        .replace("{sha}", &short_sha)
+        .replace("{branch}", &safe(branch))
 }
 
 fn truncate_to_second(at: DateTime<Utc>) -> DateTime<Utc> {
@@ -60,6 +83,40 @@ mod tests {
             "feat/x",
         );
         assert_eq!(version, "feat-x-20260102030405-abcdef0");
+    }
+
+    #[test]
+    fn only_patterns_of_version_characters_and_known_placeholders_are_safe() {
+        for safe in ["1.0.1-SNAPSHOT-{timestamp}", "{branch}_{timestamp}.{sha}"] {
+            assert!(is_safe_pattern(safe), "{safe}");
+        }
+        for unsafe_ in [
+            "../{timestamp}",
+            "a/{timestamp}",
+            "{timestamp} x",
+            "{timestamp}-{user}",
+            "{timestamp};rm",
+        ] {
+            assert!(!is_safe_pattern(unsafe_), "{unsafe_}");
+        }
+    }
+
+    #[test]
+    fn hostile_branches_and_shas_render_as_version_characters_only() {
+        for (branch, sha) in [
+            ("../../etc", "../../x"),
+            ("a/b c;$(id)", "ab/cdef0"),
+            ("..", ".."),
+        ] {
+            let version = render(
+                "{branch}-{timestamp}-{sha}",
+                at("2026-01-02T03:04:05Z"),
+                sha,
+                branch,
+            );
+            assert!(version.chars().all(is_version_char), "{version}");
+            assert!(!version.contains('/'), "{version}");
+        }
     }
 
     #[test]

@@ -44,6 +44,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0007_sessions.sql"),
     include_str!("../../migrations/0008_ci_checks.sql"),
     include_str!("../../migrations/0009_triggers_and_locks.sql"),
+    include_str!("../../migrations/0010_deployment_env.sql"),
 ];
 
 #[derive(Clone)]

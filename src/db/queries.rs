@@ -408,6 +408,29 @@ pub fn set_bundle(
     Ok(())
 }
 
+/// Records the app env's digest (names and keyed hashes, never values) that deployment `id`
+/// runs with; returns the one the app's last deployment before it ran with, if any.
+pub fn swap_env_digest(
+    conn: &Connection,
+    id: DeploymentId,
+    app: &str,
+    digest: &str,
+) -> rusqlite::Result<Option<String>> {
+    let before = conn
+        .query_row(
+            "SELECT digest FROM deployment_env WHERE app = ?1 AND deployment_id < ?2
+             ORDER BY deployment_id DESC LIMIT 1",
+            params![app, id],
+            |row| row.get(0),
+        )
+        .optional()?;
+    conn.execute(
+        "INSERT OR REPLACE INTO deployment_env (deployment_id, app, digest) VALUES (?1, ?2, ?3)",
+        params![id, app, digest],
+    )?;
+    Ok(before)
+}
+
 pub fn stage_started(conn: &Connection, id: DeploymentId, stage: Stage) -> rusqlite::Result<()> {
     conn.execute(
         "UPDATE stages SET status = 'running', started_at = ?3 WHERE deployment_id = ?1 AND name = ?2",

@@ -1,5 +1,6 @@
 //! Bundle: the zip a runner deploys — `appspec.yml`, `deploy.sh` and its `nonstop.env`, the
-//! artifact and `VERSION` — with its sha256. The same bundle serves the local runner and
+//! app's non-secret `app.env`, the artifact and `VERSION` — with its sha256. It never holds
+//! a secret. The same bundle serves the local runner and
 //! CodeDeploy.
 
 use std::io::Write;
@@ -14,6 +15,8 @@ pub struct BundleContents<'a> {
     pub appspec: &'a str,
     /// `nonstop.env`: deploy.sh's settings on fleet hosts.
     pub host_env: &'a str,
+    /// `app.env`: the app's own `env` table, for the instance on fleet hosts.
+    pub app_env: &'a str,
     pub artifact: &'a Path,
     pub version: &'a str,
 }
@@ -84,6 +87,7 @@ pub fn create(contents: &BundleContents<'_>, dest: &Path) -> Result<Bundled, Bun
         ("appspec.yml", text, contents.appspec.as_bytes()),
         ("deploy.sh", executable, DEPLOY_SH.as_bytes()),
         ("nonstop.env", text, contents.host_env.as_bytes()),
+        ("app.env", text, contents.app_env.as_bytes()),
         (
             "VERSION",
             text,
@@ -115,6 +119,7 @@ mod tests {
         let contents = BundleContents {
             appspec: "version: 0.0\n",
             host_env: "NONSTOP_PORTS=8081 8082\n",
+            app_env: "APP_MODE=production\n",
             artifact: &artifact,
             version: "1.0.1-SNAPSHOT-20261125140000",
         };
@@ -133,6 +138,7 @@ mod tests {
             names,
             [
                 "VERSION",
+                "app.env",
                 "appspec.yml",
                 "deploy.sh",
                 "hello",

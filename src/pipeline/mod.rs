@@ -8,14 +8,17 @@ pub mod build;
 pub mod bundle;
 pub mod source;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use crate::app_env::{self, AppEnv, AppEnvError};
 use crate::apps::App;
 use crate::config::AppConfig;
+use crate::config::Secret;
 use crate::db::{self, Db, DbError, Deployment};
 use crate::domain::{BundleRef, DeploymentId, DeploymentStatus, Hook, Stage, StageStatus};
 use crate::events::{Bus, Event};
@@ -30,6 +33,9 @@ use source::{Fetched, SourceError};
 /// recorded error; each stage's log has the rest.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
+    /// The app's env file could not be read; nothing ran.
+    #[error("the app's environment: {0}")]
+    Env(#[from] AppEnvError),
     #[error("Fetch failed: {0}")]
     Fetch(#[from] SourceError),
     /// Recording the commit and its version, between Fetch and Build.
@@ -62,8 +68,8 @@ pub struct Pipeline {
     db: Db,
     bus: Bus,
     data_dir: PathBuf,
-    /// Env vars holding nonstop's secrets, removed from builds and hooks.
-    scrubbed_env: Arc<Vec<String>>,
+    /// Keys the hashes of the app env's values kept per deployment (see `app_env::digest`).
+    env_key: Secret,
 }
 
 /// Records one deployment's stages: the database first, then the bus.
@@ -157,12 +163,12 @@ impl Progress for Recorder {
 }
 
 impl Pipeline {
-    pub fn new(db: Db, bus: Bus, data_dir: PathBuf, scrubbed_env: Vec<String>) -> Self {
+    pub fn new(db: Db, bus: Bus, data_dir: PathBuf, env_key: Secret) -> Self {
         Self {
             db,
             bus,
             data_dir,
-            scrubbed_env: Arc::new(scrubbed_env),
+            env_key,
         }
     }
 
@@ -225,11 +231,16 @@ impl Pipeline {
         app: &App,
         recorder: &Recorder,
     ) -> Result<(), PipelineError> {
-        if let Some(job) = stored_job(deployment, &app.config) {
+        // Read at each deploy: an edited env file applies to the next deployment.
+        let env = Arc::new(AppEnv::resolve(&app.config)?);
+        let env_change = self.record_env(deployment, &env).await;
+        if let Some(job) = stored_job(deployment, &app.config, env.clone()) {
             // A redeploy or rollback: the bundle is in the store already.
             let log = format!(
-                "reusing the stored bundle {} ({})\n",
-                job.bundle.key, job.version
+                "{}reusing the stored bundle {} ({})\n",
+                env_change.map(|c| c + "\n").unwrap_or_default(),
+                job.bundle.key,
+                job.version
             );
             for stage in [Stage::Fetch, Stage::Build, Stage::Bundle, Stage::Upload] {
                 recorder.finished(stage, StageStatus::Skipped, &log).await;
@@ -243,7 +254,8 @@ impl Pipeline {
             .join(app.config.name.as_str())
             .join("checkout");
         let commit = deployment.commit_sha.as_deref();
-        let fetched = source::fetch(&app.repo, &checkout, &deployment.branch, commit);
+        let build_user = app.config.build_user.as_ref();
+        let fetched = source::fetch(&app.repo, &checkout, &deployment.branch, commit, build_user);
         let fetched = step::record(recorder, Stage::Fetch, fetched).await?;
         let version = self
             .stamp_version(deployment, &app.config, &fetched)
@@ -255,7 +267,8 @@ impl Pipeline {
             version: &version,
             commit: &fetched.sha,
             branch: &deployment.branch,
-            scrubbed_env: &self.scrubbed_env,
+            env: &env,
+            env_change: env_change.as_deref(),
         });
         let artifact = step::record(recorder, Stage::Build, built).await?;
         let bundle = self
@@ -274,8 +287,32 @@ impl Pipeline {
                 key: stored.key,
                 sha256: stored.sha256,
             },
+            env,
         };
         self.run_hooks(&job, app, recorder).await
+    }
+
+    /// Keeps the digest of the env this deployment runs with, and says which names changed
+    /// since the app's previous deployment (nothing for the first one recorded). A record
+    /// that cannot be read or written only costs the note.
+    async fn record_env(&self, deployment: &Deployment, env: &AppEnv) -> Option<String> {
+        let now = env.digest(self.env_key.expose().as_bytes());
+        let text = serde_json::to_string(&now).ok()?;
+        let (id, app) = (deployment.id, deployment.app.to_string());
+        let before = self
+            .db
+            .call(move |conn| db::swap_env_digest(conn, id, &app, &text))
+            .await;
+        match before {
+            Ok(before) => {
+                let before: BTreeMap<String, String> = serde_json::from_str(&before?).ok()?;
+                app_env::changes(&before, &now)
+            }
+            Err(err) => {
+                tracing::warn!(deployment_id = %id, error = %err, "could not record the app's env digest");
+                None
+            }
+        }
     }
 
     /// Records the commit Fetch found and stamps the version. The version is stamped once
@@ -433,12 +470,13 @@ impl Pipeline {
 
 /// The job of a deployment whose bundle is stored already (a redeploy or rollback, or one
 /// the last stop cut short after Upload); `None` for one that has not made its bundle yet.
-pub fn stored_job(deployment: &Deployment, app: &Arc<AppConfig>) -> Option<Job> {
+pub fn stored_job(deployment: &Deployment, app: &Arc<AppConfig>, env: Arc<AppEnv>) -> Option<Job> {
     Some(Job {
         deployment_id: deployment.id,
         app: app.clone(),
         version: deployment.version.clone()?,
         bundle: deployment.bundle.clone()?,
+        env,
     })
 }
 
@@ -452,11 +490,13 @@ async fn make_bundle(
 ) -> Result<Done<()>, Failed<BundleError>> {
     let appspec = runner::appspec::render_for(app);
     let host_env = runner::appspec::render_host_env(app);
+    let app_env = runner::appspec::render_app_env(app);
     let (dest, version) = (path.to_owned(), version.to_owned());
     let bundled = tokio::task::spawn_blocking(move || {
         let contents = bundle::BundleContents {
             appspec: &appspec,
             host_env: &host_env,
+            app_env: &app_env,
             artifact: &artifact,
             version: &version,
         };

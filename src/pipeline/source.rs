@@ -1,13 +1,16 @@
 //! Fetch: the exact commit into a cached clone per app, checked out clean. Ignored files
 //! (a build's `target/`) survive between deploys so builds stay incremental, as a CI cache.
+//! A repo URL's credentials (`https://user:token@host/…`) never leave this module: every
+//! command line, git output and error it gives out has them replaced by `***`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::process::Command;
 
-use crate::process::{self, Exit, SpawnError};
+use crate::process::{self, ChildEnv, Exit, SpawnError};
 use crate::runner::step::{Done, Failed};
+use crate::user::User;
 
 /// Git talks to the network at most this long per command.
 const GIT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -60,45 +63,88 @@ pub fn resolve_repo(repo: &str, base_dir: &Path) -> String {
     }
 }
 
-fn git(dir: Option<&Path>) -> Command {
-    let mut command = Command::new("git");
+/// What git gets of the server's environment besides the base: the ssh agent's socket, so
+/// an `ssh://` or `git@` repo can use the key the agent holds. `HOME` (in the base) is where
+/// git finds its config and credential helpers; nothing else of the server's reaches git.
+pub const GIT_ENV: [&str; 1] = ["SSH_AUTH_SOCK"];
+
+/// A git command in `dir`, run as `user` when given (the app's `build_as`: then its home's
+/// git config and credentials are the ones used).
+fn git(dir: Option<&Path>, user: Option<&User>) -> Command {
+    let mut env = ChildEnv::base().inherit(&GIT_ENV);
+    // Never wait for a password prompt nobody will answer.
+    env.set("GIT_TERMINAL_PROMPT", "0");
+    let mut command = env.command("git");
+    if let Some(user) = user {
+        user.apply(&mut command);
+    }
     if let Some(dir) = dir {
         command.arg("-C").arg(dir);
     }
-    // Never wait for a password prompt nobody will answer.
-    command.env("GIT_TERMINAL_PROMPT", "0");
     command
 }
 
-/// Runs one git command, its line and output added to `log`; returns its output.
+/// `text` with the userinfo of every URL in it (`user:token@` after `scheme://`) replaced
+/// by `***`, so that a repo URL's credentials are never shown: git prints the URL it was
+/// given in its errors, and a stage log is read by whoever can see the dashboard.
+pub fn redact_credentials(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (before, after) = rest.split_at(at + 3);
+        out.push_str(before);
+        // The authority ends where the path, query or fragment starts, or the URL does.
+        let end = after
+            .find(|c: char| {
+                c == '/' || c == '?' || c == '#' || c.is_whitespace() || "'\"<>`".contains(c)
+            })
+            .unwrap_or(after.len());
+        match after[..end].rfind('@') {
+            Some(userinfo_end) => {
+                out.push_str("***");
+                rest = &after[userinfo_end..];
+            }
+            None => rest = after,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Runs one git command, its line and output added to `log` with credentials redacted;
+/// returns its output.
 async fn run_git(command: Command, log: &mut String) -> Result<String, SourceError> {
     let args: Vec<_> = command
         .as_std()
         .get_args()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
-    log.push_str(&format!("$ git {}\n", args.join(" ")));
+    let args = redact_credentials(&args.join(" "));
+    log.push_str(&format!("$ git {args}\n"));
     let done = process::run(command, GIT_TIMEOUT).await?;
-    log.push_str(&done.log);
+    let output = redact_credentials(&done.log);
+    log.push_str(&output);
     if done.success {
-        Ok(done.log)
+        Ok(output)
     } else {
         Err(SourceError::Git {
-            args: args.join(" "),
+            args,
             exit: done.status,
         })
     }
 }
 
-/// Makes `checkout` hold `commit` (or the head of `branch` when no commit is given).
+/// Makes `checkout` hold `commit` (or the head of `branch` when no commit is given); git
+/// runs as `user` when given, in a checkout handed over to it.
 pub async fn fetch(
     repo: &str,
     checkout: &Path,
     branch: &str,
     commit: Option<&str>,
+    user: Option<&User>,
 ) -> Result<Done<Fetched>, Failed<SourceError>> {
     let mut log = String::new();
-    match fetch_logged(repo, checkout, branch, commit, &mut log).await {
+    match fetch_logged(repo, checkout, branch, commit, user, &mut log).await {
         Ok(fetched) => Ok(Done::new(fetched, log)),
         Err(error) => Err(Failed { log, error }),
     }
@@ -109,12 +155,16 @@ async fn fetch_logged(
     checkout: &Path,
     branch: &str,
     commit: Option<&str>,
+    user: Option<&User>,
     log: &mut String,
 ) -> Result<Fetched, SourceError> {
-    if !checkout.join(".git").exists() {
-        clone(repo, checkout, log).await?;
+    if let Some(user) = user {
+        hand_over(checkout, user).await?;
     }
-    let mut fetch = git(Some(checkout));
+    if !checkout.join(".git").exists() {
+        clone(repo, checkout, user, log).await?;
+    }
+    let mut fetch = git(Some(checkout), user);
     // The branch first: a commit pushed to it is then known even where the server refuses
     // fetching a bare sha.
     fetch
@@ -123,11 +173,11 @@ async fn fetch_logged(
     run_git(fetch, log).await?;
     let wanted = match commit {
         Some(sha) => {
-            let mut has = git(Some(checkout));
+            let mut has = git(Some(checkout), user);
             has.args(["cat-file", "-e"])
                 .arg(format!("{sha}^{{commit}}"));
             if run_git(has, log).await.is_err() {
-                let mut by_sha = git(Some(checkout));
+                let mut by_sha = git(Some(checkout), user);
                 by_sha.args(["fetch", "--quiet", "origin", sha]);
                 run_git(by_sha, log).await?;
             }
@@ -135,16 +185,41 @@ async fn fetch_logged(
         }
         None => format!("refs/remotes/origin/{branch}"),
     };
-    let mut checkout_cmd = git(Some(checkout));
+    let mut checkout_cmd = git(Some(checkout), user);
     checkout_cmd.args(["checkout", "--quiet", "--force", "--detach", &wanted]);
     run_git(checkout_cmd, log).await?;
-    let mut clean = git(Some(checkout));
+    let mut clean = git(Some(checkout), user);
     clean.args(["clean", "-ffd", "--quiet"]);
     run_git(clean, log).await?;
-    head_commit(checkout, log).await
+    head_commit(checkout, user, log).await
 }
 
-async fn clone(repo: &str, checkout: &Path, log: &mut String) -> Result<(), SourceError> {
+/// The checkout belongs to `user` (all of it, once, when it did not): git and the build
+/// write there as that user, and git refuses a repository another user owns.
+async fn hand_over(checkout: &Path, user: &User) -> Result<(), SourceError> {
+    use std::os::unix::fs::MetadataExt;
+    let (checkout, user) = (checkout.to_owned(), user.clone());
+    tokio::task::spawn_blocking(move || {
+        let failed = |source| SourceError::Folder {
+            path: checkout.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&checkout).map_err(failed)?;
+        let owner = std::fs::metadata(&checkout).map_err(failed)?.uid();
+        if owner != user.uid {
+            user.hand_over(&checkout).map_err(failed)?;
+        }
+        Ok(())
+    })
+    .await?
+}
+
+async fn clone(
+    repo: &str,
+    checkout: &Path,
+    user: Option<&User>,
+    log: &mut String,
+) -> Result<(), SourceError> {
     if let Some(parent) = checkout.parent() {
         tokio::fs::create_dir_all(parent)
             .await
@@ -153,7 +228,7 @@ async fn clone(repo: &str, checkout: &Path, log: &mut String) -> Result<(), Sour
                 source,
             })?;
     }
-    let mut clone = git(None);
+    let mut clone = git(None, user);
     clone
         .arg("clone")
         .arg("--quiet")
@@ -165,8 +240,12 @@ async fn clone(repo: &str, checkout: &Path, log: &mut String) -> Result<(), Sour
 }
 
 /// The commit checked out in `checkout`.
-async fn head_commit(checkout: &Path, log: &mut String) -> Result<Fetched, SourceError> {
-    let mut show = git(Some(checkout));
+async fn head_commit(
+    checkout: &Path,
+    user: Option<&User>,
+    log: &mut String,
+) -> Result<Fetched, SourceError> {
+    let mut show = git(Some(checkout), user);
     show.args(["log", "-1", "--format=%H%n%an%n%s", "HEAD"]);
     let shown = run_git(show, log).await?;
     let mut lines = shown.lines();
@@ -213,7 +292,7 @@ pub async fn init_from_seed(repo: &Path, seed: &Path, branch: &str) -> Result<()
             "First version, made by nonstop from its example",
         ],
     ] {
-        let mut command = git(Some(repo));
+        let mut command = git(Some(repo), None);
         command.args(args);
         if let Err(error) = run_git(command, &mut log).await {
             return Err(SourceError::Seeding {
@@ -249,6 +328,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn credentials_in_urls_are_redacted_wherever_they_appear() {
+        for (text, shown) in [
+            (
+                "$ git clone --quiet https://user:tok3n@127.0.0.1:1/x.git /data/checkout",
+                "$ git clone --quiet https://***@127.0.0.1:1/x.git /data/checkout",
+            ),
+            (
+                "fatal: unable to access 'https://tok3n@github.com/a/b.git/': refused",
+                "fatal: unable to access 'https://***@github.com/a/b.git/': refused",
+            ),
+            ("ssh://git:p@ss@host:22/repo", "ssh://***@host:22/repo"),
+            (
+                "https://a:b@h?q=c@d and http://e:f@g",
+                "https://***@h?q=c@d and http://***@g",
+            ),
+            // Nothing to hide: the text stays as it is.
+            (
+                "https://github.com/a/b.git, git@github.com:a/b.git",
+                "https://github.com/a/b.git, git@github.com:a/b.git",
+            ),
+            ("a://", "a://"),
+            ("no url at all", "no url at all"),
+        ] {
+            assert_eq!(redact_credentials(text), shown, "{text}");
+        }
+    }
+
+    #[test]
     fn local_paths_are_relative_to_the_config_and_urls_stay() {
         let base = Path::new("/srv/nonstop");
         assert_eq!(
@@ -276,7 +383,7 @@ mod tests {
         init_from_seed(&repo, &seed, "main").await.unwrap();
 
         let checkout = dir.path().join("checkout");
-        let first = fetch(&repo.display().to_string(), &checkout, "main", None)
+        let first = fetch(&repo.display().to_string(), &checkout, "main", None, None)
             .await
             .unwrap()
             .value;
@@ -295,6 +402,7 @@ mod tests {
             &checkout,
             "main",
             Some(&first.sha),
+            None,
         )
         .await
         .unwrap()
@@ -320,6 +428,7 @@ mod tests {
             &dir.path().join("co"),
             "main",
             Some(&missing),
+            None,
         )
         .await
         .unwrap_err();

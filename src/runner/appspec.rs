@@ -109,11 +109,31 @@ pub fn render_host_env(app: &AppConfig) -> String {
             profile_url.unwrap_or("http://127.0.0.1/profile").to_owned(),
         ),
     ];
+    // The host's own env file, where a fleet host keeps the app's secrets: the same path as
+    // on the server.
+    let env_file = app
+        .env_file
+        .as_ref()
+        .map(|file| ("NONSTOP_ENV_FILE", one_line(&file.display().to_string())));
     let mut text = String::from(
         "# Written by nonstop for hosts where the CodeDeploy agent runs this bundle's hooks.\n\
          # deploy.sh reads it (never sources it); a variable already set wins.\n",
     );
-    for (name, value) in pairs {
+    for (name, value) in pairs.into_iter().chain(env_file) {
+        text.push_str(&format!("{name}={value}\n"));
+    }
+    text
+}
+
+/// `app.env`: the app's `env` table (never its secrets, nor its env file's values), which
+/// deploy.sh gives the instance on hosts where no runner set the app's env.
+pub fn render_app_env(app: &AppConfig) -> String {
+    let mut text = String::from(
+        "# The app's env from nonstop's config (not secret). Secrets reach a fleet host\n\
+         # through its own env file (NONSTOP_ENV_FILE in nonstop.env), never through a bundle.\n",
+    );
+    // Config validation keeps every value on one line.
+    for (name, value) in &app.env {
         text.push_str(&format!("{name}={value}\n"));
     }
     text

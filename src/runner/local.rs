@@ -10,14 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::process::Command;
 
 use super::appspec::{self, AppSpec, AppSpecError};
 use super::step::{self, Done, Failed};
 use super::{Interrupted, Job, Progress, PruneError, Runner, RunnerError};
 use crate::config::{AppConfig, RunnerConfig, Secret};
 use crate::domain::Hook;
-use crate::process::{self, Exit, SpawnError};
+use crate::process::{self, ChildEnv, Exit, SpawnError};
 use crate::store::{ArtifactStore, StoreError};
 use crate::switch::TrafficSwitch;
 
@@ -74,8 +73,6 @@ pub struct LocalRunner {
     switch: Arc<dyn TrafficSwitch>,
     switch_url: String,
     switch_token: Secret,
-    /// Env vars holding nonstop's own secrets: hooks and apps never see them.
-    scrubbed_env: Vec<String>,
 }
 
 /// Where one deployment lives on this host.
@@ -98,7 +95,6 @@ impl LocalRunner {
         switch: Arc<dyn TrafficSwitch>,
         switch_url: String,
         switch_token: Secret,
-        scrubbed_env: Vec<String>,
     ) -> Self {
         Self {
             app_dir,
@@ -107,7 +103,6 @@ impl LocalRunner {
             switch,
             switch_url,
             switch_token,
-            scrubbed_env,
         }
     }
 
@@ -162,12 +157,10 @@ impl LocalRunner {
                 .timeout
                 .map(Duration::from_secs)
                 .unwrap_or(default_timeout);
-            let mut command = Command::new(archive.join(&script.location));
-            command
-                .current_dir(archive)
-                .envs(env.iter().map(|(k, v)| (k, v)));
-            for name in &self.scrubbed_env {
-                command.env_remove(name);
+            let mut command = env.command(archive.join(&script.location));
+            command.current_dir(archive);
+            if let Some(user) = &context.job.app.run_user {
+                user.apply(&mut command);
             }
             log.push_str(&format!(
                 "$ {} ({hook}, timeout {}s)\n",
@@ -178,11 +171,12 @@ impl LocalRunner {
                 Ok(done) => done,
                 Err(err) => return Err(Failed::after(log, err.into())),
             };
-            log.push_str(&done.log);
+            let output = context.job.env.redact(&done.log);
+            log.push_str(&output);
             if !done.success {
                 log.push_str(&format!("{} ended: {}\n", script.location, done.status));
                 let error = LocalError::Script {
-                    last_line: last_line(&done.log).to_owned(),
+                    last_line: last_line(&output).to_owned(),
                     script: script.location.clone(),
                     exit: done.status,
                 };
@@ -234,6 +228,8 @@ impl LocalRunner {
             .map_err(LocalError::from)??;
         // Unpacked, the zip is one more copy of the artifact on this host's disk.
         let _ = tokio::fs::remove_file(&zip_path).await;
+        // Its scripts run as `run_as`.
+        self.hand_over(job, &folders.deployment).await?;
         let spec = read_appspec(&folders.archive).await?;
         let log = format!(
             "fetched {} (sha256 {})\nunpacked {files} files into {}\n",
@@ -255,6 +251,8 @@ impl LocalRunner {
     ) -> Result<Done<()>, Failed<LocalError>> {
         if hook == Hook::Install {
             let files = install(&folders.archive, &folders.release).await?;
+            // The instance runs from it as `run_as`.
+            self.hand_over(context.job, &folders.release).await?;
             let log = format!("copied {files} files to {}\n", folders.release.display());
             return Ok(Done::new((), log));
         }
@@ -265,6 +263,24 @@ impl LocalRunner {
             .run_scripts(spec, &folders.archive, hook, context)
             .await?;
         Ok(Done::new((), log))
+    }
+
+    /// Gives `path` to the app's `run_as` user, when it has one, and lets it pass through
+    /// the folders above it up to the app's own.
+    async fn hand_over(&self, job: &Job, path: &Path) -> Result<(), LocalError> {
+        let Some(user) = job.app.run_user.clone() else {
+            return Ok(());
+        };
+        let (app_dir, path) = (self.app_dir.clone(), path.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let mut above = path.parent();
+            while let Some(dir) = above.filter(|dir| dir.starts_with(&app_dir)) {
+                crate::user::pass_through(dir).map_err(io_at(dir))?;
+                above = dir.parent();
+            }
+            user.hand_over(&path).map_err(io_at(&path))
+        })
+        .await?
     }
 
     /// The next deployment's ApplicationStop runs from this revision.
@@ -307,18 +323,31 @@ pub struct HookContext<'a> {
 }
 
 impl HookContext<'_> {
-    /// Everything a hook script is told, as env vars: CodeDeploy's, then nonstop's.
-    pub fn env(&self, hook: Hook) -> Vec<(String, String)> {
+    /// A hook's whole environment: the base allow-list, the app's own env, then what
+    /// `vars` tells every hook, and the names of the app's env (deploy.sh passes those on to
+    /// the instance, and nothing else of the hook's).
+    pub fn env(&self, hook: Hook) -> ChildEnv {
+        let mut env = ChildEnv::base();
+        env.extend(self.job.env.pairs());
+        env.extend(self.vars(hook));
+        env.set("NONSTOP_APP_ENV", self.job.env.names());
+        env
+    }
+
+    /// What a hook script is told of its deployment, as env vars: CodeDeploy's, then
+    /// nonstop's.
+    pub fn vars(&self, hook: Hook) -> Vec<(String, String)> {
         let app: &AppConfig = &self.job.app;
         let idle = app.idle_port(self.live);
         let profile = app.profile_of(idle).unwrap_or_default();
         let artifact = self
             .release_dir
             .join(app.artifact.file_name().unwrap_or_default());
-        // The run command comes from the operator's config, never from a request.
+        // The run command comes from the operator's config, never from a request; it is
+        // read by `sh`, so the artifact's path goes in as one quoted word.
         let run = app
             .run
-            .replace("{artifact}", &artifact.display().to_string())
+            .replace("{artifact}", &shell_quote(&artifact.display().to_string()))
             .replace("{port}", &idle.to_string())
             .replace("{profile}", profile);
         let pairs = [
@@ -373,6 +402,20 @@ impl HookContext<'_> {
     }
 }
 
+/// `text` as one word for `sh`: as it is when it holds nothing `sh` reads specially,
+/// else in single quotes (a `'` in it written as `'\''`).
+pub fn shell_quote(text: &str) -> String {
+    let plain = !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+:,=@%".contains(c));
+    if plain {
+        text.to_owned()
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    }
+}
+
 fn last_line(log: &str) -> &str {
     log.lines()
         .rev()
@@ -398,6 +441,10 @@ impl Runner for LocalRunner {
                 .map_err(io_at(dir))
                 .map_err(at(Hook::ApplicationStop))?;
         }
+        // The instances write their pid files and logs here, as `run_as`.
+        self.hand_over(job, &folders.run)
+            .await
+            .map_err(at(Hook::ApplicationStop))?;
         // Idle and live are fixed once per deployment: the hooks of one deploy must agree.
         let live = self.switch.live();
         let idle = job.app.idle_port(live);
@@ -619,6 +666,7 @@ run = "{artifact} --port {port} --profile {profile}"
             deployment_id: crate::domain::DeploymentId::new(7),
             app: Arc::new(app),
             version: "1.0.1-SNAPSHOT-20261125140000".into(),
+            env: Arc::default(),
             bundle: crate::domain::BundleRef {
                 key: "hello/v.zip".into(),
                 sha256: "0".repeat(64),
@@ -639,7 +687,7 @@ run = "{artifact} --port {port} --profile {profile}"
             switch_token: "t",
         };
         let env: std::collections::HashMap<_, _> =
-            context.env(Hook::ApplicationStart).into_iter().collect();
+            context.vars(Hook::ApplicationStart).into_iter().collect();
         assert_eq!(env["LIFECYCLE_EVENT"], "ApplicationStart");
         assert_eq!(env["DEPLOYMENT_ID"], "d-nonstop-7");
         assert_eq!(env["APPLICATION_NAME"], "hello");
@@ -662,13 +710,90 @@ run = "{artifact} --port {port} --profile {profile}"
             ..context
         };
         let env: std::collections::HashMap<_, _> =
-            first.env(Hook::AfterInstall).into_iter().collect();
+            first.vars(Hook::AfterInstall).into_iter().collect();
         assert_eq!(
             (
                 env["NONSTOP_LIVE_PORT"].as_str(),
                 env["NONSTOP_IDLE_PORT"].as_str()
             ),
             ("", "8081")
+        );
+    }
+
+    #[test]
+    fn a_hook_gets_the_base_the_apps_env_and_its_deployment_and_nothing_else() {
+        let mut job = job();
+        let mut app = (*job.app).clone();
+        app.env.insert("APP_MODE".into(), "production".into());
+        app.secret_values = vec![("DATABASE_URL".into(), Secret::new("postgres://s".into()))];
+        job.env = Arc::new(crate::app_env::AppEnv::resolve(&app).unwrap());
+        let context = HookContext {
+            job: &job,
+            group: "local",
+            live: None,
+            release_dir: Path::new("/data/releases/v"),
+            run_dir: Path::new("/data/run"),
+            switch_url: "http://127.0.0.1:9000",
+            switch_token: "t",
+        };
+        let env = context.env(Hook::ApplicationStart);
+        assert_eq!(env.get("APP_MODE"), Some("production"));
+        assert_eq!(env.get("DATABASE_URL"), Some("postgres://s"));
+        assert_eq!(env.get("NONSTOP_APP_ENV"), Some("APP_MODE DATABASE_URL"));
+        let deployment: Vec<String> = context
+            .vars(Hook::ApplicationStart)
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        for name in env.names() {
+            assert!(
+                crate::process::BASE_ENV.contains(&name)
+                    || ["APP_MODE", "DATABASE_URL", "NONSTOP_APP_ENV"].contains(&name)
+                    || deployment.iter().any(|d| d == name),
+                "{name} is none of the hook's own"
+            );
+        }
+    }
+
+    #[test]
+    fn the_artifacts_path_is_one_word_of_the_run_line_whatever_it_holds() {
+        assert_eq!(
+            shell_quote("/data/releases/v/hello"),
+            "/data/releases/v/hello"
+        );
+        assert_eq!(
+            shell_quote("/my data/it's $(id)"),
+            "'/my data/it'\\''s $(id)'"
+        );
+        assert_eq!(shell_quote(""), "''");
+        let job = job();
+        let context = HookContext {
+            job: &job,
+            group: "local",
+            live: None,
+            release_dir: Path::new("/my data/releases/v"),
+            run_dir: Path::new("/data/run"),
+            switch_url: "http://127.0.0.1:9000",
+            switch_token: "t",
+        };
+        let vars: std::collections::HashMap<_, _> =
+            context.vars(Hook::ApplicationStart).into_iter().collect();
+        assert_eq!(
+            vars["NONSTOP_RUN"],
+            "'/my data/releases/v/hello' --port 8081 --profile real1"
+        );
+        // sh reads it back as the path it was.
+        let words = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "printf '%s\\n' {}",
+                shell_quote("/my data/it's $(id)")
+            ))
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&words.stdout),
+            "/my data/it's $(id)\n"
         );
     }
 

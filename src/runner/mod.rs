@@ -25,6 +25,9 @@ pub struct Job {
     pub app: Arc<AppConfig>,
     pub version: String,
     pub bundle: BundleRef,
+    /// The app's own env vars for this deployment (this host's hooks and instances get them;
+    /// a fleet gets the bundle's `env` and its hosts' own env file).
+    pub env: Arc<crate::app_env::AppEnv>,
 }
 
 /// How a runner tells the pipeline what happens, as it happens.

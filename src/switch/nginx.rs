@@ -57,7 +57,8 @@ impl Nginx {
     }
 
     fn nginx(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(&self.bin);
+        // nginx is told nothing of the server's environment beyond the base.
+        let mut command = crate::process::ChildEnv::base().command(&self.bin);
         if let Some(conf) = &self.conf {
             command.arg("-c").arg(conf);
         }

@@ -474,6 +474,7 @@ runner = { kind = "codedeploy", application = "hello", group = "fleet" }
             key: bundle_key.into(),
             sha256: sha256.into(),
         },
+        env: Arc::default(),
     }
 }
 
@@ -1026,6 +1027,7 @@ async fn the_server_builds_uploads_to_s3_and_creates_the_codedeploy_deployment_e
         names,
         [
             "VERSION",
+            "app.env",
             "appspec.yml",
             "deploy.sh",
             "hello",

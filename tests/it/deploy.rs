@@ -399,3 +399,254 @@ async fn old_bundles_revisions_and_releases_are_pruned_but_never_the_live_or_pre
         "{said}"
     );
 }
+
+/// What only the server's environment holds: none of it may reach a child, a log, a page
+/// or the database.
+const SERVER_ONLY: [(&str, &str); 4] = [
+    ("AWS_SECRET_ACCESS_KEY", "aws-s3cret-of-the-server"),
+    ("AWS_ACCESS_KEY_ID", "AKIASERVERONLYKEYID"),
+    ("GITHUB_WEBHOOK_SECRET", "github-s3cret-of-the-server"),
+    ("SERVER_ONLY_SETTING", "server-only-value"),
+];
+
+/// The app's secrets, as the server's env vars its config names.
+const APP_SECRETS: [(&str, &str); 2] = [
+    (
+        "DATABASE_URL",
+        "postgres://app:db-s3cret-value@127.0.0.1/app",
+    ),
+    ("SESSION_KEY", "session-s3cret-value"),
+];
+
+/// A value of the app's env file (treated as a secret).
+const FILE_SECRET: (&str, &str) = ("FILE_TOKEN", "file-s3cret-value");
+
+/// The `env` output a build or an instance wrote, by name.
+fn env_dump(path: &std::path::Path) -> std::collections::BTreeMap<String, String> {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+    text.lines()
+        .filter_map(|line| line.split_once('='))
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .collect()
+}
+
+/// An app whose build and instances write their whole environment into `dumps`.
+async fn app_dumping_its_env(
+    dumps: &std::path::Path,
+    env_file: &std::path::Path,
+) -> common::TestApp {
+    let d = dumps.display();
+    let env: Vec<(String, String)> = SERVER_ONLY
+        .iter()
+        .chain(&APP_SECRETS)
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    spawn_app_with(Extra {
+        build: Some(format!(
+            "env > {d}/build.env && echo \"db is $DATABASE_URL\" && cargo build --release --target-dir target"
+        )),
+        run: Some(format!(
+            "sh -c 'env > {d}/instance.env; exec \"$0\" \"$@\"' {{artifact}} --port {{port}} --profile {{profile}}"
+        )),
+        app: format!(
+            "env = {{ RUST_LOG = \"info\", APP_MODE = \"production\" }}\n\
+             secrets = [\"DATABASE_URL\", \"SESSION_KEY\"]\n\
+             env_file = \"{}\"\n",
+            env_file.display()
+        ),
+        env,
+        ..Extra::default()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn builds_and_instances_see_the_apps_env_and_secrets_and_nothing_else_of_the_servers() {
+    let dumps = tempfile::tempdir().unwrap();
+    let env_file = dumps.path().join("hello.env");
+    std::fs::write(
+        &env_file,
+        format!("# the host's own\n{}={}\n", FILE_SECRET.0, FILE_SECRET.1),
+    )
+    .unwrap();
+    let app = app_dumping_its_env(dumps.path(), &env_file).await;
+
+    let id = app.push(&app.repo.commit("Dump the environment")).await;
+    let done = app.wait_finished(id).await;
+    assert_eq!(done["deployment"]["status"], "succeeded", "{done:#}");
+
+    let declared: Vec<(&str, &str)> = [
+        ("RUST_LOG", "info"),
+        ("APP_MODE", "production"),
+        FILE_SECRET,
+    ]
+    .into_iter()
+    .chain(APP_SECRETS)
+    .collect();
+    for (who, dump, own) in [
+        ("the build", "build.env", &["CARGO_HOME", "RUSTUP_HOME"][..]),
+        (
+            "the instance",
+            "instance.env",
+            &app_env_codedeploy_names()[..],
+        ),
+    ] {
+        let seen = env_dump(&dumps.path().join(dump));
+        for (name, value) in &declared {
+            assert_eq!(
+                seen.get(*name).map(String::as_str),
+                Some(*value),
+                "{who}: {name} in {seen:?}"
+            );
+        }
+        for name in seen.keys() {
+            let allowed = ["PATH", "HOME", "LANG", "TZ"].contains(&name.as_str())
+                // What sh itself sets.
+                || ["PWD", "OLDPWD", "SHLVL", "_"].contains(&name.as_str())
+                || own.contains(&name.as_str())
+                || name.starts_with("NONSTOP_")
+                || declared.iter().any(|(d, _)| d == name);
+            assert!(allowed, "{who} sees {name}, which is the server's own");
+        }
+        let text = std::fs::read_to_string(dumps.path().join(dump)).unwrap();
+        for secret in SERVER_ONLY
+            .iter()
+            .map(|(_, v)| *v)
+            .chain([common::ADMIN_TOKEN, common::SECRET])
+        {
+            assert!(!text.contains(secret), "{who} sees {secret}");
+        }
+        assert!(
+            !seen.contains_key("NONSTOP_TEST_SECRET") && !seen.contains_key("NONSTOP_ADMIN_TOKEN")
+        );
+    }
+    let instance = env_dump(&dumps.path().join("instance.env"));
+    assert!(
+        !instance.contains_key("NONSTOP_SWITCH_TOKEN"),
+        "{instance:?}"
+    );
+
+    // A build that prints a secret does not publish it.
+    let build_log = stage(&done, "Build")["log"].as_str().unwrap().to_owned();
+    assert!(build_log.contains("db is ***\n"), "{build_log}");
+
+    // The bundle holds the non-secret env only.
+    let archive = app
+        .data_dir()
+        .join(format!("apps/hello/deployments/{id}/deployment-archive"));
+    let bundled = std::fs::read_to_string(archive.join("app.env")).unwrap();
+    assert!(
+        bundled.contains("APP_MODE=production\n") && bundled.contains("RUST_LOG=info\n"),
+        "{bundled}"
+    );
+    assert_secrets_nowhere(
+        &app,
+        id,
+        &[
+            &bundled,
+            &std::fs::read_to_string(archive.join("nonstop.env")).unwrap(),
+        ],
+    )
+    .await;
+}
+
+fn app_env_codedeploy_names() -> [&'static str; 5] {
+    nonstop::app_env::CODEDEPLOY_VARS
+}
+
+/// No secret value, the app's or the server's, is in the server's log, its API answers, its
+/// pages, its SQLite files or `also`.
+async fn assert_secrets_nowhere(app: &common::TestApp, id: i64, also: &[&str]) {
+    let mut places: Vec<(String, String)> = vec![("the server's log".into(), app.server_log())];
+    for path in [
+        format!("/api/deployments/{id}"),
+        "/api/deployments".into(),
+        "/api/apps".into(),
+        "/".into(),
+        format!("/deployments/{id}"),
+    ] {
+        let (status, body) = app.get_text(&path).await;
+        assert_eq!(status, 200, "{path}");
+        places.push((path, body));
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let file = app.data_dir().join(format!("nonstop.db{suffix}"));
+        if let Ok(bytes) = std::fs::read(&file) {
+            places.push((
+                file.display().to_string(),
+                String::from_utf8_lossy(&bytes).into_owned(),
+            ));
+        }
+    }
+    places.extend(
+        also.iter()
+            .map(|text| ("a bundled file".to_owned(), text.to_string())),
+    );
+    let secrets = APP_SECRETS
+        .iter()
+        .chain(&SERVER_ONLY)
+        .chain([&FILE_SECRET])
+        .map(|(_, value)| *value);
+    for secret in secrets {
+        for (place, text) in &places {
+            assert!(!text.contains(secret), "{secret} is in {place}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_deployment_records_which_env_names_changed_and_never_their_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let env_file = dir.path().join("hello.env");
+    std::fs::write(&env_file, "FILE_TOKEN=first-s3cret\nGONE_SOON=1\n").unwrap();
+    let app = spawn_app_with(Extra {
+        app: format!(
+            "env = {{ APP_MODE = \"production\" }}\nenv_file = \"{}\"\n",
+            env_file.display()
+        ),
+        ..Extra::default()
+    })
+    .await;
+    let build_log =
+        |done: &serde_json::Value| stage(done, "Build")["log"].as_str().unwrap().to_owned();
+
+    let id = app.push(&app.repo.commit("First")).await;
+    let first = app.wait_finished(id).await;
+    assert_eq!(first["deployment"]["status"], "succeeded", "{first:#}");
+    assert!(
+        !build_log(&first).contains("environment changed"),
+        "nothing to compare with"
+    );
+
+    // The same env: nothing to say.
+    let id = app.push(&app.repo.commit("Same env")).await;
+    let same = app.wait_finished(id).await;
+    assert!(
+        !build_log(&same).contains("environment changed"),
+        "{}",
+        build_log(&same)
+    );
+
+    // The env file is read at each deploy.
+    std::fs::write(&env_file, "FILE_TOKEN=second-s3cret\nNEW_FLAG=on\n").unwrap();
+    let id = app.push(&app.repo.commit("New env")).await;
+    let changed = app.wait_finished(id).await;
+    assert_eq!(changed["deployment"]["status"], "succeeded", "{changed:#}");
+    assert!(
+        build_log(&changed)
+            .starts_with("environment changed: ~FILE_TOKEN, +NEW_FLAG, -GONE_SOON\n"),
+        "{}",
+        build_log(&changed)
+    );
+    let db = std::fs::read(app.db_path()).unwrap_or_default();
+    let wal = std::fs::read(app.data_dir().join("nonstop.db-wal")).unwrap_or_default();
+    for secret in ["first-s3cret", "second-s3cret"] {
+        for bytes in [&db, &wal] {
+            assert!(
+                !String::from_utf8_lossy(bytes).contains(secret),
+                "{secret} is in the database"
+            );
+        }
+    }
+}

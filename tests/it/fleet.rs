@@ -13,11 +13,11 @@ use crate::common::nginx::Nginx;
 use crate::common::unique_port;
 use nonstop::config::Config;
 use nonstop::pipeline::bundle::{BundleContents, create};
-use nonstop::runner::appspec::{parse, render_for, render_host_env};
+use nonstop::runner::appspec::{parse, render_app_env, render_for, render_host_env};
 use nonstop::runner::local::extract;
 
 /// The example app, built once with cargo as a CI job would.
-fn build_example(target: &Path) -> PathBuf {
+pub fn build_example(target: &Path) -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hello/Cargo.toml");
     let out = Command::new("cargo")
         .args(["build", "--release", "--quiet", "--manifest-path"])
@@ -53,6 +53,8 @@ fn agent_deploys(
             .env("APPLICATION_NAME", "hello")
             .env("DEPLOYMENT_GROUP_NAME", "fleet")
             .env("DEPLOYMENT_GROUP_ID", "dg-fleet")
+            // The agent's own credentials: the app must never see them.
+            .env("AWS_SECRET_ACCESS_KEY", "agent-s3cret")
             // This host's nginx runs from the test's own config, not /etc/nginx.
             .env("NONSTOP_NGINX_CONF", nginx_conf)
             .current_dir(revision)
@@ -139,9 +141,11 @@ fn a_fleet_host_deploys_blue_green_from_the_bundle_alone() {
 name = "hello"
 repo = "x"
 build = "cargo build --release"
-artifact = "target/release/hello"
-run = "{{artifact}} --port {{port}} --profile {{profile}}"
+artifact = "target/release/hello app"
+run = "sh -c 'env > {host}/instance-$0.env; exec \"$@\"' {{port}} {{artifact}} --port {{port}} --profile {{profile}}"
 ports = [{a}, {b}]
+env = {{ APP_MODE = "production" }}
+env_file = "{host}/etc/hello.env"
 health = {{ path = "/profile", attempts = 40, interval_ms = 100 }}
 store = {{ kind = "s3", bucket = "releases" }}
 runner = {{ kind = "codedeploy", application = "hello", group = "fleet", destination = "{destination}", nginx_include = "{include}", profile_url = "http://127.0.0.1:{front}/profile" }}
@@ -149,13 +153,23 @@ runner = {{ kind = "codedeploy", application = "hello", group = "fleet", destina
             a = ports[0],
             b = ports[1],
             destination = destination.display(),
+            host = host.display(),
             include = host.join("nginx/service-url.inc").display(),
         ),
         Path::new("nonstop.toml"),
     )
     .unwrap();
     let app = &config.apps[0];
-    let artifact = build_example(&host.join("target"));
+    // The host keeps the app's secrets in its own env file; bundles never carry them.
+    std::fs::create_dir_all(host.join("etc")).unwrap();
+    std::fs::write(
+        host.join("etc/hello.env"),
+        "DATABASE_URL=postgres://host-s3cret\n",
+    )
+    .unwrap();
+    // A file name with a space: the run line must take the path as one word.
+    let artifact = host.join("target/release/hello app");
+    std::fs::copy(build_example(&host.join("target")), &artifact).unwrap();
     // Nothing listens on the second port yet: nginx answers 502, so the first slot is idle.
     let nginx = Nginx::start(&host.join("nginx"), front, ports[1]);
     let _instances = Instances(destination.join("run"));
@@ -174,6 +188,7 @@ runner = {{ kind = "codedeploy", application = "hello", group = "fleet", destina
             &BundleContents {
                 appspec: &render_for(app),
                 host_env: &render_host_env(app),
+                app_env: &render_app_env(app),
                 artifact: &artifact,
                 version,
             },
@@ -209,6 +224,20 @@ runner = {{ kind = "codedeploy", application = "hello", group = "fleet", destina
         assert!(
             destination.join(format!("run/{port}.pid")).exists(),
             "no pid file for {port}"
+        );
+        // The instance got the bundle's env and the host's secrets, and nothing of the
+        // agent's but what deploy.sh passes on.
+        let dump = std::fs::read_to_string(host.join(format!("instance-{port}.env"))).unwrap();
+        for line in [
+            "APP_MODE=production",
+            "DATABASE_URL=postgres://host-s3cret",
+            "DEPLOYMENT_GROUP_NAME=fleet",
+        ] {
+            assert!(dump.lines().any(|l| l == line), "{line} not in {dump}");
+        }
+        assert!(
+            !dump.contains("AWS_") && !dump.contains("agent-s3cret"),
+            "{dump}"
         );
     }
 }

@@ -1254,3 +1254,176 @@ async fn the_control_socket_answers_only_its_own_user_and_the_apps_own_ports() {
         "{log}"
     );
 }
+
+/// Whether a process without capabilities (as any other process of the test's user) can
+/// read `/proc/<pid>/environ`.
+fn environ_readable_by_a_peer(pid: u32) -> bool {
+    let mut cat = std::process::Command::new("setpriv");
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        cat.args(["--bounding-set=-all", "--inh-caps=-all"]);
+    }
+    cat.arg("cat")
+        .arg(format!("/proc/{pid}/environ"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[tokio::test]
+async fn no_process_of_the_servers_user_can_read_its_environment() {
+    let app = crate::common::spawn_app_with(Extra {
+        capless: true,
+        ..Extra::default()
+    })
+    .await;
+    // The check itself can succeed: a peer process that did not forbid it is readable.
+    let mut peer = std::process::Command::new("setpriv");
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        peer.args(["--bounding-set=-all", "--inh-caps=-all"]);
+    }
+    let mut peer = peer.args(["sleep", "30"]).spawn().unwrap();
+    // Until setpriv has dropped its capabilities and become `sleep`, it is not a peer yet.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut readable = environ_readable_by_a_peer(peer.id());
+    while !readable && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        readable = environ_readable_by_a_peer(peer.id());
+    }
+    let _ = peer.kill();
+    let _ = peer.wait();
+    assert!(readable, "a peer's environ should be readable by a peer");
+
+    assert!(
+        !environ_readable_by_a_peer(app.server_pid()),
+        "the server's environment (its admin token, webhook secrets) is readable by its own user's processes"
+    );
+}
+
+#[tokio::test]
+async fn a_repo_urls_credentials_are_shown_nowhere() {
+    let app = crate::common::spawn_app_with(Extra {
+        repo: Some("https://user:tok3n@127.0.0.1:1/x.git"),
+        ..Extra::default()
+    })
+    .await;
+    let id = app.push(&"a".repeat(40)).await;
+    let done = app.wait_finished(id).await;
+    assert_eq!(done["deployment"]["status"], "failed", "{done:#}");
+
+    let fetch_log = crate::common::stage(&done, "Fetch")["log"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        fetch_log.contains("https://***@127.0.0.1:1/x.git"),
+        "{fetch_log}"
+    );
+    let error = done["deployment"]["error"].as_str().unwrap();
+    assert!(error.starts_with("Fetch failed: "), "{error}");
+    let (_, page) = app.get_text(&format!("/deployments/{id}")).await;
+    assert!(page.contains("https://***@127.0.0.1:1/x.git"), "{page}");
+    let mut places = vec![
+        ("the API".to_owned(), done.to_string()),
+        ("the page".to_owned(), page),
+        ("the server's log".to_owned(), app.server_log()),
+    ];
+    for suffix in ["", "-wal"] {
+        let file = app.data_dir().join(format!("nonstop.db{suffix}"));
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        places.push((
+            file.display().to_string(),
+            String::from_utf8_lossy(&bytes).into_owned(),
+        ));
+    }
+    for (place, text) in places {
+        assert!(!text.contains("tok3n"), "the token is in {place}");
+    }
+}
+
+#[tokio::test]
+async fn builds_hooks_and_instances_run_as_the_users_the_config_names_and_cannot_read_the_data_dir()
+{
+    use std::os::unix::fs::MetadataExt;
+    let nobody = nonstop::user::User::lookup("nobody").unwrap().unwrap();
+    // The example, built by the test (cargo lives in root's home, which nobody cannot
+    // enter), and the folder where the build and the instance say who they are.
+    let shared = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(shared.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let hello = shared.path().join("hello");
+    std::fs::copy(
+        crate::fleet::build_example(&shared.path().join("target")),
+        &hello,
+    )
+    .unwrap();
+    let s = shared.path().display();
+    let app = crate::common::spawn_app_with(Extra {
+        build: Some(format!(
+            "id -u > {s}/build.uid; cat ../../../nonstop.db ../../../env-key > {s}/read 2>&1; \
+             mkdir -p target/release && cp {s}/hello target/release/hello"
+        )),
+        run: Some(format!(
+            "sh -c 'id -u > {s}/instance.uid; exec \"$0\" \"$@\"' {{artifact}} --port {{port}} --profile {{profile}}"
+        )),
+        app: "build_as = \"nobody\"\nrun_as = \"nobody\"\n".into(),
+        ..Extra::default()
+    })
+    .await;
+    // The test's own folder is root's 0700 temp dir: let the users pass, as a host's
+    // data dir's parents would.
+    std::fs::set_permissions(app.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    // git as nobody refuses a repository of another user: a local repo is the build
+    // user's, as the README says.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        nobody.hand_over(&app.repo.path).unwrap();
+    }
+
+    let id = app.push(&app.repo.commit("Run as nobody")).await;
+    let done = app.wait_finished(id).await;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        // Only root may start a child as another user: the deployment fails, saying why.
+        assert_eq!(done["deployment"]["status"], "failed", "{done:#}");
+        let error = done["deployment"]["error"].as_str().unwrap();
+        assert!(error.contains("Operation not permitted"), "{error}");
+        return;
+    }
+    assert_eq!(done["deployment"]["status"], "succeeded", "{done:#}");
+    let uid_of = |file: &str| std::fs::read_to_string(shared.path().join(file)).unwrap();
+    assert_eq!(
+        uid_of("build.uid"),
+        format!("{}\n", nobody.uid),
+        "the build's user"
+    );
+    assert_eq!(
+        uid_of("instance.uid"),
+        format!("{}\n", nobody.uid),
+        "the instance's user"
+    );
+    let run_dir = app.data_dir().join("apps/hello/run");
+    let pid_file = run_dir.join(format!("{}.pid", app.ports.app[0]));
+    assert_eq!(
+        std::fs::metadata(&pid_file).unwrap().uid(),
+        nobody.uid,
+        "deploy.sh's user"
+    );
+
+    // What the build tried to read of nonstop's own, it could not.
+    let read = uid_of("read");
+    assert_eq!(read.matches("Permission denied").count(), 2, "{read}");
+    let mode = |path: &Path| std::fs::metadata(path).unwrap().mode() & 0o777;
+    assert_eq!(mode(&app.data_dir()), 0o711);
+    assert_eq!(mode(&app.db_path()), 0o600);
+    assert_eq!(mode(&app.data_dir().join("artifacts")), 0o700);
+
+    // The next deployment's hooks, as nobody, stop and start nobody's instances.
+    let id = app.push(&app.repo.commit("Again as nobody")).await;
+    let done = app.wait_finished(id).await;
+    assert_eq!(done["deployment"]["status"], "succeeded", "{done:#}");
+    let second = run_dir.join(format!("{}.pid", app.ports.app[1]));
+    assert_eq!(std::fs::metadata(&second).unwrap().uid(), nobody.uid);
+}

@@ -28,6 +28,8 @@ fn git(dir: &Path, args: &[&str]) -> String {
         .arg("-C")
         .arg(dir)
         .args(["-c", "user.name=Test", "-c", "user.email=test@localhost"])
+        // A test may hand the repository to another user (`build_as`).
+        .args(["-c", "safe.directory=*"])
         .args(args)
         .output()
         .unwrap();
@@ -282,14 +284,14 @@ data_dir = "data"
 
 [[app]]
 name = "hello"
-repo = "hello-repo"
+repo = "{repo}"
 repository = "{REPOSITORY}"
 branch = "main"
 webhook_secret_env = "NONSTOP_TEST_SECRET"
-build = "cargo build --release --target-dir target"
+build = "{build}"
 artifact = "target/release/hello"
 version = "1.0.1-SNAPSHOT-{{timestamp}}"
-run = "{{artifact}} --port {{port}} --profile {{profile}}"
+run = "{run}"
 ports = [{a}, {b}]
 profiles = ["real1", "real2"]
 health = {{ path = "/profile", attempts = 40, interval_ms = 100 }}
@@ -297,6 +299,19 @@ hook_timeout_secs = 60
 {switch}
 {extra_app}
 {extra_tables}"#,
+            repo = extra.repo.unwrap_or("hello-repo"),
+            build = extra
+                .build
+                .as_deref()
+                .unwrap_or("cargo build --release --target-dir target")
+                .replace('\\', "\\\\")
+                .replace('"', "\\\""),
+            run = extra
+                .run
+                .as_deref()
+                .unwrap_or("{artifact} --port {port} --profile {profile}")
+                .replace('\\', "\\\\")
+                .replace('"', "\\\""),
             extra_server = extra.server,
             extra_app = extra.app,
             extra_tables = extra.tables,
@@ -328,7 +343,17 @@ hook_timeout_secs = 60
             .open(&log_path)
             .unwrap();
         let bin = env!("CARGO_BIN_EXE_nonstop");
-        let mut command = if self.extra.tmpfs.is_empty() {
+        let mut command = if self.extra.capless {
+            // As root, a process without capabilities: what any other process of nonstop's
+            // user is, towards it. Another user has none to drop.
+            let mut command = Command::new("setpriv");
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } == 0 {
+                command.args(["--bounding-set=-all", "--inh-caps=-all"]);
+            }
+            command.arg(bin);
+            command
+        } else if self.extra.tmpfs.is_empty() {
             Command::new(bin)
         } else {
             // A mount namespace of its own, so the small filesystems go away with the server.
@@ -892,6 +917,12 @@ pub async fn spawn_app() -> TestApp {
 /// runs in a `nonstop proxy` process of its own.
 #[derive(Default)]
 pub struct Extra {
+    /// The app's `build` and `run` lines instead of the example's (written into the TOML
+    /// string quoted).
+    pub build: Option<String>,
+    pub run: Option<String>,
+    /// The app's `repo` instead of the test's own repository.
+    pub repo: Option<&'static str>,
     pub server: String,
     pub app: String,
     pub tables: String,
@@ -903,6 +934,9 @@ pub struct Extra {
     /// Folders (relative to the test's folder) that the server sees as small filesystems
     /// of their own, with their sizes (`"8m"`): a disk that can fill up.
     pub tmpfs: &'static [(&'static str, &'static str)],
+    /// The server runs without any capability (root's dropped), as any other process of
+    /// its user would.
+    pub capless: bool,
     /// The server's open-file limit (soft, hard), as `ulimit -n` sets it before `exec`:
     /// systemd's default of 1024 is what a host gives a service unless told otherwise.
     pub nofile: Option<(u64, u64)>,
