@@ -92,6 +92,16 @@ fn answer(action: &Action, id: DeploymentId, heard: Heard) -> Response {
     }
 }
 
+/// Who holds a lock, since when and why: "by admin since 2026-12-01 12:00:00 UTC: migration".
+fn held(lock: &db::Lock) -> String {
+    format!(
+        "by {} since {}: {}",
+        lock.actor,
+        views::utc(lock.locked_at),
+        lock.reason
+    )
+}
+
 /// Refuses a deploy of a locked app unless it is forced; says who locked it, when and why.
 async fn unless_locked(state: &AppState, app: &AppName, force: bool) -> Result<(), AppError> {
     if force {
@@ -101,10 +111,8 @@ async fn unless_locked(state: &AppState, app: &AppName, force: bool) -> Result<(
     match state.db.call(move |conn| db::lock_of(conn, &name)).await? {
         None => Ok(()),
         Some(lock) => Err(AppError::Conflict(format!(
-            "`{app}` is locked by {} since {}: {}; deploy with --force to deploy anyway",
-            lock.actor,
-            views::utc(lock.locked_at),
-            lock.reason
+            "`{app}` is locked {}; deploy with --force to deploy anyway",
+            held(&lock)
         ))),
     }
 }
@@ -258,10 +266,8 @@ async fn lock(
             ))
         }
         db::Locking::AlreadyLocked(lock) => Err(AppError::Conflict(format!(
-            "`{name}` is already locked by {} since {}: {}",
-            lock.actor,
-            views::utc(lock.locked_at),
-            lock.reason
+            "`{name}` is already locked {}",
+            held(&lock)
         ))),
     }
 }
