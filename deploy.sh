@@ -346,7 +346,7 @@ close_inherited_fds() {
 }
 
 # Gives up on this release: says why, shows the app's log, stops the new version, exits 1.
-# Traffic was not switched (or was switched back), so it stays where it was.
+# Only called once traffic is known not to be on the new version.
 abort_release() {
   warn "$1"
   local log_file
@@ -363,23 +363,46 @@ abort_release() {
 
 # --- switching traffic ---------------------------------------------------------------------
 
-# Asks nonstop to point its proxy at the idle port.
+# Asks nonstop to point its proxy at the idle port. When the answer is not a clear yes, asks
+# where traffic is before giving up: a switch whose answer was lost may have gone through,
+# and the instance it went to must not be stopped.
 switch_with_nonstop() {
   local response status body
+  # The server may take its last look (5 s) and the proxy process's answer (5 s) first.
   # The token goes in on stdin (-H @-), not as an argument, so `ps` never shows it.
-  if ! response=$(
+  if response=$(
     printf 'Authorization: Bearer %s\n' "${NONSTOP_SWITCH_TOKEN:-}" |
-      curl -sS --max-time 10 -X POST -H @- -H 'Content-Type: application/json' \
+      curl -sS --max-time 30 -X POST -H @- -H 'Content-Type: application/json' \
         -d "{\"port\": $IDLE_PORT}" -w '\n%{http_code}' "$NONSTOP_SWITCH_URL" 2>&1
   ); then
-    abort_release "could not reach the switch at $NONSTOP_SWITCH_URL: $(one_line "$response")"
+    status=${response##*$'\n'}
+    body=${response%$'\n'*}
+    if [[ $status =~ ^2[0-9][0-9]$ ]]; then
+      log "switched traffic to port $IDLE_PORT: $(one_line "$body")"
+      return 0
+    fi
+    switch_failed "the switch at $NONSTOP_SWITCH_URL answered $status: $(one_line "$body")"
+  else
+    switch_failed "could not reach the switch at $NONSTOP_SWITCH_URL: $(one_line "$response")"
   fi
-  status=${response##*$'\n'}
-  body=${response%$'\n'*}
-  if [[ ! $status =~ ^2[0-9][0-9]$ ]]; then
-    abort_release "the switch at $NONSTOP_SWITCH_URL answered $status: $(one_line "$body")"
+}
+
+# The switch said no, or nothing: stops the new version only once the switch says traffic
+# is elsewhere.
+switch_failed() {
+  local live on_idle
+  if ! live=$(
+    printf 'Authorization: Bearer %s\n' "${NONSTOP_SWITCH_TOKEN:-}" |
+      curl -fsS --max-time 10 -H @- "$NONSTOP_SWITCH_URL" 2>/dev/null
+  ); then
+    die "$1; could not ask where traffic is now, so the new version on port $IDLE_PORT keeps running"
   fi
-  log "switched traffic to port $IDLE_PORT: $(one_line "$body")"
+  on_idle="\"port\":${IDLE_PORT}[,}]"
+  if [[ $live =~ $on_idle ]]; then
+    log "$1, but traffic is on port $IDLE_PORT: the switch went through"
+    return 0
+  fi
+  abort_release "$1"
 }
 
 # The classic recipe: nginx proxies to $service_url, set in an included file. Replace the

@@ -124,9 +124,21 @@ impl TrafficSwitch for RemoteProxy {
     }
 
     async fn switch_to(&self, port: u16) -> Result<(), SwitchError> {
-        let live = self.ask(Some(port)).await?;
-        self.remember(live);
-        Ok(())
+        match self.ask(Some(port)).await {
+            Ok(live) => {
+                self.remember(live);
+                Ok(())
+            }
+            // The answer may be what was lost (a timeout while the proxy process saved its
+            // state): ask where traffic is before calling the switch failed.
+            Err(err) => match self.ask(None).await {
+                Ok(live) => {
+                    self.remember(live);
+                    if live == Some(port) { Ok(()) } else { Err(err) }
+                }
+                Err(_) => Err(err),
+            },
+        }
     }
 }
 

@@ -35,9 +35,11 @@ fn rule(method: &Method, path: &str) -> Rule {
     let open = path.starts_with("/hooks/")
         || path.starts_with("/static/")
         || matches!(path, "/healthz" | "/login" | "/favicon.svg");
+    // The switch checks its own callers (hooks on this host), for reads as for moves.
+    let hooks_own = path.starts_with("/api/apps/") && path.ends_with("/switch");
     if open {
         Rule::Open
-    } else if method != Method::GET && method != Method::HEAD {
+    } else if hooks_own || (method != Method::GET && method != Method::HEAD) {
         Rule::Handler
     } else if path == "/metrics" {
         Rule::Metrics

@@ -15,6 +15,7 @@ use serde_json::json;
 use super::{AppError, AppJson, AppState, bearer, require_loopback, token_matches};
 use crate::db::{self, Live};
 use crate::domain::{DeploymentId, DeploymentStatus};
+use crate::traffic::TrafficError;
 
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
@@ -22,7 +23,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/metrics", get(metrics))
         .route("/api/apps", get(apps))
         .route("/api/apps/{app}/live", get(live))
-        .route("/api/apps/{app}/switch", post(switch))
+        .route("/api/apps/{app}/switch", post(switch).get(switched))
         .route("/api/deployments", get(deployments))
         .route("/api/deployments/{id}", get(deployment))
 }
@@ -151,35 +152,65 @@ struct SwitchRequest {
     port: u16,
 }
 
+/// Who may use the switch: hooks on this host (the switch token) or an operator on it.
+fn require_hook_caller(
+    state: &AppState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> Result<(), AppError> {
+    require_loopback(peer)?;
+    let presented = bearer(headers);
+    if token_matches(presented, &state.switch_token) || token_matches(presented, &state.admin_token)
+    {
+        Ok(())
+    } else {
+        Err(AppError::Unauthorized(
+            "a switch or admin token is needed".into(),
+        ))
+    }
+}
+
 /// What `deploy.sh` calls in ValidateService: loopback only, with the switch (or admin) token.
 async fn switch(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(app): Path<String>,
     headers: HeaderMap,
-    // Read after the checks below: who may call decides before what was sent.
+    // Its failure is reported after the checks below: who may call decides first.
     body: Result<AppJson<SwitchRequest>, AppError>,
-) -> Result<impl IntoResponse, AppError> {
-    require_loopback(peer)?;
-    let presented = bearer(&headers);
-    if !token_matches(presented, &state.switch_token)
-        && !token_matches(presented, &state.admin_token)
-    {
-        return Err(AppError::Unauthorized(
-            "a switch or admin token is needed".into(),
-        ));
-    }
+) -> Result<Json<serde_json::Value>, AppError> {
+    require_hook_caller(&state, peer, &headers)?;
     let AppJson(request) = body.map_err(|err| match err {
         AppError::BadRequest(reason) => {
             AppError::BadRequest(format!("expected {{\"port\": N}}: {reason}"))
         }
         other => other,
     })?;
-    let moved = state
+    match state
         .traffic
         .go_live(state.app(&app)?, request.port, None)
-        .await?;
-    Ok(Json(moved.live))
+        .await
+    {
+        Ok(moved) => Ok(Json(json!(moved.live))),
+        // Traffic moved and only its record failed (logged): the caller must not undo a
+        // switch that happened, so it hears that it did.
+        Err(TrafficError::Record { port, .. }) => {
+            Ok(Json(json!({ "port": port, "recorded": false })))
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Which port the switch points at now: how `deploy.sh` learns whether a switch whose
+/// answer it lost went through, before it stops anything.
+async fn switched(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(app): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, AppError> {
+    require_hook_caller(&state, peer, &headers)?;
+    Ok(Json(json!({ "port": state.app(&app)?.switch.live() })))
 }
 
 /// Prometheus text: deployments by app and status, and each app's live port.

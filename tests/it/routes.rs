@@ -415,6 +415,25 @@ async fn the_switch_answers_callers_on_this_host_only() {
             .is_some_and(|e| e.starts_with("expected {\"port\": N}: ")),
         "{body}"
     );
+    // Where traffic is, as deploy.sh asks after a lost answer: this host and a hook's
+    // token only, like the switch itself.
+    let asked = with_token("/api/apps/hello/switch", &switch);
+    assert_eq!(
+        routes.send(asked).await,
+        (StatusCode::OK, json!({ "port": null }))
+    );
+    let asked = with_token("/api/apps/hello/switch", &switch);
+    assert_eq!(
+        routes.send_from(elsewhere, asked).await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        routes.send(get("/api/apps/hello/switch")).await,
+        (
+            StatusCode::UNAUTHORIZED,
+            error("a switch or admin token is needed")
+        )
+    );
     // Nothing moved.
     assert_eq!(
         routes.send(routes.read("/api/apps/hello/live")).await,
