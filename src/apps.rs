@@ -19,6 +19,9 @@ pub struct App {
     pub store: Arc<dyn ArtifactStore>,
     pub runner: Arc<dyn Runner>,
     pub switch: Arc<dyn TrafficSwitch>,
+    /// Held while traffic moves, so two moves of this app (a hook's switch, a rollback,
+    /// the recovery after a restart) never interleave their look, switch and record.
+    pub moving: tokio::sync::Mutex<()>,
 }
 
 /// Every configured app, by name, in name order.

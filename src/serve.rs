@@ -245,6 +245,7 @@ async fn build_app(
         store: store.shared(),
         runner,
         switch,
+        moving: Default::default(),
     })
 }
 

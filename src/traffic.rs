@@ -1,9 +1,10 @@
 //! Going live: the one place an app's traffic moves. A move is always the same four steps —
 //! a last look at the target's health, the switch, the record of what is live (and why),
 //! the event — whoever asks for it: a deployment's ValidateService (through the switch
-//! endpoint), a rollback, or the recovery after a restart. Nothing else calls
-//! `TrafficSwitch::switch_to`. It never starts or stops an instance, and a move that fails
-//! at any step before the switch leaves traffic where it was.
+//! endpoint), a rollback, or the recovery after a restart; one at a time per app. Nothing
+//! else moves traffic (at start, `switch::control` only tells a fresh proxy process the port
+//! the record already calls live). It never starts or stops an instance, and a move that
+//! fails at any step before the switch leaves traffic where it was.
 
 use std::time::Duration;
 
@@ -123,6 +124,7 @@ impl Traffic {
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> rusqlite::Result<(T, Option<DeploymentId>)> + Send + 'static,
     {
+        let _one_move_at_a_time = app.moving.lock().await;
         let config = &app.config;
         let profile = config
             .profile_of(port)
@@ -268,6 +270,7 @@ ports = [{healthy}, {gone}]
             store,
             runner,
             switch: proxy.clone(),
+            moving: Default::default(),
         };
         let traffic = Traffic::new(db.clone(), bus.clone());
         Fixture {

@@ -85,17 +85,77 @@ impl User {
     }
 
     /// Gives `path` and everything under it (links themselves, never what they point at) to
-    /// this user, so that a build or a hook running as it may write there.
+    /// this user, so that a build or a hook running as it may write there. The walk goes by
+    /// open directory descriptors, never by path again: the user may already write under
+    /// `path` (its `run/` folder), and an entry swapped for a link to `/etc` between a look
+    /// and a chown must not hand `/etc` over. `path` itself lies in a folder only nonstop
+    /// may change.
     pub fn hand_over(&self, path: &Path) -> std::io::Result<()> {
-        let metadata = std::fs::symlink_metadata(path)?;
         std::os::unix::fs::lchown(path, Some(self.uid), Some(self.gid))?;
-        if metadata.is_dir() {
-            for entry in std::fs::read_dir(path)? {
-                self.hand_over(&entry?.path())?;
+        match open_dir_nofollow(libc::AT_FDCWD, &path_cstring(path)?) {
+            Ok(dir) => self.hand_over_in(&dir),
+            Err(err) if is_not_a_dir(&err) => Ok(()),
+            Err(err) => Err(err),
+        }
+    }
+
+    fn hand_over_in(&self, dir: &std::os::fd::OwnedFd) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        // The directory as opened, whatever its path names now.
+        let listing = std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd()))?;
+        for entry in listing {
+            let name = CString::new(entry?.file_name().as_bytes())
+                .map_err(|_| std::io::Error::other("a file name with a NUL byte"))?;
+            // SAFETY: `dir` is an open directory and `name` a NUL-terminated entry name;
+            // AT_SYMLINK_NOFOLLOW makes a link change hands, never what it points at.
+            let changed = unsafe {
+                libc::fchownat(
+                    dir.as_raw_fd(),
+                    name.as_ptr(),
+                    self.uid,
+                    self.gid,
+                    libc::AT_SYMLINK_NOFOLLOW,
+                )
+            };
+            if changed != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            match open_dir_nofollow(dir.as_raw_fd(), &name) {
+                Ok(sub) => self.hand_over_in(&sub)?,
+                Err(err) if is_not_a_dir(&err) => {}
+                Err(err) => return Err(err),
             }
         }
         Ok(())
     }
+}
+
+/// Opens `name` (relative to `dir`) as a directory, refusing a link.
+fn open_dir_nofollow(
+    dir: libc::c_int,
+    name: &std::ffi::CStr,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: `name` is NUL-terminated; the returned descriptor is owned by nobody else.
+    let fd = unsafe { libc::openat(dir, name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is not shared.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// A link or a plain file where a directory was tried: nothing to walk into.
+fn is_not_a_dir(err: &std::io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(libc::ENOTDIR | libc::ELOOP))
+}
+
+fn path_cstring(path: &Path) -> std::io::Result<CString> {
+    use std::os::unix::ffi::OsStrExt;
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::other("a path with a NUL byte"))
 }
 
 /// The groups `name` is in (with `gid`, its primary group).
@@ -166,6 +226,45 @@ mod tests {
             // Only root may become another user: the child never starts.
             let err = done.unwrap_err().to_string();
             assert!(err.contains("Operation not permitted"), "{err}");
+        }
+    }
+
+    #[test]
+    fn handing_over_a_tree_changes_links_never_what_they_point_at() {
+        use std::os::unix::fs::MetadataExt;
+        let nobody = User::lookup("nobody").unwrap().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("secret"), "x").unwrap();
+        let tree = dir.path().join("run");
+        std::fs::create_dir_all(tree.join("sub")).unwrap();
+        std::fs::write(tree.join("sub/log"), "y").unwrap();
+        std::os::unix::fs::symlink(&outside, tree.join("sub/escape")).unwrap();
+        let owner_before = std::fs::metadata(outside.join("secret")).unwrap().uid();
+
+        let handed = nobody.hand_over(&tree);
+
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            handed.unwrap();
+            for inside in ["", "sub", "sub/log"] {
+                let path = tree.join(inside);
+                assert_eq!(
+                    std::fs::metadata(&path).unwrap().uid(),
+                    nobody.uid,
+                    "{inside:?}"
+                );
+            }
+            let link = std::fs::symlink_metadata(tree.join("sub/escape")).unwrap();
+            assert_eq!(link.uid(), nobody.uid, "the link itself changes hands");
+        } else {
+            // Only root may give files away.
+            assert!(handed.is_err());
+        }
+        for untouched in [&outside, &outside.join("secret")] {
+            let meta = std::fs::metadata(untouched).unwrap();
+            assert_eq!(meta.uid(), owner_before, "{}", untouched.display());
         }
     }
 }
