@@ -130,6 +130,18 @@ impl std::str::FromStr for DeploymentId {
     }
 }
 
+/// The address that stands for one client when counting what it holds: an IPv4 address
+/// (also when it arrives as `::ffff:a.b.c.d`), or the /64 an IPv6 host usually holds whole.
+pub fn client_of(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
 /// A range of peer addresses, `10.0.0.0/8`, `fd00::/8` or a single `192.0.2.7`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IpRange {

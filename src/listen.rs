@@ -36,6 +36,10 @@ pub struct Limits {
     /// Open connections at most; at the cap a new client sheds the oldest idle one of the
     /// client that holds the most.
     pub max_connections: usize,
+    /// Open connections of one client (an IPv4 address or an IPv6 /64) at most: past it a new
+    /// one replaces the client's own oldest idle one, or is closed when all of them are busy,
+    /// so slow requests in flight from one client cannot fill the cap.
+    pub max_per_client: usize,
     /// A request head larger than this is answered 431.
     pub max_head_bytes: usize,
     /// How long shutdown waits for requests in flight before it closes what is left.
@@ -47,6 +51,7 @@ impl Default for Limits {
         Self {
             header_read: Duration::from_secs(10),
             max_connections: 256,
+            max_per_client: 64,
             max_head_bytes: 64 * 1024,
             shutdown_grace: Duration::from_secs(10),
         }
@@ -97,11 +102,22 @@ impl Slot {
 struct Slots(Mutex<VecDeque<Arc<Slot>>>);
 
 impl Slots {
-    /// A slot for a new connection from `client`, shedding one when at `cap`; `None` when
-    /// every open connection is busy.
-    fn admit(&self, cap: usize, client: IpAddr) -> Option<Arc<Slot>> {
+    /// A slot for a new connection from `client`, shedding one when at the cap (the client's
+    /// own when it holds its share); `None` when every connection that could go is busy.
+    fn admit(&self, limits: &Limits, client: IpAddr) -> Option<Arc<Slot>> {
         let mut slots = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if slots.len() >= cap {
+        let held = slots.iter().filter(|slot| slot.client == client).count();
+        if held >= limits.max_per_client {
+            // Past its share a client makes room from its own half-open or idle ones only.
+            let own = [FRESH, IDLE].into_iter().find_map(|from| {
+                slots
+                    .iter()
+                    .position(|slot| slot.client == client && slot.try_shed(from))
+            })?;
+            if let Some(shed) = slots.remove(own) {
+                shed.close.cancel();
+            }
+        } else if slots.len() >= limits.max_connections {
             let shed = shed_position(&slots)?;
             if let Some(shed) = slots.remove(shed) {
                 shed.close.cancel();
@@ -172,8 +188,8 @@ pub async fn serve<S>(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let Some(slot) = slots.admit(limits.max_connections, peer.ip().to_canonical()) else {
-                        tracing::warn!(peer = %peer, open = slots.len(), "every connection is busy: refused one");
+                    let Some(slot) = slots.admit(&limits, crate::domain::client_of(peer.ip())) else {
+                        tracing::warn!(peer = %peer, open = slots.len(), "at the connection limit: refused one");
                         drop(stream);
                         continue;
                     };
@@ -346,12 +362,19 @@ mod tests {
     async fn start(limits: Limits) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let router = Router::new().route(
-            "/peer",
-            axum::routing::get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move {
-                peer.ip().to_string()
-            }),
-        );
+        let router = Router::new()
+            .route(
+                "/peer",
+                axum::routing::get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move {
+                    peer.ip().to_string()
+                }),
+            )
+            .route(
+                "/body",
+                axum::routing::post(
+                    |body: axum::body::Bytes| async move { body.len().to_string() },
+                ),
+            );
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(serve(listener, router, limits, shutdown.clone()));
         (addr, shutdown, task)
@@ -440,6 +463,56 @@ mod tests {
             .unwrap();
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(answer.ends_with("127.0.0.3"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn a_client_whose_share_is_busy_is_refused_and_another_is_served() {
+        let limits = Limits {
+            max_connections: 8,
+            max_per_client: 2,
+            header_read: Duration::from_secs(60),
+            ..Limits::default()
+        };
+        let (addr, _shutdown, _task) = start(limits).await;
+        let mut slow = Vec::new();
+        for _ in 0..2 {
+            let mut stream = connect_from("127.0.0.2", addr).await;
+            // A body announced and never sent keeps the request in flight.
+            stream
+                .write_all(b"POST /body HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\n")
+                .await
+                .unwrap();
+            slow.push(stream);
+        }
+        // Connections are taken in order: once a later one is answered, both are in flight.
+        let mut probe = connect_from("127.0.0.3", addr).await;
+        probe
+            .write_all(b"GET /peer HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(DEADLINE, probe.read_to_string(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(answer.ends_with("127.0.0.3"), "{answer}");
+
+        let mut third = connect_from("127.0.0.2", addr).await;
+
+        assert!(
+            closed_by_server(&mut third).await,
+            "a third connection of a client with two busy ones stays open"
+        );
+        slow[0].write_all(b"0123456789").await.unwrap();
+        let mut answer = vec![0u8; 256];
+        let read = tokio::time::timeout(DEADLINE, slow[0].read(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            answer[..read].starts_with(b"HTTP/1.1 200"),
+            "a busy request was cut"
+        );
     }
 
     #[tokio::test]

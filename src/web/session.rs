@@ -178,32 +178,14 @@ struct Failures {
 
 const FREE_FAILURES: u32 = 5;
 const MAX_WAIT_MS: i64 = 15 * 60 * 1000;
-/// At most this many clients are remembered; past it, those not waiting are forgotten.
+/// At most this many clients are remembered: past it, those not waiting are forgotten,
+/// then the one whose wait ends first.
 const MAX_CLIENTS: usize = 10_000;
 
 impl Throttle {
-    fn client(ip: IpAddr) -> IpAddr {
-        match ip.to_canonical() {
-            IpAddr::V6(v6) => {
-                let segments = v6.segments();
-                IpAddr::V6(std::net::Ipv6Addr::new(
-                    segments[0],
-                    segments[1],
-                    segments[2],
-                    segments[3],
-                    0,
-                    0,
-                    0,
-                    0,
-                ))
-            }
-            v4 => v4,
-        }
-    }
-
     /// `Err(wait)` while `ip` must wait before it may try again.
     pub fn check(&self, ip: IpAddr, now_ms: i64) -> Result<(), Duration> {
-        let failures = self.lock().get(&Self::client(ip)).copied();
+        let failures = self.lock().get(&crate::domain::client_of(ip)).copied();
         match failures {
             Some(f) if f.until > now_ms => Err(Duration::from_millis((f.until - now_ms) as u64)),
             _ => Ok(()),
@@ -211,12 +193,23 @@ impl Throttle {
     }
 
     pub fn failed(&self, ip: IpAddr, now_ms: i64) {
+        let client = crate::domain::client_of(ip);
         let mut clients = self.lock();
-        if clients.len() >= MAX_CLIENTS {
+        if clients.len() >= MAX_CLIENTS && !clients.contains_key(&client) {
             clients.retain(|_, f| f.until > now_ms);
         }
+        if clients.len() >= MAX_CLIENTS && !clients.contains_key(&client) {
+            // Still full of clients that wait: forget the one whose wait ends first.
+            let soonest = clients
+                .iter()
+                .min_by_key(|(_, f)| f.until)
+                .map(|(ip, _)| *ip);
+            if let Some(ip) = soonest {
+                clients.remove(&ip);
+            }
+        }
         let entry = clients
-            .entry(Self::client(ip))
+            .entry(client)
             .or_insert(Failures { count: 0, until: 0 });
         entry.count += 1;
         if entry.count > FREE_FAILURES {
@@ -226,7 +219,7 @@ impl Throttle {
     }
 
     pub fn succeeded(&self, ip: IpAddr) {
-        self.lock().remove(&Self::client(ip));
+        self.lock().remove(&crate::domain::client_of(ip));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Failures>> {

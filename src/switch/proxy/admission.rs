@@ -7,10 +7,10 @@
 //! never per request.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
-use crate::domain::IpRange;
+use crate::domain::{IpRange, client_of};
 
 /// The proxy's connection limits.
 #[derive(Clone, Copy, Debug)]
@@ -113,17 +113,6 @@ impl Drop for Ticket {
                 open.by_client.remove(&client);
             }
         }
-    }
-}
-
-/// One client: an IPv4 address, or the /64 an IPv6 host usually holds whole.
-fn client_of(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-        }
-        v4 => v4,
     }
 }
 
