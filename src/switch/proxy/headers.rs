@@ -176,16 +176,7 @@ pub(super) fn strip_hop_by_hop_but_upgrade(headers: &mut HeaderMap) -> bool {
     if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
         return false;
     }
-    let upgrade = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
-        .then(|| headers.get(header::UPGRADE).cloned())
-        .flatten();
-    strip_named_and_hop_by_hop(headers);
-    match upgrade {
+    match strip_named_and_hop_by_hop(headers) {
         Some(protocol) => {
             headers.insert(header::CONNECTION, CONNECTION_UPGRADE);
             headers.insert(header::UPGRADE, protocol);
@@ -202,7 +193,11 @@ pub(super) fn forget_upgrade(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
-fn strip_named_and_hop_by_hop(headers: &mut HeaderMap) {
+/// Removes the hop-by-hop headers and those `Connection` names; returns the `Upgrade` value
+/// when `Connection` named `upgrade` (the same pass over its tokens, so ordinary messages
+/// pay nothing more for upgrades).
+fn strip_named_and_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
+    let mut upgrade = None;
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -213,12 +208,16 @@ fn strip_named_and_hop_by_hop(headers: &mut HeaderMap) {
             .filter(|name| !END_TO_END.contains(name))
             .collect();
         for name in &named {
-            headers.remove(name);
+            match headers.remove(name) {
+                Some(protocol) if name == header::UPGRADE => upgrade = Some(protocol),
+                _ => {}
+            }
         }
     }
     for name in &HOP_BY_HOP {
         headers.remove(name);
     }
+    upgrade
 }
 
 #[cfg(test)]
