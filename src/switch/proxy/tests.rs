@@ -846,3 +846,44 @@ async fn an_event_stream_reaches_the_client_event_by_event() {
         .await
         .expect("events were held back: the stream is buffered");
 }
+
+/// A tunnel is still a client connection: it holds its place under the limits until it
+/// closes, so sockets that never close cannot get past them.
+#[tokio::test]
+async fn an_open_websocket_keeps_its_place_under_the_connection_limits() {
+    let port = spawn_websocket_upstream("A").await;
+    let options = ProxyOptions {
+        limits: ConnectionLimits {
+            max_connections: 1,
+            max_per_client: 1,
+        },
+        ..ProxyOptions::default()
+    };
+    let proxy = Proxy::start_with(loopback_any_port(), Some(port), options)
+        .await
+        .expect("start proxy");
+    let url = format!("ws://{}/ws", proxy.local_addr());
+    let mut socket = open_websocket(proxy.local_addr(), "/ws").await;
+    assert_eq!(say(&mut socket, "hi").await, "A: hi");
+
+    let second = tokio::time::timeout(TEST_DEADLINE, tokio_tungstenite::connect_async(&url))
+        .await
+        .expect("refused in time");
+    assert!(second.is_err(), "a second connection got past the limit");
+    assert_eq!(say(&mut socket, "still").await, "A: still");
+
+    socket.close(None).await.expect("close handshake");
+    drop(socket);
+    let deadline = Instant::now() + TEST_DEADLINE;
+    let mut again = loop {
+        if let Ok((socket, _)) = tokio_tungstenite::connect_async(&url).await {
+            break socket;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the closed tunnel kept its place"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(say(&mut again, "back").await, "A: back");
+}
