@@ -133,7 +133,8 @@ impl Worker {
         client: &Rc<ClientConnection>,
         mut req: Request<Incoming>,
     ) -> Response<ProxyBody> {
-        // A tunnel would hand the client a raw connection to the app, past every rule here.
+        // CONNECT asks for a raw tunnel wherever the client names, past every rule here;
+        // an `Upgrade` (below) is a tunnel too, but to the app and only if the app agrees.
         if req.method() == Method::CONNECT {
             return text_response(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -159,7 +160,7 @@ impl Worker {
             // hyper offers the client's connection only for HTTP/1.1 upgrades; anything
             // else goes on as an ordinary request, never with an upgrade on a pooled one.
             if req.extensions().get::<OnUpgrade>().is_some() {
-                return self.upstream_failed(
+                return self.or_bad_gateway(
                     &target,
                     tunnel::open(&self.tunnels, &target, Rc::clone(client), req).await,
                 );
@@ -172,11 +173,11 @@ impl Worker {
             headers::strip_hop_by_hop(&mut parts.headers);
             Response::from_parts(parts, Either::Left(body))
         });
-        self.upstream_failed(&target, response)
+        self.or_bad_gateway(&target, response)
     }
 
     /// The response, or the 502 that says the upstream request failed.
-    fn upstream_failed(
+    fn or_bad_gateway(
         &self,
         target: &Target,
         response: Result<Response<ProxyBody>, UpstreamError>,
