@@ -650,3 +650,77 @@ async fn a_deployment_records_which_env_names_changed_and_never_their_values() {
         }
     }
 }
+
+/// Sends `text` on a WebSocket and returns the answer, within a deadline.
+async fn say<S>(socket: &mut tokio_tungstenite::WebSocketStream<S>, text: &str) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let exchange = async {
+        socket.send(Message::text(text)).await.unwrap();
+        loop {
+            match socket.next().await.expect("socket open").unwrap() {
+                Message::Text(reply) => return reply.as_str().to_owned(),
+                Message::Ping(_) | Message::Pong(_) => {}
+                other => panic!("unexpected message {other:?}"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), exchange)
+        .await
+        .expect("an answer in time")
+}
+
+/// The next server-sent event's `data:` line of a `/stream` response.
+async fn next_event_data(stream: &mut reqwest::Response, buffered: &mut String) -> String {
+    let read = async {
+        loop {
+            if let Some(end) = buffered.find("\n\n") {
+                let event: String = buffered.drain(..end + 2).collect();
+                let data = event.lines().find_map(|line| line.strip_prefix("data: "));
+                return data.expect("an event has data").to_owned();
+            }
+            let chunk = stream.chunk().await.unwrap().expect("stream open");
+            buffered.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .expect("an event in time")
+}
+
+#[tokio::test]
+async fn an_open_websocket_and_event_stream_stay_on_their_version_through_a_deploy() {
+    let app = spawn_app().await;
+    let first = app.deploy(&app.repo.commit("First")).await;
+    let ws_url = format!("ws://127.0.0.1:{}/ws", app.ports.proxy);
+    let (mut old_socket, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
+    assert_eq!(say(&mut old_socket, "hi").await, format!("{first}: hi"));
+    let mut old_stream = reqwest::get(format!("{}/stream", app.proxy()))
+        .await
+        .unwrap();
+    assert_eq!(
+        old_stream.headers()["content-type"],
+        "text/event-stream",
+        "{old_stream:?}"
+    );
+    let mut buffered = String::new();
+    assert_eq!(next_event_data(&mut old_stream, &mut buffered).await, first);
+
+    let second = app.deploy(&app.repo.commit("Second")).await;
+    assert_ne!(second, first);
+    assert_eq!(app.served().await, second);
+
+    // Connections opened before the switch stay on the first version...
+    assert_eq!(
+        say(&mut old_socket, "still").await,
+        format!("{first}: still")
+    );
+    assert_eq!(next_event_data(&mut old_stream, &mut buffered).await, first);
+    // ...and new ones reach the second.
+    let (mut new_socket, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
+    assert_eq!(say(&mut new_socket, "new").await, format!("{second}: new"));
+    assert_eq!(say(&mut old_socket, "bye").await, format!("{first}: bye"));
+}

@@ -5,6 +5,10 @@
 //! `ok`. A reverse proxy pools connections to it, so keep-alive must be right: every
 //! response has a `Content-Length`, request bodies are read off the wire before the next
 //! request is parsed, and `Connection: close` / HTTP/1.0 end the connection.
+//! `GET /ws` is a WebSocket echo (RFC 6455: the handshake, text and binary messages,
+//! fragments, ping and close), each reply prefixed with the version; `GET /stream` is an
+//! endless server-sent event stream, one event a second naming the version. Both show that
+//! an open connection stays on the version it opened on while a deploy switches traffic.
 //! It must never panic on bad input (it answers 400 and closes) and never listens beyond
 //! loopback: nonstop's proxy (or nginx) is its only client.
 
@@ -28,6 +32,12 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest request line or header line accepted, like common servers' defaults.
 const MAX_LINE: usize = 8 * 1024;
 const MAX_HEADERS: usize = 100;
+/// Time between two events of `/stream`.
+const EVENT_INTERVAL: Duration = Duration::from_secs(1);
+/// Largest WebSocket message echoed; a bigger one closes with 1009 (too big).
+const MAX_MESSAGE: usize = 1024 * 1024;
+/// RFC 6455 §1.3: appended to the client's key before hashing.
+const WEBSOCKET_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
 const USAGE: &str = "usage: hello --port N [--profile NAME]   (version from env NONSTOP_VERSION)";
 
@@ -172,6 +182,20 @@ fn serve(reader: &mut impl BufRead, writer: &mut impl Write, app: &App) -> io::R
             Err(RequestError::Io(e)) => return Err(e),
             Err(RequestError::Bad(reason)) => return bad_request(writer, reason),
         }
+        let path = request.target.split(['?', '#']).next().unwrap_or("");
+        if request.method == "GET" && path == "/ws" {
+            if let Some(key) = request.websocket_key() {
+                return websocket(reader, writer, app, key);
+            }
+        }
+        if request.method == "GET" && path == "/stream" {
+            let events = query_value(&request.target, "events").and_then(|n| n.parse().ok());
+            event_stream(writer, app, EVENT_INTERVAL, events)?;
+            if !request.keep_alive() || events.is_none() {
+                return Ok(());
+            }
+            continue;
+        }
         let response = route(app, &request.method, &request.target);
         let keep_alive = request.keep_alive();
         write_response(writer, &response, request.method == "HEAD", !keep_alive)?;
@@ -197,6 +221,7 @@ fn route(app: &App, method: &str, target: &str) -> Response {
         "/profile" if app.healthy => Response::new(200, format!("{}\n", app.profile)),
         "/health" if app.healthy => Response::new(200, "ok\n"),
         "/profile" | "/health" => Response::new(503, "unhealthy\n"),
+        "/ws" => Response::new(426, "a WebSocket handshake only\n"),
         _ => Response::new(404, "not found\n"),
     }
 }
@@ -220,6 +245,7 @@ impl Response {
             200 => "OK",
             400 => "Bad Request",
             404 => "Not Found",
+            426 => "Upgrade Required",
             503 => "Service Unavailable",
             _ => "",
         }
@@ -260,6 +286,10 @@ struct RequestHead {
     http10: bool,
     connection_close: bool,
     expects_continue: bool,
+    /// `Connection` names `upgrade`, `Upgrade` names `websocket`, and the key to answer.
+    connection_upgrade: bool,
+    upgrade_websocket: bool,
+    sec_websocket_key: Option<String>,
     body: Body,
 }
 
@@ -268,6 +298,15 @@ impl RequestHead {
     /// close HTTP/1.0 connections regardless: its keep-alive is a rarely used extension.
     fn keep_alive(&self) -> bool {
         !self.http10 && !self.connection_close
+    }
+
+    /// The key of a WebSocket handshake, if this request is one (HTTP/1.1, no body).
+    fn websocket_key(&self) -> Option<&str> {
+        let handshake = !self.http10
+            && self.connection_upgrade
+            && self.upgrade_websocket
+            && self.body == Body::None;
+        self.sec_websocket_key.as_deref().filter(|_| handshake)
     }
 }
 
@@ -370,8 +409,16 @@ fn read_head(reader: &mut impl BufRead) -> Result<Option<RequestHead>, RequestEr
             for option in value.split(',').map(str::trim) {
                 if option.eq_ignore_ascii_case("close") {
                     head.connection_close = true;
+                } else if option.eq_ignore_ascii_case("upgrade") {
+                    head.connection_upgrade = true;
                 }
             }
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            head.upgrade_websocket = value
+                .split(',')
+                .any(|protocol| protocol.trim().eq_ignore_ascii_case("websocket"));
+        } else if name.eq_ignore_ascii_case("sec-websocket-key") {
+            head.sec_websocket_key = Some(value.to_string());
         } else if name.eq_ignore_ascii_case("expect") {
             head.expects_continue = value.eq_ignore_ascii_case("100-continue");
         }
@@ -416,6 +463,9 @@ fn parse_request_line(line: &str) -> Result<RequestHead, RequestError> {
         http10,
         connection_close: false,
         expects_continue: false,
+        connection_upgrade: false,
+        upgrade_websocket: false,
+        sec_websocket_key: None,
         body: Body::None,
     })
 }
@@ -508,6 +558,277 @@ fn parse_chunk_size(line: &str) -> Result<u64, RequestError> {
     u64::from_str_radix(hex, 16).map_err(|_| RequestError::Bad("malformed chunk size"))
 }
 
+/// The value of `name` in the target's query, if it has one.
+fn query_value<'a>(target: &'a str, name: &str) -> Option<&'a str> {
+    let (_, query) = target.split_once('?')?;
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value)
+}
+
+/// `/stream`: server-sent events, one every `every`, each naming the version, until the
+/// client goes away (a write fails) or, with `events`, after that many (then the response
+/// ends and the connection may serve another request).
+fn event_stream(
+    writer: &mut impl Write,
+    app: &App,
+    every: Duration,
+    events: Option<u64>,
+) -> io::Result<()> {
+    writer.write_all(
+        b"HTTP/1.1 200 OK\r\n\
+          Content-Type: text/event-stream\r\n\
+          Cache-Control: no-store\r\n\
+          Transfer-Encoding: chunked\r\n\r\n",
+    )?;
+    writer.flush()?;
+    let mut sent = 0u64;
+    while events.is_none_or(|events| sent < events) {
+        if sent > 0 {
+            thread::sleep(every);
+        }
+        let event = format!("id: {sent}\ndata: {}\n\n", app.version);
+        write!(writer, "{:x}\r\n{event}\r\n", event.len())?;
+        writer.flush()?;
+        sent += 1;
+    }
+    writer.write_all(b"0\r\n\r\n")?;
+    writer.flush()
+}
+
+/// Why a WebSocket ends from our side, as its close status (RFC 6455 §7.4.1).
+#[derive(Debug)]
+enum Closing {
+    Io(io::Error),
+    /// A frame RFC 6455 forbids: unmasked, reserved bits, a bad opcode or control frame.
+    Protocol,
+    NotUtf8,
+    TooBig,
+}
+
+impl From<io::Error> for Closing {
+    fn from(e: io::Error) -> Self {
+        Closing::Io(e)
+    }
+}
+
+/// `/ws`: answers the handshake, then echoes every message prefixed with the version until
+/// the client closes. Client frames must be masked (RFC 6455 §5.1); ours are not.
+fn websocket(
+    reader: &mut impl BufRead,
+    writer: &mut impl Write,
+    app: &App,
+    key: &str,
+) -> io::Result<()> {
+    let accept = websocket_accept(key);
+    write!(
+        writer,
+        "HTTP/1.1 101 Switching Protocols\r\n\
+         Upgrade: websocket\r\n\
+         Connection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {accept}\r\n\r\n"
+    )?;
+    writer.flush()?;
+    let status: u16 = match echo_messages(reader, writer, app) {
+        Ok(()) => return Ok(()),
+        Err(Closing::Io(e)) => return Err(e),
+        Err(Closing::Protocol) => 1002,
+        Err(Closing::NotUtf8) => 1007,
+        Err(Closing::TooBig) => 1009,
+    };
+    write_frame(writer, 0x8, &status.to_be_bytes())
+}
+
+fn echo_messages(
+    reader: &mut impl BufRead,
+    writer: &mut impl Write,
+    app: &App,
+) -> Result<(), Closing> {
+    // A fragmented message so far: its opcode (text or binary) and bytes.
+    let mut message: Option<(u8, Vec<u8>)> = None;
+    loop {
+        let (fin, opcode, payload) = read_frame(reader)?;
+        let complete = match (opcode, message.take()) {
+            (0x1 | 0x2, None) if fin => (opcode, payload),
+            (0x1 | 0x2, None) => {
+                message = Some((opcode, payload));
+                continue;
+            }
+            (0x0, Some((first, mut so_far))) => {
+                if so_far.len() + payload.len() > MAX_MESSAGE {
+                    return Err(Closing::TooBig);
+                }
+                so_far.extend_from_slice(&payload);
+                if !fin {
+                    message = Some((first, so_far));
+                    continue;
+                }
+                (first, so_far)
+            }
+            (0x8..=0xA, in_progress) => {
+                message = in_progress;
+                if !fin || payload.len() > 125 {
+                    return Err(Closing::Protocol);
+                }
+                match opcode {
+                    // Close: answer with the client's status, then the connection ends.
+                    0x8 => {
+                        write_frame(writer, 0x8, payload.get(..2).unwrap_or(&[]))?;
+                        return Ok(());
+                    }
+                    0x9 => write_frame(writer, 0xA, &payload)?,
+                    _ => {}
+                }
+                continue;
+            }
+            _ => return Err(Closing::Protocol),
+        };
+        let (opcode, payload) = complete;
+        if opcode == 0x1 && std::str::from_utf8(&payload).is_err() {
+            return Err(Closing::NotUtf8);
+        }
+        let mut reply = format!("{}: ", app.version).into_bytes();
+        reply.extend_from_slice(&payload);
+        write_frame(writer, opcode, &reply)?;
+    }
+}
+
+/// One client frame: FIN, opcode and the unmasked payload.
+fn read_frame(reader: &mut impl Read) -> Result<(bool, u8, Vec<u8>), Closing> {
+    let mut head = [0u8; 2];
+    reader.read_exact(&mut head)?;
+    let (fin, opcode) = (head[0] & 0x80 != 0, head[0] & 0x0F);
+    if head[0] & 0x70 != 0 {
+        return Err(Closing::Protocol);
+    }
+    if head[1] & 0x80 == 0 {
+        return Err(Closing::Protocol);
+    }
+    let length = match head[1] & 0x7F {
+        126 => {
+            let mut bytes = [0u8; 2];
+            reader.read_exact(&mut bytes)?;
+            u64::from(u16::from_be_bytes(bytes))
+        }
+        127 => {
+            let mut bytes = [0u8; 8];
+            reader.read_exact(&mut bytes)?;
+            u64::from_be_bytes(bytes)
+        }
+        short => u64::from(short),
+    };
+    let length = usize::try_from(length)
+        .ok()
+        .filter(|&length| length <= MAX_MESSAGE)
+        .ok_or(Closing::TooBig)?;
+    let mut mask = [0u8; 4];
+    reader.read_exact(&mut mask)?;
+    let mut payload = vec![0u8; length];
+    reader.read_exact(&mut payload)?;
+    for (i, byte) in payload.iter_mut().enumerate() {
+        *byte ^= mask[i % 4];
+    }
+    Ok((fin, opcode, payload))
+}
+
+fn write_frame(writer: &mut impl Write, opcode: u8, payload: &[u8]) -> io::Result<()> {
+    let mut frame = vec![0x80 | opcode];
+    match payload.len() {
+        short @ 0..=125 => frame.push(short as u8),
+        medium @ 126..=0xFFFF => {
+            frame.push(126);
+            frame.extend_from_slice(&(medium as u16).to_be_bytes());
+        }
+        long => {
+            frame.push(127);
+            frame.extend_from_slice(&(long as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(payload);
+    writer.write_all(&frame)?;
+    writer.flush()
+}
+
+/// `Sec-WebSocket-Accept` for a client's key (RFC 6455 §4.2.2).
+fn websocket_accept(key: &str) -> String {
+    base64(&sha1(format!("{}{WEBSOCKET_GUID}", key.trim()).as_bytes()))
+}
+
+/// SHA-1 (RFC 3174), here only because the WebSocket handshake needs it and this app has
+/// no dependencies; it secures nothing.
+fn sha1(message: &[u8]) -> [u8; 20] {
+    let mut state: [u32; 5] = [
+        0x6745_2301,
+        0xEFCD_AB89,
+        0x98BA_DCFE,
+        0x1032_5476,
+        0xC3D2_E1F0,
+    ];
+    let mut padded = message.to_vec();
+    padded.push(0x80);
+    while padded.len() % 64 != 56 {
+        padded.push(0);
+    }
+    padded.extend_from_slice(&((message.len() as u64) * 8).to_be_bytes());
+    for block in padded.chunks_exact(64) {
+        let mut w = [0u32; 80];
+        for (i, word) in block.chunks_exact(4).enumerate() {
+            w[i] = u32::from_be_bytes([word[0], word[1], word[2], word[3]]);
+        }
+        for i in 16..80 {
+            w[i] = (w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16]).rotate_left(1);
+        }
+        let [mut a, mut b, mut c, mut d, mut e] = state;
+        for (i, &word) in w.iter().enumerate() {
+            let (f, k) = match i {
+                0..=19 => ((b & c) | (!b & d), 0x5A82_7999),
+                20..=39 => (b ^ c ^ d, 0x6ED9_EBA1),
+                40..=59 => ((b & c) | (b & d) | (c & d), 0x8F1B_BCDC),
+                _ => (b ^ c ^ d, 0xCA62_C1D6),
+            };
+            let next = a
+                .rotate_left(5)
+                .wrapping_add(f)
+                .wrapping_add(e)
+                .wrapping_add(k)
+                .wrapping_add(word);
+            (e, d, c, b, a) = (d, c, b.rotate_left(30), a, next);
+        }
+        for (kept, new) in state.iter_mut().zip([a, b, c, d, e]) {
+            *kept = kept.wrapping_add(new);
+        }
+    }
+    let mut digest = [0u8; 20];
+    for (bytes, word) in digest.chunks_exact_mut(4).zip(state) {
+        bytes.copy_from_slice(&word.to_be_bytes());
+    }
+    digest
+}
+
+/// Standard base64 with padding (RFC 4648 §4).
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for group in bytes.chunks(3) {
+        let b = [
+            group[0],
+            *group.get(1).unwrap_or(&0),
+            *group.get(2).unwrap_or(&0),
+        ];
+        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
+            if i <= group.len() {
+                out.push(char::from(ALPHABET[(n >> shift & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 /// `tchar` from RFC 9110 §5.6.2: the bytes allowed in a method or header name.
 fn is_token_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
@@ -559,6 +880,122 @@ mod tests {
             "{out}"
         );
         assert!(!out.contains("Connection: close"), "{out}");
+    }
+
+    #[test]
+    fn sha1_base64_and_the_websocket_accept_match_the_rfcs() {
+        let hex: String = sha1(b"abc").iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, "a9993e364706816aba3e25717850c26c9cd0d89d");
+        let long: String = sha1(&[b'a'; 1000])
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(long, "291e9a6c66994949b57ba5e650361e98fc36b1ba");
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+        // RFC 6455 §1.3's example.
+        assert_eq!(
+            websocket_accept("dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    /// A frame as a client sends it: masked.
+    fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        let mut frame = vec![if fin { 0x80 } else { 0 } | opcode];
+        match payload.len() {
+            short @ 0..=125 => frame.push(0x80 | short as u8),
+            medium => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(medium as u16).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        frame
+    }
+
+    fn exchange_bytes(app: &App, input: Vec<u8>) -> Vec<u8> {
+        let mut output = Vec::new();
+        let _ = serve(&mut Cursor::new(input), &mut output, app);
+        output
+    }
+
+    const HANDSHAKE: &str = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+        Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+        Sec-WebSocket-Version: 13\r\n\r\n";
+
+    #[test]
+    fn ws_answers_the_handshake_and_echoes_with_the_version() {
+        let mut input = HANDSHAKE.as_bytes().to_vec();
+        input.extend(client_frame(true, 0x1, b"hi"));
+        input.extend(client_frame(false, 0x1, b"frag"));
+        input.extend(client_frame(true, 0x9, b"p"));
+        input.extend(client_frame(true, 0x0, b"ment"));
+        input.extend(client_frame(true, 0x2, &[0u8; 300]));
+        input.extend(client_frame(true, 0x8, &1000u16.to_be_bytes()));
+        input.extend(b"GET / HTTP/1.1\r\n\r\n");
+
+        let out = exchange_bytes(&app(true), input);
+
+        let head = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                    Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+        assert!(out.starts_with(head.as_bytes()), "{out:?}");
+        let mut expected = Vec::new();
+        let version = "1.0.1-SNAPSHOT-20240101000000: ";
+        write_frame(&mut expected, 0x1, format!("{version}hi").as_bytes()).expect("frame");
+        write_frame(&mut expected, 0xA, b"p").expect("frame");
+        write_frame(&mut expected, 0x1, format!("{version}fragment").as_bytes()).expect("frame");
+        let mut binary = version.as_bytes().to_vec();
+        binary.extend_from_slice(&[0u8; 300]);
+        write_frame(&mut expected, 0x2, &binary).expect("frame");
+        write_frame(&mut expected, 0x8, &1000u16.to_be_bytes()).expect("frame");
+        // Nothing after the close: the connection is no HTTP connection any more.
+        assert_eq!(&out[head.len()..], &expected[..]);
+    }
+
+    #[test]
+    fn ws_closes_on_protocol_errors_and_refuses_plain_requests() {
+        let mut input = HANDSHAKE.as_bytes().to_vec();
+        input.extend([0x81, 0x02, b'h', b'i']); // unmasked
+        let out = exchange_bytes(&app(true), input);
+        assert!(out.ends_with(&[0x88, 0x02, 0x03, 0xEA]), "1002: {out:?}");
+
+        let mut input = HANDSHAKE.as_bytes().to_vec();
+        input.extend(client_frame(true, 0x1, &[0xff, 0xfe]));
+        let out = exchange_bytes(&app(true), input);
+        assert!(out.ends_with(&[0x88, 0x02, 0x03, 0xEF]), "1007: {out:?}");
+
+        let out = exchange(&app(true), "GET /ws HTTP/1.1\r\n\r\n");
+        assert!(
+            out.starts_with("HTTP/1.1 426 Upgrade Required\r\n"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn stream_sends_events_naming_the_version_in_chunks() {
+        let out = exchange(
+            &app(true),
+            "GET /stream?events=2 HTTP/1.1\r\n\r\nGET /health HTTP/1.1\r\n\r\n",
+        );
+        let event = |n| format!("id: {n}\ndata: 1.0.1-SNAPSHOT-20240101000000\n\n");
+        let expected = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\n\
+             Transfer-Encoding: chunked\r\n\r\n{:x}\r\n{}\r\n{:x}\r\n{}\r\n0\r\n\r\n",
+            event(0).len(),
+            event(0),
+            event(1).len(),
+            event(1),
+        );
+        assert!(out.starts_with(&expected), "{out}");
+        assert!(
+            out.ends_with("\r\n\r\nok\n"),
+            "the connection is kept: {out}"
+        );
     }
 
     #[test]

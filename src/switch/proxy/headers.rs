@@ -4,7 +4,9 @@
 //! app believes about the client: `Connection` cannot remove headers that matter end to end,
 //! and forwarding headers a client wrote are replaced unless its peer address is a trusted
 //! proxy. On the common path it allocates nothing: the values that depend on the peer are
-//! built once per client connection ([`ClientPeer`]).
+//! built once per client connection ([`ClientPeer`]). A protocol upgrade (`Connection:
+//! upgrade` with `Upgrade`) keeps exactly those two hop-by-hop headers, so the handshake
+//! reaches the app and its `101` reaches the client; every other rule stays.
 
 use std::net::IpAddr;
 
@@ -52,6 +54,9 @@ const END_TO_END: [HeaderName; 16] = [
     X_REAL_IP,
 ];
 
+/// What `Connection` says on an upgrade we pass on: nothing else of the client's.
+const CONNECTION_UPGRADE: HeaderValue = HeaderValue::from_static("upgrade");
+
 /// The only scheme this proxy serves (TLS is not terminated here yet).
 const PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
 
@@ -91,13 +96,14 @@ impl ClientPeer {
 /// Turns the client's request headers into the upstream's. The client's `Host` is kept
 /// (like nginx's `proxy_set_header Host $host`) so that apps build links and pick virtual
 /// hosts from the public name; `fallback_host` (the upstream's address) fills it in for
-/// clients that sent none.
+/// clients that sent none. Returns whether the request asks for a protocol upgrade, whose
+/// `Connection: upgrade` and `Upgrade` are then kept (see [`strip_hop_by_hop_but_upgrade`]).
 pub(super) fn prepare_request(
     headers: &mut HeaderMap,
     peer: &ClientPeer,
     fallback_host: &HeaderValue,
-) {
-    strip_hop_by_hop(headers);
+) -> bool {
+    let upgrade = strip_hop_by_hop_but_upgrade(headers);
     // hyper already answered `100 Continue` on the client's hop when the body was first
     // read; forwarding the expectation would only make the upstream answer it again.
     headers.remove(header::EXPECT);
@@ -119,6 +125,7 @@ pub(super) fn prepare_request(
         headers.insert(X_FORWARDED_HOST, host);
         headers.insert(header::FORWARDED, peer.forwarded.clone());
     }
+    upgrade
 }
 
 /// A trusted proxy in front of us already said who the client is: keep what it wrote, add
@@ -159,6 +166,38 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
         return;
     }
+    strip_named_and_hop_by_hop(headers);
+}
+
+/// [`strip_hop_by_hop`], except that a message announcing a protocol upgrade (`Connection`
+/// naming `upgrade`, and an `Upgrade` header) keeps `Connection: upgrade` and its first
+/// `Upgrade` value, and nothing else `Connection` named. Returns whether it was one.
+pub(super) fn strip_hop_by_hop_but_upgrade(headers: &mut HeaderMap) -> bool {
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return false;
+    }
+    match strip_named_and_hop_by_hop(headers) {
+        Some(protocol) => {
+            headers.insert(header::CONNECTION, CONNECTION_UPGRADE);
+            headers.insert(header::UPGRADE, protocol);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Takes back what [`strip_hop_by_hop_but_upgrade`] kept, for a request that will not be
+/// upgraded after all.
+pub(super) fn forget_upgrade(headers: &mut HeaderMap) {
+    headers.remove(header::CONNECTION);
+    headers.remove(header::UPGRADE);
+}
+
+/// Removes the hop-by-hop headers and those `Connection` names; returns the `Upgrade` value
+/// when `Connection` named `upgrade` (the same pass over its tokens, so ordinary messages
+/// pay nothing more for upgrades).
+fn strip_named_and_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
+    let mut upgrade = None;
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -169,12 +208,16 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .filter(|name| !END_TO_END.contains(name))
             .collect();
         for name in &named {
-            headers.remove(name);
+            match headers.remove(name) {
+                Some(protocol) if name == header::UPGRADE => upgrade = Some(protocol),
+                _ => {}
+            }
         }
     }
     for name in &HOP_BY_HOP {
         headers.remove(name);
     }
+    upgrade
 }
 
 #[cfg(test)]
@@ -215,6 +258,61 @@ mod tests {
 
         let left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
         assert_eq!(left, ["content-type"]);
+    }
+
+    #[test]
+    fn an_upgrade_keeps_connection_upgrade_and_upgrade_and_nothing_else_hop_by_hop() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, Upgrade, X-Trace, Authorization"),
+        );
+        headers.insert("upgrade", HeaderValue::from_static("websocket"));
+        headers.insert("x-trace", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert("te", HeaderValue::from_static("trailers"));
+        headers.insert("authorization", HeaderValue::from_static("Bearer t"));
+        headers.insert("sec-websocket-key", HeaderValue::from_static("k"));
+
+        assert!(strip_hop_by_hop_but_upgrade(&mut headers));
+
+        assert_eq!(get(&headers, "connection"), ["upgrade"]);
+        assert_eq!(get(&headers, "upgrade"), ["websocket"]);
+        let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            [
+                "authorization",
+                "connection",
+                "sec-websocket-key",
+                "upgrade"
+            ]
+        );
+    }
+
+    #[test]
+    fn upgrade_without_connection_upgrade_is_no_upgrade_and_is_stripped() {
+        for connection in [None, Some("keep-alive"), Some("upgrades")] {
+            let mut headers = HeaderMap::new();
+            if let Some(connection) = connection {
+                headers.insert("connection", HeaderValue::from_str(connection).expect("v"));
+            }
+            headers.insert("upgrade", HeaderValue::from_static("websocket"));
+
+            assert!(
+                !strip_hop_by_hop_but_upgrade(&mut headers),
+                "{connection:?}"
+            );
+            assert!(headers.is_empty(), "{connection:?}: {headers:?}");
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert("connection", HeaderValue::from_static("upgrade"));
+        assert!(
+            !strip_hop_by_hop_but_upgrade(&mut headers),
+            "no Upgrade header"
+        );
+        assert!(headers.is_empty());
     }
 
     #[test]

@@ -7,16 +7,19 @@
 //!
 //! Its parts: `worker` (a thread per core: accept, serve a client connection, forward a
 //! request), `pool` (a worker's upstream connections by target), `headers` (the rewrite
-//! between client and app, and who is trusted to say who the client is).
-//!
-//! Not supported yet: protocol upgrades (WebSocket). `Upgrade` is a hop-by-hop header and is
-//! stripped like the others, so the upstream sees an ordinary request; `CONNECT` is refused.
+//! between client and app, and who is trusted to say who the client is), `tunnel`
+//! (WebSocket and every other HTTP/1.1 `Upgrade`: after the app's `101`, the client's
+//! connection and a new upstream one are spliced, on the instance they opened on, past any
+//! switch). Streamed responses (server-sent events) flow frame by frame; the proxy sets no
+//! response timeout. It serves HTTP/1.1 only, so HTTP/2 extended `CONNECT` (RFC 8441) is
+//! not in scope yet; plain `CONNECT` is refused.
 
 mod admission;
 mod headers;
 mod pool;
 #[cfg(test)]
 mod tests;
+mod tunnel;
 mod worker;
 
 use std::net::SocketAddr;

@@ -278,16 +278,7 @@ fn lease(
 
 /// A new connection to `target`, driven by a task of this worker.
 async fn connect(target: Arc<Target>) -> Result<Sender, UpstreamError> {
-    let stream = tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(target.address))
-        .await
-        .map_err(|_| UpstreamError::ConnectTimeout)?
-        .map_err(UpstreamError::Connect)?;
-    if let Err(err) = stream.set_nodelay(true) {
-        debug!(port = target.port, error = %err, "could not set TCP_NODELAY upstream");
-    }
-    let (sender, connection) = http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(UpstreamError::Handshake)?;
+    let (sender, connection) = handshake(&target).await?;
     let port = target.port;
     tokio::task::spawn_local(async move {
         if let Err(err) = connection.await {
@@ -295,6 +286,34 @@ async fn connect(target: Arc<Target>) -> Result<Sender, UpstreamError> {
         }
     });
     Ok(sender)
+}
+
+/// A new connection to `target` for one request that asks for a protocol upgrade: never
+/// pooled, and able to hand its socket over once the app answers `101`.
+pub(super) async fn connect_for_upgrade(target: &Target) -> Result<Sender, UpstreamError> {
+    let (sender, connection) = handshake(target).await?;
+    let port = target.port;
+    tokio::task::spawn_local(async move {
+        if let Err(err) = connection.with_upgrades().await {
+            debug!(port, error = %err, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+async fn handshake(
+    target: &Target,
+) -> Result<(Sender, http1::Connection<TokioIo<TcpStream>, Incoming>), UpstreamError> {
+    let stream = tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(target.address))
+        .await
+        .map_err(|_| UpstreamError::ConnectTimeout)?
+        .map_err(UpstreamError::Connect)?;
+    if let Err(err) = stream.set_nodelay(true) {
+        debug!(port = target.port, error = %err, "could not set TCP_NODELAY upstream");
+    }
+    http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(UpstreamError::Handshake)
 }
 
 /// The connection a response came on, until its body has been read to the end.
@@ -313,6 +332,12 @@ pub(super) struct UpstreamBody {
 }
 
 impl UpstreamBody {
+    /// A body whose connection is not the pool's (an upgrade the app refused): it closes
+    /// once this body is done.
+    pub(super) fn unpooled(body: Incoming) -> Self {
+        Self { body, lease: None }
+    }
+
     fn release(&mut self) {
         if let Some(Lease {
             pool,

@@ -113,6 +113,13 @@ async fn upstream_answer(
                 req.uri(),
             ))
         }
+        // An app without WebSocket: the handshake gets an ordinary error.
+        "/refuse" => Response::builder()
+            .status(StatusCode::BAD_REQUEST)
+            .body(Either::Right(Full::new(Bytes::from_static(
+                b"no websocket here\n",
+            ))))
+            .expect("valid test response"),
         "/slow" => {
             slow_arrived.notify_one();
             slow_release.notified().await;
@@ -645,4 +652,238 @@ fn failure_warnings_are_limited_to_one_a_second_and_count_the_rest() {
     assert_eq!(log.admit(start + Duration::from_millis(1000)), Some(2));
     assert_eq!(log.admit(start + Duration::from_millis(1500)), None);
     assert_eq!(log.admit(start + Duration::from_secs(5)), Some(1));
+}
+
+/// A WebSocket app instance: every text message comes back as `<name>: <message>`.
+async fn spawn_websocket_upstream(name: &'static str) -> u16 {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let listener = TcpListener::bind(loopback_any_port())
+        .await
+        .expect("bind websocket upstream");
+    let port = listener.local_addr().expect("upstream address").port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut socket) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(message)) = socket.next().await {
+                    if let Message::Text(text) = message {
+                        let reply = Message::text(format!("{name}: {}", text.as_str()));
+                        if socket.send(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+type ClientSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+async fn open_websocket(proxy: SocketAddr, path: &str) -> ClientSocket {
+    let (socket, response) = tokio_tungstenite::connect_async(format!("ws://{proxy}{path}"))
+        .await
+        .expect("websocket handshake through the proxy");
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    socket
+}
+
+/// Sends `text` and returns the answer; a hang is a failure, not a stuck test.
+async fn say(socket: &mut ClientSocket, text: &str) -> String {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let exchange = async {
+        socket.send(Message::text(text)).await.expect("send");
+        loop {
+            match socket.next().await.expect("socket open").expect("frame") {
+                Message::Text(reply) => return reply.as_str().to_string(),
+                Message::Ping(_) | Message::Pong(_) => {}
+                other => panic!("unexpected message {other:?}"),
+            }
+        }
+    };
+    tokio::time::timeout(TEST_DEADLINE, exchange)
+        .await
+        .expect("answer in time")
+}
+
+#[tokio::test]
+async fn a_websocket_through_the_proxy_echoes_both_ways() {
+    let port = spawn_websocket_upstream("A").await;
+    let proxy = start_proxy(Some(port)).await;
+    let mut socket = open_websocket(proxy.local_addr(), "/ws").await;
+
+    assert_eq!(say(&mut socket, "hello").await, "A: hello");
+    let long = "x".repeat(200_000);
+    assert_eq!(say(&mut socket, &long).await, format!("A: {long}"));
+    assert_eq!(say(&mut socket, "again").await, "A: again");
+}
+
+#[tokio::test]
+async fn an_open_websocket_stays_on_its_instance_after_a_switch() {
+    let (a, b) = (
+        spawn_websocket_upstream("A").await,
+        spawn_websocket_upstream("B").await,
+    );
+    let proxy = start_proxy(Some(a)).await;
+    let mut on_a = open_websocket(proxy.local_addr(), "/ws").await;
+    assert_eq!(say(&mut on_a, "before").await, "A: before");
+
+    proxy.switch_to(b).await.expect("switch to B");
+    let mut on_b = open_websocket(proxy.local_addr(), "/ws").await;
+
+    assert_eq!(say(&mut on_a, "after").await, "A: after");
+    assert_eq!(say(&mut on_b, "new").await, "B: new");
+    assert_eq!(say(&mut on_a, "still").await, "A: still");
+}
+
+#[tokio::test]
+async fn an_upgrade_the_app_refuses_gets_its_answer_not_a_hang() {
+    use tokio_tungstenite::tungstenite::Error;
+    let app = spawn_upstream("app").await;
+    let proxy = start_proxy(Some(app.port)).await;
+
+    let attempt = tokio_tungstenite::connect_async(format!("ws://{}/refuse", proxy.local_addr()));
+    let result = tokio::time::timeout(TEST_DEADLINE, attempt)
+        .await
+        .expect("an answer in time");
+
+    match result {
+        Err(Error::Http(response)) => {
+            assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+            assert_eq!(
+                response.body().as_deref(),
+                Some(&b"no websocket here\n"[..])
+            );
+        }
+        other => panic!("expected the app's 400, got {other:?}"),
+    }
+    // The proxy still serves ordinary requests to that app.
+    assert_eq!(
+        send_ok(&mut connect(proxy.local_addr()).await, get("/")).await,
+        "app"
+    );
+}
+
+/// Each event must reach the client before the app sends the next, on a response that
+/// has not ended: an event stream is never buffered nor cut short.
+#[tokio::test]
+async fn an_event_stream_reaches_the_client_event_by_event() {
+    const EVENTS: usize = 20;
+    let listener = TcpListener::bind(loopback_any_port())
+        .await
+        .expect("bind upstream");
+    let port = listener.local_addr().expect("upstream address").port();
+    let (event_tx, event_rx) = mpsc::channel::<Bytes>(1);
+    let events = Arc::new(std::sync::Mutex::new(Some(event_rx)));
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let events = Arc::clone(&events);
+            let service = service_fn(move |_req: Request<Incoming>| {
+                let mut event_rx = events.lock().expect("events").take();
+                let body = StreamBody::new(stream::poll_fn(move |cx| match &mut event_rx {
+                    Some(rx) => rx
+                        .poll_recv(cx)
+                        .map(|event| event.map(|bytes| Ok::<_, Infallible>(Frame::data(bytes)))),
+                    None => std::task::Poll::Ready(None),
+                }));
+                let response = Response::builder()
+                    .header(header::CONTENT_TYPE, "text/event-stream")
+                    .body(body)
+                    .expect("valid test response");
+                async move { Ok::<_, Infallible>(response) }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
+    let proxy = start_proxy(Some(port)).await;
+    let mut client = connect(proxy.local_addr()).await;
+
+    let read_events = async {
+        let response = client
+            .send_request(get("/events"))
+            .await
+            .expect("response head before any event");
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "text/event-stream"
+        );
+        let mut body = response.into_body();
+        for n in 0..EVENTS {
+            let event = format!("data: event {n}\n\n");
+            event_tx
+                .send(Bytes::from(event.clone()))
+                .await
+                .expect("stream open");
+            let mut received = Vec::new();
+            while received.len() < event.len() {
+                let frame = body
+                    .frame()
+                    .await
+                    .expect("stream ended early")
+                    .expect("frame");
+                if let Ok(data) = frame.into_data() {
+                    received.extend_from_slice(&data);
+                }
+            }
+            assert_eq!(String::from_utf8_lossy(&received), event);
+        }
+        drop(event_tx);
+        assert!(
+            body.frame().await.is_none(),
+            "the stream ends when the app ends it"
+        );
+    };
+    tokio::time::timeout(TEST_DEADLINE, read_events)
+        .await
+        .expect("events were held back: the stream is buffered");
+}
+
+/// A tunnel is still a client connection: it holds its place under the limits until it
+/// closes, so sockets that never close cannot get past them.
+#[tokio::test]
+async fn an_open_websocket_keeps_its_place_under_the_connection_limits() {
+    let port = spawn_websocket_upstream("A").await;
+    let options = ProxyOptions {
+        limits: ConnectionLimits {
+            max_connections: 1,
+            max_per_client: 1,
+        },
+        ..ProxyOptions::default()
+    };
+    let proxy = Proxy::start_with(loopback_any_port(), Some(port), options)
+        .await
+        .expect("start proxy");
+    let url = format!("ws://{}/ws", proxy.local_addr());
+    let mut socket = open_websocket(proxy.local_addr(), "/ws").await;
+    assert_eq!(say(&mut socket, "hi").await, "A: hi");
+
+    let second = tokio::time::timeout(TEST_DEADLINE, tokio_tungstenite::connect_async(&url))
+        .await
+        .expect("refused in time");
+    assert!(second.is_err(), "a second connection got past the limit");
+    assert_eq!(say(&mut socket, "still").await, "A: still");
+
+    socket.close(None).await.expect("close handshake");
+    drop(socket);
+    let deadline = Instant::now() + TEST_DEADLINE;
+    let mut again = loop {
+        if let Ok((socket, _)) = tokio_tungstenite::connect_async(&url).await {
+            break socket;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the closed tunnel kept its place"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(say(&mut again, "back").await, "A: back");
 }

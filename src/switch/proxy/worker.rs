@@ -22,6 +22,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::http::uri::PathAndQuery;
 use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
@@ -33,6 +34,7 @@ use tracing::{debug, info, warn};
 use super::admission::{Admission, Refused, Ticket};
 use super::headers::{self, ClientPeer};
 use super::pool::{self, UPSTREAM_IDLE_SWEEP, UpstreamBody, UpstreamError, UpstreamPool};
+use super::tunnel::{self, Tunnels};
 use super::{ProxyOptions, Target};
 use crate::domain::IpRange;
 
@@ -52,6 +54,8 @@ pub(super) struct Worker {
     /// The live target: the same cell in every worker, swapped by `Proxy::switch_to`.
     live: Arc<ArcSwapOption<Target>>,
     pool: Rc<RefCell<UpstreamPool>>,
+    /// Upgraded connections open, by target; they stay where they opened.
+    tunnels: Rc<Tunnels>,
     trusted_proxies: Arc<[IpRange]>,
     failures: RefCell<FailureLog>,
     /// Connections closed at the limits, logged like failures: at most one line a second.
@@ -113,6 +117,7 @@ impl Worker {
             .timer(TokioTimer::new());
         Self {
             pool: Rc::new(RefCell::new(UpstreamPool::new(Arc::clone(&live)))),
+            tunnels: Rc::default(),
             live,
             trusted_proxies: options.trusted_proxies.clone().into(),
             failures: RefCell::new(FailureLog::default()),
@@ -123,8 +128,13 @@ impl Worker {
         }
     }
 
-    async fn forward(&self, peer: &ClientPeer, mut req: Request<Incoming>) -> Response<ProxyBody> {
-        // A tunnel would hand the client a raw connection to the app, past every rule here.
+    async fn forward(
+        &self,
+        client: &Rc<ClientConnection>,
+        mut req: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        // CONNECT asks for a raw tunnel wherever the client names, past every rule here;
+        // an `Upgrade` (below) is a tunnel too, but to the app and only if the app agrees.
         if req.method() == Method::CONNECT {
             return text_response(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -145,16 +155,37 @@ impl Worker {
             *req.uri_mut() = origin_form(req.uri());
         }
         *req.version_mut() = Version::HTTP_11;
-        headers::prepare_request(req.headers_mut(), peer, &target.host);
-
-        match pool::send(&self.pool, &target, req).await {
-            Ok(response) => {
-                let (mut parts, body) = response.into_parts();
-                headers::strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, Either::Left(body))
+        let upgrade = headers::prepare_request(req.headers_mut(), &client.peer, &target.host);
+        if upgrade {
+            // hyper offers the client's connection only for HTTP/1.1 upgrades; anything
+            // else goes on as an ordinary request, never with an upgrade on a pooled one.
+            if req.extensions().get::<OnUpgrade>().is_some() {
+                return self.or_bad_gateway(
+                    &target,
+                    tunnel::open(&self.tunnels, &target, Rc::clone(client), req).await,
+                );
             }
+            headers::forget_upgrade(req.headers_mut());
+        }
+
+        let response = pool::send(&self.pool, &target, req).await.map(|response| {
+            let (mut parts, body) = response.into_parts();
+            headers::strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, Either::Left(body))
+        });
+        self.or_bad_gateway(&target, response)
+    }
+
+    /// The response, or the 502 that says the upstream request failed.
+    fn or_bad_gateway(
+        &self,
+        target: &Target,
+        response: Result<Response<ProxyBody>, UpstreamError>,
+    ) -> Response<ProxyBody> {
+        match response {
+            Ok(response) => response,
             Err(err) => {
-                self.failures.borrow_mut().warn(&target, &err);
+                self.failures.borrow_mut().warn(target, &err);
                 // The client learns what happened, not where the app listens.
                 let reason = if err.is_unreachable() {
                     "nonstop: upstream unreachable\n"
@@ -219,23 +250,37 @@ async fn accept_loop(
     info!(addr = ?listener.local_addr().ok(), "proxy stopped accepting");
 }
 
-/// Serves one client connection; its place (`_ticket`) is given back when it ends.
+/// One client connection as its requests see it.
+struct ClientConnection {
+    peer: ClientPeer,
+    /// Its place under the connection limits, given back when the last holder lets go: the
+    /// connection's task, or the tunnel it became.
+    _ticket: Ticket,
+}
+
+/// Serves one client connection until it ends or is upgraded into a tunnel.
 async fn serve_connection(
     stream: TcpStream,
     client_addr: SocketAddr,
     worker: Rc<Worker>,
-    _ticket: Ticket,
+    ticket: Ticket,
 ) {
     if let Err(err) = stream.set_nodelay(true) {
         debug!(client = %client_addr, error = %err, "could not set TCP_NODELAY");
     }
-    let peer = Rc::new(ClientPeer::new(client_addr.ip(), &worker.trusted_proxies));
+    let client = Rc::new(ClientConnection {
+        peer: ClientPeer::new(client_addr.ip(), &worker.trusted_proxies),
+        _ticket: ticket,
+    });
     let service_worker = Rc::clone(&worker);
     let service = service_fn(move |req| {
-        let (worker, peer) = (Rc::clone(&service_worker), Rc::clone(&peer));
-        async move { Ok::<_, Infallible>(worker.forward(&peer, req).await) }
+        let (worker, client) = (Rc::clone(&service_worker), Rc::clone(&client));
+        async move { Ok::<_, Infallible>(worker.forward(&client, req).await) }
     });
-    let connection = worker.http1.serve_connection(TokioIo::new(stream), service);
+    let connection = worker
+        .http1
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
     let mut connection = std::pin::pin!(connection);
 
     let result = tokio::select! {
