@@ -194,8 +194,9 @@ impl Follower {
         if stage.status != StageStatus::Skipped && self.started.insert(name) {
             lines.push(format!("{name} started"));
         }
-        let took = match (stage.started_at, stage.finished_at) {
-            (Some(start), Some(end)) => format!(" in {}", human(end - start)),
+        let took = match (stage.status, stage.started_at, stage.finished_at) {
+            (StageStatus::Skipped, ..) => String::new(),
+            (_, Some(start), Some(end)) => format!(" in {}", human(end - start)),
             _ => String::new(),
         };
         lines.push(format!("{name} {}{took}", stage.status));
@@ -303,6 +304,16 @@ mod tests {
             ]
         );
         assert_eq!(follower.outcome(), None);
+    }
+
+    #[test]
+    fn a_skipped_stage_says_so_without_a_start_or_a_duration() {
+        let mut follower = Follower::new(id(7), None, true);
+        let lines = follower.on_record(&record(
+            "running",
+            &[("Build", "skipped", Some(1_000), Some(1_000))],
+        ));
+        assert_eq!(lines, ["Build skipped"]);
     }
 
     #[test]

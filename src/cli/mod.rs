@@ -23,6 +23,8 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 /// How often the record is read again while the stream is quiet, in case an event was lost
 /// (a subscriber that falls behind skips events) or the stream dropped.
 const RECORD_EVERY: Duration = Duration::from_secs(2);
+/// How often the record is read once the stream is gone: it is then the only news.
+const POLL_EVERY: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -216,7 +218,12 @@ pub async fn follow(
     let mut progress = tokio::time::interval(PROGRESS_EVERY);
     let mut last_read = Instant::now() - RECORD_EVERY;
     loop {
-        let stale = last_read.elapsed() >= RECORD_EVERY;
+        let every = if events.is_some() {
+            RECORD_EVERY
+        } else {
+            POLL_EVERY
+        };
+        let stale = last_read.elapsed() >= every;
         if stale || record.is_none() {
             last_read = Instant::now();
             // A server that is restarting answers nothing for a while: keep polling.
@@ -343,12 +350,39 @@ pub async fn history(client: &Client, app: &str, limit: u32) -> Result<Vec<Strin
 }
 
 fn history_lines(rows: &[serde_json::Value]) -> Vec<String> {
-    let mut lines = vec![format!(
-        "{:<6} {:<11} {:<8} {:<28} {:<8} {:<17} {:>10}  {}",
-        "ID", "STATUS", "TRIGGER", "VERSION", "COMMIT", "CREATED (UTC)", "TOOK", "ERROR"
+    let text = |row: &serde_json::Value, key: &str| row[key].as_str().unwrap_or("").to_owned();
+    // Versions are as long as their template makes them: the column fits the longest.
+    let version_width = rows
+        .iter()
+        .map(|row| text(row, "version").chars().count())
+        .max()
+        .unwrap_or(0)
+        .max("VERSION".len());
+    let line = |id: &str,
+                status: &str,
+                trigger: &str,
+                version: &str,
+                commit: &str,
+                created: &str,
+                took: &str,
+                error: &str| {
+        format!(
+            "{id:<6} {status:<11} {trigger:<8} {version:<version_width$} {commit:<8} {created:<16} {took:>10}  {error}"
+        )
+        .trim_end()
+        .to_owned()
+    };
+    let mut lines = vec![line(
+        "ID",
+        "STATUS",
+        "TRIGGER",
+        "VERSION",
+        "COMMIT",
+        "CREATED (UTC)",
+        "TOOK",
+        "ERROR",
     )];
     for row in rows {
-        let text = |key: &str| row[key].as_str().unwrap_or("").to_owned();
         let created = row["created_at"]
             .as_i64()
             .and_then(chrono::DateTime::from_timestamp_millis)
@@ -358,23 +392,18 @@ fn history_lines(rows: &[serde_json::Value]) -> Vec<String> {
             (Some(start), Some(end)) => human(end - start),
             _ => String::new(),
         };
-        let commit: String = text("commit_sha").chars().take(8).collect();
-        let error = text("error");
-        lines.push(
-            format!(
-                "{:<6} {:<11} {:<8} {:<28} {:<8} {:<17} {:>10}  {}",
-                format!("#{}", row["id"]),
-                text("status"),
-                text("trigger"),
-                text("version"),
-                commit,
-                created,
-                took,
-                error.lines().next().unwrap_or(""),
-            )
-            .trim_end()
-            .to_owned(),
-        );
+        let commit: String = text(row, "commit_sha").chars().take(8).collect();
+        let error = text(row, "error");
+        lines.push(line(
+            &format!("#{}", row["id"]),
+            &text(row, "status"),
+            &text(row, "trigger"),
+            &text(row, "version"),
+            &commit,
+            &created,
+            &took,
+            error.lines().next().unwrap_or(""),
+        ));
     }
     lines
 }
@@ -396,7 +425,8 @@ mod tests {
         ];
         let lines = history_lines(&rows);
         assert!(lines[0].starts_with("ID     STATUS"), "{lines:?}");
-        assert!(lines[1].starts_with("#2     failed      push     20261201-abc"));
+        assert!(lines[0].contains(" VERSION      COMMIT "), "{lines:?}");
+        assert!(lines[1].starts_with("#2     failed      push     20261201-abc 01234567"));
         assert!(
             lines[1].contains(" 01234567 2025-12-01 16:00"),
             "{}",

@@ -2,7 +2,9 @@
 //! and `rollback` follow the deployment to its end and exit with its outcome; `history` and
 //! `logs` read what the server recorded and what the instances wrote.
 
-use crate::common::spawn_app;
+use std::time::{Duration, Instant};
+
+use crate::common::{spawn_app, stage};
 
 fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -189,4 +191,48 @@ async fn deploy_detach_returns_once_queued_and_usage_errors_exit_2() {
         stderr.starts_with("nonstop: ") && stderr.lines().count() == 1,
         "{stderr}"
     );
+}
+
+#[tokio::test]
+async fn deploy_keeps_following_through_a_server_restart() {
+    let mut app = spawn_app().await;
+    app.deploy(&app.repo.commit("Healthy")).await;
+    // An unhealthy version spends seconds in ValidateService: time to kill the server there.
+    app.repo.commit_unhealthy();
+    let mut cli = app.cli_started(&["deploy", "hello"]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, now) = app.get_json("/api/deployments/2").await;
+        if !now.is_null() && stage(&now, "ValidateService")["status"] == "running" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never validating: {now:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    app.restart().await;
+
+    let done = app.wait_finished(2).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cli.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the CLI still follows a finished deployment"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = cli.wait_with_output().unwrap();
+    let status = done["deployment"]["status"].as_str().unwrap();
+    assert_ne!(status, "succeeded", "{done:#}");
+    assert_eq!(out.status.code(), Some(1), "{}", said(&out));
+    let text = stdout(&out);
+    let last = text.lines().last().unwrap();
+    let reason = done["deployment"]["error"].as_str().unwrap();
+    assert!(
+        last.starts_with(&format!("deployment 2 {status}"))
+            && last.ends_with(reason.lines().next().unwrap()),
+        "`{status}: {reason}` is not the last line:\n{}",
+        said(&out)
+    );
+    assert!(text.contains("ValidateService started"), "{text}");
 }
