@@ -2,12 +2,12 @@
 //! the dashboard (SSE) and notifiers see it as it happens. Publishing never blocks and never
 //! fails a deploy: a subscriber that falls behind loses old events, not the pipeline's time.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::domain::{DeploymentId, DeploymentStatus, Stage, StageStatus};
 
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
     Deployment {

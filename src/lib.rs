@@ -8,6 +8,7 @@
 
 pub mod app_env;
 pub mod aws;
+pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod pipeline;

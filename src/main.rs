@@ -1,13 +1,19 @@
-//! The `nonstop` command: `serve` runs the server; `deploy`, `rollback`, `lock`, `unlock` and
-//! `status` talk to a running one through its HTTP API.
+//! The `nonstop` command: `serve` runs the server; `deploy`, `rollback`, `redeploy`, `lock`,
+//! `unlock`, `status`, `history` and `logs` talk to a running one through its HTTP API (the
+//! client, and following a deployment to its end, are `nonstop::cli`).
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
+use nonstop::cli::follow::Outcome;
+use nonstop::cli::{self, Client, FollowOptions};
 use nonstop::config::Config;
+use nonstop::domain::DeploymentId;
 use nonstop::serve;
 
 #[derive(Parser)]
@@ -37,7 +43,8 @@ enum Command {
     /// Run the built-in proxies in a process of their own (set `server.proxy_socket`), so
     /// that restarting `serve` drops no connection.
     Proxy,
-    /// Queue a deployment of APP (the branch head, or --commit) on the running server.
+    /// Deploy APP (the branch head, or --commit) on the running server and follow it to its
+    /// end: exit 0 when it succeeded, 1 when it did not (the reason is the last line).
     Deploy {
         app: String,
         #[arg(long)]
@@ -45,6 +52,14 @@ enum Command {
         /// Deploy even though APP is locked.
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        follow: FollowArgs,
+    },
+    /// Deploy again what deployment ID deployed (its bundle), and follow it like `deploy`.
+    Redeploy {
+        id: i64,
+        #[command(flatten)]
+        follow: FollowArgs,
     },
     /// Lock APP: pushes wait (recorded `waiting`) and deploys need --force until `unlock`.
     /// Rollbacks still go through.
@@ -57,26 +72,79 @@ enum Command {
     /// Unlock APP and deploy the newest push that waited for it.
     Unlock { app: String },
     /// Undo APP's live deployment on the running server: switch back to the previous
-    /// instance while it runs, else redeploy the previous version's bundle.
-    Rollback { app: String },
+    /// instance while it runs, else redeploy the previous version's bundle. Followed like
+    /// `deploy`.
+    Rollback {
+        app: String,
+        #[command(flatten)]
+        follow: FollowArgs,
+    },
     /// Show what is live and the last deployments.
     Status { app: Option<String> },
+    /// List APP's deployments, newest first.
+    History {
+        app: String,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Print the output of APP's instance (read from the server's data dir: run this on the
+    /// server's host).
+    Logs {
+        app: String,
+        /// Keep printing what the instance writes, until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+        /// Which instance: the one traffic goes to, or the other one.
+        #[arg(long, value_enum, default_value_t = Instance::Live)]
+        instance: Instance,
+        /// How many of the last lines to print first.
+        #[arg(long, short = 'n', default_value_t = 100)]
+        lines: usize,
+    },
+}
+
+/// How `deploy`, `rollback` and `redeploy` wait for the deployment they start.
+#[derive(Args)]
+struct FollowArgs {
+    /// Return as soon as the deployment is queued, without following it.
+    #[arg(long)]
+    detach: bool,
+    /// Also print each finished stage's log (its last lines).
+    #[arg(long, short)]
+    verbose: bool,
+    /// Stop following after this many seconds (the deployment goes on; exit 1).
+    #[arg(long, default_value_t = 3600, value_name = "SECONDS")]
+    timeout: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Instance {
+    Live,
+    Previous,
 }
 
 #[tokio::main]
-async fn main() {
-    if let Err(err) = run(Cli::parse()).await {
-        eprintln!("nonstop: {err:#}");
-        std::process::exit(1);
+async fn main() -> ExitCode {
+    // Usage errors exit 2 (clap's own); a failed deployment or any other error exits 1.
+    match run(Cli::parse()).await {
+        Ok(Outcome::Succeeded) => ExitCode::SUCCESS,
+        Ok(Outcome::Failed) => ExitCode::FAILURE,
+        Err(err) => {
+            eprintln!("nonstop: {err:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
+async fn run(cli: Cli) -> Result<Outcome> {
     let load = match cli.command {
         Command::Serve => Config::load,
         Command::Proxy => Config::load_settings,
         Command::Deploy { .. }
+        | Command::Redeploy { .. }
         | Command::Rollback { .. }
+        | Command::History { .. }
+        | Command::Logs { .. }
         | Command::Lock { .. }
         | Command::Unlock { .. }
         | Command::Status { .. } => Config::load_settings,
@@ -86,42 +154,71 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Serve => {
             let shutdown = start_logging_and_signals();
             serve::serve(config, shutdown).await?;
-            Ok(())
+            Ok(Outcome::Succeeded)
         }
         Command::Proxy => {
             let shutdown = start_logging_and_signals();
             serve::run_proxies(config, shutdown).await?;
-            Ok(())
+            Ok(Outcome::Succeeded)
         }
-        Command::Deploy { app, commit, force } => {
+        Command::Deploy {
+            app,
+            commit,
+            force,
+            follow,
+        } => {
+            let client = client(&config)?;
             let body = serde_json::json!({ "commit": commit, "force": force });
-            let id = post_action(&config, &format!("/api/apps/{app}/deploy"), &body).await?;
-            println!(
-                "deployment {id} queued for {app}: {}/deployments/{id}",
-                server_url(&config)
-            );
-            Ok(())
+            let path = format!("/api/apps/{app}/deploy");
+            act_and_follow(&client, &app, &path, &body, &follow, |id, url| {
+                format!("deployment {id} queued for {app}: {url}")
+            })
+            .await
         }
-        Command::Rollback { app } => {
-            let body = serde_json::json!({});
-            let id = post_action(&config, &format!("/api/apps/{app}/rollback"), &body).await?;
-            println!(
-                "rollback of {app}: deployment {id}, {}/deployments/{id}",
-                server_url(&config)
-            );
-            Ok(())
+        Command::Redeploy { id, follow } => {
+            let client = client(&config)?;
+            let past: cli::follow::Record =
+                client.get_json(&format!("/api/deployments/{id}")).await?;
+            let app = past.deployment.app;
+            let path = format!("/api/deployments/{id}/redeploy");
+            act_and_follow(
+                &client,
+                &app,
+                &path,
+                &serde_json::json!({}),
+                &follow,
+                |new, url| format!("redeploy of #{id} queued as deployment {new} for {app}: {url}"),
+            )
+            .await
+        }
+        Command::Rollback { app, follow } => {
+            let client = client(&config)?;
+            let path = format!("/api/apps/{app}/rollback");
+            act_and_follow(
+                &client,
+                &app,
+                &path,
+                &serde_json::json!({}),
+                &follow,
+                |id, url| format!("rollback of {app}: deployment {id}, {url}"),
+            )
+            .await
         }
         Command::Lock { app, reason } => {
             let body = serde_json::json!({ "reason": reason });
-            post_json(&config, &format!("/api/apps/{app}/lock"), &body).await?;
+            client(&config)?
+                .post_json(&format!("/api/apps/{app}/lock"), &body)
+                .await?;
             println!(
                 "{app} is locked: pushes wait and deploys need --force until `nonstop unlock {app}`"
             );
-            Ok(())
+            Ok(Outcome::Succeeded)
         }
         Command::Unlock { app } => {
             let body = serde_json::json!({});
-            let answer = post_json(&config, &format!("/api/apps/{app}/unlock"), &body).await?;
+            let answer = client(&config)?
+                .post_json(&format!("/api/apps/{app}/unlock"), &body)
+                .await?;
             match answer["deployment_id"].as_i64() {
                 Some(id) => println!(
                     "{app} is unlocked; the newest waiting push is deployment {id}: {}/deployments/{id}",
@@ -129,9 +226,83 @@ async fn run(cli: Cli) -> Result<()> {
                 ),
                 None => println!("{app} is unlocked; no push was waiting"),
             }
-            Ok(())
+            Ok(Outcome::Succeeded)
         }
-        Command::Status { app } => status(&config, app.as_deref()).await,
+        Command::Status { app } => {
+            status(&client(&config)?, app.as_deref()).await?;
+            Ok(Outcome::Succeeded)
+        }
+        Command::History { app, limit } => {
+            for line in cli::history(&client(&config)?, &app, limit).await? {
+                println!("{line}");
+            }
+            Ok(Outcome::Succeeded)
+        }
+        Command::Logs {
+            app,
+            follow,
+            instance,
+            lines,
+        } => {
+            let port = instance_port(&client(&config)?, &app, instance).await?;
+            let path = cli::logs::instance_log(&config.data_dir(), &app, port);
+            cli::logs::show(&path, lines, follow).await?;
+            Ok(Outcome::Succeeded)
+        }
+    }
+}
+
+/// Starts a deployment by POSTing `path`, prints `queued(id, url)`, and unless `--detach`
+/// follows it to its end. The event stream is opened first, so no event of it is missed.
+async fn act_and_follow(
+    client: &Client,
+    app: &str,
+    path: &str,
+    body: &serde_json::Value,
+    follow: &FollowArgs,
+    queued: impl FnOnce(DeploymentId, String) -> String,
+) -> Result<Outcome> {
+    let (live_before, events) = if follow.detach {
+        (None, None)
+    } else {
+        // Without the stream, following polls the record: slower, never wrong.
+        (client.live_port(app).await?, client.events().await.ok())
+    };
+    let answer = client.post_json(path, body).await?;
+    let id: DeploymentId = serde_json::from_value(answer["deployment_id"].clone())
+        .context("the server answered no deployment id")?;
+    println!(
+        "{}",
+        queued(id, format!("{}/deployments/{id}", client.base()))
+    );
+    if follow.detach {
+        return Ok(Outcome::Succeeded);
+    }
+    let options = FollowOptions {
+        verbose: follow.verbose,
+        timeout: Duration::from_secs(follow.timeout),
+    };
+    Ok(cli::follow(client, app, id, live_before, events, &options).await?)
+}
+
+/// The port of `instance`: the live one, or the app's other port.
+async fn instance_port(client: &Client, app: &str, instance: Instance) -> Result<u16> {
+    let Some(live) = client.live_port(app).await? else {
+        bail!("`{app}` has no live instance yet");
+    };
+    match instance {
+        Instance::Live => Ok(live),
+        Instance::Previous => {
+            let apps: Vec<serde_json::Value> = client.get_json("/api/apps").await?;
+            let ports = apps
+                .iter()
+                .find(|a| a["name"] == app)
+                .map(|a| a["ports"].clone())
+                .unwrap_or_default();
+            let ports: [u16; 2] =
+                serde_json::from_value(ports).context("the server answered no ports for it")?;
+            Ok(if ports[0] == live { ports[1] } else { ports[0] })
+        }
     }
 }
 
@@ -190,74 +361,12 @@ fn read_token(path: &Path) -> Result<String> {
     Ok(std::fs::read_to_string(path)?.trim().to_owned())
 }
 
-/// POSTs an action to the running server with the admin token; returns the deployment id
-/// it answers, or the server's one-line reason as the error.
-async fn post_action(
-    config: &Config,
-    path: &str,
-    body: &serde_json::Value,
-) -> Result<serde_json::Value> {
-    Ok(post_json(config, path, body).await?["deployment_id"].clone())
+fn client(config: &Config) -> Result<Client> {
+    Ok(Client::new(server_url(config), admin_token(config)?))
 }
 
-/// POSTs an action to the running server with the admin token; returns its JSON answer, or
-/// the server's one-line reason as the error.
-async fn post_json(
-    config: &Config,
-    path: &str,
-    body: &serde_json::Value,
-) -> Result<serde_json::Value> {
-    let token = admin_token(config)?;
-    let url = format!("{}{path}", server_url(config));
-    let response = reqwest::Client::new()
-        .post(&url)
-        .bearer_auth(token)
-        .json(body)
-        .send()
-        .await
-        .with_context(|| {
-            format!("cannot reach the server at {url}: is `nonstop serve` running?")
-        })?;
-    let status = response.status();
-    let body: serde_json::Value = response.json().await.unwrap_or_default();
-    if !status.is_success() {
-        bail!(
-            "{status}: {}",
-            body["error"].as_str().unwrap_or("no reason given")
-        );
-    }
-    Ok(body)
-}
-
-/// GETs `path` from the running server with the admin token (reads need it unless
-/// `server.public_read` is on); returns the JSON answer, or the server's one-line reason.
-async fn get_json<T: serde::de::DeserializeOwned>(config: &Config, path: &str) -> Result<T> {
-    let token = admin_token(config)?;
-    let url = format!("{}{path}", server_url(config));
-    let response = reqwest::Client::new()
-        .get(&url)
-        .bearer_auth(token)
-        .send()
-        .await
-        .with_context(|| {
-            format!("cannot reach the server at {url}: is `nonstop serve` running?")
-        })?;
-    let status = response.status();
-    if !status.is_success() {
-        let body: serde_json::Value = response.json().await.unwrap_or_default();
-        bail!(
-            "{status}: {}",
-            body["error"].as_str().unwrap_or("no reason given")
-        );
-    }
-    response
-        .json()
-        .await
-        .with_context(|| format!("{url} did not answer the JSON nonstop sends"))
-}
-
-async fn status(config: &Config, app: Option<&str>) -> Result<()> {
-    let apps: Vec<serde_json::Value> = get_json(config, "/api/apps").await?;
+async fn status(client: &Client, app: Option<&str>) -> Result<()> {
+    let apps: Vec<serde_json::Value> = client.get_json("/api/apps").await?;
     for entry in apps
         .iter()
         .filter(|a| app.is_none_or(|name| a["name"] == name))
@@ -294,7 +403,7 @@ async fn status(config: &Config, app: Option<&str>) -> Result<()> {
         let app: String = url::form_urlencoded::byte_serialize(app.as_bytes()).collect();
         path.push_str(&format!("&app={app}"));
     }
-    let deployments: Vec<serde_json::Value> = get_json(config, &path).await?;
+    let deployments: Vec<serde_json::Value> = client.get_json(&path).await?;
     for d in deployments {
         println!(
             "  #{:<5} {:<12} {:<11} {}",

@@ -7,6 +7,7 @@ mod common;
 mod aws;
 mod browser;
 mod checks;
+mod cli;
 mod dashboard;
 mod deploy;
 mod faults;

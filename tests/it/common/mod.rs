@@ -456,6 +456,19 @@ hook_timeout_secs = 60
             .unwrap()
     }
 
+    /// `cli`, started and left running: its output is piped, for `wait_with_output`.
+    pub fn cli_started(&self, args: &[&str]) -> std::process::Child {
+        Command::new(env!("CARGO_BIN_EXE_nonstop"))
+            .arg("--config")
+            .arg(self.config_path())
+            .args(args)
+            .env("NONSTOP_ADMIN_TOKEN", ADMIN_TOKEN)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     /// `path` as the server sees it, its own mounts included (see `Extra::tmpfs`).
     pub fn as_server_sees(&self, path: &Path) -> PathBuf {
         let pid = self.server.as_ref().expect("the server runs").id();
