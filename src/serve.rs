@@ -123,10 +123,10 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
             data_dir.display()
         ))
     })?;
-    let db = Db::open(&data_dir.join("nonstop.db")).await?;
-    // SQLite gives its -wal and -shm files the database file's mode.
-    set_mode(&data_dir.join("nonstop.db"), 0o600)
+    let database = data_dir.join("nonstop.db");
+    make_private(&database)
         .map_err(|err| ServeError::Setup(format!("cannot make the database private: {err}")))?;
+    let db = Db::open(&database).await?;
     let cut = recovery::mark_interrupted(&db, &data_dir).await?;
     let admin_token = admin_token(&config, &data_dir)?;
     let listener = tokio::net::TcpListener::bind(config.server.listen)
@@ -468,6 +468,27 @@ fn open_data_dir(config: &Config, dir: &Path) -> std::io::Result<()> {
         } else {
             std::fs::create_dir_all(&app_dir)?;
             set_mode(&app_dir, 0o700)?;
+        }
+    }
+    Ok(())
+}
+
+/// Creates the database file 0600 before SQLite opens it, since SQLite gives its -wal and
+/// -shm files the database file's mode; and makes private what an older start left open.
+fn make_private(database: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(database)?;
+    set_mode(database, 0o600)?;
+    for suffix in ["-wal", "-shm"] {
+        let mut name = database.as_os_str().to_owned();
+        name.push(suffix);
+        match set_mode(Path::new(&name), 0o600) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err),
+            _ => {}
         }
     }
     Ok(())

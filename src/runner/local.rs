@@ -171,7 +171,7 @@ impl LocalRunner {
                 Ok(done) => done,
                 Err(err) => return Err(Failed::after(log, err.into())),
             };
-            let output = context.job.env.redact(&done.log);
+            let output = context.redact(&done.log);
             log.push_str(&output);
             if !done.success {
                 log.push_str(&format!("{} ended: {}\n", script.location, done.status));
@@ -323,6 +323,17 @@ pub struct HookContext<'a> {
 }
 
 impl HookContext<'_> {
+    /// A script's output as its log may show it: neither the app's secrets nor the token
+    /// that lets a hook move traffic, should a script print its environment.
+    fn redact(&self, output: &str) -> String {
+        let output = self.job.env.redact(output);
+        match self.switch_token {
+            // Real tokens are long; a short one (tests) would blank out ordinary words.
+            token if token.len() >= 16 => output.replace(token, "***"),
+            _ => output,
+        }
+    }
+
     /// A hook's whole environment: the base allow-list, the app's own env, then what
     /// `vars` tells every hook, and the names of the app's env (deploy.sh passes those on to
     /// the instance, and nothing else of the hook's).
@@ -753,6 +764,30 @@ run = "{artifact} --port {port} --profile {profile}"
                 "{name} is none of the hook's own"
             );
         }
+    }
+
+    #[test]
+    fn a_hooks_log_hides_the_switch_token_and_the_apps_secrets() {
+        let mut job = job();
+        let mut app = (*job.app).clone();
+        app.secret_values = vec![("DATABASE_URL".into(), Secret::new("postgres://s".into()))];
+        job.env = Arc::new(crate::app_env::AppEnv::resolve(&app).unwrap());
+        let token = "0123456789abcdef0123";
+        let context = HookContext {
+            job: &job,
+            group: "local",
+            live: None,
+            release_dir: Path::new("/data/releases/v"),
+            run_dir: Path::new("/data/run"),
+            switch_url: "http://127.0.0.1:9000",
+            switch_token: token,
+        };
+
+        let log = context.redact(&format!(
+            "NONSTOP_SWITCH_TOKEN={token}\nDATABASE_URL=postgres://s\n"
+        ));
+
+        assert_eq!(log, "NONSTOP_SWITCH_TOKEN=***\nDATABASE_URL=***\n");
     }
 
     #[test]
