@@ -439,6 +439,20 @@ pub fn stage_started(conn: &Connection, id: DeploymentId, stage: Stage) -> rusql
     Ok(())
 }
 
+/// A running stage's log so far (its end writes the whole of it).
+pub fn stage_output(
+    conn: &Connection,
+    id: DeploymentId,
+    stage: Stage,
+    log: &str,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE stages SET log = ?3 WHERE deployment_id = ?1 AND name = ?2 AND status = 'running'",
+        params![id, stage.as_str(), log],
+    )?;
+    Ok(())
+}
+
 pub fn stage_finished(
     conn: &Connection,
     id: DeploymentId,

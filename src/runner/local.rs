@@ -148,7 +148,9 @@ impl LocalRunner {
         archive: &Path,
         hook: Hook,
         context: &HookContext<'_>,
+        progress: Option<&dyn Progress>,
     ) -> Result<String, Failed<LocalError>> {
+        let mut console = progress.and_then(|progress| progress.console(hook));
         let env = context.env(hook);
         let default_timeout = Duration::from_secs(context.job.app.hook_timeout_secs);
         let mut log = String::new();
@@ -167,7 +169,17 @@ impl LocalRunner {
                 script.location,
                 timeout.as_secs()
             ));
-            let done = match process::run(command, timeout).await {
+            let done = match &mut console {
+                Some(console) => {
+                    let mut console = process::Redacting {
+                        sink: console.as_mut(),
+                        redact: |lines: &str| context.redact(lines),
+                    };
+                    process::run_with_sink(command, timeout, Some(&mut console)).await
+                }
+                None => process::run(command, timeout).await,
+            };
+            let done = match done {
                 Ok(done) => done,
                 Err(err) => return Err(Failed::after(log, err.into())),
             };
@@ -190,6 +202,7 @@ impl LocalRunner {
     async fn stop_previous(
         &self,
         context: &HookContext<'_>,
+        progress: &dyn Progress,
     ) -> Result<Done<()>, Failed<LocalError>> {
         let previous = tokio::fs::read_to_string(self.last_revision_marker())
             .await
@@ -206,7 +219,7 @@ impl LocalRunner {
             return Ok(Done::skipped((), NOTHING_TO_STOP));
         };
         let log = self
-            .run_scripts(&spec, &dir, Hook::ApplicationStop, context)
+            .run_scripts(&spec, &dir, Hook::ApplicationStop, context, Some(progress))
             .await?;
         Ok(Done::new((), log))
     }
@@ -248,6 +261,7 @@ impl LocalRunner {
         spec: &AppSpec,
         folders: &Folders,
         context: &HookContext<'_>,
+        progress: &dyn Progress,
     ) -> Result<Done<()>, Failed<LocalError>> {
         if hook == Hook::Install {
             let files = install(&folders.archive, &folders.release).await?;
@@ -260,7 +274,7 @@ impl LocalRunner {
             return Ok(Done::skipped((), "no script for this hook\n"));
         }
         let log = self
-            .run_scripts(spec, &folders.archive, hook, context)
+            .run_scripts(spec, &folders.archive, hook, context, Some(progress))
             .await?;
         Ok(Done::new((), log))
     }
@@ -465,7 +479,7 @@ impl Runner for LocalRunner {
         step::record(
             progress,
             Hook::ApplicationStop,
-            self.stop_previous(&context),
+            self.stop_previous(&context, progress),
         )
         .await
         .map_err(at(Hook::ApplicationStop))?;
@@ -479,9 +493,13 @@ impl Runner for LocalRunner {
             Hook::ApplicationStart,
             Hook::ValidateService,
         ] {
-            step::record(progress, hook, self.hook(hook, &spec, &folders, &context))
-                .await
-                .map_err(at(hook))?;
+            step::record(
+                progress,
+                hook,
+                self.hook(hook, &spec, &folders, &context, progress),
+            )
+            .await
+            .map_err(at(hook))?;
             if hook == Hook::ApplicationStart {
                 progress.instance_started(idle).await;
             }
@@ -508,7 +526,7 @@ impl Runner for LocalRunner {
         // AfterInstall is the hook that stops whatever runs on the idle port: the same host
         // script cleans up, with the live port as it is now.
         let context = self.context(job, &folders, self.switch.live());
-        self.run_scripts(&spec, &folders.archive, Hook::AfterInstall, &context)
+        self.run_scripts(&spec, &folders.archive, Hook::AfterInstall, &context, None)
             .await
             .map_err(|failed| at(Hook::AfterInstall)(failed.error))
     }

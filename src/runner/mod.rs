@@ -35,6 +35,11 @@ pub struct Job {
 pub trait Progress: Send + Sync {
     async fn hook_started(&self, hook: Hook);
     async fn hook_finished(&self, hook: Hook, status: StageStatus, log: &str);
+    /// Where `hook`'s scripts print as they run (already redacted), when anyone listens.
+    fn console(&self, hook: Hook) -> Option<Box<dyn crate::process::LineSink>> {
+        let _ = hook;
+        None
+    }
     /// The new version will be started on `port` (known before any hook runs, so that a
     /// restart after a crash knows where to clean up).
     async fn target_port(&self, port: u16);

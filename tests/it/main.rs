@@ -8,6 +8,7 @@ mod aws;
 mod browser;
 mod checks;
 mod cli;
+mod console;
 mod dashboard;
 mod deploy;
 mod faults;
