@@ -94,7 +94,10 @@
   const events = new EventSource("/events");
   events.addEventListener("hello", () => {
     document.body.dataset.live = "connected";
-    if (lostConnection) { lostConnection = false; schedule(); }
+    // What changed between this page's rendering and the stream's start (or while the
+    // server was away) was never announced on it: catch up once.
+    lostConnection = false;
+    schedule();
   });
   events.onmessage = schedule;
   events.onerror = () => {
