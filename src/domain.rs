@@ -298,8 +298,9 @@ macro_rules! string_enum {
 }
 
 string_enum! {
-    /// `queued → running → succeeded | failed | rolled_back | superseded | interrupted`;
-    /// an app with `trigger = "travis"` records a push as `waiting` until CI passed it.
+    /// `queued → running → succeeded | failed | rolled_back | superseded | interrupted |
+    /// cancelled`; an app with `trigger = "travis"` records a push as `waiting` until CI
+    /// passed it.
     DeploymentStatus {
         Waiting => "waiting",
         Queued => "queued",
@@ -309,6 +310,7 @@ string_enum! {
         RolledBack => "rolled_back",
         Superseded => "superseded",
         Interrupted => "interrupted",
+        Cancelled => "cancelled",
     }
 }
 
@@ -335,7 +337,8 @@ string_enum! {
     /// app's lock), `superseded` (replaced by a newer one before it ran), `ignored` (another
     /// event, branch, tag or repository, a duplicate, a commit already live, a ping),
     /// `failed` (CI failed the commit), `refused` (bad signature, malformed, too large,
-    /// unknown app, locked, …), and the lock actions `locked` and `unlocked`.
+    /// unknown app, locked, …), the lock actions `locked` and `unlocked`, and `cancelled`
+    /// (a running deployment stopped on request).
     Decision {
         Deployed => "deployed",
         Waiting => "waiting",
@@ -346,6 +349,7 @@ string_enum! {
         Refused => "refused",
         Locked => "locked",
         Unlocked => "unlocked",
+        Cancelled => "cancelled",
     }
 }
 

@@ -1,5 +1,5 @@
 //! The `nonstop` command: `serve` runs the server; `deploy`, `rollback`, `redeploy`, `lock`,
-//! `unlock`, `status`, `history` and `logs` talk to a running one through its HTTP API (the
+//! `unlock`, `cancel`, `status`, `history` and `logs` talk to a running one through its HTTP API (the
 //! client, and following a deployment to its end, are `nonstop::cli`).
 
 use std::path::{Path, PathBuf};
@@ -71,6 +71,9 @@ enum Command {
     },
     /// Unlock APP and deploy the newest push that waited for it.
     Unlock { app: String },
+    /// Stop APP's running deployment at once: its build or hook is killed, what it started
+    /// is stopped, traffic it moved goes back. Exit 0 once it is recorded `cancelled`.
+    Cancel { app: String },
     /// Undo APP's live deployment on the running server: switch back to the previous
     /// instance while it runs, else redeploy the previous version's bundle. Followed like
     /// `deploy`.
@@ -147,6 +150,7 @@ async fn run(cli: Cli) -> Result<Outcome> {
         | Command::Logs { .. }
         | Command::Lock { .. }
         | Command::Unlock { .. }
+        | Command::Cancel { .. }
         | Command::Status { .. } => Config::load_settings,
     };
     let config = load(&cli.config).map_err(|err| anyhow::anyhow!("{err}"))?;
@@ -228,6 +232,7 @@ async fn run(cli: Cli) -> Result<Outcome> {
             }
             Ok(Outcome::Succeeded)
         }
+        Command::Cancel { app } => cancel(&client(&config)?, &app).await,
         Command::Status { app } => {
             status(&client(&config)?, app.as_deref()).await?;
             Ok(Outcome::Succeeded)
@@ -249,6 +254,39 @@ async fn run(cli: Cli) -> Result<Outcome> {
             cli::logs::show(&path, lines, follow).await?;
             Ok(Outcome::Succeeded)
         }
+    }
+}
+
+/// Asks the server to cancel `app`'s running deployment and waits (up to two minutes) for
+/// its record to end: `cancelled`, or whatever it reached first.
+async fn cancel(client: &Client, app: &str) -> Result<Outcome> {
+    let answer = client
+        .post_json(&format!("/api/apps/{app}/cancel"), &serde_json::json!({}))
+        .await?;
+    let id = answer["deployment_id"]
+        .as_i64()
+        .context("the server named no deployment")?;
+    println!("cancelling deployment {id} of {app}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let record: cli::follow::Record =
+            client.get_json(&format!("/api/deployments/{id}")).await?;
+        let deployment = &record.deployment;
+        if deployment.status.is_finished() {
+            let reason = deployment.error.as_deref().unwrap_or("no reason recorded");
+            println!("deployment {id} {}: {reason}", deployment.status);
+            return Ok(match deployment.status {
+                nonstop::domain::DeploymentStatus::Cancelled => Outcome::Succeeded,
+                _ => Outcome::Failed,
+            });
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "deployment {id} is still {} after two minutes",
+                deployment.status
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

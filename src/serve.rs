@@ -167,6 +167,7 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
         db.clone(),
         bus.clone(),
         pipeline,
+        traffic.clone(),
         &apps,
         recoveries,
         shutdown.clone(),

@@ -504,12 +504,7 @@ pub fn interrupt_running(conn: &mut Connection) -> rusqlite::Result<Vec<(Deploym
         .collect::<rusqlite::Result<_>>()?;
     let mut interrupted = Vec::with_capacity(running.len());
     for deployment in running {
-        let started_instances: bool = conn.query_row(
-            "SELECT COUNT(*) > 0 FROM stages WHERE deployment_id = ?1
-             AND name IN ('AfterInstall', 'ApplicationStart', 'ValidateService') AND status != 'pending'",
-            [deployment.id],
-            |row| row.get(0),
-        )?;
+        let started_instances = started_instances(conn, deployment.id)?;
         finish(
             conn,
             deployment.id,
@@ -519,6 +514,34 @@ pub fn interrupt_running(conn: &mut Connection) -> rusqlite::Result<Vec<(Deploym
         interrupted.push((deployment, started_instances));
     }
     Ok(interrupted)
+}
+
+/// Whether a hook that starts instances (AfterInstall or later) had begun.
+fn started_instances(conn: &Connection, id: DeploymentId) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT COUNT(*) > 0 FROM stages WHERE deployment_id = ?1
+         AND name IN ('AfterInstall', 'ApplicationStart', 'ValidateService') AND status != 'pending'",
+        [id],
+        |row| row.get(0),
+    )
+}
+
+/// Ends the running deployment `id` as `cancelled` with `reason`; returns it as it was,
+/// with whether a hook that starts instances had begun. `None` when it no longer runs.
+pub fn cancel_running(
+    conn: &mut Connection,
+    id: DeploymentId,
+    reason: &str,
+) -> rusqlite::Result<Option<(Deployment, bool)>> {
+    let Some(deployment) = deployment(conn, id)? else {
+        return Ok(None);
+    };
+    if deployment.status != DeploymentStatus::Running {
+        return Ok(None);
+    }
+    let started_instances = started_instances(conn, id)?;
+    finish(conn, id, DeploymentStatus::Cancelled, Some(reason))?;
+    Ok(Some((deployment, started_instances)))
 }
 
 /// The newest deployment of `app` that went live, other than `except`.

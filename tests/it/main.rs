@@ -6,6 +6,7 @@ mod common;
 
 mod aws;
 mod browser;
+mod cancel;
 mod checks;
 mod cli;
 mod console;

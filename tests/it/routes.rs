@@ -993,6 +993,37 @@ async fn a_login_goes_back_to_the_page_it_was_asked_for_and_never_to_another_sit
 }
 
 #[tokio::test]
+async fn cancel_refuses_unknown_apps_and_strangers_and_says_when_nothing_runs() {
+    let routes = Routes::start().await;
+    let admin = routes.admin_token();
+
+    assert_eq!(
+        routes
+            .send(post("/api/apps/nope/cancel", Some(&admin), json!({})))
+            .await,
+        (StatusCode::NOT_FOUND, error("no app named `nope`"))
+    );
+    assert_eq!(
+        routes
+            .send(post("/api/apps/hello/cancel", None, json!({})))
+            .await,
+        (
+            StatusCode::UNAUTHORIZED,
+            error("log in on the dashboard or send the admin token (Authorization: Bearer …)")
+        )
+    );
+    assert_eq!(
+        routes
+            .send(post("/api/apps/hello/cancel", Some(&admin), json!({})))
+            .await,
+        (
+            StatusCode::CONFLICT,
+            error("no deployment of `hello` is running")
+        )
+    );
+}
+
+#[tokio::test]
 async fn lock_unlock_and_the_why_log_refuse_unknown_apps_strangers_and_deploys_while_locked() {
     let routes = Routes::start().await;
     let admin = routes.admin_token();
