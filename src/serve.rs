@@ -85,9 +85,9 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
         // database and the builds: an eighth of the limit, at most the default cap.
         max_connections: (fd_limit as usize / 8)
             .clamp(16, crate::listen::Limits::default().max_connections),
-        // One client's slow requests may hold a quarter of them, never all.
-        max_per_client: (fd_limit as usize / 32)
-            .clamp(4, crate::listen::Limits::default().max_per_client),
+        // One client's slow requests may hold half of them, never all.
+        max_per_client: (fd_limit as usize / 16)
+            .clamp(8, crate::listen::Limits::default().max_per_client),
         ..crate::listen::Limits::default()
     };
     let server = prepare(config, shutdown.clone()).await?;
