@@ -500,6 +500,14 @@ hook_timeout_secs = 60
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }
 
+    /// Replaces the lines added to the `[[app]]` table and restarts the server (SIGTERM, so
+    /// nothing is cut short) to read them.
+    pub async fn set_app_config(&mut self, lines: &str) {
+        self.extra.app = lines.to_owned();
+        self.write_config();
+        self.restart_with(libc::SIGTERM).await;
+    }
+
     /// Stops the server the hard way (SIGKILL) and starts it again on the same folder.
     pub async fn restart(&mut self) {
         self.restart_with(libc::SIGKILL).await;
@@ -973,7 +981,13 @@ pub async fn spawn_app_with(extra: Extra) -> TestApp {
         dir,
         repo,
         ports,
-        http: reqwest::Client::new(),
+        // The server closes a keep-alive connection idle for its header timeout (10 s); a
+        // test that blocked its runtime meanwhile (waiting for the CLI) would otherwise send
+        // on a connection it has not yet seen closed.
+        http: reqwest::Client::builder()
+            .pool_idle_timeout(Duration::from_secs(5))
+            .build()
+            .unwrap(),
         server: None,
         proxy_process: None,
         extra,
