@@ -128,6 +128,14 @@ pub struct AppConfig {
     /// Per-hook timeout in seconds (CodeDeploy's default is 3600; a local deploy wants less).
     #[serde(default = "default_hook_timeout")]
     pub hook_timeout_secs: u64,
+    /// Run once per deployment in the new release's folder, once ApplicationStart started
+    /// its instance and before the switch (a database migration, say); a failure stops the
+    /// new instance and leaves traffic where it was. Times out after `hook_timeout_secs`.
+    pub release: Option<String>,
+    /// Commands run like `release`: `before_switch` after it, `after_switch` once traffic
+    /// is on the new version.
+    #[serde(default)]
+    pub hooks: ReleaseHooks,
     #[serde(default)]
     pub switch: SwitchConfig,
     #[serde(default)]
@@ -172,6 +180,14 @@ pub struct AppConfig {
     /// Travis CI's public key for this app (its own or the server-wide one), read at load time.
     #[serde(skip)]
     pub travis_key: Option<Arc<rsa::PublicKey>>,
+}
+
+/// The app's own commands around the switch (`hooks = { before_switch, after_switch }`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseHooks {
+    pub before_switch: Option<String>,
+    pub after_switch: Option<String>,
 }
 
 /// Where Travis CI's public key is: a PEM file, or an env var holding the PEM text. Travis
@@ -1015,6 +1031,14 @@ impl AppConfig {
                 matches!(self.store, StoreConfig::S3 { .. }),
                 "runner",
                 "kind = \"codedeploy\" deploys bundles from S3: set store = { kind = \"s3\", bucket = … }",
+            )?;
+            let own_commands = self.release.is_some()
+                || self.hooks.before_switch.is_some()
+                || self.hooks.after_switch.is_some();
+            require(
+                !own_commands,
+                "release",
+                "release and hooks run on this host's runner only: on a CodeDeploy fleet put them in the appspec (see the README)",
             )?;
         }
         self.runner.validate().under("runner")?;

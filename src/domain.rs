@@ -435,7 +435,8 @@ impl Hook {
 }
 
 string_enum! {
-    /// Every stage of a deployment, in the order they run: nonstop's own, then the hooks.
+    /// Every stage of a deployment, in the order they run: nonstop's own, then the hooks,
+    /// with the app's own `release` and `hooks` around the switch (ValidateService's end).
     Stage {
         Fetch => "Fetch",
         Build => "Build",
@@ -447,7 +448,10 @@ string_enum! {
         Install => "Install",
         AfterInstall => "AfterInstall",
         ApplicationStart => "ApplicationStart",
+        Release => "Release",
+        BeforeSwitch => "BeforeSwitch",
         ValidateService => "ValidateService",
+        AfterSwitch => "AfterSwitch",
     }
 }
 
@@ -483,6 +487,23 @@ mod tests {
         let names: Vec<_> = Stage::ALL.iter().map(|s| s.as_str()).collect();
         assert_eq!(names[..4], ["Fetch", "Build", "Bundle", "Upload"]);
         let hooks: Vec<_> = Hook::ALL.iter().map(|h| Stage::from(*h).as_str()).collect();
-        assert_eq!(names[4..], hooks[..]);
+        let in_hook_order: Vec<_> = names[4..]
+            .iter()
+            .filter(|name| Hook::parse(name).is_some())
+            .copied()
+            .collect();
+        assert_eq!(in_hook_order, hooks);
+        // The app's own commands run around the switch: after its instance started, and
+        // before and after ValidateService.
+        assert_eq!(
+            names[9..],
+            [
+                "ApplicationStart",
+                "Release",
+                "BeforeSwitch",
+                "ValidateService",
+                "AfterSwitch"
+            ]
+        );
     }
 }

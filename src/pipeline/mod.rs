@@ -21,10 +21,10 @@ use crate::apps::App;
 use crate::config::AppConfig;
 use crate::config::Secret;
 use crate::db::{self, Db, DbError, Deployment};
-use crate::domain::{BundleRef, DeploymentId, DeploymentStatus, Hook, Stage, StageStatus};
+use crate::domain::{BundleRef, DeploymentId, DeploymentStatus, Stage, StageStatus};
 use crate::events::{Bus, Event};
 use crate::process::{LineSink, Tail};
-use crate::runner::step::{self, Done, Failed, Steps};
+use crate::runner::step::{self, Done, Failed};
 use crate::runner::{self, Job, Progress, RunnerError};
 use crate::store::{StoreError, StoredBundle};
 use build::BuildError;
@@ -188,28 +188,17 @@ impl Recorder {
 }
 
 #[async_trait]
-impl Steps<Stage> for Recorder {
-    async fn step_started(&self, stage: Stage) {
+impl Progress for Recorder {
+    async fn stage_started(&self, stage: Stage) {
         self.started(stage).await;
     }
 
-    async fn step_finished(&self, stage: Stage, status: StageStatus, log: &str) {
+    async fn stage_finished(&self, stage: Stage, status: StageStatus, log: &str) {
         self.finished(stage, status, log).await;
     }
-}
 
-#[async_trait]
-impl Progress for Recorder {
-    async fn hook_started(&self, hook: Hook) {
-        self.started(hook.into()).await;
-    }
-
-    async fn hook_finished(&self, hook: Hook, status: StageStatus, log: &str) {
-        self.finished(hook.into(), status, log).await;
-    }
-
-    fn console(&self, hook: Hook) -> Option<Box<dyn LineSink>> {
-        Some(Box::new(Recorder::console(self, hook.into())))
+    fn console(&self, stage: Stage) -> Option<Box<dyn LineSink>> {
+        Some(Box::new(Recorder::console(self, stage)))
     }
 
     async fn target_port(&self, port: u16) {
@@ -367,10 +356,21 @@ impl Pipeline {
         step::record(recorder, Stage::Bundle, bundled).await?;
         let uploaded = self.upload(app, id, &version, &bundle);
         let stored = step::record(recorder, Stage::Upload, uploaded).await?;
+        let previous_version = {
+            let name = app.config.name.to_string();
+            self.db
+                .call(move |conn| db::live(conn, &name))
+                .await
+                .ok()
+                .flatten()
+                .and_then(|live| live.version)
+        };
         let job = Job {
             deployment_id: id,
             app: app.config.clone(),
             version,
+            commit: Some(fetched.sha.to_string()),
+            previous_version,
             bundle: BundleRef {
                 key: stored.key,
                 sha256: stored.sha256,
@@ -563,6 +563,8 @@ pub fn stored_job(deployment: &Deployment, app: &Arc<AppConfig>, env: Arc<AppEnv
         deployment_id: deployment.id,
         app: app.clone(),
         version: deployment.version.clone()?,
+        commit: deployment.commit_sha.as_ref().map(|sha| sha.to_string()),
+        previous_version: None,
         bundle: deployment.bundle.clone()?,
         env,
     })

@@ -122,7 +122,8 @@ test("a push shows its stages turn green and the live card flip, with no reload"
   await detail.waitForSelector('[data-stage="ValidateService"][data-stage-status="succeeded"]', { timeout: WAIT });
   await detail.waitForSelector('[data-deployment-status="succeeded"]', { timeout: WAIT });
   const statuses = await detail.$$eval("[data-stage]", (items) => items.map((i) => [i.dataset.stage, i.dataset.stageStatus]));
-  assert.equal(statuses.length, 11);
+  // nonstop's four, CodeDeploy's seven hooks, and the app's own Release, BeforeSwitch, AfterSwitch.
+  assert.equal(statuses.length, 14);
   for (const [stage, status] of statuses) {
     assert.ok(["succeeded", "skipped"].includes(status), `${stage} is ${status}`);
   }

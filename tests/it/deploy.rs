@@ -69,7 +69,10 @@ async fn every_stage_is_recorded_with_its_output() {
             ("Install", "succeeded"),
             ("AfterInstall", "succeeded"),
             ("ApplicationStart", "succeeded"),
+            ("Release", "skipped"),
+            ("BeforeSwitch", "skipped"),
             ("ValidateService", "succeeded"),
+            ("AfterSwitch", "skipped"),
         ]
     );
     let log_of = |name: &str| stage(&done, name)["log"].as_str().unwrap().to_owned();

@@ -18,6 +18,7 @@ mod hostile;
 mod interrupted;
 mod nginx;
 mod notify;
+mod release;
 mod restart;
 mod routes;
 mod travis;
