@@ -19,7 +19,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
 use super::proxy::Proxy;
-use super::{SwitchError, TrafficSwitch};
+use super::{OpenOn, SwitchError, TrafficSwitch};
 
 /// A control command takes microseconds; a hung proxy process is a broken host.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -33,17 +33,27 @@ pub struct Controlled {
     pub ports: [u16; 2],
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Request {
     pub app: String,
     /// `None`: only ask which port is live.
     pub switch_to: Option<u16>,
+    /// End what is still open on this port (not the live one).
+    #[serde(default)]
+    pub cut: Option<u16>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Answer {
     pub live: Option<u16>,
     pub error: Option<String>,
+    /// What is open on each port, after the command (a proxy process older than this field
+    /// sends none).
+    #[serde(default)]
+    pub connections: Vec<OpenOn>,
+    /// How much a `cut` ended.
+    #[serde(default)]
+    pub cut: Option<usize>,
 }
 
 /// `serve`'s handle on one app's proxy in the `nonstop proxy` process.
@@ -67,7 +77,7 @@ impl RemoteProxy {
             app,
             live: AtomicU32::new(0),
         };
-        let live = remote.ask(None).await?;
+        let live = remote.ask(Request::default()).await?.live;
         remote.remember(live);
         if let (None, Some(port)) = (live, recorded) {
             remote.switch_to(port).await?;
@@ -80,11 +90,8 @@ impl RemoteProxy {
             .store(live.map(u32::from).unwrap_or(0), Ordering::SeqCst);
     }
 
-    async fn ask(&self, switch_to: Option<u16>) -> Result<Option<u16>, SwitchError> {
-        let request = Request {
-            app: self.app.clone(),
-            switch_to,
-        };
+    async fn ask(&self, mut request: Request) -> Result<Answer, SwitchError> {
+        request.app = self.app.clone();
         let exchange = async {
             let mut stream = UnixStream::connect(&self.socket).await?;
             let mut line = serde_json::to_vec(&request).map_err(std::io::Error::other)?;
@@ -110,7 +117,7 @@ impl RemoteProxy {
             })?;
         match answer.error {
             Some(error) => Err(SwitchError::Rejected(error)),
-            None => Ok(answer.live),
+            None => Ok(answer),
         }
     }
 }
@@ -124,14 +131,18 @@ impl TrafficSwitch for RemoteProxy {
     }
 
     async fn switch_to(&self, port: u16) -> Result<(), SwitchError> {
-        match self.ask(Some(port)).await {
-            Ok(live) => {
-                self.remember(live);
+        let switch = Request {
+            switch_to: Some(port),
+            ..Request::default()
+        };
+        match self.ask(switch).await {
+            Ok(answer) => {
+                self.remember(answer.live);
                 Ok(())
             }
             // The answer may be what was lost (a timeout while the proxy process saved its
             // state): ask where traffic is before calling the switch failed.
-            Err(err) => match self.ask(None).await {
+            Err(err) => match self.ask(Request::default()).await.map(|a| a.live) {
                 Ok(live) => {
                     self.remember(live);
                     if live == Some(port) { Ok(()) } else { Err(err) }
@@ -139,6 +150,20 @@ impl TrafficSwitch for RemoteProxy {
                 Err(_) => Err(err),
             },
         }
+    }
+
+    async fn open_connections(&self) -> Result<Vec<OpenOn>, SwitchError> {
+        let answer = self.ask(Request::default()).await?;
+        self.remember(answer.live);
+        Ok(answer.connections)
+    }
+
+    async fn cut(&self, port: u16) -> Result<usize, SwitchError> {
+        let cut = Request {
+            cut: Some(port),
+            ..Request::default()
+        };
+        Ok(self.ask(cut).await?.cut.unwrap_or(0))
     }
 }
 
@@ -225,49 +250,65 @@ async fn handle(
         .await?;
     let answer = match serde_json::from_str::<Request>(&line) {
         Err(err) => Answer {
-            live: None,
             error: Some(format!("malformed request: {err}")),
+            ..Answer::default()
         },
         Ok(request) => match proxies.get(&request.app) {
             None => Answer {
-                live: None,
                 error: Some(format!("no proxy for app `{}`", request.app)),
+                ..Answer::default()
             },
-            Some(Controlled { proxy, ports }) => match request.switch_to {
-                None => Answer {
-                    live: proxy.live(),
-                    error: None,
-                },
-                Some(port) if !ports.contains(&port) => Answer {
-                    live: proxy.live(),
-                    error: Some(format!(
-                        "port {port} is not one of {}'s ports {ports:?}",
-                        request.app
-                    )),
-                },
-                Some(port) => {
-                    let _one_at_a_time = order.lock().await;
-                    match proxy.switch_to(port).await {
-                        Ok(()) => {
-                            save_state(socket, proxies).await;
-                            tracing::info!(app = %request.app, port, "proxy switched");
-                            Answer {
-                                live: Some(port),
-                                error: None,
-                            }
-                        }
-                        Err(err) => Answer {
-                            live: proxy.live(),
-                            error: Some(err.to_string()),
-                        },
-                    }
-                }
-            },
+            Some(controlled) => command(&request, controlled, proxies, order, socket).await,
         },
     };
     let mut out = serde_json::to_vec(&answer).map_err(std::io::Error::other)?;
     out.push(b'\n');
     reader.get_mut().write_all(&out).await
+}
+
+/// Carries out one app's request: a switch, a cut, or neither (a question).
+async fn command(
+    request: &Request,
+    Controlled { proxy, ports }: &Controlled,
+    proxies: &HashMap<String, Controlled>,
+    order: &tokio::sync::Mutex<()>,
+    socket: &Path,
+) -> Answer {
+    let refused = |error: String| Answer {
+        live: proxy.live(),
+        error: Some(error),
+        connections: proxy.open_connections(),
+        cut: None,
+    };
+    let mut cut = None;
+    if let Some(port) = request.switch_to.or(request.cut)
+        && !ports.contains(&port)
+    {
+        return refused(format!(
+            "port {port} is not one of {}'s ports {ports:?}",
+            request.app
+        ));
+    }
+    if let Some(port) = request.switch_to {
+        let _one_at_a_time = order.lock().await;
+        if let Err(err) = proxy.switch_to(port).await {
+            return refused(err.to_string());
+        }
+        save_state(socket, proxies).await;
+        tracing::info!(app = %request.app, port, "proxy switched");
+    }
+    if let Some(port) = request.cut {
+        match proxy.cut(port) {
+            Ok(ended) => cut = Some(ended),
+            Err(err) => return refused(err.to_string()),
+        }
+    }
+    Answer {
+        live: proxy.live(),
+        error: None,
+        connections: proxy.open_connections(),
+        cut,
+    }
 }
 
 async fn save_state(socket: &Path, proxies: &HashMap<String, Controlled>) {
@@ -340,6 +381,13 @@ mod tests {
         assert_eq!((remote.live(), proxy.live()), (Some(8081), Some(8081)));
         remote.switch_to(8082).await.unwrap();
         assert_eq!((remote.live(), proxy.live()), (Some(8082), Some(8082)));
+        assert_eq!(
+            remote.open_connections().await.unwrap(),
+            [OpenOn::none(8082)]
+        );
+        assert_eq!(remote.cut(8081).await.unwrap(), 0);
+        let err = remote.cut(8082).await.unwrap_err();
+        assert!(err.to_string().contains("is live"), "{err}");
         assert_eq!(
             load_state(&socket),
             HashMap::from([("hello".to_owned(), 8082)])

@@ -9,12 +9,13 @@ use axum::http::{HeaderMap, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{AppError, AppJson, AppState, bearer, require_loopback, token_matches};
 use crate::db::{self, Live};
 use crate::domain::{DeploymentId, DeploymentStatus};
+use crate::switch::OpenOn;
 use crate::traffic::TrafficError;
 
 pub fn routes() -> Router<Arc<AppState>> {
@@ -62,10 +63,32 @@ async fn apps(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, A
     Ok(Json(apps))
 }
 
+/// The live instance, and what is still open on each of the app's ports.
+#[derive(Serialize)]
+struct LiveAnswer {
+    #[serde(flatten)]
+    live: Live,
+    connections: Vec<OpenOn>,
+}
+
 async fn live(
     State(state): State<Arc<AppState>>,
     Path(app): Path<String>,
-) -> Result<Json<Live>, AppError> {
+) -> Result<Json<LiveAnswer>, AppError> {
+    let live = live_instance(&state, &app).await?;
+    // The record answers even when the proxy process does not.
+    let connections = match state.app(&app)?.switch.open_connections().await {
+        Ok(connections) => connections,
+        Err(err) => {
+            tracing::warn!(app = %app, error = %err, "could not count open connections");
+            Vec::new()
+        }
+    };
+    Ok(Json(LiveAnswer { live, connections }))
+}
+
+async fn live_instance(state: &AppState, app: &str) -> Result<Live, AppError> {
+    let app = app.to_owned();
     let runtime = state.app(&app)?;
     let name = app.clone();
     let recorded = state.db.call(move |conn| db::live(conn, &name)).await?;
@@ -83,7 +106,7 @@ async fn live(
             .await?
             .into_iter()
             .next();
-        return Ok(Json(Live {
+        return Ok(Live {
             app,
             port: slot.port,
             profile: slot.profile,
@@ -93,11 +116,9 @@ async fn live(
                 .and_then(|d| d.finished_at)
                 .or(recorded.map(|r| r.since))
                 .unwrap_or_default(),
-        }));
+        });
     }
-    recorded
-        .map(Json)
-        .ok_or_else(|| AppError::NotFound(format!("`{app}` has no live instance yet")))
+    recorded.ok_or_else(|| AppError::NotFound(format!("`{app}` has no live instance yet")))
 }
 
 #[derive(Deserialize)]

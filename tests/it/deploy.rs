@@ -723,4 +723,24 @@ async fn an_open_websocket_and_event_stream_stay_on_their_version_through_a_depl
     let (mut new_socket, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
     assert_eq!(say(&mut new_socket, "new").await, format!("{second}: new"));
     assert_eq!(say(&mut old_socket, "bye").await, format!("{first}: bye"));
+
+    // The API and the dashboard say who is still on the old instance.
+    let old_port = app.ports.app[0];
+    let (_, live) = app.get_json("/api/apps/hello/live").await;
+    let on_old = live["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|on| on["port"] == old_port)
+        .cloned();
+    assert_eq!(
+        on_old,
+        Some(serde_json::json!({ "port": old_port, "requests": 1, "tunnels": 1 })),
+        "{live}"
+    );
+    let (_, page) = app.get_text("/").await;
+    assert!(
+        page.contains(&format!("2 connections still on {old_port}, v{first}")),
+        "{page}"
+    );
 }

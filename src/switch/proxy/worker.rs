@@ -26,15 +26,16 @@ use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::LocalSet;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::admission::{Admission, Refused, Ticket};
 use super::headers::{self, ClientPeer};
-use super::pool::{self, UPSTREAM_IDLE_SWEEP, UpstreamBody, UpstreamError, UpstreamPool};
-use super::tunnel::{self, Tunnels};
+use super::open::{self, CountedBody, Cuts, OpenRequest};
+use super::pool::{self, UPSTREAM_IDLE_SWEEP, UpstreamError, UpstreamPool};
+use super::tunnel;
 use super::{ProxyOptions, Target};
 use crate::domain::IpRange;
 
@@ -47,15 +48,15 @@ const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Body of every response the proxy sends: the upstream's, streamed through, or a short
 /// text the proxy wrote itself.
-pub(super) type ProxyBody = Either<UpstreamBody, Full<Bytes>>;
+pub(super) type ProxyBody = Either<CountedBody, Full<Bytes>>;
 
 /// What one worker's connection tasks share.
 pub(super) struct Worker {
     /// The live target: the same cell in every worker, swapped by `Proxy::switch_to`.
     live: Arc<ArcSwapOption<Target>>,
     pool: Rc<RefCell<UpstreamPool>>,
-    /// Upgraded connections open, by target; they stay where they opened.
-    tunnels: Rc<Tunnels>,
+    /// This worker's streams and tunnels waiting on their upstream, for a cut to end.
+    cuts: Rc<Cuts>,
     trusted_proxies: Arc<[IpRange]>,
     failures: RefCell<FailureLog>,
     /// Connections closed at the limits, logged like failures: at most one line a second.
@@ -74,6 +75,7 @@ pub(super) fn run(
     options: Arc<ProxyOptions>,
     admission: Arc<Admission>,
     shutdown: watch::Receiver<bool>,
+    cut_signal: Arc<Notify>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -96,6 +98,7 @@ pub(super) fn run(
         };
         let worker = Rc::new(Worker::new(live, &options, admission));
         tokio::task::spawn_local(sweep_idle_connections(Rc::clone(&worker.pool)));
+        tokio::task::spawn_local(open::wake_on_cut(Rc::clone(&worker.cuts), cut_signal));
         let connections = TaskTracker::new();
         accept_loop(listener, worker, shutdown, &connections).await;
         connections.close();
@@ -117,7 +120,7 @@ impl Worker {
             .timer(TokioTimer::new());
         Self {
             pool: Rc::new(RefCell::new(UpstreamPool::new(Arc::clone(&live)))),
-            tunnels: Rc::default(),
+            cuts: Rc::default(),
             live,
             trusted_proxies: options.trusted_proxies.clone().into(),
             failures: RefCell::new(FailureLog::default()),
@@ -148,6 +151,8 @@ impl Worker {
                 "nonstop: no live instance\n",
             );
         };
+        // Counted on its target until its answer has been sent, or its tunnel is open.
+        let open = OpenRequest::new(&target);
 
         // Upstream connections are ours: origin-form, and HTTP/1.1 (HTTP/1.0 clients would
         // make the upstream close after every response).
@@ -162,7 +167,7 @@ impl Worker {
             if req.extensions().get::<OnUpgrade>().is_some() {
                 return self.or_bad_gateway(
                     &target,
-                    tunnel::open(&self.tunnels, &target, Rc::clone(client), req).await,
+                    tunnel::open(&self.cuts, &target, open, Rc::clone(client), req).await,
                 );
             }
             headers::forget_upgrade(req.headers_mut());
@@ -171,7 +176,10 @@ impl Worker {
         let response = pool::send(&self.pool, &target, req).await.map(|response| {
             let (mut parts, body) = response.into_parts();
             headers::strip_hop_by_hop(&mut parts.headers);
-            Response::from_parts(parts, Either::Left(body))
+            Response::from_parts(
+                parts,
+                Either::Left(CountedBody::new(body, open, &self.cuts)),
+            )
         });
         self.or_bad_gateway(&target, response)
     }
