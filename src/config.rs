@@ -128,6 +128,10 @@ pub struct AppConfig {
     /// Per-hook timeout in seconds (CodeDeploy's default is 3600; a local deploy wants less).
     #[serde(default = "default_hook_timeout")]
     pub hook_timeout_secs: u64,
+    /// Before an instance is stopped, how long its open connections (WebSockets, streams,
+    /// requests in flight) get to close by themselves; what is left then is closed.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout_secs: u64,
     #[serde(default)]
     pub switch: SwitchConfig,
     #[serde(default)]
@@ -426,6 +430,9 @@ fn default_health_interval() -> u64 {
 }
 fn default_hook_timeout() -> u64 {
     300
+}
+fn default_drain_timeout() -> u64 {
+    30
 }
 fn default_proxy_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
@@ -996,6 +1003,15 @@ impl AppConfig {
             "may hold only letters, digits, '.', '_', '-' and {timestamp}, {sha}, {branch}: a version names a folder",
         )?;
         self.health.validate().under("health")?;
+        // AfterInstall drains, then stops the instance (up to 15 s), within its own timeout.
+        require(
+            self.drain_timeout_secs + 15 <= self.hook_timeout_secs,
+            "drain_timeout_secs",
+            format!(
+                "must leave AfterInstall 15 s to stop the instance: at most hook_timeout_secs - 15 ({})",
+                self.hook_timeout_secs.saturating_sub(15)
+            ),
+        )?;
         self.validate_checks()?;
         self.validate_env()?;
         self.validate_users()?;

@@ -25,6 +25,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/api/apps", get(apps))
         .route("/api/apps/{app}/live", get(live))
         .route("/api/apps/{app}/switch", post(switch).get(switched))
+        .route("/api/apps/{app}/drain", post(drain))
         .route("/api/deployments", get(deployments))
         .route("/api/deployments/{id}", get(deployment))
 }
@@ -220,6 +221,42 @@ async fn switch(
         }
         Err(err) => Err(err.into()),
     }
+}
+
+/// What `deploy.sh` calls before it stops an instance: waits until the connections open on
+/// `port` (not live) have closed, at most the app's `drain_timeout_secs`, then closes what
+/// is left. Loopback only, with the switch (or admin) token.
+async fn drain(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(app): Path<String>,
+    headers: HeaderMap,
+    body: Result<AppJson<SwitchRequest>, AppError>,
+) -> Result<Json<serde_json::Value>, AppError> {
+    require_hook_caller(&state, peer, &headers)?;
+    let AppJson(request) = body.map_err(|err| match err {
+        AppError::BadRequest(reason) => {
+            AppError::BadRequest(format!("expected {{\"port\": N}}: {reason}"))
+        }
+        other => other,
+    })?;
+    let app = state.app(&app)?;
+    if !app.config.ports.contains(&request.port) {
+        return Err(AppError::BadRequest(format!(
+            "port {} is not one of {}'s ports {:?}",
+            request.port, app.config.name, app.config.ports
+        )));
+    }
+    let timeout = std::time::Duration::from_secs(app.config.drain_timeout_secs);
+    let drained = crate::switch::drain::drain(app.switch.as_ref(), request.port, timeout).await?;
+    // `line` is what deploy.sh writes into the stage log, so it parses no numbers.
+    Ok(Json(json!({
+        "port": drained.port,
+        "drained": drained.drained,
+        "seconds": drained.seconds,
+        "closed": drained.closed,
+        "line": drained.line(),
+    })))
 }
 
 /// Which port the switch points at now: how `deploy.sh` learns whether a switch whose

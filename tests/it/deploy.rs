@@ -652,7 +652,7 @@ async fn a_deployment_records_which_env_names_changed_and_never_their_values() {
 }
 
 /// Sends `text` on a WebSocket and returns the answer, within a deadline.
-async fn say<S>(socket: &mut tokio_tungstenite::WebSocketStream<S>, text: &str) -> String
+pub async fn say<S>(socket: &mut tokio_tungstenite::WebSocketStream<S>, text: &str) -> String
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -674,7 +674,7 @@ where
 }
 
 /// The next server-sent event's `data:` line of a `/stream` response.
-async fn next_event_data(stream: &mut reqwest::Response, buffered: &mut String) -> String {
+pub async fn next_event_data(stream: &mut reqwest::Response, buffered: &mut String) -> String {
     let read = async {
         loop {
             if let Some(end) = buffered.find("\n\n") {

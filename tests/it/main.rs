@@ -10,6 +10,7 @@ mod checks;
 mod cli;
 mod dashboard;
 mod deploy;
+mod drain;
 mod faults;
 mod fleet;
 mod hostile;
