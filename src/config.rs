@@ -46,6 +46,8 @@ pub struct Config {
     pub github: Option<GitHubConfig>,
     /// `[proxy]`: how the built-in proxies treat their clients.
     pub proxy: ProxyConfig,
+    /// The file itself, for a process started with the same config (`nonstop proxy`).
+    pub file: PathBuf,
 }
 
 /// `[proxy]`.
@@ -72,9 +74,14 @@ pub struct ServerConfig {
     pub admin_token_env: String,
     /// How hooks reach this server's switch endpoint; derived from `listen` when unset.
     pub control_url: Option<String>,
-    /// When set, the built-in proxies run in `nonstop proxy`, which takes switch commands on
-    /// this Unix socket, so restarting `serve` never drops a client connection. Unset: the
-    /// proxies run inside `serve`.
+    /// Whether the built-in proxies run in a `nonstop proxy` process of their own, which
+    /// outlives `serve`: restarting or killing `serve` then drops no client connection.
+    /// `serve` starts it when none answers on `proxy_socket`, else takes it over. `false`:
+    /// one process, the proxies inside `serve` (they stop with it).
+    #[serde(default = "default_proxy_process")]
+    pub proxy_process: bool,
+    /// The proxy process's control socket; `<data_dir>/proxy.sock` when unset. Its live
+    /// ports are kept beside it (`proxy.state.json`), and its pid (`proxy.pid`).
     pub proxy_socket: Option<PathBuf>,
     /// Where people reach the dashboard (links in Slack and GitHub); `http://<listen>` when unset.
     pub public_url: Option<String>,
@@ -431,6 +438,9 @@ fn default_health_interval() -> u64 {
 fn default_hook_timeout() -> u64 {
     300
 }
+fn default_proxy_process() -> bool {
+    true
+}
 fn default_drain_timeout() -> u64 {
     30
 }
@@ -551,9 +561,11 @@ impl Config {
         for app in &mut apps {
             app.env_file = app.env_file.as_ref().map(|file| base_dir.join(file));
         }
+        let file = base_dir.join(path.file_name().unwrap_or(path.as_os_str()));
         Ok(Self {
             server,
             apps,
+            file,
             base_dir,
             travis: raw.travis,
             slack: raw.slack,
@@ -571,12 +583,13 @@ impl Config {
         self.base_dir.join(&self.server.data_dir)
     }
 
-    /// `server.proxy_socket`, resolved against the config file's folder.
-    pub fn proxy_socket(&self) -> Option<PathBuf> {
-        self.server
-            .proxy_socket
-            .as_ref()
-            .map(|p| self.base_dir.join(p))
+    /// `server.proxy_socket`, resolved against the config file's folder, or the default
+    /// in the data dir.
+    pub fn proxy_socket(&self) -> PathBuf {
+        match &self.server.proxy_socket {
+            Some(socket) => self.base_dir.join(socket),
+            None => self.data_dir().join("proxy.sock"),
+        }
     }
 }
 
@@ -754,6 +767,11 @@ pub const MIN_METRICS_TOKEN_BYTES: usize = 32;
 
 impl ServerConfig {
     fn validate(&self) -> Result<(), Invalid> {
+        require(
+            self.proxy_process || self.proxy_socket.is_none(),
+            "proxy_socket",
+            "has no use with proxy_process = false: the proxies then run inside serve",
+        )?;
         if let Some(url) = &self.public_url {
             http_url("public_url", url)?;
         }

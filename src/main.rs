@@ -40,9 +40,15 @@ struct Cli {
 enum Command {
     /// Run the server: webhooks, pipeline, proxies, dashboard.
     Serve,
-    /// Run the built-in proxies in a process of their own (set `server.proxy_socket`), so
-    /// that restarting `serve` drops no connection.
-    Proxy,
+    /// Run the built-in proxies in a process of their own, so that restarting `serve` drops
+    /// no connection (`serve` starts one itself when none runs, unless
+    /// `server.proxy_process = false`).
+    Proxy {
+        /// Stop the running proxy process instead (its listeners close: the apps are no
+        /// longer reachable through it). With `serve` stopped too, nothing of nonstop runs.
+        #[arg(long)]
+        stop: bool,
+    },
     /// Deploy APP (the branch head, or --commit) on the running server and follow it to its
     /// end: exit 0 when it succeeded, 1 when it did not (the reason is the last line).
     Deploy {
@@ -139,7 +145,7 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<Outcome> {
     let load = match cli.command {
         Command::Serve => Config::load,
-        Command::Proxy => Config::load_settings,
+        Command::Proxy { .. } => Config::load_settings,
         Command::Deploy { .. }
         | Command::Redeploy { .. }
         | Command::Rollback { .. }
@@ -156,7 +162,15 @@ async fn run(cli: Cli) -> Result<Outcome> {
             serve::serve(config, shutdown).await?;
             Ok(Outcome::Succeeded)
         }
-        Command::Proxy => {
+        Command::Proxy { stop: true } => {
+            let socket = config.proxy_socket();
+            match nonstop::switch::control::stop_process(&socket).await? {
+                Some(pid) => println!("stopped the proxy process (pid {pid})"),
+                None => println!("no proxy process runs for {}", socket.display()),
+            }
+            Ok(Outcome::Succeeded)
+        }
+        Command::Proxy { stop: false } => {
             let shutdown = start_logging_and_signals();
             serve::run_proxies(config, shutdown).await?;
             Ok(Outcome::Succeeded)

@@ -54,6 +54,9 @@ pub struct Answer {
     /// How much a `cut` ended.
     #[serde(default)]
     pub cut: Option<usize>,
+    /// Where the app's proxy listens (its bound address, when the config says port 0).
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// `serve`'s handle on one app's proxy in the `nonstop proxy` process.
@@ -62,6 +65,8 @@ pub struct RemoteProxy {
     app: String,
     /// The last live port the proxy process reported (0: none), so `live()` needs no I/O.
     live: AtomicU32,
+    /// Where the app's proxy listens, as the proxy process said at `connect`.
+    listen: Option<std::net::SocketAddr>,
 }
 
 impl RemoteProxy {
@@ -72,17 +77,25 @@ impl RemoteProxy {
         app: String,
         recorded: Option<u16>,
     ) -> Result<Self, SwitchError> {
-        let remote = Self {
+        let mut remote = Self {
             socket,
             app,
             live: AtomicU32::new(0),
+            listen: None,
         };
-        let live = remote.ask(Request::default()).await?.live;
+        let answer = remote.ask(Request::default()).await?;
+        remote.listen = answer.listen;
+        let live = answer.live;
         remote.remember(live);
         if let (None, Some(port)) = (live, recorded) {
             remote.switch_to(port).await?;
         }
         Ok(remote)
+    }
+
+    /// Where the app's proxy listens.
+    pub fn listen(&self) -> Option<std::net::SocketAddr> {
+        self.listen
     }
 
     fn remember(&self, live: Option<u16>) {
@@ -172,6 +185,143 @@ pub fn state_file(socket: &Path) -> PathBuf {
     socket.with_extension("state.json")
 }
 
+/// Where the proxy process writes its pid while it runs (`proxy.pid` beside the socket).
+pub fn pid_file(socket: &Path) -> PathBuf {
+    socket.with_extension("pid")
+}
+
+/// How long a proxy process started by `serve` gets to open its control socket.
+const PROXY_START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long `nonstop proxy --stop` waits for the proxy process to exit before SIGKILL.
+const PROXY_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Whether a proxy process answers on `socket` (it runs and takes commands).
+pub async fn answers(socket: &Path) -> bool {
+    let question = async {
+        let mut stream = UnixStream::connect(socket).await?;
+        // Names no app: the answer says so, which is all this needs.
+        stream.write_all(b"{\"app\":\"\"}\n").await?;
+        let mut answer = String::new();
+        BufReader::new(stream).read_line(&mut answer).await?;
+        Ok::<_, std::io::Error>(!answer.is_empty())
+    };
+    matches!(
+        tokio::time::timeout(CONTROL_TIMEOUT, question).await,
+        Ok(Ok(true))
+    )
+}
+
+/// Makes sure a proxy process answers on `socket`: the one still running from before (a
+/// restart of `serve` takes it over), else a new `nonstop proxy` on `config_file`, started
+/// detached (a session of its own, so no signal meant for `serve` reaches it; nothing of
+/// `serve`'s environment but the base allow-list and `RUST_LOG`), writing its log to `log`.
+pub async fn attach_or_start(
+    socket: &Path,
+    config_file: &Path,
+    log: &Path,
+) -> Result<(), SwitchError> {
+    if answers(socket).await {
+        tracing::info!(socket = %socket.display(), "taking over the running proxy process");
+        return Ok(());
+    }
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let mut command = crate::process::ChildEnv::base()
+        .inherit(&["RUST_LOG"])
+        .command(binary_on_disk()?);
+    command
+        .arg("proxy")
+        .arg("--config")
+        .arg(config_file)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log_file);
+    // SAFETY: setsid is async-signal-safe and only changes the child's own session; nothing
+    // else runs between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::setsid() == -1 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        });
+    }
+    // Dropped without a kill: it is meant to outlive this process (tokio reaps it if it
+    // exits first).
+    let mut child = command.spawn()?;
+    let started = std::time::Instant::now();
+    loop {
+        if answers(socket).await {
+            tracing::info!(pid = child.id(), socket = %socket.display(), "started the proxy process");
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            return Err(SwitchError::Rejected(format!(
+                "the proxy process exited ({status}) before it opened {}; its log is {}",
+                socket.display(),
+                log.display()
+            )));
+        }
+        if started.elapsed() > PROXY_START_TIMEOUT {
+            return Err(SwitchError::Rejected(format!(
+                "the proxy process did not open {} in {PROXY_START_TIMEOUT:?}; its log is {}",
+                socket.display(),
+                log.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// This program's binary as it is on disk now: after an upgrade replaced the file, Linux
+/// names the running one `<path> (deleted)`, and the new one at `<path>` is what to start.
+fn binary_on_disk() -> std::io::Result<PathBuf> {
+    let running = std::env::current_exe()?;
+    let text = running.to_string_lossy();
+    Ok(match text.strip_suffix(" (deleted)") {
+        Some(path) => PathBuf::from(path),
+        None => running,
+    })
+}
+
+/// The pid in `socket`'s pid file, when that process still runs and is `nonstop proxy`
+/// (a pid reused by another program is not it).
+pub fn running_pid(socket: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pid_file(socket))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let is_proxy = cmdline.split(|b| *b == 0).any(|arg| arg == b"proxy");
+    is_proxy.then_some(pid)
+}
+
+/// `nonstop proxy --stop`: SIGTERM to the running proxy process, SIGKILL when it is still
+/// there after [`PROXY_STOP_TIMEOUT`]. Returns its pid, or `None` when none ran.
+pub async fn stop_process(socket: &Path) -> std::io::Result<Option<i32>> {
+    let Some(pid) = running_pid(socket) else {
+        return Ok(None);
+    };
+    let gone = || running_pid(socket) != Some(pid);
+    // SAFETY: kill(2) on the pid of the proxy process, checked just above.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let started = std::time::Instant::now();
+    while !gone() {
+        if started.elapsed() > PROXY_STOP_TIMEOUT {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(Some(pid))
+}
+
 /// Serves the control socket for `proxies` until `shutdown`. Only processes of this user may
 /// talk to it: the socket is 0600 (in a 0700 folder when this makes the folder), and each
 /// peer's uid is checked.
@@ -179,8 +329,10 @@ pub async fn serve_control(
     socket: PathBuf,
     proxies: HashMap<String, Controlled>,
     shutdown: CancellationToken,
+    bound: impl FnOnce(),
 ) -> std::io::Result<()> {
     let listener = bind_private(&socket)?;
+    bound();
     let proxies = Arc::new(proxies);
     // Switches are applied one at a time so the state file always matches the proxies.
     let order = Arc::new(tokio::sync::Mutex::new(()));
@@ -279,6 +431,7 @@ async fn command(
         error: Some(error),
         connections: proxy.open_connections(),
         cut: None,
+        listen: Some(proxy.local_addr()),
     };
     let mut cut = None;
     if let Some(port) = request.switch_to.or(request.cut)
@@ -308,6 +461,7 @@ async fn command(
         error: None,
         connections: proxy.open_connections(),
         cut,
+        listen: Some(proxy.local_addr()),
     }
 }
 
@@ -364,6 +518,7 @@ mod tests {
                 },
             )]),
             shutdown.clone(),
+            || {},
         ));
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while UnixStream::connect(&socket).await.is_err() {

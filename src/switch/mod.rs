@@ -2,6 +2,7 @@
 //! moves it. The built-in proxy (`proxy`) is the default; `nginx` rewrites an include file.
 //! A switch never starts or stops app instances: it only points traffic.
 
+pub mod activation;
 pub mod control;
 pub mod drain;
 pub mod fleet;

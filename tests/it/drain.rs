@@ -15,10 +15,10 @@ use crate::deploy::{next_event_data, say};
 /// What one WebSocket saw while it talked every 50 ms: how many answers, whether each named
 /// the version it opened on, and when (ms since the epoch) it was closed, if it was.
 #[derive(Debug)]
-struct Talked {
-    answered: u64,
-    wrong_version: Option<String>,
-    closed_at: Option<i64>,
+pub struct Talked {
+    pub answered: u64,
+    pub wrong_version: Option<String>,
+    pub closed_at: Option<i64>,
 }
 
 fn now_ms() -> i64 {
@@ -30,7 +30,7 @@ fn now_ms() -> i64 {
 
 /// Talks on `socket` every 50 ms until it is closed or `stop` is set (bounded: 10,000
 /// messages).
-fn keep_talking(
+pub fn keep_talking(
     mut socket: tokio_tungstenite::WebSocketStream<
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
     >,

@@ -119,19 +119,50 @@ impl Proxy {
         live: Option<u16>,
         options: ProxyOptions,
     ) -> Result<Arc<Proxy>, SwitchError> {
-        let live = live.map(Target::new).transpose()?.map(Arc::new);
         let bind_error = |source| SwitchError::Bind {
             addr: listen,
             source,
         };
         let first = reuseport_listener(listen).map_err(bind_error)?;
         let local_addr = first.local_addr()?;
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut listeners = vec![first];
-        for _ in 1..workers {
+        for _ in 1..worker_count() {
             // Every worker binds the address the first one got (port 0 included).
             listeners.push(reuseport_listener(local_addr).map_err(bind_error)?);
         }
+        Self::serve_on(listeners, live, options)
+    }
+
+    /// [`Proxy::start_with`] on a listening socket made elsewhere (one systemd passed):
+    /// every worker accepts on that one socket (a dup each) and binds none of its own, so
+    /// whatever queued in its backlog while no proxy ran is served, and nothing queues on a
+    /// socket that dies with this process.
+    pub async fn start_on(
+        listener: std::net::TcpListener,
+        live: Option<u16>,
+        options: ProxyOptions,
+    ) -> Result<Arc<Proxy>, SwitchError> {
+        listener.set_nonblocking(true)?;
+        let mut listeners = Vec::new();
+        for _ in 1..worker_count() {
+            listeners.push(listener.try_clone()?);
+        }
+        listeners.push(listener);
+        Self::serve_on(listeners, live, options)
+    }
+
+    /// Starts a worker on each of `listeners` (the same address, all of them).
+    fn serve_on(
+        listeners: Vec<std::net::TcpListener>,
+        live: Option<u16>,
+        options: ProxyOptions,
+    ) -> Result<Arc<Proxy>, SwitchError> {
+        let live = live.map(Target::new).transpose()?.map(Arc::new);
+        let local_addr = listeners
+            .first()
+            .ok_or_else(|| SwitchError::Rejected("no listening socket".into()))?
+            .local_addr()?;
+        let workers = listeners.len();
 
         let live = Arc::new(ArcSwapOption::new(live));
         let admission =
@@ -235,6 +266,11 @@ impl Proxy {
         info!(port, cut, "cut what was still open");
         Ok(cut)
     }
+}
+
+/// One worker per core.
+fn worker_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// A listening socket that other sockets may bind too, handed over as a std socket so a
