@@ -46,8 +46,14 @@ enum Command {
     Proxy {
         /// Stop the running proxy process instead (its listeners close: the apps are no
         /// longer reachable through it). With `serve` stopped too, nothing of nonstop runs.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "upgrade")]
         stop: bool,
+        /// Upgrade the running proxy process in place (as SIGUSR2 to the pid in
+        /// `proxy.pid` does): the binary now on disk takes its listening sockets and new
+        /// connections; the old one finishes its requests, keeps its WebSockets until they
+        /// close or the drain window ends, then exits. No connection is refused.
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Deploy APP (the branch head, or --commit) on the running server and follow it to its
     /// end: exit 0 when it succeeded, 1 when it did not (the reason is the last line).
@@ -162,7 +168,15 @@ async fn run(cli: Cli) -> Result<Outcome> {
             serve::serve(config, shutdown).await?;
             Ok(Outcome::Succeeded)
         }
-        Command::Proxy { stop: true } => {
+        Command::Proxy { upgrade: true, .. } => {
+            let socket = config.proxy_socket();
+            match nonstop::switch::control::upgrade_process(&socket).await? {
+                Some((old, new)) => println!("upgraded the proxy process: pid {old} -> pid {new}"),
+                None => bail!("no proxy process runs for {}", socket.display()),
+            }
+            Ok(Outcome::Succeeded)
+        }
+        Command::Proxy { stop: true, .. } => {
             let socket = config.proxy_socket();
             match nonstop::switch::control::stop_process(&socket).await? {
                 Some(pid) => println!("stopped the proxy process (pid {pid})"),
@@ -170,7 +184,7 @@ async fn run(cli: Cli) -> Result<Outcome> {
             }
             Ok(Outcome::Succeeded)
         }
-        Command::Proxy { stop: false } => {
+        Command::Proxy { .. } => {
             let shutdown = start_logging_and_signals();
             serve::run_proxies(config, shutdown).await?;
             Ok(Outcome::Succeeded)

@@ -388,7 +388,11 @@ pub async fn run_proxies(config: Config, shutdown: CancellationToken) -> Result<
         ));
     }
     let socket = config.proxy_socket();
-    if let Some(pid) = control::running_pid(&socket)
+    // Sockets passed to this process (systemd's socket activation, or the proxy process
+    // this one takes over from) are used instead of binding.
+    let mut inherited = crate::switch::activation::Inherited::from_env();
+    if inherited.is_empty()
+        && let Some(pid) = control::running_pid(&socket)
         && control::answers(&socket).await
     {
         return Err(ServeError::Setup(format!(
@@ -397,18 +401,16 @@ pub async fn run_proxies(config: Config, shutdown: CancellationToken) -> Result<
         )));
     }
     let saved = control::load_state(&socket);
-    // Sockets systemd holds for us (socket activation) are used instead of binding.
-    let mut inherited = crate::switch::activation::Inherited::from_env();
     let mut proxies = HashMap::new();
     for app in &config.apps {
         if let SwitchConfig::Proxy { listen } = app.switch {
             let live = saved.get(app.name.as_str()).copied();
-            let proxy = match inherited.take(app.name.as_str(), listen) {
-                Some(passed) => {
-                    tracing::info!(app = %app.name, "listening on the socket the service manager passed");
-                    Proxy::start_on(passed, live, proxy_options(&config)).await?
-                }
-                None => Proxy::start_with(listen, live, proxy_options(&config)).await?,
+            let passed = inherited.take(app.name.as_str(), listen);
+            let proxy = if passed.is_empty() {
+                Proxy::start_with(listen, live, proxy_options(&config)).await?
+            } else {
+                tracing::info!(app = %app.name, sockets = passed.len(), "listening on the sockets passed to this process");
+                Proxy::start_on(passed, live, proxy_options(&config)).await?
             };
             tracing::info!(app = %app.name, proxy = %proxy.local_addr(), live_port = live, "proxy listening");
             announce(format_args!("proxy {} on {}", app.name, proxy.local_addr()));
@@ -419,19 +421,72 @@ pub async fn run_proxies(config: Config, shutdown: CancellationToken) -> Result<
     for addr in inherited.left() {
         tracing::warn!(%addr, "a passed socket that no app's switch.listen names: unused");
     }
-    let all: Vec<_> = proxies.values().map(|c| c.proxy.clone()).collect();
+    let all: Vec<(String, Arc<Proxy>)> = proxies
+        .iter()
+        .map(|(app, c)| (app.clone(), c.proxy.clone()))
+        .collect();
     tracing::info!(socket = %socket.display(), "taking switch commands");
     let pid_file = control::pid_file(&socket);
-    let served = control::serve_control(socket.clone(), proxies, shutdown, || {
-        // Written once the socket is bound: a pid file names a process that answers.
-        if let Err(err) = write_private(&pid_file, std::process::id().to_string().as_bytes()) {
-            tracing::warn!(path = %pid_file.display(), error = %err, "could not write the pid file");
+    let control_stop = CancellationToken::new();
+    let mut control = tokio::spawn(control::serve_control(
+        socket.clone(),
+        proxies,
+        control_stop.clone(),
+        {
+            let pid_file = pid_file.clone();
+            move || {
+                // Written once the socket is bound: a pid file names a process that answers.
+                if let Err(err) =
+                    write_private(&pid_file, std::process::id().to_string().as_bytes())
+                {
+                    tracing::warn!(path = %pid_file.display(), error = %err, "could not write the pid file");
+                }
+            }
+        },
+    ));
+    let mut upgrade = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2())
+        .map_err(|err| ServeError::Setup(format!("cannot take SIGUSR2: {err}")))?;
+    let mut served = Ok(());
+    let mut handed_over = false;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            ended = &mut control => {
+                served = ended.unwrap_or_else(|err| Err(std::io::Error::other(err)));
+                break;
+            }
+            _ = upgrade.recv() => match control::hand_over(&config.file, &all, &socket).await {
+                Ok(next) => {
+                    tracing::info!(next_pid = next, "handed the listening sockets over; finishing what is open here");
+                    handed_over = true;
+                    break;
+                }
+                Err(err) => tracing::error!(error = %err, "the upgrade failed: this process keeps serving"),
+            },
         }
-    })
-    .await;
-    let _ = std::fs::remove_file(&pid_file);
-    for proxy in all {
+    }
+    control_stop.cancel();
+    if !control.is_finished() {
+        let _ = control.await;
+    }
+    // The pid file names the process that took over, if one did.
+    if control::running_pid(&socket) == Some(std::process::id() as i32) {
+        let _ = std::fs::remove_file(&pid_file);
+    }
+    for (_, proxy) in &all {
         proxy.shutdown();
+    }
+    if handed_over {
+        // In-flight requests finish here; long-lived connections get the drain window.
+        let window = config
+            .apps
+            .iter()
+            .map(|app| app.drain_timeout_secs)
+            .max()
+            .unwrap_or(0);
+        for (_, proxy) in &all {
+            proxy.stopped(std::time::Duration::from_secs(window)).await;
+        }
     }
     served.map_err(|err| ServeError::Setup(format!("control socket {}: {err}", socket.display())))
 }

@@ -60,15 +60,27 @@ impl Inherited {
         Self { sockets }
     }
 
-    /// The passed socket for the app `name` listening on `listen`: the one named after the
-    /// app, else the one bound to that address.
-    pub fn take(&mut self, name: &str, listen: SocketAddr) -> Option<TcpListener> {
-        let at = self
-            .sockets
-            .iter()
-            .position(|s| s.name.as_deref() == Some(name))
-            .or_else(|| self.sockets.iter().position(|s| s.addr == listen))?;
-        Some(self.sockets.swap_remove(at).listener)
+    /// The passed sockets for the app `name` listening on `listen`: those named after the
+    /// app (a handover passes one per worker), else those bound to that address. Empty when
+    /// none was passed.
+    pub fn take(&mut self, name: &str, listen: SocketAddr) -> Vec<TcpListener> {
+        let named = self.sockets.iter().any(|s| s.name.as_deref() == Some(name));
+        let (taken, left) =
+            std::mem::take(&mut self.sockets)
+                .into_iter()
+                .partition(|s: &Passed| {
+                    if named {
+                        s.name.as_deref() == Some(name)
+                    } else {
+                        s.addr == listen
+                    }
+                });
+        self.sockets = left;
+        taken.into_iter().map(|s| s.listener).collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sockets.is_empty()
     }
 
     /// Addresses of passed sockets no app took (a unit that names an address no app has).

@@ -277,6 +277,111 @@ pub async fn attach_or_start(
     }
 }
 
+/// How long the next proxy process gets to take over (open the control socket) in an
+/// upgrade, and how long `nonstop proxy --upgrade` waits for that.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An upgrade in place (SIGUSR2): starts the binary now on disk as the next proxy process,
+/// handing it every app's listening sockets (one per worker) as systemd would
+/// (`LISTEN_FDS`, `LISTEN_FDNAMES` = the app's name), and waits until it has taken over the
+/// control socket and the pid file. Its pid, or why not (this process then keeps serving).
+pub async fn hand_over(
+    config_file: &Path,
+    proxies: &[(String, Arc<Proxy>)],
+    socket: &Path,
+) -> Result<u32, SwitchError> {
+    let (mut fds, mut names) = (Vec::new(), Vec::new());
+    for (app, proxy) in proxies {
+        for fd in proxy.listening_fds() {
+            fds.push(fd);
+            names.push(app.clone());
+        }
+    }
+    let count = fds.len() as libc::c_int;
+    let mut command = crate::process::ChildEnv::base()
+        .inherit(&["RUST_LOG"])
+        .command("sh");
+    // `$$` is the shell's pid, which `exec` hands to nonstop: what LISTEN_PID must name.
+    command
+        .arg("-c")
+        .arg("LISTEN_PID=$$ exec \"$0\" proxy --config \"$1\"")
+        .arg(binary_on_disk()?)
+        .arg(config_file)
+        .env("LISTEN_FDS", fds.len().to_string())
+        .env("LISTEN_FDNAMES", names.join(":"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    // SAFETY: only async-signal-safe calls (setsid, fcntl, dup2, close) on fds this process
+    // owns, in the child between fork and exec. Each socket is first copied above the range
+    // 3..3+count, so that putting it in place never overwrites one not yet moved.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setsid() == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let mut above = Vec::with_capacity(fds.len());
+            for fd in &fds {
+                let copy = libc::fcntl(*fd, libc::F_DUPFD, 3 + count);
+                if copy == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                above.push(copy);
+            }
+            for (index, copy) in above.into_iter().enumerate() {
+                if libc::dup2(copy, 3 + index as libc::c_int) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(copy);
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn()?;
+    let next = child.id().unwrap_or(0);
+    let started = std::time::Instant::now();
+    loop {
+        if running_pid(socket) == Some(next as i32) && answers(socket).await {
+            return Ok(next);
+        }
+        if let Some(status) = child.try_wait()? {
+            return Err(SwitchError::Rejected(format!(
+                "the next proxy process exited ({status}) before it took over"
+            )));
+        }
+        if started.elapsed() > HANDOVER_TIMEOUT {
+            let _ = child.start_kill();
+            return Err(SwitchError::Rejected(format!(
+                "the next proxy process did not take over in {HANDOVER_TIMEOUT:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `nonstop proxy --upgrade`: SIGUSR2 to the running proxy process, then waits until the
+/// next one took over. Returns (old pid, new pid); `None` when no proxy process runs.
+pub async fn upgrade_process(socket: &Path) -> Result<Option<(i32, i32)>, SwitchError> {
+    let Some(old) = running_pid(socket) else {
+        return Ok(None);
+    };
+    // SAFETY: kill(2) on the pid of the proxy process, checked just above.
+    unsafe { libc::kill(old, libc::SIGUSR2) };
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(new) = running_pid(socket).filter(|pid| *pid != old)
+            && answers(socket).await
+        {
+            return Ok(Some((old, new)));
+        }
+        if started.elapsed() > HANDOVER_TIMEOUT + Duration::from_secs(5) {
+            return Err(SwitchError::Rejected(format!(
+                "no new proxy process took over in {HANDOVER_TIMEOUT:?}; pid {old} keeps serving (see its log)"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// This program's binary as it is on disk now: after an upgrade replaced the file, Linux
 /// names the running one `<path> (deleted)`, and the new one at `<path>` is what to start.
 fn binary_on_disk() -> std::io::Result<PathBuf> {

@@ -21,7 +21,7 @@ pub struct Talked {
     pub closed_at: Option<i64>,
 }
 
-fn now_ms() -> i64 {
+pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

@@ -270,3 +270,102 @@ async fn a_socket_activated_proxy_killed_under_load_refuses_nothing_and_serves_w
     );
     assert_eq!(app.served().await, version);
 }
+
+fn proxy_pid(app: &crate::common::TestApp) -> i32 {
+    std::fs::read_to_string(app.data_dir().join("proxy.pid"))
+        .expect("a proxy process runs")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// `nonstop proxy --upgrade`: the binary on disk takes the listening sockets; the old
+/// process finishes its requests and keeps its WebSockets for the drain window.
+#[tokio::test]
+async fn three_upgrades_of_the_proxy_in_place_under_load_fail_no_request() {
+    let app = spawn_app_with(Extra {
+        app: "drain_timeout_secs = 3".into(),
+        ..Extra::default()
+    })
+    .await;
+    let first = app.deploy(&app.repo.commit("Before the upgrades")).await;
+    let ws_url = format!("ws://127.0.0.1:{}/ws", app.ports.proxy);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut talkers = Vec::new();
+    for _ in 0..3 {
+        let (mut socket, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
+        assert_eq!(say(&mut socket, "hi").await, format!("{first}: hi"));
+        talkers.push(keep_talking(socket, first.clone(), stop.clone()));
+    }
+    let load = Load::start(
+        format!("{}/", app.proxy()),
+        8,
+        100_000,
+        Duration::from_secs(300),
+    );
+    load.wait_sent(200).await;
+
+    let mut pids = vec![proxy_pid(&app)];
+    let mut first_upgrade_at = None;
+    for _ in 0..3 {
+        let at = crate::drain::now_ms();
+        first_upgrade_at.get_or_insert(at);
+        let out = app.cli(&["proxy", "--upgrade"]);
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pid = proxy_pid(&app);
+        assert_eq!(
+            said.trim(),
+            format!(
+                "upgraded the proxy process: pid {} -> pid {pid}",
+                pids.last().unwrap()
+            )
+        );
+        pids.push(pid);
+        let sent = load.sent.load(Ordering::Relaxed);
+        load.wait_sent(sent + 300).await;
+    }
+    // The upgraded proxy still takes switches from serve.
+    let last = app.deploy(&app.repo.commit("After the upgrades")).await;
+    let sent = load.sent.load(Ordering::Relaxed);
+    load.wait_sent(sent + 200).await;
+    let report = load.finish().await;
+
+    println!(
+        "load: {} ok, {} failed over 3 upgrades (pids {pids:?}), by version: {:?}",
+        report.ok, report.failed, report.bodies
+    );
+    report.assert_none_failed();
+    assert_eq!(app.served().await, last);
+    // The WebSockets sat on the first process: answered until its drain window was over.
+    let first_upgrade_at = first_upgrade_at.unwrap();
+    for talker in talkers {
+        let talked = tokio::time::timeout(Duration::from_secs(60), talker)
+            .await
+            .expect("closed when the old process left")
+            .unwrap();
+        assert_eq!(talked.wrong_version, None, "{talked:?}");
+        let closed_at = talked.closed_at.expect("closed when the old process left");
+        assert!(
+            closed_at >= first_upgrade_at + 3_000,
+            "closed {} ms after the upgrade: {talked:?}",
+            closed_at - first_upgrade_at
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    // And the old processes are gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for pid in &pids[..3] {
+        while std::path::Path::new(&format!("/proc/{pid}")).exists()
+            && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|stat| !stat.contains(") Z "))
+        {
+            assert!(std::time::Instant::now() < deadline, "pid {pid} still runs");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

@@ -103,6 +103,11 @@ pub struct Proxy {
     targets: Mutex<Vec<Weak<Target>>>,
     /// One per worker: a cut wakes each, to end what waits there on the cut target.
     cut_signals: Vec<Arc<Notify>>,
+    /// The workers' threads, to wait for after shutdown.
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// A copy of each worker's listening socket, for a handover to the next proxy process;
+    /// dropped at shutdown, so no socket outlives the workers that accept on it.
+    sockets: Mutex<Vec<std::net::TcpListener>>,
 }
 
 impl Proxy {
@@ -133,21 +138,25 @@ impl Proxy {
         Self::serve_on(listeners, live, options)
     }
 
-    /// [`Proxy::start_with`] on a listening socket made elsewhere (one systemd passed):
-    /// every worker accepts on that one socket (a dup each) and binds none of its own, so
-    /// whatever queued in its backlog while no proxy ran is served, and nothing queues on a
-    /// socket that dies with this process.
+    /// [`Proxy::start_with`] on listening sockets made elsewhere (one systemd passed, or
+    /// those of the proxy process this one takes over from): with one socket every worker
+    /// accepts on it (a dup each), with several one worker each; none binds its own, so
+    /// whatever queued in their backlogs while no proxy ran is served, and nothing queues on
+    /// a socket that dies with this process.
     pub async fn start_on(
-        listener: std::net::TcpListener,
+        mut listeners: Vec<std::net::TcpListener>,
         live: Option<u16>,
         options: ProxyOptions,
     ) -> Result<Arc<Proxy>, SwitchError> {
-        listener.set_nonblocking(true)?;
-        let mut listeners = Vec::new();
-        for _ in 1..worker_count() {
-            listeners.push(listener.try_clone()?);
+        for listener in &listeners {
+            listener.set_nonblocking(true)?;
         }
-        listeners.push(listener);
+        if let [only] = listeners.as_slice() {
+            let only = only.try_clone()?;
+            for _ in 1..worker_count() {
+                listeners.push(only.try_clone()?);
+            }
+        }
         Self::serve_on(listeners, live, options)
     }
 
@@ -170,6 +179,11 @@ impl Proxy {
         let options = Arc::new(options);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut cut_signals = Vec::new();
+        let mut threads = Vec::new();
+        let sockets = listeners
+            .iter()
+            .map(std::net::TcpListener::try_clone)
+            .collect::<Result<Vec<_>, _>>()?;
         for (index, listener) in listeners.into_iter().enumerate() {
             let cut_signal = Arc::new(Notify::new());
             cut_signals.push(Arc::clone(&cut_signal));
@@ -179,11 +193,13 @@ impl Proxy {
                 Arc::clone(&admission),
                 shutdown_rx.clone(),
             );
-            std::thread::Builder::new()
-                .name(format!("proxy-{}-{index}", local_addr.port()))
-                .spawn(move || {
-                    worker::run(listener, live, options, admission, shutdown_rx, cut_signal)
-                })?;
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("proxy-{}-{index}", local_addr.port()))
+                    .spawn(move || {
+                        worker::run(listener, live, options, admission, shutdown_rx, cut_signal)
+                    })?,
+            );
         }
         let targets = Mutex::new(
             live.load()
@@ -200,6 +216,8 @@ impl Proxy {
             shutdown,
             targets,
             cut_signals,
+            threads: Mutex::new(threads),
+            sockets: Mutex::new(sockets),
         }))
     }
 
@@ -211,6 +229,43 @@ impl Proxy {
     /// then closed. Returns at once, without waiting for them.
     pub fn shutdown(&self) {
         self.shutdown.send_replace(true);
+        self.sockets
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clear();
+    }
+
+    /// The listening sockets (one per worker), for the process that takes over from this
+    /// one; empty once shutdown started.
+    pub fn listening_fds(&self) -> Vec<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.sockets
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .map(AsRawFd::as_raw_fd)
+            .collect()
+    }
+
+    /// After [`Proxy::shutdown`]: waits until every worker has finished its connections and
+    /// tunnels, at most `timeout`. Whether they all did.
+    pub async fn stopped(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let finished = self
+                .threads
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .iter()
+                .all(std::thread::JoinHandle::is_finished);
+            if finished {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     /// The targets still held by anything, the live one first if any.

@@ -28,6 +28,7 @@ use super::worker::ProxyBody;
 /// connections, holding `client` (the client connection's place under the limits) until
 /// the tunnel closes; any other answer is forwarded as it is.
 pub(super) async fn open<C: 'static>(
+    tasks: &tokio_util::task::TaskTracker,
     cuts: &Rc<Cuts>,
     target: &Arc<Target>,
     request: OpenRequest,
@@ -61,7 +62,7 @@ pub(super) async fn open<C: 'static>(
     let port = target.port();
     let cut_off = CutOff::new(cuts, target);
     debug!(port, "tunnel opened");
-    tokio::task::spawn_local(async move {
+    tasks.spawn_local(async move {
         let splice = async {
             // Both resolve once hyper has written the 101 to the client and read it upstream.
             match tokio::try_join!(client_side, upstream_side) {

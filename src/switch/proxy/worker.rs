@@ -42,6 +42,12 @@ use crate::domain::IpRange;
 /// Accept errors are mostly fd exhaustion; retrying at once would spin a core.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
+/// Once shutdown started, a kept-alive client connection that sends no request in this
+/// long is closed. One that does is answered with `Connection: close` and closed after its
+/// answer: closing an idle connection races with a request the client may be sending on
+/// it right then (it would fail), while a client that was told to close never sends one.
+const STOPPING_LINGER: Duration = Duration::from_secs(2);
+
 /// A dead instance fails every request; one warning per worker this often says so without
 /// writing a line per request.
 const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(1);
@@ -57,6 +63,8 @@ pub(super) struct Worker {
     pool: Rc<RefCell<UpstreamPool>>,
     /// This worker's streams and tunnels waiting on their upstream, for a cut to end.
     cuts: Rc<Cuts>,
+    /// Its client connections and tunnels: the worker ends once all of them have.
+    tasks: TaskTracker,
     trusted_proxies: Arc<[IpRange]>,
     failures: RefCell<FailureLog>,
     /// Connections closed at the limits, logged like failures: at most one line a second.
@@ -99,10 +107,12 @@ pub(super) fn run(
         let worker = Rc::new(Worker::new(live, &options, admission));
         tokio::task::spawn_local(sweep_idle_connections(Rc::clone(&worker.pool)));
         tokio::task::spawn_local(open::wake_on_cut(Rc::clone(&worker.cuts), cut_signal));
-        let connections = TaskTracker::new();
-        accept_loop(listener, worker, shutdown, &connections).await;
-        connections.close();
-        connections.wait().await;
+        let tasks = worker.tasks.clone();
+        accept_loop(listener, worker, shutdown, &tasks).await;
+        // Tunnels too: after a handover the old process keeps them until they close or its
+        // drain window ends (then the process exits).
+        tasks.close();
+        tasks.wait().await;
     });
 }
 
@@ -121,6 +131,7 @@ impl Worker {
         Self {
             pool: Rc::new(RefCell::new(UpstreamPool::new(Arc::clone(&live)))),
             cuts: Rc::default(),
+            tasks: TaskTracker::new(),
             live,
             trusted_proxies: options.trusted_proxies.clone().into(),
             failures: RefCell::new(FailureLog::default()),
@@ -167,7 +178,15 @@ impl Worker {
             if req.extensions().get::<OnUpgrade>().is_some() {
                 return self.or_bad_gateway(
                     &target,
-                    tunnel::open(&self.cuts, &target, open, Rc::clone(client), req).await,
+                    tunnel::open(
+                        &self.tasks,
+                        &self.cuts,
+                        &target,
+                        open,
+                        Rc::clone(client),
+                        req,
+                    )
+                    .await,
                 );
             }
             headers::forget_upgrade(req.headers_mut());
@@ -283,7 +302,17 @@ async fn serve_connection(
     let service_worker = Rc::clone(&worker);
     let service = service_fn(move |req| {
         let (worker, client) = (Rc::clone(&service_worker), Rc::clone(&client));
-        async move { Ok::<_, Infallible>(worker.forward(&client, req).await) }
+        async move {
+            let mut response = worker.forward(&client, req).await;
+            if worker.stopping.started.get() && response.status() != StatusCode::SWITCHING_PROTOCOLS
+            {
+                // hyper closes the connection once this answer is sent.
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(response)
+        }
     });
     let connection = worker
         .http1
@@ -294,9 +323,15 @@ async fn serve_connection(
     let result = tokio::select! {
         result = connection.as_mut() => result,
         () = worker.stopping.wait() => {
-            // Lets the request in progress finish, then closes instead of keeping alive.
-            connection.as_mut().graceful_shutdown();
-            connection.await
+            // Its next answer says `Connection: close`; if none comes, it is closed after the
+            // linger (letting a request in progress finish first).
+            tokio::select! {
+                result = connection.as_mut() => result,
+                () = tokio::time::sleep(STOPPING_LINGER) => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            }
         }
     };
     if let Err(err) = result {
