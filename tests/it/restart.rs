@@ -369,3 +369,71 @@ async fn three_upgrades_of_the_proxy_in_place_under_load_fail_no_request() {
         }
     }
 }
+
+/// The real tool: `systemd-socket-activate` (Debian's `systemd` package, installed by
+/// scripts/test) listens, and on the first connection starts `nonstop proxy` with the socket
+/// as systemd passes it. That connection is served by the proxy it started.
+#[tokio::test]
+async fn systemd_socket_activate_starts_the_proxy_on_its_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::common::ports::unique_port();
+    let config = dir.path().join("nonstop.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[server]
+listen = "127.0.0.1:0"
+data_dir = "data"
+
+[[app]]
+name = "hello"
+repo = "unused"
+build = "true"
+artifact = "hello"
+run = "{{artifact}} --port {{port}}"
+switch = {{ kind = "proxy", listen = "127.0.0.1:{port}" }}
+"#
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("activate.log")).unwrap();
+    let mut activate = std::process::Command::new("systemd-socket-activate")
+        .arg(format!("--listen=127.0.0.1:{port}"))
+        .arg("--fdname=hello")
+        .arg(env!("CARGO_BIN_EXE_nonstop"))
+        .arg("--config")
+        .arg(&config)
+        .arg("proxy")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("systemd-socket-activate (Debian's systemd package; scripts/test installs it)");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let answer = loop {
+        // Refused only until the tool listens; from then on the connection waits for the
+        // proxy it starts.
+        match reqwest::get(format!("http://127.0.0.1:{port}/")).await {
+            Ok(answer) => break answer,
+            Err(err) => {
+                assert!(std::time::Instant::now() < deadline, "{err}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let status = answer.status();
+    let body = answer.text().await.unwrap();
+    let log = std::fs::read_to_string(dir.path().join("activate.log")).unwrap_or_default();
+    let _ = activate.kill();
+    let _ = activate.wait();
+    // Nothing is live yet: the proxy itself answers, on the passed socket.
+    assert_eq!(
+        (status.as_u16(), body.as_str()),
+        (503, "nonstop: no live instance\n"),
+        "{log}"
+    );
+    assert!(
+        log.contains("listening on the sockets passed to this process"),
+        "{log}"
+    );
+}
