@@ -428,10 +428,12 @@ pub async fn run_proxies(config: Config, shutdown: CancellationToken) -> Result<
     tracing::info!(socket = %socket.display(), "taking switch commands");
     let pid_file = control::pid_file(&socket);
     let control_stop = CancellationToken::new();
+    let order = control::SwitchOrder::default();
     let mut control = tokio::spawn(control::serve_control(
         socket.clone(),
         proxies,
         control_stop.clone(),
+        order.clone(),
         {
             let pid_file = pid_file.clone();
             move || {
@@ -455,7 +457,7 @@ pub async fn run_proxies(config: Config, shutdown: CancellationToken) -> Result<
                 served = ended.unwrap_or_else(|err| Err(std::io::Error::other(err)));
                 break;
             }
-            _ = upgrade.recv() => match control::hand_over(&config.file, &all, &socket).await {
+            _ = upgrade.recv() => match control::hand_over(&config.file, &all, &socket, &order).await {
                 Ok(next) => {
                     tracing::info!(next_pid = next, "handed the listening sockets over; finishing what is open here");
                     handed_over = true;

@@ -24,6 +24,15 @@ use super::{OpenOn, SwitchError, TrafficSwitch};
 /// A control command takes microseconds; a hung proxy process is a broken host.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What a proxy process answers a switch once it has handed over to the next one: the
+/// next one, now on the socket, takes it (`RemoteProxy` asks again).
+const HANDED_OVER: &str = "this proxy process handed over to the next one";
+
+/// Switches are applied one at a time, so the state file always matches the proxies; an
+/// upgrade holds the same lock from the moment the next process reads that file until it
+/// owns the socket, and then marks this process handed over (`true`).
+pub type SwitchOrder = Arc<tokio::sync::Mutex<bool>>;
+
 /// A request is one short JSON line; anything longer is not from `serve`.
 const MAX_REQUEST_BYTES: u64 = 4096;
 
@@ -105,9 +114,24 @@ impl RemoteProxy {
 
     async fn ask(&self, mut request: Request) -> Result<Answer, SwitchError> {
         request.app = self.app.clone();
+        let started = std::time::Instant::now();
+        loop {
+            match self.ask_once(&request).await {
+                // Mid-upgrade: the socket leads to the next process in a moment.
+                Err(SwitchError::Rejected(error))
+                    if error == HANDED_OVER && started.elapsed() < CONTROL_TIMEOUT =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                answer => return answer,
+            }
+        }
+    }
+
+    async fn ask_once(&self, request: &Request) -> Result<Answer, SwitchError> {
         let exchange = async {
             let mut stream = UnixStream::connect(&self.socket).await?;
-            let mut line = serde_json::to_vec(&request).map_err(std::io::Error::other)?;
+            let mut line = serde_json::to_vec(request).map_err(std::io::Error::other)?;
             line.push(b'\n');
             stream.write_all(&line).await?;
             let mut answer = String::new();
@@ -289,7 +313,10 @@ pub async fn hand_over(
     config_file: &Path,
     proxies: &[(String, Arc<Proxy>)],
     socket: &Path,
+    order: &tokio::sync::Mutex<bool>,
 ) -> Result<u32, SwitchError> {
+    // No switch lands here while the next process reads the live ports, nor after.
+    let mut handed_over = order.lock().await;
     let (mut fds, mut names) = (Vec::new(), Vec::new());
     for (app, proxy) in proxies {
         for fd in proxy.listening_fds() {
@@ -341,6 +368,7 @@ pub async fn hand_over(
     let started = std::time::Instant::now();
     loop {
         if running_pid(socket) == Some(next as i32) && answers(socket).await {
+            *handed_over = true;
             return Ok(next);
         }
         if let Some(status) = child.try_wait()? {
@@ -434,13 +462,12 @@ pub async fn serve_control(
     socket: PathBuf,
     proxies: HashMap<String, Controlled>,
     shutdown: CancellationToken,
+    order: SwitchOrder,
     bound: impl FnOnce(),
 ) -> std::io::Result<()> {
     let listener = bind_private(&socket)?;
     bound();
     let proxies = Arc::new(proxies);
-    // Switches are applied one at a time so the state file always matches the proxies.
-    let order = Arc::new(tokio::sync::Mutex::new(()));
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => accepted?,
@@ -496,7 +523,7 @@ fn same_user(stream: &UnixStream) -> bool {
 async fn handle(
     stream: UnixStream,
     proxies: &HashMap<String, Controlled>,
-    order: &tokio::sync::Mutex<()>,
+    order: &tokio::sync::Mutex<bool>,
     socket: &Path,
 ) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream);
@@ -528,7 +555,7 @@ async fn command(
     request: &Request,
     Controlled { proxy, ports }: &Controlled,
     proxies: &HashMap<String, Controlled>,
-    order: &tokio::sync::Mutex<()>,
+    order: &tokio::sync::Mutex<bool>,
     socket: &Path,
 ) -> Answer {
     let refused = |error: String| Answer {
@@ -548,7 +575,10 @@ async fn command(
         ));
     }
     if let Some(port) = request.switch_to {
-        let _one_at_a_time = order.lock().await;
+        let handed_over = order.lock().await;
+        if *handed_over {
+            return refused(HANDED_OVER.into());
+        }
         if let Err(err) = proxy.switch_to(port).await {
             return refused(err.to_string());
         }
@@ -623,6 +653,7 @@ mod tests {
                 },
             )]),
             shutdown.clone(),
+            SwitchOrder::default(),
             || {},
         ));
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
