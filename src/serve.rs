@@ -486,8 +486,10 @@ pub async fn run_proxies(config: Config, shutdown: CancellationToken) -> Result<
             .map(|app| app.drain_timeout_secs)
             .max()
             .unwrap_or(0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(window);
         for (_, proxy) in &all {
-            proxy.stopped(std::time::Duration::from_secs(window)).await;
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            proxy.stopped(left).await;
         }
     }
     served.map_err(|err| ServeError::Setup(format!("control socket {}: {err}", socket.display())))
