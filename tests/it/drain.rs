@@ -155,3 +155,66 @@ async fn connections_survive_the_deploy_that_switches_away_and_are_drained_by_th
     let (_, live) = app.get_json("/api/apps/hello/live").await;
     assert_eq!(live["port"], old_port);
 }
+
+/// The story: WebSockets talking every 50 ms across five deploys. Each is answered
+/// by the version it opened on until the deploy that stops its instance (two deploys
+/// later: the next one that goes to its port) has drained it; none closes earlier.
+#[tokio::test]
+async fn two_dozen_websockets_across_five_deploys_end_only_at_their_instances_drain() {
+    const PER_ROUND: usize = 4;
+    let app = spawn_app_with(Extra {
+        app: "drain_timeout_secs = 2".into(),
+        ..Extra::default()
+    })
+    .await;
+    let ws_url = format!("ws://127.0.0.1:{}/ws", app.ports.proxy);
+    let stop = Arc::new(AtomicBool::new(false));
+    // (round opened, handle); the round's deploy decides the version and the port.
+    let mut talkers = Vec::new();
+    let mut drain_started = Vec::new();
+    for round in 0..=5 {
+        let id = app.push(&app.repo.commit(&format!("Round {round}"))).await;
+        let done = app.wait_finished(id).await;
+        assert_eq!(done["deployment"]["status"], "succeeded", "{done:#}");
+        let version = done["deployment"]["version"].as_str().unwrap().to_owned();
+        drain_started.push(stage(&done, "AfterInstall")["started_at"].as_i64().unwrap());
+        // Everything opened two rounds ago sat on this deploy's port: drained and closed.
+        if round >= 2 {
+            let log = stage(&done, "AfterInstall")["log"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            assert!(
+                log.contains(&format!(", closed {PER_ROUND} at the deadline")),
+                "{log}"
+            );
+        }
+        for _ in 0..PER_ROUND {
+            let (mut socket, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
+            assert_eq!(say(&mut socket, "hi").await, format!("{version}: hi"));
+            talkers.push((round, keep_talking(socket, version.clone(), stop.clone())));
+        }
+    }
+    // Let the last ones talk a little, then stop them.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+
+    let mut answered = 0;
+    for (round, talker) in talkers {
+        let talked = talker.await.unwrap();
+        assert_eq!(talked.wrong_version, None, "round {round}: {talked:?}");
+        answered += talked.answered;
+        match drain_started.get(round + 2) {
+            Some(&drained_at) => {
+                let closed_at = talked.closed_at.expect("closed by its instance's drain");
+                assert!(
+                    closed_at >= drained_at + 2_000,
+                    "round {round}: closed {} ms into its drain: {talked:?}",
+                    closed_at - drained_at
+                );
+            }
+            None => assert_eq!(talked.closed_at, None, "round {round}: {talked:?}"),
+        }
+    }
+    println!("{} websockets, {answered} messages answered", 6 * PER_ROUND);
+}
