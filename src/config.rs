@@ -1289,6 +1289,34 @@ run = "{artifact} --port {port}"
             "reading needs a login by default"
         );
         assert!(config.server.metrics_token.is_none());
+        // Restart-safe out of the box: the proxies outlive `serve`.
+        assert!(config.server.proxy_process);
+        assert!(
+            config.proxy_socket().ends_with("nonstop-data/proxy.sock"),
+            "{}",
+            config.proxy_socket().display()
+        );
+        assert_eq!(app.drain_timeout_secs, 30);
+    }
+
+    #[test]
+    fn the_proxy_and_drain_settings_that_cannot_work_are_refused_naming_their_key() {
+        let one_process = "\n[server]\nproxy_process = false\nproxy_socket = \"p.sock\"\n";
+        let err = parse(&format!("{MINIMAL}{one_process}")).unwrap_err();
+        assert!(err.to_string().contains("server.proxy_socket"), "{err}");
+        let err = parse(&format!(
+            "{MINIMAL}hook_timeout_secs = 40\ndrain_timeout_secs = 30\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("app.hello.drain_timeout_secs: must leave AfterInstall 15 s"),
+            "{err}"
+        );
+        let fits = parse(&format!(
+            "{MINIMAL}hook_timeout_secs = 45\ndrain_timeout_secs = 30\n"
+        ));
+        assert!(fits.is_ok());
     }
 
     #[test]
