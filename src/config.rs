@@ -46,6 +46,8 @@ pub struct Config {
     pub github: Option<GitHubConfig>,
     /// `[proxy]`: how the built-in proxies treat their clients.
     pub proxy: ProxyConfig,
+    /// The file itself, for a process started with the same config (`nonstop proxy`).
+    pub file: PathBuf,
 }
 
 /// `[proxy]`.
@@ -72,9 +74,14 @@ pub struct ServerConfig {
     pub admin_token_env: String,
     /// How hooks reach this server's switch endpoint; derived from `listen` when unset.
     pub control_url: Option<String>,
-    /// When set, the built-in proxies run in `nonstop proxy`, which takes switch commands on
-    /// this Unix socket, so restarting `serve` never drops a client connection. Unset: the
-    /// proxies run inside `serve`.
+    /// Whether the built-in proxies run in a `nonstop proxy` process of their own, which
+    /// outlives `serve`: restarting or killing `serve` then drops no client connection.
+    /// `serve` starts it when none answers on `proxy_socket`, else takes it over. `false`:
+    /// one process, the proxies inside `serve` (they stop with it).
+    #[serde(default = "default_proxy_process")]
+    pub proxy_process: bool,
+    /// The proxy process's control socket; `<data_dir>/proxy.sock` when unset. Its live
+    /// ports are kept beside it (`proxy.state.json`), and its pid (`proxy.pid`).
     pub proxy_socket: Option<PathBuf>,
     /// Where people reach the dashboard (links in Slack and GitHub); `http://<listen>` when unset.
     pub public_url: Option<String>,
@@ -136,6 +143,10 @@ pub struct AppConfig {
     /// is on the new version.
     #[serde(default)]
     pub hooks: ReleaseHooks,
+    /// Before an instance is stopped, how long its open connections (WebSockets, streams,
+    /// requests in flight) get to close by themselves; what is left then is closed.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout_secs: u64,
     #[serde(default)]
     pub switch: SwitchConfig,
     #[serde(default)]
@@ -443,6 +454,12 @@ fn default_health_interval() -> u64 {
 fn default_hook_timeout() -> u64 {
     300
 }
+fn default_proxy_process() -> bool {
+    true
+}
+fn default_drain_timeout() -> u64 {
+    30
+}
 fn default_proxy_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
 }
@@ -560,9 +577,11 @@ impl Config {
         for app in &mut apps {
             app.env_file = app.env_file.as_ref().map(|file| base_dir.join(file));
         }
+        let file = base_dir.join(path.file_name().unwrap_or(path.as_os_str()));
         Ok(Self {
             server,
             apps,
+            file,
             base_dir,
             travis: raw.travis,
             slack: raw.slack,
@@ -580,12 +599,13 @@ impl Config {
         self.base_dir.join(&self.server.data_dir)
     }
 
-    /// `server.proxy_socket`, resolved against the config file's folder.
-    pub fn proxy_socket(&self) -> Option<PathBuf> {
-        self.server
-            .proxy_socket
-            .as_ref()
-            .map(|p| self.base_dir.join(p))
+    /// `server.proxy_socket`, resolved against the config file's folder, or the default
+    /// in the data dir.
+    pub fn proxy_socket(&self) -> PathBuf {
+        match &self.server.proxy_socket {
+            Some(socket) => self.base_dir.join(socket),
+            None => self.data_dir().join("proxy.sock"),
+        }
     }
 }
 
@@ -763,6 +783,11 @@ pub const MIN_METRICS_TOKEN_BYTES: usize = 32;
 
 impl ServerConfig {
     fn validate(&self) -> Result<(), Invalid> {
+        require(
+            self.proxy_process || self.proxy_socket.is_none(),
+            "proxy_socket",
+            "has no use with proxy_process = false: the proxies then run inside serve",
+        )?;
         if let Some(url) = &self.public_url {
             http_url("public_url", url)?;
         }
@@ -1012,6 +1037,15 @@ impl AppConfig {
             "may hold only letters, digits, '.', '_', '-' and {timestamp}, {sha}, {branch}: a version names a folder",
         )?;
         self.health.validate().under("health")?;
+        // AfterInstall drains, then stops the instance (up to 15 s), within its own timeout.
+        require(
+            self.drain_timeout_secs + 15 <= self.hook_timeout_secs,
+            "drain_timeout_secs",
+            format!(
+                "must leave AfterInstall 15 s to stop the instance: at most hook_timeout_secs - 15 ({})",
+                self.hook_timeout_secs.saturating_sub(15)
+            ),
+        )?;
         self.validate_checks()?;
         self.validate_env()?;
         self.validate_users()?;
@@ -1279,6 +1313,34 @@ run = "{artifact} --port {port}"
             "reading needs a login by default"
         );
         assert!(config.server.metrics_token.is_none());
+        // Restart-safe out of the box: the proxies outlive `serve`.
+        assert!(config.server.proxy_process);
+        assert!(
+            config.proxy_socket().ends_with("nonstop-data/proxy.sock"),
+            "{}",
+            config.proxy_socket().display()
+        );
+        assert_eq!(app.drain_timeout_secs, 30);
+    }
+
+    #[test]
+    fn the_proxy_and_drain_settings_that_cannot_work_are_refused_naming_their_key() {
+        let one_process = "\n[server]\nproxy_process = false\nproxy_socket = \"p.sock\"\n";
+        let err = parse(&format!("{MINIMAL}{one_process}")).unwrap_err();
+        assert!(err.to_string().contains("server.proxy_socket"), "{err}");
+        let err = parse(&format!(
+            "{MINIMAL}hook_timeout_secs = 40\ndrain_timeout_secs = 30\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("app.hello.drain_timeout_secs: must leave AfterInstall 15 s"),
+            "{err}"
+        );
+        let fits = parse(&format!(
+            "{MINIMAL}hook_timeout_secs = 45\ndrain_timeout_secs = 30\n"
+        ));
+        assert!(fits.is_ok());
     }
 
     #[test]

@@ -40,9 +40,21 @@ struct Cli {
 enum Command {
     /// Run the server: webhooks, pipeline, proxies, dashboard.
     Serve,
-    /// Run the built-in proxies in a process of their own (set `server.proxy_socket`), so
-    /// that restarting `serve` drops no connection.
-    Proxy,
+    /// Run the built-in proxies in a process of their own, so that restarting `serve` drops
+    /// no connection (`serve` starts one itself when none runs, unless
+    /// `server.proxy_process = false`).
+    Proxy {
+        /// Stop the running proxy process instead (its listeners close: the apps are no
+        /// longer reachable through it). With `serve` stopped too, nothing of nonstop runs.
+        #[arg(long, conflicts_with = "upgrade")]
+        stop: bool,
+        /// Upgrade the running proxy process in place (as SIGUSR2 to the pid in
+        /// `proxy.pid` does): the binary now on disk takes its listening sockets and new
+        /// connections; the old one finishes its requests, keeps its WebSockets until they
+        /// close or the drain window ends, then exits. No connection is refused.
+        #[arg(long)]
+        upgrade: bool,
+    },
     /// Deploy APP (the branch head, or --commit) on the running server and follow it to its
     /// end: exit 0 when it succeeded, 1 when it did not (the reason is the last line).
     Deploy {
@@ -142,7 +154,7 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<Outcome> {
     let load = match cli.command {
         Command::Serve => Config::load,
-        Command::Proxy => Config::load_settings,
+        Command::Proxy { .. } => Config::load_settings,
         Command::Deploy { .. }
         | Command::Redeploy { .. }
         | Command::Rollback { .. }
@@ -160,7 +172,23 @@ async fn run(cli: Cli) -> Result<Outcome> {
             serve::serve(config, shutdown).await?;
             Ok(Outcome::Succeeded)
         }
-        Command::Proxy => {
+        Command::Proxy { upgrade: true, .. } => {
+            let socket = config.proxy_socket();
+            match nonstop::switch::control::upgrade_process(&socket).await? {
+                Some((old, new)) => println!("upgraded the proxy process: pid {old} -> pid {new}"),
+                None => bail!("no proxy process runs for {}", socket.display()),
+            }
+            Ok(Outcome::Succeeded)
+        }
+        Command::Proxy { stop: true, .. } => {
+            let socket = config.proxy_socket();
+            match nonstop::switch::control::stop_process(&socket).await? {
+                Some(pid) => println!("stopped the proxy process (pid {pid})"),
+                None => println!("no proxy process runs for {}", socket.display()),
+            }
+            Ok(Outcome::Succeeded)
+        }
+        Command::Proxy { .. } => {
             let shutdown = start_logging_and_signals();
             serve::run_proxies(config, shutdown).await?;
             Ok(Outcome::Succeeded)

@@ -395,6 +395,20 @@ pub fn set_port(conn: &Connection, id: DeploymentId, port: u16) -> rusqlite::Res
     Ok(())
 }
 
+/// The version the newest deployment that went live on `port` started there: what still
+/// runs on the app's other port while it is kept for a rollback.
+pub fn version_on(conn: &Connection, app: &str, port: u16) -> rusqlite::Result<Option<String>> {
+    conn.query_row(
+        "SELECT version FROM deployments
+         WHERE app = ?1 AND port = ?2 AND version IS NOT NULL
+           AND status IN ('succeeded', 'rolled_back')
+         ORDER BY id DESC LIMIT 1",
+        params![app, port],
+        |row| row.get(0),
+    )
+    .optional()
+}
+
 pub fn set_bundle(
     conn: &Connection,
     id: DeploymentId,

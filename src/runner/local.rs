@@ -547,6 +547,14 @@ impl HookContext<'_> {
                 format!("{}/api/apps/{}/switch", self.switch_url, app.name),
             ),
             ("NONSTOP_SWITCH_TOKEN", self.switch_token.to_owned()),
+            (
+                "NONSTOP_DRAIN_URL",
+                format!("{}/api/apps/{}/drain", self.switch_url, app.name),
+            ),
+            (
+                "NONSTOP_DRAIN_TIMEOUT_SECS",
+                app.drain_timeout_secs.to_string(),
+            ),
         ];
         pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
     }
@@ -864,6 +872,11 @@ run = "{artifact} --port {port} --profile {profile}"
             env["NONSTOP_SWITCH_URL"],
             "http://127.0.0.1:9000/api/apps/hello/switch"
         );
+        assert_eq!(
+            env["NONSTOP_DRAIN_URL"],
+            "http://127.0.0.1:9000/api/apps/hello/drain"
+        );
+        assert_eq!(env["NONSTOP_DRAIN_TIMEOUT_SECS"], "30");
 
         let first = HookContext {
             live: None,

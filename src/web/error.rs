@@ -141,6 +141,16 @@ impl From<TrafficError> for AppError {
     }
 }
 
+impl From<crate::switch::SwitchError> for AppError {
+    fn from(err: crate::switch::SwitchError) -> Self {
+        match err {
+            // The live port, or one that is not the app's.
+            crate::switch::SwitchError::Rejected(_) => Self::Conflict(err.to_string()),
+            _ => Self::BadGateway(err.to_string()),
+        }
+    }
+}
+
 impl From<RollbackError> for AppError {
     fn from(err: RollbackError) -> Self {
         match err {

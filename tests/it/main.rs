@@ -12,6 +12,7 @@ mod cli;
 mod console;
 mod dashboard;
 mod deploy;
+mod drain;
 mod faults;
 mod fleet;
 mod hostile;

@@ -57,6 +57,8 @@ impl Routes {
             r#"[server]
 listen = "127.0.0.1:0"
 data_dir = "data"
+# In this process: the router is driven without the `nonstop` binary.
+proxy_process = false
 {server}
 
 [[app]]
