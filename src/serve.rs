@@ -131,7 +131,7 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
     let db = Db::open(&database).await?;
     let cut = recovery::mark_interrupted(&db, &data_dir).await?;
     let admin_token = admin_token(&config, &data_dir)?;
-    let listener = tokio::net::TcpListener::bind(config.server.listen)
+    let listener = bind_listener(config.server.listen)
         .await
         .map_err(|source| ServeError::Listen {
             addr: config.server.listen,
@@ -590,6 +590,25 @@ fn open_data_dir(config: &Config, dir: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// How long a start waits for its address to be free: a previous `serve` killed a moment
+/// ago may have left a child between fork and exec, still holding the listening socket.
+const BIND_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn bind_listener(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let deadline = tokio::time::Instant::now() + BIND_PATIENCE;
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Err(err)
+                if err.kind() == std::io::ErrorKind::AddrInUse
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            bound => return bound,
+        }
+    }
 }
 
 /// Creates the database file 0600 before SQLite opens it, since SQLite gives its -wal and
