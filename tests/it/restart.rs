@@ -437,3 +437,22 @@ switch = {{ kind = "proxy", listen = "127.0.0.1:{port}" }}
         "{log}"
     );
 }
+
+/// One process stays possible: with `proxy_process = false` the proxies run inside
+/// `serve`, no proxy process is started, and they stop with it.
+#[tokio::test]
+async fn with_proxy_process_false_the_proxies_live_and_die_with_serve() {
+    let mut app = spawn_app_with(Extra {
+        server: "proxy_process = false".into(),
+        ..Extra::default()
+    })
+    .await;
+    let version = app.deploy(&app.repo.commit("One process")).await;
+    assert_eq!(app.served().await, version);
+    assert!(!app.data_dir().join("proxy.pid").exists());
+    assert!(!app.data_dir().join("proxy.sock").exists());
+
+    let stopped = app.stop_with(libc::SIGTERM, Duration::from_secs(30));
+    assert!(stopped.is_some_and(|(status, _)| status.success()));
+    crate::common::wait_port_closed(app.ports.proxy, "the proxy inside the stopped serve").await;
+}
