@@ -186,11 +186,45 @@ on_validate_service() {
   fi
   log "healthy: $url answered '$(one_line "$answer")'"
 
+  # A fleet host runs the app's own commands here (nonstop.env); on nonstop's own host the
+  # local runner runs them as stages of their own, and the bundle carries none.
+  if [[ -n ${NONSTOP_RELEASE:-} ]]; then
+    if [[ $(hostname) == "${NONSTOP_RELEASE_HOST:-}" ]]; then
+      app_command Release "$NONSTOP_RELEASE" || abort_release "the release command failed: $APP_COMMAND_SAID"
+    else
+      log "release: runs on ${NONSTOP_RELEASE_HOST:-?}, not on $(hostname)"
+    fi
+  fi
+  if [[ -n ${NONSTOP_BEFORE_SWITCH:-} ]]; then
+    app_command BeforeSwitch "$NONSTOP_BEFORE_SWITCH" || abort_release "before_switch failed: $APP_COMMAND_SAID"
+  fi
+
   if [[ -n ${NONSTOP_SWITCH_URL:-} ]]; then
     switch_with_nonstop
   else
     switch_with_nginx
   fi
+
+  if [[ -n ${NONSTOP_AFTER_SWITCH:-} ]]; then
+    app_command AfterSwitch "$NONSTOP_AFTER_SWITCH" || warn "after_switch failed: $APP_COMMAND_SAID; the new version stays live"
+  fi
+}
+
+# Runs the app's own command $2 (release, before_switch, after_switch) for stage $1: by sh, in
+# the folder of the new version's artifact, with the environment the instance gets plus the
+# stage and both ports; its output goes into this hook's. Leaves its last line in
+# APP_COMMAND_SAID and returns its exit status.
+app_command() {
+  local stage=$1 command=$2 dir output status=0
+  dir=$(dirname "${NONSTOP_ARTIFACT:-$SCRIPT_DIR/x}")
+  load_app_env
+  instance_env "$(deploy_version)"
+  log "$stage: \$ $command"
+  output=$(cd "$dir" && env -i "${INSTANCE_ENV[@]}" "NONSTOP_STAGE=$stage" \
+    "NONSTOP_IDLE_PORT=$IDLE_PORT" "NONSTOP_LIVE_PORT=${LIVE_PORT:-}" sh -c "$command" </dev/null 2>&1) || status=$?
+  [[ -z $output ]] || printf '%s\n' "$output"
+  APP_COMMAND_SAID="$(one_line "$(printf '%s' "$output" | tail -n 1)") (exit code $status)"
+  return "$status"
 }
 
 # --- which port is idle --------------------------------------------------------------------

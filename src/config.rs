@@ -378,6 +378,9 @@ pub enum RunnerConfig {
         /// What deploy.sh asks on each host for the live profile (default
         /// `http://127.0.0.1/profile`: the host's nginx, hence the live instance).
         profile_url: Option<String>,
+        /// The one host (its `hostname`) that runs the app's `release` command; the others
+        /// skip it. Required when the app has a `release`.
+        release_host: Option<String>,
     },
 }
 
@@ -1066,13 +1069,14 @@ impl AppConfig {
                 "runner",
                 "kind = \"codedeploy\" deploys bundles from S3: set store = { kind = \"s3\", bucket = … }",
             )?;
-            let own_commands = self.release.is_some()
-                || self.hooks.before_switch.is_some()
-                || self.hooks.after_switch.is_some();
+            let release_host = match &self.runner {
+                RunnerConfig::CodeDeploy { release_host, .. } => release_host.as_deref(),
+                RunnerConfig::Local { .. } => None,
+            };
             require(
-                !own_commands,
+                self.release.is_none() || release_host.is_some_and(|h| !h.trim().is_empty()),
                 "release",
-                "release and hooks run on this host's runner only: on a CodeDeploy fleet put them in the appspec (see the README)",
+                "on a CodeDeploy fleet the release runs on one host: name it in runner.release_host (its hostname)",
             )?;
         }
         self.runner.validate().under("runner")?;
@@ -1477,6 +1481,11 @@ run = "{artifact} --port {port}"
                 format!("{s3}{}", cd.replace("group = \"fleet\"", "group = \" \"")),
                 "app.hello.runner.group",
                 "deployment group",
+            ),
+            (
+                format!("{s3}{cd}release = \"bin/migrate\"\n"),
+                "app.hello.release",
+                "name it in runner.release_host",
             ),
             (
                 format!(

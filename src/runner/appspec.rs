@@ -66,13 +66,18 @@ pub fn destination_of(app: &AppConfig) -> String {
 /// always come first. One `NAME=value` per line; values are single lines.
 pub fn render_host_env(app: &AppConfig) -> String {
     let destination = destination_of(app);
-    let (nginx_include, profile_url) = match &app.runner {
+    let (nginx_include, profile_url, release_host) = match &app.runner {
         RunnerConfig::CodeDeploy {
             nginx_include,
             profile_url,
+            release_host,
             ..
-        } => (nginx_include.as_deref(), profile_url.as_deref()),
-        RunnerConfig::Local { .. } => (None, None),
+        } => (
+            nginx_include.as_deref(),
+            profile_url.as_deref(),
+            release_host.as_deref(),
+        ),
+        RunnerConfig::Local { .. } => (None, None, None),
     };
     let artifact = app
         .artifact
@@ -115,11 +120,24 @@ pub fn render_host_env(app: &AppConfig) -> String {
         .env_file
         .as_ref()
         .map(|file| ("NONSTOP_ENV_FILE", one_line(&file.display().to_string())));
+    // The app's own commands, for deploy.sh's ValidateService to run around the switch on
+    // a fleet host; on this host the local runner runs them as stages of their own, so a
+    // local bundle does not carry them.
+    let fleet = matches!(app.runner, RunnerConfig::CodeDeploy { .. });
+    let commands = [
+        ("NONSTOP_RELEASE", app.release.as_deref()),
+        ("NONSTOP_RELEASE_HOST", release_host),
+        ("NONSTOP_BEFORE_SWITCH", app.hooks.before_switch.as_deref()),
+        ("NONSTOP_AFTER_SWITCH", app.hooks.after_switch.as_deref()),
+    ]
+    .into_iter()
+    .filter(|_| fleet)
+    .filter_map(|(name, value)| value.map(|value| (name, one_line(value))));
     let mut text = String::from(
         "# Written by nonstop for hosts where the CodeDeploy agent runs this bundle's hooks.\n\
          # deploy.sh reads it (never sources it); a variable already set wins.\n",
     );
-    for (name, value) in pairs.into_iter().chain(env_file) {
+    for (name, value) in pairs.into_iter().chain(env_file).chain(commands) {
         text.push_str(&format!("{name}={value}\n"));
     }
     text

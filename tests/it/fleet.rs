@@ -17,6 +17,12 @@ use nonstop::runner::appspec::{parse, render_app_env, render_for, render_host_en
 use nonstop::runner::local::extract;
 
 /// The example app, built once with cargo as a CI job would.
+/// This machine's host name, as deploy.sh's `hostname` says it.
+fn this_host() -> String {
+    let out = std::process::Command::new("hostname").output().unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
 pub fn build_example(target: &Path) -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hello/Cargo.toml");
     let out = Command::new("cargo")
@@ -133,6 +139,15 @@ fn a_fleet_host_deploys_blue_green_from_the_bundle_alone() {
     let dir = tempfile::tempdir().unwrap();
     let host = dir.path();
     let (front, ports) = (unique_port(), [unique_port(), unique_port()]);
+    // The app's own commands each leave a line: which, what they were told, what the front
+    // door served at that moment.
+    let marks = host.join("marks.log");
+    let mark = |what: &str| {
+        format!(
+            "echo \"{what} $NONSTOP_STAGE $NONSTOP_VERSION idle=$NONSTOP_IDLE_PORT mode=$APP_MODE served=$(curl -fs http://127.0.0.1:{front}/)\" >> {}",
+            marks.display()
+        )
+    };
     let destination = host.join("opt/hello");
     let config = Config::parse(
         &format!(
@@ -148,18 +163,29 @@ env = {{ APP_MODE = "production" }}
 env_file = "{host}/etc/hello.env"
 health = {{ path = "/profile", attempts = 40, interval_ms = 100 }}
 store = {{ kind = "s3", bucket = "releases" }}
-runner = {{ kind = "codedeploy", application = "hello", group = "fleet", destination = "{destination}", nginx_include = "{include}", profile_url = "http://127.0.0.1:{front}/profile" }}
+runner = {{ kind = "codedeploy", application = "hello", group = "fleet", destination = "{destination}", nginx_include = "{include}", profile_url = "http://127.0.0.1:{front}/profile", release_host = "{this_host}" }}
+release = '{release}'
+hooks = {{ before_switch = '{before}', after_switch = '{after}' }}
 "#,
             a = ports[0],
             b = ports[1],
             destination = destination.display(),
             host = host.display(),
             include = host.join("nginx/service-url.inc").display(),
+            this_host = this_host(),
+            release = mark("release"),
+            before = mark("before"),
+            after = mark("after"),
         ),
         Path::new("nonstop.toml"),
     )
     .unwrap();
     let app = &config.apps[0];
+    // The second deployment names another host for the release: this one skips it.
+    let mut elsewhere = app.clone();
+    if let nonstop::config::RunnerConfig::CodeDeploy { release_host, .. } = &mut elsewhere.runner {
+        *release_host = Some("another-host".into());
+    }
     // The host keeps the app's secrets in its own env file; bundles never carry them.
     std::fs::create_dir_all(host.join("etc")).unwrap();
     std::fs::write(
@@ -184,6 +210,7 @@ runner = {{ kind = "codedeploy", application = "hello", group = "fleet", destina
     .enumerate()
     {
         let bundle = host.join(format!("bundle-{n}.zip"));
+        let app = if n == 0 { app } else { &elsewhere };
         create(
             &BundleContents {
                 appspec: &render_for(app),
@@ -205,6 +232,34 @@ runner = {{ kind = "codedeploy", application = "hello", group = "fleet", destina
         wait_served(&front_url, version);
         previous = Some(revision);
     }
+
+    let [v1, v2] = [
+        "1.0.1-SNAPSHOT-20261125090000",
+        "1.0.1-SNAPSHOT-20261125090100",
+    ];
+    let text = std::fs::read_to_string(&marks).unwrap();
+    let [a, b] = ports;
+    assert_eq!(
+        text.lines()
+            .map(|line| match line.split_once(" served=") {
+                Some((head, _)) if line.starts_with("after ") => head.to_owned(),
+                _ => line.to_owned(),
+            })
+            .collect::<Vec<_>>(),
+        [
+            // The first deployment: nothing served yet (nginx answers 502 with its own page).
+            format!("release Release {v1} idle={a} mode=production served="),
+            format!("before BeforeSwitch {v1} idle={a} mode=production served="),
+            // (nginx's reload takes effect a moment after it returns: what it served then is
+            // not checked after the switch.)
+            format!("after AfterSwitch {v1} idle={a} mode=production"),
+            // The second: its release runs on another host; the hooks run here, around the
+            // switch.
+            format!("before BeforeSwitch {v2} idle={b} mode=production served={v1}"),
+            format!("after AfterSwitch {v2} idle={b} mode=production"),
+        ],
+        "{text}"
+    );
 
     // Blue/green on the host: the second version took the other port, nginx points there,
     // and the first keeps running for an instant rollback.
