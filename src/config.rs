@@ -48,6 +48,62 @@ pub struct Config {
     pub proxy: ProxyConfig,
     /// The file itself, for a process started with the same config (`nonstop proxy`).
     pub file: PathBuf,
+    /// `[[user]]`: people with a token of their own, named on what they do.
+    pub users: Vec<UserConfig>,
+}
+
+/// `[[user]] name = "ada", token_env = "ADA_TOKEN"`: someone who may act with a token of
+/// their own (the CLI, a dashboard login); every action, lock and cancel names them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    pub token_env: String,
+    /// Filled from `token_env` at load time; never logged.
+    #[serde(skip)]
+    pub token: Option<Secret>,
+}
+
+impl UserConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 32
+            && (self.name.bytes())
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        require(
+            name_ok,
+            "name",
+            "must be 1 to 32 lowercase letters, digits, - or _",
+        )?;
+        require(
+            !matches!(
+                self.name.as_str(),
+                "admin" | "dashboard" | "github" | "anonymous"
+            ),
+            "name",
+            format!("`{}` is nonstop's own name for a caller", self.name),
+        )
+    }
+
+    fn read_secret(&mut self, env: &impl Fn(&str) -> Option<String>) -> Result<(), Invalid> {
+        let var = &self.token_env;
+        let token = env_value(env, "token_env", var, "the user's token")?;
+        require(
+            token.bytes().all(|b| b.is_ascii_graphic()),
+            "token_env",
+            format!("env var {var} holds characters a token cannot have"),
+        )?;
+        require(
+            token.len() >= MIN_METRICS_TOKEN_BYTES,
+            "token_env",
+            format!(
+                "env var {var} holds {} bytes; at least {MIN_METRICS_TOKEN_BYTES} are needed",
+                token.len()
+            ),
+        )?;
+        self.token = Some(Secret(token));
+        Ok(())
+    }
 }
 
 /// `[proxy]`.
@@ -496,6 +552,8 @@ struct RawConfig {
     github: Option<GitHubConfig>,
     #[serde(default)]
     proxy: ProxyConfig,
+    #[serde(default, rename = "user")]
+    users: Vec<UserConfig>,
 }
 
 impl Config {
@@ -539,6 +597,19 @@ impl Config {
         if let Some(github) = &mut self.github {
             github.read_secret(env).under("github")?;
         }
+        for user in &mut self.users {
+            let table = format!("user.{}", user.name);
+            user.read_secret(env).under(&table)?;
+        }
+        let tokens: Vec<&str> = (self.users.iter())
+            .filter_map(|user| user.token.as_ref().map(Secret::expose))
+            .collect();
+        let distinct: HashSet<&str> = tokens.iter().copied().collect();
+        require(
+            distinct.len() == tokens.len(),
+            "user",
+            "two users hold the same token: each needs one of their own",
+        )?;
         // Travis CI's public keys: the server-wide one, and any app's own.
         let server_key = match &self.travis {
             Some(source) => Some(source.read_key(&self.base_dir, env).under("travis")?),
@@ -590,6 +661,7 @@ impl Config {
             slack: raw.slack,
             github: raw.github,
             proxy: raw.proxy,
+            users: raw.users,
         })
     }
 
@@ -644,6 +716,17 @@ impl RawConfig {
             }
         }
         server.validate().under("server")?;
+        let mut names = HashSet::new();
+        for user in &self.users {
+            let table = format!("user.{}", user.name);
+            user.validate().under(&table)?;
+            require(
+                names.insert(user.name.as_str()),
+                "name",
+                format!("`{}` is named twice", user.name),
+            )
+            .under(&table)?;
+        }
         if let Some(source) = &self.travis {
             source.validate().under("travis")?;
         }
@@ -666,6 +749,7 @@ impl RawConfig {
                     .filter_map(|a| a.webhook_secret_env.as_deref()),
             )
             .chain(self.slack.iter().map(|s| s.webhook_url_env.as_str()))
+            .chain(self.users.iter().map(|u| u.token_env.as_str()))
             .chain(self.github.iter().map(|g| g.token_env.as_str()))
             .chain(
                 self.travis

@@ -427,8 +427,14 @@ fn read_token(path: &Path) -> Result<String> {
     Ok(std::fs::read_to_string(path)?.trim().to_owned())
 }
 
+/// The client, with `NONSTOP_TOKEN` when set (a `[[user]]`'s own token: the server names
+/// them on what they do), else the admin token.
 fn client(config: &Config) -> Result<Client> {
-    Ok(Client::new(server_url(config), admin_token(config)?))
+    let token = match std::env::var("NONSTOP_TOKEN") {
+        Ok(token) if !token.trim().is_empty() => token.trim().to_owned(),
+        _ => admin_token(config)?,
+    };
+    Ok(Client::new(server_url(config), token))
 }
 
 async fn status(client: &Client, app: Option<&str>) -> Result<()> {

@@ -131,6 +131,16 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
     let db = Db::open(&database).await?;
     let cut = recovery::mark_interrupted(&db, &data_dir).await?;
     let admin_token = admin_token(&config, &data_dir)?;
+    if let Some(user) = (config.users.iter()).find(|user| {
+        user.token
+            .as_ref()
+            .is_some_and(|token| token.expose() == admin_token.expose())
+    }) {
+        return Err(ServeError::Setup(format!(
+            "user.{}.token_env holds the admin token: each user needs a token of their own",
+            user.name
+        )));
+    }
     let listener = bind_listener(config.server.listen)
         .await
         .map_err(|source| ServeError::Listen {

@@ -45,6 +45,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0008_ci_checks.sql"),
     include_str!("../../migrations/0009_triggers_and_locks.sql"),
     include_str!("../../migrations/0010_deployment_env.sql"),
+    include_str!("../../migrations/0012_session_actor.sql"),
 ];
 
 #[derive(Clone)]

@@ -832,17 +832,23 @@ pub fn forget_github_deployment(conn: &Connection, id: DeploymentId) -> rusqlite
 }
 
 /// The dashboard sessions that have not expired, by id, with when they expire.
-pub fn sessions(conn: &Connection, now: i64) -> rusqlite::Result<Vec<(String, i64)>> {
+/// The sessions still valid at `now`: id, expiry and who logged in.
+pub fn sessions(conn: &Connection, now: i64) -> rusqlite::Result<Vec<(String, i64, String)>> {
     conn.execute("DELETE FROM sessions WHERE expires_at <= ?1", [now])?;
-    conn.prepare("SELECT id, expires_at FROM sessions")?
-        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+    conn.prepare("SELECT id, expires_at, actor FROM sessions")?
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
         .collect()
 }
 
-pub fn add_session(conn: &Connection, id: &str, expires_at: i64) -> rusqlite::Result<()> {
+pub fn add_session(
+    conn: &Connection,
+    id: &str,
+    expires_at: i64,
+    actor: &str,
+) -> rusqlite::Result<()> {
     conn.execute(
-        "INSERT OR REPLACE INTO sessions (id, expires_at) VALUES (?1, ?2)",
-        params![id, expires_at],
+        "INSERT OR REPLACE INTO sessions (id, expires_at, actor) VALUES (?1, ?2, ?3)",
+        params![id, expires_at, actor],
     )?;
     Ok(())
 }

@@ -65,7 +65,7 @@ enum Caller {
 fn caller(state: &AppState, headers: &HeaderMap) -> Caller {
     let presented = bearer(headers);
     if presented.is_some() {
-        return if token_matches(presented, &state.admin_token) {
+        return if state.token_owner(presented).is_some() {
             Caller::Admin
         } else if state
             .config

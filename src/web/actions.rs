@@ -266,17 +266,16 @@ async fn lock(
         .map(|c| if c.is_control() { ' ' } else { c })
         .take(MAX_LOCK_REASON_CHARS)
         .collect();
-    let actor = action.actor.as_str();
     let locking = {
-        let name = name.to_string();
+        let (name, actor) = (name.to_string(), action.actor.as_str().to_owned());
         state
             .db
-            .call(move |conn| db::lock(conn, &name, &reason, actor))
+            .call(move |conn| db::lock(conn, &name, &reason, &actor))
             .await?
     };
     match locking {
         db::Locking::Locked(lock) => {
-            tracing::info!(app = %name, actor, "locked");
+            tracing::info!(app = %name, actor = action.actor.as_str(), "locked");
             let heard = Heard::new(
                 &name,
                 Decision::Locked,

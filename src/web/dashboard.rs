@@ -23,7 +23,7 @@ use super::access::{self, MayRead};
 use super::session::{self, csrf_token};
 use super::views::{DeploymentView, LiveView, LockView, Progress, StageView, SwitchView};
 use super::why::TriggerView;
-use super::{AppError, AppState, token_matches};
+use super::{AppError, AppState};
 use crate::db::{self, now_ms};
 use crate::domain::{DeploymentId, DeploymentStatus, Stage};
 
@@ -413,7 +413,7 @@ async fn login(
             next,
         );
     }
-    if !token_matches(Some(form.token.trim()), &state.admin_token) {
+    let Some(owner) = state.token_owner(Some(form.token.trim())) else {
         throttle.failed(peer.ip(), now_ms());
         return login_refused(
             StatusCode::UNAUTHORIZED,
@@ -421,9 +421,17 @@ async fn login(
             None,
             next,
         );
-    }
+    };
     throttle.succeeded(peer.ip());
-    let cookie = state.sessions.start(&state.admin_token, now_ms()).await?;
+    // The admin token's login acts as `dashboard`, as it always did; a user's as its name.
+    let actor = match owner.as_str() {
+        super::session::ADMIN => super::session::DASHBOARD,
+        name => name,
+    };
+    let cookie = state
+        .sessions
+        .start(&state.admin_token, actor, now_ms())
+        .await?;
     Ok(([(header::SET_COOKIE, cookie)], Redirect::to(&next)).into_response())
 }
 

@@ -57,6 +57,22 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// Whose token `presented` is: the admin token's (`admin`) or a `[[user]]`'s (their
+    /// name); compared in constant time with each.
+    fn token_owner(&self, presented: Option<&str>) -> Option<String> {
+        presented?;
+        if token_matches(presented, &self.admin_token) {
+            return Some(session::ADMIN.to_owned());
+        }
+        (self.config.users.iter())
+            .find(|user| {
+                user.token
+                    .as_ref()
+                    .is_some_and(|token| token_matches(presented, token))
+            })
+            .map(|user| user.name.clone())
+    }
+
     fn app(&self, name: &str) -> Result<&Arc<App>, AppError> {
         self.apps
             .get(name)

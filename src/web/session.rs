@@ -19,24 +19,21 @@ use crate::db::{self, Db, DbError};
 
 pub const COOKIE: &str = "nonstop_session";
 
-/// Who took an action, as the why log and a lock name them. Named users come later; for now
-/// it is the admin token, or a dashboard login.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Actor {
-    /// The admin token (the CLI, a script).
-    Admin,
-    /// A dashboard login session.
-    Dashboard,
-}
+/// Who took an action, as the why log, a lock and a cancel name them: `admin` for the admin
+/// token, `dashboard` for a login with it, or a `[[user]]`'s name for their token or login.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor(String);
 
 impl Actor {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Admin => "admin",
-            Self::Dashboard => "dashboard",
-        }
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 }
+
+/// The admin token's name as an actor.
+pub const ADMIN: &str = "admin";
+/// A dashboard login with the admin token, as an actor.
+pub const DASHBOARD: &str = "dashboard";
 
 /// A login lasts a working week.
 const SESSION_MS: i64 = 7 * 24 * 3600 * 1000;
@@ -102,7 +99,8 @@ fn signed_session(headers: &HeaderMap, admin_token: &Secret, now_ms: i64) -> Opt
 /// The logged-in sessions: in memory for every request, in SQLite across restarts.
 pub struct Sessions {
     db: Db,
-    live: Mutex<HashMap<String, i64>>,
+    /// By id: when it expires and who logged in.
+    live: Mutex<HashMap<String, (i64, String)>>,
     secure: bool,
     throttle: Throttle,
 }
@@ -113,24 +111,40 @@ impl Sessions {
         let live = db.call(|conn| db::sessions(conn, db::now_ms())).await?;
         Ok(Self {
             db,
-            live: Mutex::new(live.into_iter().collect()),
+            live: Mutex::new(
+                (live.into_iter())
+                    .map(|(id, expires, actor)| (id, (expires, actor)))
+                    .collect(),
+            ),
             secure,
             throttle: Throttle::default(),
         })
     }
 
-    /// Starts a session; returns its `Set-Cookie` value.
-    pub async fn start(&self, admin_token: &Secret, now_ms: i64) -> Result<String, DbError> {
+    /// Starts a session for `actor`; returns its `Set-Cookie` value.
+    pub async fn start(
+        &self,
+        admin_token: &Secret,
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<String, DbError> {
         let value = new_session(admin_token, now_ms);
         let (id, expires) = (id_of(&value), now_ms + SESSION_MS);
         {
-            let id = id.clone();
+            let (id, actor) = (id.clone(), actor.to_owned());
             self.db
-                .call(move |conn| db::add_session(conn, &id, expires))
+                .call(move |conn| db::add_session(conn, &id, expires, &actor))
                 .await?;
         }
-        self.lock().insert(id, expires);
+        self.lock().insert(id, (expires, actor.to_owned()));
         Ok(set_cookie(Some(&value), self.secure))
+    }
+
+    /// Who logged in with `session` (a value `current` answered).
+    pub fn actor_of(&self, session: &str) -> Option<String> {
+        self.lock()
+            .get(&id_of(session))
+            .map(|(_, actor)| actor.clone())
     }
 
     /// The request's session, if it is signed, unexpired and not logged out.
@@ -158,7 +172,7 @@ impl Sessions {
         &self.throttle
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, i64>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (i64, String)>> {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -239,8 +253,8 @@ pub fn authorize(
     headers: &HeaderMap,
     form_csrf: Option<&str>,
 ) -> Result<Actor, AppError> {
-    if token_matches(bearer(headers), &state.admin_token) {
-        return Ok(Actor::Admin);
+    if let Some(owner) = state.token_owner(bearer(headers)) {
+        return Ok(Actor(owner));
     }
     if bearer(headers).is_some() {
         return Err(AppError::Unauthorized(
@@ -259,7 +273,8 @@ pub fn authorize(
         .or(form_csrf);
     let expected = Secret::new(csrf_token(&state.admin_token, &session));
     if token_matches(presented, &expected) {
-        Ok(Actor::Dashboard)
+        let actor = state.sessions.actor_of(&session);
+        Ok(Actor(actor.unwrap_or_else(|| DASHBOARD.to_owned())))
     } else {
         Err(AppError::Forbidden("missing or wrong CSRF token".into()))
     }
@@ -299,7 +314,7 @@ mod tests {
         let db = Db::open(&dir.path().join("n.db")).await.unwrap();
         let token = Secret::new("admin".into());
         let sessions = Sessions::load(db.clone(), true).await.unwrap();
-        let cookie = sessions.start(&token, db::now_ms()).await.unwrap();
+        let cookie = sessions.start(&token, "ada", db::now_ms()).await.unwrap();
         assert!(cookie.ends_with("; Secure"), "{cookie}");
         let value = cookie
             .split(';')
@@ -310,9 +325,12 @@ mod tests {
         let headers = with_cookie(value);
         assert!(sessions.current(&headers, &token, db::now_ms()).is_some());
         let reloaded = Sessions::load(db.clone(), true).await.unwrap();
-        assert!(
-            reloaded.current(&headers, &token, db::now_ms()).is_some(),
-            "kept across a restart"
+        let session = reloaded.current(&headers, &token, db::now_ms());
+        assert!(session.is_some(), "kept across a restart");
+        assert_eq!(
+            reloaded.actor_of(&session.unwrap()).as_deref(),
+            Some("ada"),
+            "with who logged in"
         );
 
         sessions.end(Some(value)).await.unwrap();

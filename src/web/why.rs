@@ -18,7 +18,7 @@ use serde::Deserialize;
 use super::dashboard::{csrf_of, render};
 use super::error::Refusal;
 use super::views::When;
-use super::{AppError, AppState, bearer, token_matches};
+use super::{AppError, AppState, bearer};
 use crate::db::{self, NewTrigger, TriggerRow, now_ms};
 use crate::domain::{AppName, Decision, DeploymentId, DeploymentStatus};
 
@@ -115,7 +115,7 @@ impl Sender {
         let (source, actor) = caller(state, headers);
         Self {
             source,
-            actor: actor.to_owned(),
+            actor,
             event: segments.last().map(|action| (*action).to_owned()),
             delivery_id: None,
             app,
@@ -159,20 +159,20 @@ impl Sender {
 
 /// Where an action comes from and who took it, as far as the request shows: the admin
 /// token, a dashboard login, or neither (refused, then).
-fn caller(state: &AppState, headers: &HeaderMap) -> (&'static str, &'static str) {
+fn caller(state: &AppState, headers: &HeaderMap) -> (&'static str, String) {
     let presented = bearer(headers);
-    if token_matches(presented, &state.admin_token) {
-        return ("api", "admin");
+    if let Some(owner) = state.token_owner(presented) {
+        return ("api", owner);
     }
     if presented.is_some() {
-        return ("api", "anonymous");
+        return ("api", "anonymous".into());
     }
-    match state
+    let session = state
         .sessions
-        .current(headers, &state.admin_token, now_ms())
-    {
-        Some(_) => ("dashboard", "dashboard"),
-        None => ("api", "anonymous"),
+        .current(headers, &state.admin_token, now_ms());
+    match session.and_then(|session| state.sessions.actor_of(&session)) {
+        Some(actor) => ("dashboard", actor),
+        None => ("api", "anonymous".into()),
     }
 }
 

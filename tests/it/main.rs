@@ -23,4 +23,5 @@ mod release;
 mod restart;
 mod routes;
 mod travis;
+mod users;
 mod webhooks;

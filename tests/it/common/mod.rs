@@ -459,6 +459,18 @@ hook_timeout_secs = 60
             .unwrap()
     }
 
+    /// `cli` with `NONSTOP_TOKEN` set: a `[[user]]`'s own token.
+    pub fn cli_as(&self, token: &str, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_nonstop"))
+            .arg("--config")
+            .arg(self.config_path())
+            .args(args)
+            .env("NONSTOP_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("NONSTOP_TOKEN", token)
+            .output()
+            .unwrap()
+    }
+
     /// `cli`, started and left running: its output is piped, for `wait_with_output`.
     pub fn cli_started(&self, args: &[&str]) -> std::process::Child {
         Command::new(env!("CARGO_BIN_EXE_nonstop"))
