@@ -12,6 +12,7 @@ mod dashboard;
 mod deploy;
 mod faults;
 mod fleet;
+mod guard;
 mod hostile;
 mod interrupted;
 mod nginx;

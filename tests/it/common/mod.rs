@@ -89,6 +89,27 @@ impl Repo {
         std::fs::write(&main, broken).unwrap();
         self.commit_all("Break the health check")
     }
+
+    /// Sets one of the example app's constants (`ERROR_EVERY`, `SLOW_MS`) and commits.
+    fn commit_constant(&self, name: &str, kind: &str, value: u64) -> String {
+        let main = self.path.join("src/main.rs");
+        let source = std::fs::read_to_string(&main).unwrap();
+        let prefix = format!("const {name}: {kind} = ");
+        let line = source
+            .lines()
+            .find(|line| line.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("the example app no longer has the {name} constant"))
+            .to_owned();
+        let changed = source.replace(&line, &format!("{prefix}{value};"));
+        std::fs::write(&main, changed).unwrap();
+        self.commit_all(&format!("Set {name} to {value}"))
+    }
+
+    /// A commit whose build passes its health check but answers every `n`-th `/` with 500
+    /// (0: none).
+    pub fn commit_error_every(&self, n: u32) -> String {
+        self.commit_constant("ERROR_EVERY", "u32", n.into())
+    }
 }
 
 /// Where a test's processes listen. `server` and a built-in `proxy` are 0 until the process
