@@ -31,6 +31,7 @@ pub(crate) mod gate;
 pub(crate) mod github_api;
 pub(crate) mod health;
 pub(crate) mod listen;
+pub(crate) mod metrics;
 pub(crate) mod notify;
 pub(crate) mod queue;
 pub(crate) mod recovery;

@@ -160,6 +160,7 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
         apps.insert(build_app(&config, app, &db, &wiring, &mut proxies).await?);
     }
     let traffic = Traffic::new(db.clone(), bus.clone());
+    traffic.watch(&apps, shutdown.clone());
     let recoveries = recovery::undo(&apps, cut, &traffic);
     let env_key = private_key(&data_dir.join("env-key"))?;
     let pipeline = Pipeline::new(db.clone(), bus.clone(), data_dir, env_key);

@@ -8,8 +8,10 @@
 
 use std::time::Duration;
 
-use crate::apps::App;
+use crate::apps::{App, Apps};
+use crate::metrics::Metrics;
 use rusqlite::Connection;
+use tokio_util::sync::CancellationToken;
 
 use crate::db::{self, Db, DbError, Instance, Live, Switch};
 use crate::domain::{DeploymentId, DeploymentStatus};
@@ -51,11 +53,26 @@ pub struct Moved {
 pub struct Traffic {
     db: Db,
     bus: Bus,
+    metrics: Metrics,
 }
 
 impl Traffic {
     pub fn new(db: Db, bus: Bus) -> Self {
-        Self { db, bus }
+        Self {
+            db,
+            bus,
+            metrics: Metrics::default(),
+        }
+    }
+
+    /// What the proxies measured, sampled once a second (see [`Traffic::watch`]).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Starts sampling what each app's switch measures, until `shutdown`.
+    pub fn watch(&self, apps: &Apps, shutdown: CancellationToken) {
+        self.metrics.start(apps, self.db.clone(), shutdown);
     }
 
     /// The last switch deployment `id` made, if any.
@@ -142,10 +159,19 @@ impl Traffic {
                 path: config.health.path.clone(),
             });
         }
-        app.switch
-            .switch_to(port)
+        // The version is named so the proxy counts its traffic as that version's.
+        let (name, version_of) = (config.name.to_string(), port);
+        let version = self
+            .db
+            .call(move |conn| Ok(db::instance(conn, &name, version_of)?.map(|i| i.version)))
             .await
-            .map_err(|source| TrafficError::Switch { port, source })?;
+            .ok()
+            .flatten();
+        let switched = match &version {
+            Some(version) => app.switch.switch_to_version(port, version).await,
+            None => app.switch.switch_to(port).await,
+        };
+        switched.map_err(|source| TrafficError::Switch { port, source })?;
         let name = config.name.to_string();
         let recorded = self
             .db

@@ -2,7 +2,8 @@
 //! runs every app's built-in proxy in its own process and takes switch commands on a Unix
 //! socket; `serve` drives it through [`RemoteProxy`], so restarting or upgrading `serve`
 //! never closes a client connection. The protocol is one JSON line each way per
-//! connection. The live ports are also kept in a state file beside the socket, so the proxy
+//! connection; besides switching, `serve` asks it what each instance answered (`measure`),
+//! about once a second. The live ports are also kept in a state file beside the socket, so the proxy
 //! process itself restarts onto the same targets. This module never decides where traffic
 //! goes: it only carries the decision.
 
@@ -19,7 +20,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
 use super::proxy::Proxy;
-use super::{SwitchError, TrafficSwitch};
+use super::{InstanceCounts, SwitchError, TrafficSwitch};
 
 /// A control command takes microseconds; a hung proxy process is a broken host.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -38,12 +39,30 @@ pub struct Request {
     pub app: String,
     /// `None`: only ask which port is live.
     pub switch_to: Option<u16>,
+    /// The version that runs on `switch_to`, for what the proxy measures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Also answer what each instance answered so far.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub measure: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Answer {
     pub live: Option<u16>,
     pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured: Option<Vec<InstanceCounts>>,
+}
+
+impl Answer {
+    fn of(live: Option<u16>, error: Option<String>) -> Self {
+        Self {
+            live,
+            error,
+            measured: None,
+        }
+    }
 }
 
 /// `serve`'s handle on one app's proxy in the `nonstop proxy` process.
@@ -67,7 +86,7 @@ impl RemoteProxy {
             app,
             live: AtomicU32::new(0),
         };
-        let live = remote.ask(None).await?;
+        let live = remote.ask(Request::about(&remote.app)).await?.live;
         remote.remember(live);
         if let (None, Some(port)) = (live, recorded) {
             remote.switch_to(port).await?;
@@ -80,11 +99,7 @@ impl RemoteProxy {
             .store(live.map(u32::from).unwrap_or(0), Ordering::SeqCst);
     }
 
-    async fn ask(&self, switch_to: Option<u16>) -> Result<Option<u16>, SwitchError> {
-        let request = Request {
-            app: self.app.clone(),
-            switch_to,
-        };
+    async fn ask(&self, request: Request) -> Result<Answer, SwitchError> {
         let exchange = async {
             let mut stream = UnixStream::connect(&self.socket).await?;
             let mut line = serde_json::to_vec(&request).map_err(std::io::Error::other)?;
@@ -110,7 +125,19 @@ impl RemoteProxy {
             })?;
         match answer.error {
             Some(error) => Err(SwitchError::Rejected(error)),
-            None => Ok(answer.live),
+            None => Ok(answer),
+        }
+    }
+}
+
+impl Request {
+    /// Asks only which port of `app` is live.
+    fn about(app: &str) -> Self {
+        Self {
+            app: app.to_owned(),
+            switch_to: None,
+            version: None,
+            measure: false,
         }
     }
 }
@@ -124,15 +151,40 @@ impl TrafficSwitch for RemoteProxy {
     }
 
     async fn switch_to(&self, port: u16) -> Result<(), SwitchError> {
-        match self.ask(Some(port)).await {
-            Ok(live) => {
-                self.remember(live);
+        self.switch(port, None).await
+    }
+
+    async fn switch_to_version(&self, port: u16, version: &str) -> Result<(), SwitchError> {
+        self.switch(port, Some(version.to_owned())).await
+    }
+
+    async fn measured(&self) -> Result<Vec<InstanceCounts>, SwitchError> {
+        let request = Request {
+            measure: true,
+            ..Request::about(&self.app)
+        };
+        let answer = self.ask(request).await?;
+        self.remember(answer.live);
+        Ok(answer.measured.unwrap_or_default())
+    }
+}
+
+impl RemoteProxy {
+    async fn switch(&self, port: u16, version: Option<String>) -> Result<(), SwitchError> {
+        let request = Request {
+            switch_to: Some(port),
+            version,
+            ..Request::about(&self.app)
+        };
+        match self.ask(request).await {
+            Ok(answer) => {
+                self.remember(answer.live);
                 Ok(())
             }
             // The answer may be what was lost (a timeout while the proxy process saved its
             // state): ask where traffic is before calling the switch failed.
-            Err(err) => match self.ask(None).await {
-                Ok(live) => {
+            Err(err) => match self.ask(Request::about(&self.app)).await {
+                Ok(Answer { live, .. }) => {
                     self.remember(live);
                     if live == Some(port) { Ok(()) } else { Err(err) }
                 }
@@ -224,45 +276,36 @@ async fn handle(
         .read_line(&mut line)
         .await?;
     let answer = match serde_json::from_str::<Request>(&line) {
-        Err(err) => Answer {
-            live: None,
-            error: Some(format!("malformed request: {err}")),
-        },
+        Err(err) => Answer::of(None, Some(format!("malformed request: {err}"))),
         Ok(request) => match proxies.get(&request.app) {
-            None => Answer {
-                live: None,
-                error: Some(format!("no proxy for app `{}`", request.app)),
-            },
-            Some(Controlled { proxy, ports }) => match request.switch_to {
-                None => Answer {
-                    live: proxy.live(),
-                    error: None,
-                },
-                Some(port) if !ports.contains(&port) => Answer {
-                    live: proxy.live(),
-                    error: Some(format!(
-                        "port {port} is not one of {}'s ports {ports:?}",
-                        request.app
-                    )),
-                },
-                Some(port) => {
-                    let _one_at_a_time = order.lock().await;
-                    match proxy.switch_to(port).await {
-                        Ok(()) => {
-                            save_state(socket, proxies).await;
-                            tracing::info!(app = %request.app, port, "proxy switched");
-                            Answer {
-                                live: Some(port),
-                                error: None,
+            None => Answer::of(None, Some(format!("no proxy for app `{}`", request.app))),
+            Some(Controlled { proxy, ports }) => {
+                let mut answer = match request.switch_to {
+                    None => Answer::of(proxy.live(), None),
+                    Some(port) if !ports.contains(&port) => Answer::of(
+                        proxy.live(),
+                        Some(format!(
+                            "port {port} is not one of {}'s ports {ports:?}",
+                            request.app
+                        )),
+                    ),
+                    Some(port) => {
+                        let _one_at_a_time = order.lock().await;
+                        match proxy.switch_with_version(port, request.version.as_deref()) {
+                            Ok(()) => {
+                                save_state(socket, proxies).await;
+                                tracing::info!(app = %request.app, port, "proxy switched");
+                                Answer::of(Some(port), None)
                             }
+                            Err(err) => Answer::of(proxy.live(), Some(err.to_string())),
                         }
-                        Err(err) => Answer {
-                            live: proxy.live(),
-                            error: Some(err.to_string()),
-                        },
                     }
+                };
+                if request.measure {
+                    answer.measured = Some(proxy.readings());
                 }
-            },
+                answer
+            }
         },
     };
     let mut out = serde_json::to_vec(&answer).map_err(std::io::Error::other)?;
@@ -363,6 +406,14 @@ mod tests {
             "port 22 is not one of hello's ports [8081, 8082]"
         );
         assert_eq!(proxy.live(), Some(8082), "a refused switch moves nothing");
+        // A switch names its version, and the proxy's counts come back over the socket.
+        remote.switch_to_version(8081, "v7").await.unwrap();
+        assert_eq!(proxy.live(), Some(8081));
+        let measured = remote.measured().await.unwrap();
+        assert!(
+            measured.iter().any(|c| c.port == 8081 && c.version == "v7"),
+            "{measured:?}"
+        );
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");

@@ -15,6 +15,7 @@ mod fleet;
 mod guard;
 mod hostile;
 mod interrupted;
+mod metrics;
 mod nginx;
 mod notify;
 mod restart;

@@ -10,12 +10,14 @@
 //! between client and app, and who is trusted to say who the client is), `tunnel`
 //! (WebSocket and every other HTTP/1.1 `Upgrade`: after the app's `101`, the client's
 //! connection and a new upstream one are spliced, on the instance they opened on, past any
-//! switch). Streamed responses (server-sent events) flow frame by frame; the proxy sets no
+//! switch), `meter` (what each instance answered, counted per worker and added up when
+//! read). Streamed responses (server-sent events) flow frame by frame; the proxy sets no
 //! response timeout. It serves HTTP/1.1 only, so HTTP/2 extended `CONNECT` (RFC 8441) is
 //! not in scope yet; plain `CONNECT` is refused.
 
 mod admission;
 mod headers;
+pub mod meter;
 mod pool;
 #[cfg(test)]
 mod tests;
@@ -57,10 +59,12 @@ pub struct Target {
     address: SocketAddr,
     /// `Host` for clients that sent none (HTTP/1.0), pre-built so no request formats it.
     host: HeaderValue,
+    /// What this instance answers is counted here.
+    meter: Arc<meter::InstanceMeter>,
 }
 
 impl Target {
-    pub fn new(port: u16) -> Result<Self, SwitchError> {
+    fn new(port: u16, meter: Arc<meter::InstanceMeter>) -> Result<Self, SwitchError> {
         if port == 0 {
             return Err(SwitchError::Rejected(
                 "port 0 is not an instance's port".to_string(),
@@ -73,6 +77,7 @@ impl Target {
             port,
             address,
             host,
+            meter,
         })
     }
 
@@ -92,6 +97,7 @@ impl Target {
 pub struct Proxy {
     live: Arc<ArcSwapOption<Target>>,
     local_addr: SocketAddr,
+    meters: meter::Meters,
     /// `true` once shutdown started; dropping the sender means the same to the workers.
     shutdown: watch::Sender<bool>,
 }
@@ -110,7 +116,6 @@ impl Proxy {
         live: Option<u16>,
         options: ProxyOptions,
     ) -> Result<Arc<Proxy>, SwitchError> {
-        let live = live.map(Target::new).transpose()?.map(Arc::new);
         let bind_error = |source| SwitchError::Bind {
             addr: listen,
             source,
@@ -124,6 +129,11 @@ impl Proxy {
             listeners.push(reuseport_listener(local_addr).map_err(bind_error)?);
         }
 
+        let meters = meter::Meters::new(workers);
+        let live = live
+            .map(|port| Target::new(port, meters.instance(port, None)))
+            .transpose()?
+            .map(Arc::new);
         let live = Arc::new(ArcSwapOption::new(live));
         let admission =
             admission::Admission::new(options.limits, options.trusted_proxies.clone().into());
@@ -138,19 +148,39 @@ impl Proxy {
             );
             std::thread::Builder::new()
                 .name(format!("proxy-{}-{index}", local_addr.port()))
-                .spawn(move || worker::run(listener, live, options, admission, shutdown_rx))?;
+                .spawn(move || {
+                    meter::become_worker(index);
+                    worker::run(listener, live, options, admission, shutdown_rx)
+                })?;
         }
         info!(addr = %local_addr, workers, live = ?live.load().as_ref().map(|t| t.port), "proxy listening");
 
         Ok(Arc::new(Proxy {
             live,
             local_addr,
+            meters,
             shutdown,
         }))
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Switches to `port`, counting what it answers as `version`'s.
+    pub fn switch_with_version(&self, port: u16, version: Option<&str>) -> Result<(), SwitchError> {
+        let target = Arc::new(Target::new(port, self.meters.instance(port, version))?);
+        // The whole switch: one atomic store. Requests that already loaded the old target
+        // keep their `Arc` to it and finish there; the workers' pools drop what they kept
+        // for it at their next request or sweep.
+        let previous = self.live.swap(Some(target));
+        info!(from = ?previous.map(|t| t.port), to = port, version, "traffic switched");
+        Ok(())
+    }
+
+    /// What each instance this proxy pointed at answered so far (the newest few).
+    pub fn readings(&self) -> Vec<meter::InstanceCounts> {
+        self.meters.read()
     }
 
     /// Stops accepting; open connections finish their current request (graceful) and are
@@ -182,12 +212,14 @@ impl TrafficSwitch for Proxy {
     }
 
     async fn switch_to(&self, port: u16) -> Result<(), SwitchError> {
-        let target = Arc::new(Target::new(port)?);
-        // The whole switch: one atomic store. Requests that already loaded the old target
-        // keep their `Arc` to it and finish there; the workers' pools drop what they kept
-        // for it at their next request or sweep.
-        let previous = self.live.swap(Some(target));
-        info!(from = ?previous.map(|t| t.port), to = port, "traffic switched");
-        Ok(())
+        self.switch_with_version(port, None)
+    }
+
+    async fn switch_to_version(&self, port: u16, version: &str) -> Result<(), SwitchError> {
+        self.switch_with_version(port, Some(version))
+    }
+
+    async fn measured(&self) -> Result<Vec<meter::InstanceCounts>, SwitchError> {
+        Ok(self.readings())
     }
 }

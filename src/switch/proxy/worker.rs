@@ -148,6 +148,7 @@ impl Worker {
                 "nonstop: no live instance\n",
             );
         };
+        let arrived = Instant::now();
 
         // Upstream connections are ours: origin-form, and HTTP/1.1 (HTTP/1.0 clients would
         // make the upstream close after every response).
@@ -162,6 +163,7 @@ impl Worker {
             if req.extensions().get::<OnUpgrade>().is_some() {
                 return self.or_bad_gateway(
                     &target,
+                    arrived,
                     tunnel::open(&self.tunnels, &target, Rc::clone(client), req).await,
                 );
             }
@@ -173,18 +175,26 @@ impl Worker {
             headers::strip_hop_by_hop(&mut parts.headers);
             Response::from_parts(parts, Either::Left(body))
         });
-        self.or_bad_gateway(&target, response)
+        self.or_bad_gateway(&target, arrived, response)
     }
 
-    /// The response, or the 502 that says the upstream request failed.
+    /// The response, or the 502 that says the upstream request failed; either is counted
+    /// for the target.
     fn or_bad_gateway(
         &self,
         target: &Target,
+        arrived: Instant,
         response: Result<Response<ProxyBody>, UpstreamError>,
     ) -> Response<ProxyBody> {
         match response {
-            Ok(response) => response,
+            Ok(response) => {
+                target
+                    .meter
+                    .answered(response.status().as_u16(), arrived.elapsed());
+                response
+            }
             Err(err) => {
+                target.meter.failed(err.failure());
                 self.failures.borrow_mut().warn(target, &err);
                 // The client learns what happened, not where the app listens.
                 let reason = if err.is_unreachable() {

@@ -1017,6 +1017,10 @@ pub struct LoadReport {
     pub failed: u64,
     pub failures: Vec<String>,
     pub bodies: std::collections::BTreeMap<String, u64>,
+    /// Answers by HTTP status, 200 included.
+    pub statuses: std::collections::BTreeMap<u16, u64>,
+    /// Requests that got no whole answer at all (connection refused, reset, a cut body).
+    pub connection_errors: u64,
 }
 
 impl LoadReport {
@@ -1055,7 +1059,14 @@ impl Load {
                             break;
                         }
                         sent.fetch_add(1, Ordering::Relaxed);
-                        match client.get(&url).send().await {
+                        let answer = client.get(&url).send().await;
+                        if let Ok(response) = &answer {
+                            *report
+                                .statuses
+                                .entry(response.status().as_u16())
+                                .or_default() += 1;
+                        }
+                        match answer {
                             Ok(response) if response.status() == 200 => match response.text().await
                             {
                                 Ok(body) => {
@@ -1064,6 +1075,7 @@ impl Load {
                                 }
                                 Err(err) => {
                                     report.failed += 1;
+                                    report.connection_errors += 1;
                                     report.failures.push(format!("body: {err}"));
                                 }
                             },
@@ -1077,6 +1089,7 @@ impl Load {
                             }
                             Err(err) => {
                                 report.failed += 1;
+                                report.connection_errors += 1;
                                 report.failures.push(format!("{err:?}"));
                             }
                         }
@@ -1099,12 +1112,21 @@ impl Load {
 
     pub async fn finish(self) -> LoadReport {
         self.stop.store(true, Ordering::Relaxed);
+        self.join().await
+    }
+
+    /// Waits until every client sent its requests (or ran out of time).
+    pub async fn join(self) -> LoadReport {
         let mut total = LoadReport::default();
         for task in self.tasks {
             let report = task.await.unwrap();
             total.ok += report.ok;
             total.failed += report.failed;
             total.failures.extend(report.failures);
+            total.connection_errors += report.connection_errors;
+            for (status, count) in report.statuses {
+                *total.statuses.entry(status).or_default() += count;
+            }
             for (body, count) in report.bodies {
                 *total.bodies.entry(body).or_default() += count;
             }
