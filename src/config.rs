@@ -125,6 +125,9 @@ pub struct AppConfig {
     pub profiles: [String; 2],
     #[serde(default)]
     pub health: HealthConfig,
+    /// The guard window after each switch (`guard = false`: none).
+    #[serde(default = "default_guard", deserialize_with = "guard_setting")]
+    pub guard: Option<GuardConfig>,
     /// Per-hook timeout in seconds (CodeDeploy's default is 3600; a local deploy wants less).
     #[serde(default = "default_hook_timeout")]
     pub hook_timeout_secs: u64,
@@ -250,6 +253,87 @@ pub struct HealthConfig {
     pub attempts: u32,
     #[serde(default = "default_health_interval")]
     pub interval_ms: u64,
+}
+
+/// After a deployment switches traffic, how its new version is watched: for `secs`, it is
+/// switched back when its 5xx and upstream errors pass `max_error_ratio` of at least
+/// `min_requests` requests, or its p99 passes `max_p99_ratio` times the previous version's.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GuardConfig {
+    #[serde(default = "default_guard_secs")]
+    pub secs: u64,
+    #[serde(default = "default_guard_error_ratio")]
+    pub max_error_ratio: f64,
+    #[serde(default = "default_guard_min_requests")]
+    pub min_requests: u64,
+    #[serde(default = "default_guard_p99_ratio")]
+    pub max_p99_ratio: f64,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        Self {
+            secs: default_guard_secs(),
+            max_error_ratio: default_guard_error_ratio(),
+            min_requests: default_guard_min_requests(),
+            max_p99_ratio: default_guard_p99_ratio(),
+        }
+    }
+}
+
+fn default_guard() -> Option<GuardConfig> {
+    Some(GuardConfig::default())
+}
+fn default_guard_secs() -> u64 {
+    60
+}
+fn default_guard_error_ratio() -> f64 {
+    0.05
+}
+fn default_guard_min_requests() -> u64 {
+    20
+}
+fn default_guard_p99_ratio() -> f64 {
+    3.0
+}
+
+/// `guard = false`, `guard = true` or `guard = { … }`.
+fn guard_setting<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<GuardConfig>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Setting {
+        On(bool),
+        With(GuardConfig),
+    }
+    Ok(match Setting::deserialize(deserializer)? {
+        Setting::On(false) => None,
+        Setting::On(true) => Some(GuardConfig::default()),
+        Setting::With(config) => Some(config),
+    })
+}
+
+impl GuardConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        require(
+            self.secs > 0,
+            "secs",
+            "must be at least 1 (or guard = false)",
+        )?;
+        require(
+            self.max_error_ratio > 0.0 && self.max_error_ratio < 1.0,
+            "max_error_ratio",
+            "must be between 0 and 1",
+        )?;
+        require(self.min_requests > 0, "min_requests", "must be at least 1")?;
+        require(
+            self.max_p99_ratio >= 1.0,
+            "max_p99_ratio",
+            "must be at least 1",
+        )
+    }
 }
 
 impl Default for HealthConfig {
@@ -996,6 +1080,9 @@ impl AppConfig {
             "may hold only letters, digits, '.', '_', '-' and {timestamp}, {sha}, {branch}: a version names a folder",
         )?;
         self.health.validate().under("health")?;
+        if let Some(guard) = &self.guard {
+            guard.validate().under("guard")?;
+        }
         self.validate_checks()?;
         self.validate_env()?;
         self.validate_users()?;

@@ -29,6 +29,7 @@ pub(crate) mod events;
 pub(crate) mod fault;
 pub(crate) mod gate;
 pub(crate) mod github_api;
+pub(crate) mod guard;
 pub(crate) mod health;
 pub(crate) mod listen;
 pub(crate) mod metrics;

@@ -25,6 +25,15 @@ pub struct Record {
     pub deployment: DeploymentView,
     #[serde(default)]
     pub stages: Vec<StageView>,
+    /// The guard window of a deployment that switched traffic.
+    #[serde(default)]
+    pub guard: Option<GuardView>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct GuardView {
+    /// Seconds until the window ends, while it is open.
+    pub secs_left: Option<i64>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -69,6 +78,8 @@ pub struct Follower {
     ended: HashSet<Stage>,
     switch_shown: bool,
     waiting_shown: bool,
+    /// The seconds left that the last guard line showed.
+    guard_shown: Option<i64>,
     outcome: Option<Outcome>,
 }
 
@@ -82,6 +93,7 @@ impl Follower {
             ended: HashSet::new(),
             switch_shown: false,
             waiting_shown: false,
+            guard_shown: None,
             outcome: None,
         }
     }
@@ -134,6 +146,15 @@ impl Follower {
         }
         for stage in &record.stages {
             self.stage_lines(stage, &mut lines);
+        }
+        if deployment.status == DeploymentStatus::Guarding
+            && let Some(left) = record.guard.as_ref().and_then(|g| g.secs_left)
+            && self.guard_shown.is_none_or(|shown| shown - left >= 10)
+        {
+            self.guard_shown = Some(left);
+            lines.push(format!(
+                "guarding: {left} s left to watch its traffic (switched back if it fails)"
+            ));
         }
         if !deployment.status.is_finished() {
             return lines;

@@ -191,9 +191,13 @@ impl Pipeline {
             Err(err) => (DeploymentStatus::Failed, Some(err.to_string())),
         };
         tracing::info!(deployment_id = %id, app = %deployment.app, status = %status, error = error.as_deref(), "deployment ended");
+        // A deployment whose switch the guard watches is `guarding` until the window ends.
         let finished = self
             .db
-            .call(move |conn| db::finish(conn, id, status, error.as_deref()))
+            .call(move |conn| match status {
+                DeploymentStatus::Succeeded => db::finish_succeeded(conn, id).map(drop),
+                _ => db::finish(conn, id, status, error.as_deref()),
+            })
             .await;
         if let Err(err) = finished {
             tracing::error!(deployment_id = %id, error = %err, "could not record the end of a deployment");

@@ -140,12 +140,22 @@ async fn deployment(
             let Some(deployment) = db::deployment(conn, id)? else {
                 return Ok(None);
             };
-            Ok(Some((deployment, db::stages(conn, id)?)))
+            let guard = db::guard_of(conn, id)?;
+            Ok(Some((deployment, db::stages(conn, id)?, guard)))
         })
         .await?;
-    let (deployment, stages) =
+    let (deployment, stages, guard) =
         found.ok_or_else(|| AppError::NotFound(format!("no deployment {id}")))?;
-    Ok(Json(json!({ "deployment": deployment, "stages": stages })))
+    // The countdown of an open window, in whole seconds.
+    let secs_left = guard
+        .as_ref()
+        .filter(|g| g.outcome.is_none())
+        .map(|g| ((g.ends_at - db::now_ms()).max(0) + 999) / 1000);
+    Ok(Json(json!({
+        "deployment": deployment,
+        "stages": stages,
+        "guard": guard.map(|g| json!({ "window": g, "secs_left": secs_left })),
+    })))
 }
 
 #[derive(Deserialize)]

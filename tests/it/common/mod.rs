@@ -110,6 +110,11 @@ impl Repo {
     pub fn commit_error_every(&self, n: u32) -> String {
         self.commit_constant("ERROR_EVERY", "u32", n.into())
     }
+
+    /// A commit whose build waits `ms` before answering each `/` (0: not at all).
+    pub fn commit_slow(&self, ms: u64) -> String {
+        self.commit_constant("SLOW_MS", "u64", ms)
+    }
 }
 
 /// Where a test's processes listen. `server` and a built-in `proxy` are 0 until the process
@@ -317,6 +322,7 @@ ports = [{a}, {b}]
 profiles = ["real1", "real2"]
 health = {{ path = "/profile", attempts = 40, interval_ms = 100 }}
 hook_timeout_secs = 60
+{guard}
 {switch}
 {extra_app}
 {extra_tables}"#,
@@ -334,6 +340,8 @@ hook_timeout_secs = 60
                 .replace('\\', "\\\\")
                 .replace('"', "\\\""),
             extra_server = extra.server,
+            // Tests not about the guard take no 60 s window after each switch.
+            guard = extra.guard.unwrap_or("guard = false"),
             extra_app = extra.app,
             extra_tables = extra.tables,
             server = ports.server,
@@ -795,7 +803,7 @@ hook_timeout_secs = 60
         loop {
             let (_, body) = self.get_json(&format!("/api/deployments/{id}")).await;
             let status = body["deployment"]["status"].as_str().unwrap_or("");
-            if !["", "queued", "running"].contains(&status) {
+            if !["", "queued", "running", "guarding"].contains(&status) {
                 return body;
             }
             assert!(
@@ -962,6 +970,8 @@ pub struct Extra {
     pub tables: String,
     pub env: Vec<(String, String)>,
     pub switch: Option<fn(&Ports, &Path) -> String>,
+    /// The app's `guard = …` line; `guard = false` when `None`.
+    pub guard: Option<&'static str>,
     pub proxy_process: bool,
     /// Where `server.proxy_socket` is (relative to the test's folder); `proxy.sock` if `None`.
     pub proxy_socket: Option<&'static str>,
