@@ -139,3 +139,36 @@ async fn a_version_that_is_only_slow_trips_the_p99_limit() {
     let report = load.finish().await;
     report.assert_none_failed();
 }
+
+#[tokio::test]
+async fn a_window_open_at_a_restart_resumes_and_still_switches_a_bad_version_back() {
+    let mut app = guarded(GUARD).await;
+    let base = app.deploy(&app.repo.commit("Base")).await;
+    // No traffic yet: the bad version has nothing to be judged by before the restart.
+    let id = app.push(&app.repo.commit_error_every(3)).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, now) = app.get_json(&format!("/api/deployments/{id}")).await;
+        if now["deployment"]["status"] == "guarding" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never guarding: {now:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    app.restart().await;
+
+    let (_, now) = app.get_json(&format!("/api/deployments/{id}")).await;
+    assert_eq!(now["deployment"]["status"], "guarding", "{now:#}");
+    let load = Load::start(
+        format!("{}/", app.proxy()),
+        4,
+        20_000,
+        Duration::from_secs(120),
+    );
+    let done = app.wait_finished(id).await;
+    assert_eq!(done["deployment"]["status"], "rolled_back", "{done:#}");
+    app.wait_served(&base).await;
+    let report = load.finish().await;
+    assert_eq!(report.connection_errors, 0, "{:?}", report.failures);
+}
