@@ -10,6 +10,7 @@ CREATE TABLE guards (
     ends_at       INTEGER NOT NULL,
     outcome       TEXT,               -- passed | tripped | ended
     reason        TEXT,
-    finished_at   INTEGER
+    finished_at   INTEGER,
+    chart         TEXT                -- JSON: both versions' traffic around the switch, as it was at the end
 );
 CREATE INDEX guards_open ON guards (app) WHERE outcome IS NULL;

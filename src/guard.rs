@@ -127,6 +127,8 @@ pub async fn run(traffic: Traffic, watch: Watch) {
     let started = std::time::Instant::now()
         - Duration::from_millis(u64::try_from(db::now_ms() - window.started_at).unwrap_or(0));
     let mut baseline: Option<InstanceCounts> = None;
+    // What the new version answered since the base, at the last reading.
+    let mut last_seen: Option<InstanceCounts> = None;
     tracing::info!(deployment_id = %id, app = %name, port = window.to_port, secs_left = (window.ends_at - db::now_ms()) / 1000, "guarding the new version");
     let end = loop {
         tokio::time::sleep(TICK).await;
@@ -158,10 +160,13 @@ pub async fn run(traffic: Traffic, watch: Watch) {
             continue;
         };
         let since = now.since(base);
-        if let Some(reason) = verdict(&config, &since, before, started.elapsed()) {
+        let verdict = verdict(&config, &since, before, started.elapsed());
+        last_seen = Some(since);
+        if let Some(reason) = verdict {
             break End::Tripped(reason);
         }
     };
+    keep_chart(&traffic, &app, &window, last_seen.as_ref()).await;
     match end {
         End::Passed => close(&traffic, &app, id, GuardOutcome::Passed, None).await,
         End::Ended(why) => {
@@ -169,6 +174,62 @@ pub async fn run(traffic: Traffic, watch: Watch) {
             close(&traffic, &app, id, GuardOutcome::Ended, None).await;
         }
         End::Tripped(reason) => trip(&traffic, &app, &window, reason).await,
+    }
+}
+
+/// How far before the switch the kept chart starts.
+const CHART_BEFORE_SECS: i64 = 60;
+
+/// The traffic chart around the switch, for the window's traffic chart
+/// on the deployment page: both versions, from a minute before the switch to now.
+pub fn chart_of(traffic: &Traffic, window: &GuardWindow) -> crate::metrics::TrafficChart {
+    let switch_at = window.started_at / 1000;
+    traffic.metrics().chart(
+        &window.app,
+        [window.from_port, window.to_port],
+        switch_at,
+        switch_at - CHART_BEFORE_SECS,
+        chrono::Utc::now().timestamp(),
+    )
+}
+
+/// Keeps the chart as the guard saw it when the window ended (a rolled-back deployment's
+/// page keeps the picture that decided it).
+async fn keep_chart(
+    traffic: &Traffic,
+    app: &App,
+    window: &GuardWindow,
+    last_seen: Option<&InstanceCounts>,
+) {
+    let mut chart = chart_of(traffic, window);
+    // A decision within the first second comes before the sampler saw the new version:
+    // what the guard judged is its one point.
+    let sampled = chart
+        .lines
+        .iter()
+        .any(|l| l.port == window.to_port && l.version == window.version);
+    if let (false, Some(seen)) = (sampled, last_seen) {
+        let bad = seen.server_errors() + seen.upstream_errors_total();
+        chart.lines.push(crate::metrics::ChartLine {
+            port: window.to_port,
+            version: window.version.clone(),
+            points: vec![(
+                chrono::Utc::now().timestamp(),
+                seen.answered() - seen.server_errors(),
+                bad,
+            )],
+        });
+    }
+    let Ok(chart) = serde_json::to_string(&chart) else {
+        return;
+    };
+    let id = window.deployment_id;
+    if let Err(err) = traffic
+        .db()
+        .call(move |conn| db::set_guard_chart(conn, id, &chart))
+        .await
+    {
+        tracing::warn!(deployment_id = %id, app = %app.config.name, error = %err, "could not keep the guard's chart");
     }
 }
 

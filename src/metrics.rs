@@ -173,6 +173,63 @@ impl Metrics {
     }
 }
 
+/// Requests per second of the instances on some ports, around a switch: what the
+/// deployment page draws.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq)]
+pub struct TrafficChart {
+    /// Unix seconds of the switch.
+    pub switch_at: i64,
+    pub lines: Vec<ChartLine>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq)]
+pub struct ChartLine {
+    pub port: u16,
+    pub version: String,
+    /// (Unix second, answers that were no 5xx, 5xx and upstream errors).
+    pub points: Vec<(i64, u64, u64)>,
+}
+
+impl Metrics {
+    /// `app`'s instances on `ports`, from `from` to `to` (Unix seconds), around a switch
+    /// at `switch_at`.
+    pub fn chart(
+        &self,
+        app: &str,
+        ports: [u16; 2],
+        switch_at: i64,
+        from: i64,
+        to: i64,
+    ) -> TrafficChart {
+        let by_app = self
+            .by_app
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let lines = by_app
+            .get(app)
+            .into_iter()
+            .flatten()
+            .filter(|s| ports.contains(&s.port))
+            .map(|s| ChartLine {
+                port: s.port,
+                version: s.version.clone(),
+                points: s
+                    .seconds
+                    .iter()
+                    .filter(|second| (from..=to).contains(&second.at))
+                    .map(|second| {
+                        let c = &second.counts;
+                        let bad = c.server_errors() + c.upstream_errors_total();
+                        (second.at, c.answered() - c.server_errors(), bad)
+                    })
+                    .collect(),
+            })
+            .filter(|line| line.points.iter().any(|(_, ok, bad)| ok + bad > 0))
+            .collect();
+        TrafficChart { switch_at, lines }
+    }
+}
+
 /// What `app`'s switch counted so far, each instance named by its version (the record's,
 /// for one the switch was not told).
 pub async fn read_now(

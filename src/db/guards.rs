@@ -180,3 +180,31 @@ pub fn finish_succeeded(
     }
     Ok(status)
 }
+
+/// Keeps the traffic chart of `deployment`'s window as it was when the window ended.
+pub fn set_guard_chart(
+    conn: &Connection,
+    deployment: DeploymentId,
+    chart: &str,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE guards SET chart = ?2 WHERE deployment_id = ?1",
+        params![deployment, chart],
+    )?;
+    Ok(())
+}
+
+/// The chart kept at the end of `deployment`'s window, if any.
+pub fn guard_chart(
+    conn: &Connection,
+    deployment: DeploymentId,
+) -> rusqlite::Result<Option<String>> {
+    Ok(conn
+        .query_row(
+            "SELECT chart FROM guards WHERE deployment_id = ?1",
+            [deployment],
+            |row| row.get::<_, Option<String>>(0),
+        )
+        .optional()?
+        .flatten())
+}

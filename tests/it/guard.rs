@@ -92,6 +92,18 @@ async fn a_version_failing_a_third_of_its_requests_is_switched_back_within_the_w
     assert_eq!(statuses, [200, 500], "only the bad version's own 500s");
     let (_, live) = app.get_json("/api/apps/hello/live").await;
     assert_eq!(live["version"], base.as_str());
+    // The page keeps the chart that made the guard decide: both versions, the bad one's errors.
+    let (status, page) = app.get_text(&format!("/deployments/{id}")).await;
+    assert_eq!(status, 200);
+    assert!(page.contains(r#"data-guard-outcome="tripped""#), "{page}");
+    let bad = deployment["version"].as_str().unwrap();
+    for line in [
+        format!(r#"data-version="{base}""#),
+        format!(r#"data-version="{bad}""#),
+        format!(r#"data-errors="{bad}""#),
+    ] {
+        assert!(page.contains(&line), "no {line} in the chart: {page}");
+    }
 }
 
 #[tokio::test]
