@@ -1345,6 +1345,36 @@ run = "{artifact} --port {port}"
     }
 
     #[test]
+    fn the_guard_is_on_by_default_off_with_false_and_its_limits_are_checked() {
+        let app =
+            |line: &str| parse(&format!("{MINIMAL}{line}\n")).map(|c| c.apps[0].guard.clone());
+        assert_eq!(app("").unwrap(), Some(GuardConfig::default()));
+        assert_eq!(GuardConfig::default().secs, 60);
+        assert_eq!(app("guard = false").unwrap(), None);
+        assert_eq!(
+            app("guard = { secs = 5, max_error_ratio = 0.1, min_requests = 50, max_p99_ratio = 2.0 }")
+                .unwrap(),
+            Some(GuardConfig {
+                secs: 5,
+                max_error_ratio: 0.1,
+                min_requests: 50,
+                max_p99_ratio: 2.0
+            })
+        );
+        let err = app("guard = { max_error_ratio = 5 }")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("guard.max_error_ratio") && err.contains("between 0 and 1"),
+            "{err}"
+        );
+        assert!(
+            app("guard = { sec = 5 }").is_err(),
+            "an unknown key is refused"
+        );
+    }
+
+    #[test]
     fn a_metrics_token_is_read_from_its_env_var_and_checked_without_being_shown() {
         let server = "\n[server]\nmetrics_token_env = \"METRICS_TOKEN\"\n";
         let text = format!("{MINIMAL}{server}");
