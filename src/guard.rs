@@ -124,8 +124,11 @@ pub async fn run(traffic: Traffic, watch: Watch) {
     } = watch;
     let id = window.deployment_id;
     let name = app.config.name.to_string();
+    // When the switch was, on this process's clock (a resumed window started before it).
+    let ago = Duration::from_millis(u64::try_from(db::now_ms() - window.started_at).unwrap_or(0));
     let started = std::time::Instant::now()
-        - Duration::from_millis(u64::try_from(db::now_ms() - window.started_at).unwrap_or(0));
+        .checked_sub(ago)
+        .unwrap_or_else(std::time::Instant::now);
     let mut baseline: Option<InstanceCounts> = None;
     // What the new version answered since the base, at the last reading.
     let mut last_seen: Option<InstanceCounts> = None;

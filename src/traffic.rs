@@ -4,7 +4,9 @@
 //! endpoint), a rollback, or the recovery after a restart; one at a time per app. Nothing
 //! else moves traffic (at start, `switch::control` only tells a fresh proxy process the port
 //! the record already calls live). It never starts or stops an instance, and a move that
-//! fails at any step before the switch leaves traffic where it was.
+//! fails at any step before the switch leaves traffic where it was. A deployment's switch
+//! opens its guard window here, in the record's transaction, and starts the watch
+//! (`guard`), whose switch back comes through here like any other move.
 
 use std::time::Duration;
 
