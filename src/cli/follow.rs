@@ -303,6 +303,36 @@ mod tests {
     }
 
     #[test]
+    fn a_guarded_deployment_shows_its_countdown_and_waits_for_the_window() {
+        let mut follower = Follower::new(id(7), Some(8081), false);
+        let guarding = |left: i64| {
+            let mut r = record("guarding", &[]);
+            r.guard = Some(GuardView {
+                secs_left: Some(left),
+            });
+            r
+        };
+        assert_eq!(
+            follower.on_record(&guarding(60)),
+            ["guarding: 60 s left to watch its traffic (switched back if it fails)"]
+        );
+        assert!(
+            follower.on_record(&guarding(55)).is_empty(),
+            "every 10 s, not each poll"
+        );
+        assert_eq!(follower.on_record(&guarding(50)).len(), 1);
+        assert_eq!(follower.outcome(), None, "guarding is not an end");
+        let mut rolled_back = record("rolled_back", &[]);
+        rolled_back.deployment.error = Some("5xx 33% of 212 requests; limit 5%".into());
+        let lines = follower.on_record(&rolled_back);
+        assert_eq!(
+            lines.last().map(String::as_str),
+            Some("deployment 7 rolled_back in 12.3 s: 5xx 33% of 212 requests; limit 5%")
+        );
+        assert_eq!(follower.outcome(), Some(&Outcome::Failed));
+    }
+
+    #[test]
     fn each_stage_starts_and_ends_once_with_its_duration() {
         let mut follower = Follower::new(id(7), Some(8081), false);
         let running = record("running", &[("Fetch", "running", Some(1_000), None)]);
