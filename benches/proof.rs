@@ -574,7 +574,7 @@ impl Server {
                  repo = \"hello-repo\"\nwebhook_secret_env = \"BENCH_SECRET\"\n\
                  build = \"cargo build --release --target-dir target\"\nartifact = \"target/release/hello\"\n\
                  run = \"{{artifact}} --port {{port}} --profile {{profile}}\"\nports = [{}, {}]\n\
-                 health = {{ path = \"/profile\", attempts = 100, interval_ms = 50 }}\n{switch}\n",
+                 health = {{ path = \"/profile\", attempts = 100, interval_ms = 50 }}\nguard = false\n{switch}\n",
                 ports[0], ports[1]
             ),
         )

@@ -188,6 +188,9 @@ pub struct AppConfig {
     pub profiles: [String; 2],
     #[serde(default)]
     pub health: HealthConfig,
+    /// The guard window after each switch (`guard = false`: none).
+    #[serde(default = "default_guard", deserialize_with = "guard_setting")]
+    pub guard: Option<GuardConfig>,
     /// Per-hook timeout in seconds (CodeDeploy's default is 3600; a local deploy wants less).
     #[serde(default = "default_hook_timeout")]
     pub hook_timeout_secs: u64,
@@ -333,6 +336,87 @@ pub struct HealthConfig {
     pub attempts: u32,
     #[serde(default = "default_health_interval")]
     pub interval_ms: u64,
+}
+
+/// After a deployment switches traffic, how its new version is watched: for `secs`, it is
+/// switched back when its 5xx and upstream errors pass `max_error_ratio` of at least
+/// `min_requests` requests, or its p99 passes `max_p99_ratio` times the previous version's.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GuardConfig {
+    #[serde(default = "default_guard_secs")]
+    pub secs: u64,
+    #[serde(default = "default_guard_error_ratio")]
+    pub max_error_ratio: f64,
+    #[serde(default = "default_guard_min_requests")]
+    pub min_requests: u64,
+    #[serde(default = "default_guard_p99_ratio")]
+    pub max_p99_ratio: f64,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        Self {
+            secs: default_guard_secs(),
+            max_error_ratio: default_guard_error_ratio(),
+            min_requests: default_guard_min_requests(),
+            max_p99_ratio: default_guard_p99_ratio(),
+        }
+    }
+}
+
+fn default_guard() -> Option<GuardConfig> {
+    Some(GuardConfig::default())
+}
+fn default_guard_secs() -> u64 {
+    60
+}
+fn default_guard_error_ratio() -> f64 {
+    0.05
+}
+fn default_guard_min_requests() -> u64 {
+    20
+}
+fn default_guard_p99_ratio() -> f64 {
+    3.0
+}
+
+/// `guard = false`, `guard = true` or `guard = { … }`.
+fn guard_setting<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<GuardConfig>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Setting {
+        On(bool),
+        With(GuardConfig),
+    }
+    Ok(match Setting::deserialize(deserializer)? {
+        Setting::On(false) => None,
+        Setting::On(true) => Some(GuardConfig::default()),
+        Setting::With(config) => Some(config),
+    })
+}
+
+impl GuardConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        require(
+            self.secs > 0,
+            "secs",
+            "must be at least 1 (or guard = false)",
+        )?;
+        require(
+            self.max_error_ratio > 0.0 && self.max_error_ratio < 1.0,
+            "max_error_ratio",
+            "must be between 0 and 1",
+        )?;
+        require(self.min_requests > 0, "min_requests", "must be at least 1")?;
+        require(
+            self.max_p99_ratio >= 1.0,
+            "max_p99_ratio",
+            "must be at least 1",
+        )
+    }
 }
 
 impl Default for HealthConfig {
@@ -1133,6 +1217,9 @@ impl AppConfig {
                 self.hook_timeout_secs.saturating_sub(15)
             ),
         )?;
+        if let Some(guard) = &self.guard {
+            guard.validate().under("guard")?;
+        }
         self.validate_checks()?;
         self.validate_env()?;
         self.validate_users()?;
@@ -1429,6 +1516,36 @@ run = "{artifact} --port {port}"
             "{MINIMAL}hook_timeout_secs = 45\ndrain_timeout_secs = 30\n"
         ));
         assert!(fits.is_ok());
+    }
+
+    #[test]
+    fn the_guard_is_on_by_default_off_with_false_and_its_limits_are_checked() {
+        let app =
+            |line: &str| parse(&format!("{MINIMAL}{line}\n")).map(|c| c.apps[0].guard.clone());
+        assert_eq!(app("").unwrap(), Some(GuardConfig::default()));
+        assert_eq!(GuardConfig::default().secs, 60);
+        assert_eq!(app("guard = false").unwrap(), None);
+        assert_eq!(
+            app("guard = { secs = 5, max_error_ratio = 0.1, min_requests = 50, max_p99_ratio = 2.0 }")
+                .unwrap(),
+            Some(GuardConfig {
+                secs: 5,
+                max_error_ratio: 0.1,
+                min_requests: 50,
+                max_p99_ratio: 2.0
+            })
+        );
+        let err = app("guard = { max_error_ratio = 5 }")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("guard.max_error_ratio") && err.contains("between 0 and 1"),
+            "{err}"
+        );
+        assert!(
+            app("guard = { sec = 5 }").is_err(),
+            "an unknown key is refused"
+        );
     }
 
     #[test]

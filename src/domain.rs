@@ -300,11 +300,13 @@ macro_rules! string_enum {
 string_enum! {
     /// `queued → running → succeeded | failed | rolled_back | superseded | interrupted |
     /// cancelled`; an app with `trigger = "travis"` records a push as `waiting` until CI
-    /// passed it.
+    /// passed it; a deployment that switched traffic is `guarding` while the guard watches
+    /// its version.
     DeploymentStatus {
         Waiting => "waiting",
         Queued => "queued",
         Running => "running",
+        Guarding => "guarding",
         Succeeded => "succeeded",
         Failed => "failed",
         RolledBack => "rolled_back",
@@ -316,7 +318,10 @@ string_enum! {
 
 impl DeploymentStatus {
     pub fn is_finished(self) -> bool {
-        !matches!(self, Self::Waiting | Self::Queued | Self::Running)
+        !matches!(
+            self,
+            Self::Waiting | Self::Queued | Self::Running | Self::Guarding
+        )
     }
 }
 

@@ -187,6 +187,8 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
         })
         .collect();
     let traffic = Traffic::new(db.clone(), bus.clone());
+    traffic.watch(&apps, shutdown.clone());
+    traffic.resume_guards().await;
     let recoveries = recovery::undo(&apps, cut, &traffic);
     let env_key = private_key(&data_dir.join("env-key"))?;
     let pipeline = Pipeline::new(db.clone(), bus.clone(), data_dir, env_key);

@@ -4,12 +4,21 @@
 //! endpoint), a rollback, or the recovery after a restart; one at a time per app. Nothing
 //! else moves traffic (at start, `switch::control` only tells a fresh proxy process the port
 //! the record already calls live). It never starts or stops an instance, and a move that
-//! fails at any step before the switch leaves traffic where it was.
+//! fails at any step before the switch leaves traffic where it was. A deployment's switch
+//! opens its guard window here, in the record's transaction, and starts the watch
+//! (`guard`), whose switch back comes through here like any other move.
 
 use std::time::Duration;
 
-use crate::apps::App;
+use std::sync::{Arc, OnceLock};
+
+use crate::apps::{App, Apps};
+use crate::config::{GuardConfig, SwitchConfig};
+use crate::db::GuardWindow;
+use crate::guard;
+use crate::metrics::Metrics;
 use rusqlite::Connection;
+use tokio_util::sync::CancellationToken;
 
 use crate::db::{self, Db, DbError, Instance, Live, Switch};
 use crate::domain::{DeploymentId, DeploymentStatus};
@@ -51,11 +60,126 @@ pub struct Moved {
 pub struct Traffic {
     db: Db,
     bus: Bus,
+    metrics: Metrics,
+    /// The apps, for the guard windows' watches (set by [`Traffic::watch`]).
+    apps: Arc<OnceLock<Vec<Arc<App>>>>,
 }
 
 impl Traffic {
     pub fn new(db: Db, bus: Bus) -> Self {
-        Self { db, bus }
+        Self {
+            db,
+            bus,
+            metrics: Metrics::default(),
+            apps: Arc::default(),
+        }
+    }
+
+    pub(crate) fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Publishes deployment `id` as the record has it now.
+    pub(crate) async fn publish_deployment(&self, id: DeploymentId) {
+        if let Ok(Some(d)) = self.db.call(move |conn| db::deployment(conn, id)).await {
+            self.bus.publish(Event::Deployment {
+                id,
+                app: d.app.to_string(),
+                status: d.status,
+                version: d.version.unwrap_or_default(),
+            });
+        }
+    }
+
+    /// What the proxies measured, sampled once a second (see [`Traffic::watch`]).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Starts sampling what each app's switch measures, until `shutdown`.
+    pub fn watch(&self, apps: &Apps, shutdown: CancellationToken) {
+        self.metrics.start(apps, self.db.clone(), shutdown);
+        let _ = self.apps.set(apps.iter().cloned().collect());
+    }
+
+    /// Resumes the guard windows a restart cut short (their deployments are `guarding`);
+    /// one whose time is up, or whose app's traffic moved meanwhile, ends at its first look.
+    pub async fn resume_guards(&self) {
+        let open = match self.db.call(|conn| db::open_guards(conn)).await {
+            Ok(open) => open,
+            Err(err) => {
+                tracing::error!(error = %err, "could not read the open guard windows");
+                return;
+            }
+        };
+        for window in open {
+            tracing::info!(deployment_id = %window.deployment_id, app = %window.app, "resuming a guard window");
+            // What the previous version did before the switch is in the last run's memory.
+            self.start_guard(window, guard::Before::default());
+        }
+    }
+
+    /// Starts the watch of an open window.
+    fn start_guard(&self, window: GuardWindow, before: guard::Before) {
+        let app = self
+            .apps
+            .get()
+            .and_then(|apps| apps.iter().find(|a| a.config.name.as_str() == window.app))
+            .cloned();
+        let Some(app) = app else {
+            tracing::warn!(deployment_id = %window.deployment_id, app = %window.app, "no such app to guard");
+            return;
+        };
+        let Some(config) = app.config.guard.clone() else {
+            // Turned off since: the window ends as passed at once.
+            let (traffic, id) = (self.clone(), window.deployment_id);
+            tokio::spawn(async move {
+                let closed = traffic
+                    .db
+                    .call(move |conn| db::close_guard(conn, id, db::GuardOutcome::Ended, None))
+                    .await;
+                if let Ok(Some(_)) = closed {
+                    traffic.publish_deployment(id).await;
+                }
+            });
+            return;
+        };
+        let watch = guard::Watch {
+            app,
+            window,
+            config,
+            before,
+        };
+        tokio::spawn(guard::run(self.clone(), watch));
+    }
+
+    /// The guard's switch back to `window.from_port`, recorded as a rollback of the guarded
+    /// deployment that ends it `rolled_back` because of `reason`.
+    pub(crate) async fn guard_switch_back(
+        &self,
+        app: &App,
+        window: &GuardWindow,
+        reason: &str,
+    ) -> Result<(), TrafficError> {
+        let (name, from) = (app.config.name.to_string(), window.from_port);
+        let instance = self
+            .db
+            .call(move |conn| db::instance(conn, &name, from))
+            .await
+            .map_err(|source| TrafficError::Record { port: from, source })?;
+        let Some(instance) = instance else {
+            return Err(TrafficError::Unhealthy {
+                port: from,
+                path: app.config.health.path.clone(),
+            });
+        };
+        let undone = window.deployment_id;
+        let reason = reason.to_owned();
+        self.switch_back_recording(app, instance, Some(undone), move |conn| {
+            db::close_guard(conn, undone, db::GuardOutcome::Tripped, Some(&reason)).map(drop)
+        })
+        .await
+        .map(drop)
     }
 
     /// The last switch deployment `id` made, if any.
@@ -73,7 +197,29 @@ impl Traffic {
         port: u16,
         by: Option<DeploymentId>,
     ) -> Result<Moved, TrafficError> {
-        let ((), moved) = self.move_to(app, port, move |_| Ok(((), by))).await?;
+        let guard = app
+            .config
+            .guard
+            .clone()
+            .filter(|_| matches!(app.config.switch, SwitchConfig::Proxy { .. }));
+        let name = app.config.name.to_string();
+        let (window, moved) = self
+            .move_to(app, port, move |conn| {
+                let by = match by {
+                    Some(id) => Some(id),
+                    None => db::running_deployment(conn, &name)?,
+                };
+                let window = match (guard, by) {
+                    (Some(guard), Some(id)) => open_window(conn, &name, id, port, &guard)?,
+                    _ => None,
+                };
+                Ok((window, by))
+            })
+            .await?;
+        if let Some((window, from_version)) = window {
+            let before = self.before(app, &window, &from_version);
+            self.start_guard(window, before);
+        }
         Ok(moved)
     }
 
@@ -86,11 +232,27 @@ impl Traffic {
         instance: Instance,
         undone: Option<DeploymentId>,
     ) -> Result<DeploymentId, TrafficError> {
+        self.switch_back_recording(app, instance, undone, |_| Ok(()))
+            .await
+    }
+
+    /// [`Traffic::switch_back`], with `also` recorded in the same database call.
+    async fn switch_back_recording<F>(
+        &self,
+        app: &App,
+        instance: Instance,
+        undone: Option<DeploymentId>,
+        also: F,
+    ) -> Result<DeploymentId, TrafficError>
+    where
+        F: FnOnce(&mut Connection) -> rusqlite::Result<()> + Send + 'static,
+    {
         let (name, branch) = (app.config.name.to_string(), app.config.branch.clone());
         let port = instance.port;
         let (id, moved) = self
             .move_to(app, port, move |conn| {
                 let id = db::record_switch_back(conn, &name, &branch, &instance, undone)?;
+                also(conn)?;
                 Ok((id, Some(id)))
             })
             .await?;
@@ -110,6 +272,27 @@ impl Traffic {
             }
         }
         Ok(id)
+    }
+
+    /// What the guard compares the new version with: the previous one's p99 over
+    /// [`guard::BEFORE_SWITCH`], when it answered enough requests in it.
+    fn before(&self, app: &App, window: &GuardWindow, from_version: &str) -> guard::Before {
+        let Some(config) = &app.config.guard else {
+            return guard::Before::default();
+        };
+        let now = chrono::Utc::now().timestamp();
+        let from = now - guard::BEFORE_SWITCH.as_secs() as i64;
+        let old = self.metrics.window(
+            app.config.name.as_str(),
+            window.from_port,
+            from_version,
+            from,
+            now,
+        );
+        let enough = old.answered() >= config.min_requests;
+        guard::Before {
+            p99: old.latency_quantile(0.99).filter(|_| enough),
+        }
     }
 
     /// The steps every move takes. `record` runs in the same database call as the live
@@ -142,10 +325,19 @@ impl Traffic {
                 path: config.health.path.clone(),
             });
         }
-        app.switch
-            .switch_to(port)
+        // The version is named so the proxy counts its traffic as that version's.
+        let (name, version_of) = (config.name.to_string(), port);
+        let version = self
+            .db
+            .call(move |conn| Ok(db::instance(conn, &name, version_of)?.map(|i| i.version)))
             .await
-            .map_err(|source| TrafficError::Switch { port, source })?;
+            .ok()
+            .flatten();
+        let switched = match &version {
+            Some(version) => app.switch.switch_to_version(port, version).await,
+            None => app.switch.switch_to(port).await,
+        };
+        switched.map_err(|source| TrafficError::Switch { port, source })?;
         let name = config.name.to_string();
         let recorded = self
             .db
@@ -176,6 +368,39 @@ impl Traffic {
         });
         Ok((value, moved))
     }
+}
+
+/// Opens a guard window for deployment `id`'s switch to `port`, when it is a deployment's
+/// first switch of a new version away from a previous live instance (not a rollback's).
+/// Returns it with the previous version's name.
+fn open_window(
+    conn: &mut Connection,
+    app: &str,
+    id: DeploymentId,
+    port: u16,
+    guard: &GuardConfig,
+) -> rusqlite::Result<Option<(GuardWindow, String)>> {
+    let Some(deployment) = db::deployment(conn, id)? else {
+        return Ok(None);
+    };
+    if deployment.status != DeploymentStatus::Running || deployment.rollback_of.is_some() {
+        return Ok(None);
+    }
+    let Some(previous) = db::live(conn, app)?.filter(|l| l.port != port) else {
+        return Ok(None);
+    };
+    let Some(instance) = db::instance(conn, app, port)? else {
+        return Ok(None);
+    };
+    let window = db::open_guard(
+        conn,
+        id,
+        app,
+        (previous.port, port),
+        &instance.version,
+        guard.secs,
+    )?;
+    Ok(Some((window, previous.version.unwrap_or_default())))
 }
 
 /// An app on real parts for unit tests of going live and of rollback: a temp SQLite file,

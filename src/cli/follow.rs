@@ -25,6 +25,15 @@ pub struct Record {
     pub deployment: DeploymentView,
     #[serde(default)]
     pub stages: Vec<StageView>,
+    /// The guard window of a deployment that switched traffic.
+    #[serde(default)]
+    pub guard: Option<GuardView>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct GuardView {
+    /// Seconds until the window ends, while it is open.
+    pub secs_left: Option<i64>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -69,6 +78,8 @@ pub struct Follower {
     ended: HashSet<Stage>,
     switch_shown: bool,
     waiting_shown: bool,
+    /// The seconds left that the last guard line showed.
+    guard_shown: Option<i64>,
     outcome: Option<Outcome>,
     /// The console streams the stages' lines as they are printed, so a finished stage's
     /// tail is not shown again.
@@ -85,6 +96,7 @@ impl Follower {
             ended: HashSet::new(),
             switch_shown: false,
             waiting_shown: false,
+            guard_shown: None,
             outcome: None,
             streaming: false,
         }
@@ -152,6 +164,15 @@ impl Follower {
         }
         for stage in &record.stages {
             self.stage_lines(stage, &mut lines);
+        }
+        if deployment.status == DeploymentStatus::Guarding
+            && let Some(left) = record.guard.as_ref().and_then(|g| g.secs_left)
+            && self.guard_shown.is_none_or(|shown| shown - left >= 10)
+        {
+            self.guard_shown = Some(left);
+            lines.push(format!(
+                "guarding: {left} s left to watch its traffic (switched back if it fails)"
+            ));
         }
         if !deployment.status.is_finished() {
             return lines;
@@ -345,6 +366,36 @@ mod tests {
 
     fn id(n: i64) -> DeploymentId {
         serde_json::from_value(serde_json::json!(n)).unwrap()
+    }
+
+    #[test]
+    fn a_guarded_deployment_shows_its_countdown_and_waits_for_the_window() {
+        let mut follower = Follower::new(id(7), Some(8081), false);
+        let guarding = |left: i64| {
+            let mut r = record("guarding", &[]);
+            r.guard = Some(GuardView {
+                secs_left: Some(left),
+            });
+            r
+        };
+        assert_eq!(
+            follower.on_record(&guarding(60)),
+            ["guarding: 60 s left to watch its traffic (switched back if it fails)"]
+        );
+        assert!(
+            follower.on_record(&guarding(55)).is_empty(),
+            "every 10 s, not each poll"
+        );
+        assert_eq!(follower.on_record(&guarding(50)).len(), 1);
+        assert_eq!(follower.outcome(), None, "guarding is not an end");
+        let mut rolled_back = record("rolled_back", &[]);
+        rolled_back.deployment.error = Some("5xx 33% of 212 requests; limit 5%".into());
+        let lines = follower.on_record(&rolled_back);
+        assert_eq!(
+            lines.last().map(String::as_str),
+            Some("deployment 7 rolled_back in 12.3 s: 5xx 33% of 212 requests; limit 5%")
+        );
+        assert_eq!(follower.outcome(), Some(&Outcome::Failed));
     }
 
     #[test]

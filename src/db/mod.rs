@@ -5,6 +5,7 @@
 //! This module knows rows and states, never HTTP or processes.
 
 mod ci;
+mod guards;
 mod locks;
 mod queries;
 mod sql;
@@ -16,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::Connection;
 
 pub use ci::*;
+pub use guards::*;
 pub use locks::*;
 pub use queries::*;
 pub use triggers::*;
@@ -45,6 +47,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0008_ci_checks.sql"),
     include_str!("../../migrations/0009_triggers_and_locks.sql"),
     include_str!("../../migrations/0010_deployment_env.sql"),
+    include_str!("../../migrations/0011_guard.sql"),
     include_str!("../../migrations/0012_session_actor.sql"),
 ];
 

@@ -750,8 +750,9 @@ pub fn record_switch_back(
     }
     if let Some(undone) = undone {
         tx.execute(
-            "UPDATE deployments SET status = 'rolled_back' WHERE id = ?1 AND status = 'succeeded'",
-            [undone],
+            "UPDATE deployments SET status = 'rolled_back', finished_at = COALESCE(finished_at, ?2)
+             WHERE id = ?1 AND status IN ('succeeded', 'guarding')",
+            params![undone, now],
         )?;
     }
     tx.commit()?;

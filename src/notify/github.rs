@@ -102,7 +102,7 @@ impl Notifier for GitHub {
         let state = match notice.kind {
             Kind::Started => "in_progress",
             Kind::Succeeded => "success",
-            Kind::Failed => "failure",
+            Kind::Failed | Kind::GuardTripped => "failure",
             // GitHub's word for a deployment that ended without a verdict.
             Kind::Interrupted => "error",
             Kind::RolledBack => "inactive",
@@ -193,6 +193,10 @@ pub fn status_request(notice: &Notice, state: &str) -> Value {
             .clone()
             .unwrap_or_else(|| "interrupted".into()),
         Kind::RolledBack => format!("{version} was rolled back"),
+        Kind::GuardTripped => format!(
+            "switched back: {}",
+            deployment.error.as_deref().unwrap_or("the guard tripped")
+        ),
     };
     json!({
         "state": state,
@@ -287,5 +291,22 @@ mod tests {
         };
         let body = status_request(&long, "failure");
         assert_eq!(body["description"].as_str().unwrap().chars().count(), 140);
+    }
+
+    #[test]
+    fn a_guard_switch_back_is_a_failure_with_its_reason() {
+        let tripped = Notice {
+            deployment: Deployment {
+                error: Some("5xx 33% of 212 requests in 4.2 s after the switch; limit 5%".into()),
+                ..notice(Kind::GuardTripped).deployment
+            },
+            ..notice(Kind::GuardTripped)
+        };
+        let body = status_request(&tripped, "failure");
+        assert_eq!(body["state"], "failure");
+        assert_eq!(
+            body["description"],
+            "switched back: 5xx 33% of 212 requests in 4.2 s after the switch; limit 5%"
+        );
     }
 }

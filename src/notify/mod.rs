@@ -54,6 +54,8 @@ pub enum Kind {
     /// nonstop stopped while it ran (reported after the restart), or it was cancelled.
     Interrupted,
     RolledBack,
+    /// The guard switched traffic back from its version; `error` says why.
+    GuardTripped,
 }
 
 /// One thing to tell about a deployment, with what the database knows of it.
@@ -212,9 +214,14 @@ impl Dispatcher {
         if !self.sinks.iter().any(|sink| sink.apps.contains(app)) {
             return;
         }
-        let Some(notice) = self.notice(id, kind).await else {
+        let Some(mut notice) = self.notice(id, kind).await else {
             return;
         };
+        // Only the guard records a reason on a rolled-back deployment; a manual rollback
+        // records none.
+        if kind == Kind::RolledBack && notice.deployment.error.is_some() {
+            notice.kind = Kind::GuardTripped;
+        }
         if kind == Kind::Started {
             // A deploy of the branch head learns its commit in Fetch: announce it then.
             if notice.deployment.commit_sha.is_none() {

@@ -107,6 +107,7 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::Failed => "failed",
         Kind::Interrupted => "interrupted",
         Kind::RolledBack => "rolled back",
+        Kind::GuardTripped => "switched back by the guard",
     }
 }
 
@@ -123,6 +124,7 @@ pub fn message(notice: &Notice, channel: Option<&str>) -> Value {
         },
         Kind::Interrupted => interrupted(notice, facts),
         Kind::RolledBack => rolled_back(facts),
+        Kind::GuardTripped => guard_tripped(notice, facts),
     };
     let mut body = json!({ "text": text, "blocks": blocks });
     if let Some(channel) = channel {
@@ -345,6 +347,38 @@ fn rolled_back(facts: Facts) -> (String, Vec<Value>) {
     )
 }
 
+fn guard_tripped(notice: &Notice, facts: Facts) -> (String, Vec<Value>) {
+    let Facts {
+        app,
+        version,
+        commit,
+        live,
+        link,
+        ..
+    } = facts;
+    let reason = escape(
+        notice
+            .deployment
+            .error
+            .as_deref()
+            .unwrap_or("the guard tripped"),
+    );
+    (
+        format!("{app} {version} was switched back by the guard: {reason}"),
+        vec![
+            section(format!(
+                ":rotating_light: *{app} {version} was switched back by the guard*\n{reason}"
+            )),
+            fields(&[
+                ("Version", version.clone()),
+                ("Commit", commit),
+                ("Live now", live),
+            ]),
+            link,
+        ],
+    )
+}
+
 fn section(text: String) -> Value {
     json!({ "type": "section", "text": { "type": "mrkdwn", "text": text } })
 }
@@ -462,6 +496,18 @@ mod tests {
                         "text": "<http://127.0.0.1:9000/deployments/7|Deployment #7>"}]}
                 ]
             })
+        );
+    }
+
+    #[test]
+    fn a_guard_switch_back_says_why() {
+        let mut tripped = notice(Kind::GuardTripped);
+        tripped.deployment.error = Some("5xx 33% of 212 requests; limit 5%".into());
+        let body = message(&tripped, None);
+        let text = body["text"].as_str().unwrap();
+        assert!(
+            text.contains("was switched back by the guard: 5xx 33% of 212 requests; limit 5%"),
+            "{text}"
         );
     }
 

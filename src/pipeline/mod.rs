@@ -261,9 +261,13 @@ impl Pipeline {
             None => format!("── {status}\n"),
             Some(reason) => format!("── {status}: {reason}\n"),
         };
+        // A deployment whose switch the guard watches is `guarding` until the window ends.
         let finished = self
             .db
-            .call(move |conn| db::finish(conn, id, status, error.as_deref()))
+            .call(move |conn| match status {
+                DeploymentStatus::Succeeded => db::finish_succeeded(conn, id).map(drop),
+                _ => db::finish(conn, id, status, error.as_deref()),
+            })
             .await;
         if let Err(err) = finished {
             tracing::error!(deployment_id = %id, error = %err, "could not record the end of a deployment");

@@ -2,7 +2,8 @@
 //! runs every app's built-in proxy in its own process and takes switch commands on a Unix
 //! socket; `serve` drives it through [`RemoteProxy`], so restarting or upgrading `serve`
 //! never closes a client connection. The protocol is one JSON line each way per
-//! connection. The live ports are also kept in a state file beside the socket, so the proxy
+//! connection; besides switching, `serve` asks it what each instance answered (`measure`),
+//! about once a second. The live ports are also kept in a state file beside the socket, so the proxy
 //! process itself restarts onto the same targets. This module never decides where traffic
 //! goes: it only carries the decision.
 
@@ -19,7 +20,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
 use super::proxy::Proxy;
-use super::{OpenOn, SwitchError, TrafficSwitch};
+use super::{InstanceCounts, OpenOn, SwitchError, TrafficSwitch};
 
 /// A control command takes microseconds; a hung proxy process is a broken host.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -50,6 +51,12 @@ pub struct Request {
     /// End what is still open on this port (not the live one).
     #[serde(default)]
     pub cut: Option<u16>,
+    /// The version that runs on `switch_to`, for what the proxy measures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Also answer what each instance answered so far.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub measure: bool,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -66,6 +73,9 @@ pub struct Answer {
     /// Where the app's proxy listens (its bound address, when the config says port 0).
     #[serde(default)]
     pub listen: Option<std::net::SocketAddr>,
+    /// What each instance answered so far, when asked (`measure`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured: Option<Vec<InstanceCounts>>,
 }
 
 /// `serve`'s handle on one app's proxy in the `nonstop proxy` process.
@@ -168,8 +178,43 @@ impl TrafficSwitch for RemoteProxy {
     }
 
     async fn switch_to(&self, port: u16) -> Result<(), SwitchError> {
+        self.switch(port, None).await
+    }
+
+    async fn switch_to_version(&self, port: u16, version: &str) -> Result<(), SwitchError> {
+        self.switch(port, Some(version.to_owned())).await
+    }
+
+    async fn measured(&self) -> Result<Vec<InstanceCounts>, SwitchError> {
+        let request = Request {
+            measure: true,
+            ..Request::default()
+        };
+        let answer = self.ask(request).await?;
+        self.remember(answer.live);
+        Ok(answer.measured.unwrap_or_default())
+    }
+
+    async fn open_connections(&self) -> Result<Vec<OpenOn>, SwitchError> {
+        let answer = self.ask(Request::default()).await?;
+        self.remember(answer.live);
+        Ok(answer.connections)
+    }
+
+    async fn cut(&self, port: u16) -> Result<usize, SwitchError> {
+        let cut = Request {
+            cut: Some(port),
+            ..Request::default()
+        };
+        Ok(self.ask(cut).await?.cut.unwrap_or(0))
+    }
+}
+
+impl RemoteProxy {
+    async fn switch(&self, port: u16, version: Option<String>) -> Result<(), SwitchError> {
         let switch = Request {
             switch_to: Some(port),
+            version,
             ..Request::default()
         };
         match self.ask(switch).await {
@@ -187,20 +232,6 @@ impl TrafficSwitch for RemoteProxy {
                 Err(_) => Err(err),
             },
         }
-    }
-
-    async fn open_connections(&self) -> Result<Vec<OpenOn>, SwitchError> {
-        let answer = self.ask(Request::default()).await?;
-        self.remember(answer.live);
-        Ok(answer.connections)
-    }
-
-    async fn cut(&self, port: u16) -> Result<usize, SwitchError> {
-        let cut = Request {
-            cut: Some(port),
-            ..Request::default()
-        };
-        Ok(self.ask(cut).await?.cut.unwrap_or(0))
     }
 }
 
@@ -562,8 +593,8 @@ async fn command(
         live: proxy.live(),
         error: Some(error),
         connections: proxy.open_connections(),
-        cut: None,
         listen: Some(proxy.local_addr()),
+        ..Answer::default()
     };
     let mut cut = None;
     if let Some(port) = request.switch_to.or(request.cut)
@@ -579,7 +610,7 @@ async fn command(
         if *handed_over {
             return refused(HANDED_OVER.into());
         }
-        if let Err(err) = proxy.switch_to(port).await {
+        if let Err(err) = proxy.switch_with_version(port, request.version.as_deref()) {
             return refused(err.to_string());
         }
         save_state(socket, proxies).await;
@@ -597,6 +628,7 @@ async fn command(
         connections: proxy.open_connections(),
         cut,
         listen: Some(proxy.local_addr()),
+        measured: request.measure.then(|| proxy.readings()),
     }
 }
 
@@ -702,6 +734,14 @@ mod tests {
             "port 22 is not one of hello's ports [8081, 8082]"
         );
         assert_eq!(proxy.live(), Some(8082), "a refused switch moves nothing");
+        // A switch names its version, and the proxy's counts come back over the socket.
+        remote.switch_to_version(8081, "v7").await.unwrap();
+        assert_eq!(proxy.live(), Some(8081));
+        let measured = remote.measured().await.unwrap();
+        assert!(
+            measured.iter().any(|c| c.port == 8081 && c.version == "v7"),
+            "{measured:?}"
+        );
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");

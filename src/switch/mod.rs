@@ -12,6 +12,8 @@ pub mod proxy;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+pub use proxy::meter::InstanceCounts;
+
 /// Why a switch could not move traffic. Traffic stays where it was whenever this is returned.
 #[derive(Debug, thiserror::Error)]
 pub enum SwitchError {
@@ -33,6 +35,16 @@ pub trait TrafficSwitch: Send + Sync {
     fn live(&self) -> Option<u16>;
     /// Sends every new request to `port`; requests already in flight finish where they are.
     async fn switch_to(&self, port: u16) -> Result<(), SwitchError>;
+    /// `switch_to`, naming the version that runs on `port` for what the switch measures.
+    async fn switch_to_version(&self, port: u16, version: &str) -> Result<(), SwitchError> {
+        let _ = version;
+        self.switch_to(port).await
+    }
+    /// What each instance answered so far, for a switch that sees every request (the
+    /// built-in proxy); nothing for one that does not.
+    async fn measured(&self) -> Result<Vec<InstanceCounts>, SwitchError> {
+        Ok(Vec::new())
+    }
     /// What is still open on each port: requests in flight (streamed responses among them)
     /// and tunnels (WebSockets). Empty when this switch cannot tell (nginx).
     async fn open_connections(&self) -> Result<Vec<OpenOn>, SwitchError> {

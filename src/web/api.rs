@@ -24,6 +24,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/metrics", get(metrics))
         .route("/api/apps", get(apps))
         .route("/api/apps/{app}/live", get(live))
+        .route("/api/apps/{app}/traffic", get(traffic))
         .route("/api/apps/{app}/switch", post(switch).get(switched))
         .route("/api/apps/{app}/drain", post(drain))
         .route("/api/deployments", get(deployments))
@@ -161,12 +162,22 @@ async fn deployment(
             let Some(deployment) = db::deployment(conn, id)? else {
                 return Ok(None);
             };
-            Ok(Some((deployment, db::stages(conn, id)?)))
+            let guard = db::guard_of(conn, id)?;
+            Ok(Some((deployment, db::stages(conn, id)?, guard)))
         })
         .await?;
-    let (deployment, stages) =
+    let (deployment, stages, guard) =
         found.ok_or_else(|| AppError::NotFound(format!("no deployment {id}")))?;
-    Ok(Json(json!({ "deployment": deployment, "stages": stages })))
+    // The countdown of an open window, in whole seconds.
+    let secs_left = guard
+        .as_ref()
+        .filter(|g| g.outcome.is_none())
+        .map(|g| ((g.ends_at - db::now_ms()).max(0) + 999) / 1000);
+    Ok(Json(json!({
+        "deployment": deployment,
+        "stages": stages,
+        "guard": guard.map(|g| json!({ "window": g, "secs_left": secs_left })),
+    })))
 }
 
 #[derive(Deserialize)]
@@ -271,41 +282,63 @@ async fn switched(
     Ok(Json(json!({ "port": state.app(&app)?.switch.live() })))
 }
 
-/// Prometheus text: deployments by app and status, and each app's live port.
+/// Each instance's requests per second over the last ten minutes, as the proxy counted them.
+async fn traffic(
+    State(state): State<Arc<AppState>>,
+    Path(app): Path<String>,
+) -> Result<impl IntoResponse, AppError> {
+    let runtime = state.app(&app)?;
+    let instances = state
+        .traffic
+        .metrics()
+        .traffic(runtime.config.name.as_str());
+    Ok(Json(json!({
+        "app": app,
+        "interval_secs": crate::metrics::SAMPLE_INTERVAL.as_secs(),
+        "instances": instances,
+    })))
+}
+
+/// Prometheus text: deployments by app and status, each app's live port, and what the
+/// proxy counted of each instance (read now, not sampled).
 async fn metrics(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, AppError> {
-    let rows = state
+    let (deployments, live) = state
         .db
         .call(|conn| {
             let mut stmt =
                 conn.prepare("SELECT app, status, COUNT(*) FROM deployments GROUP BY app, status")?;
             let counts = stmt
-                .query_map([], |row| {
-                    Ok((
-                        row.get::<_, String>(0)?,
-                        row.get::<_, String>(1)?,
-                        row.get::<_, i64>(2)?,
-                    ))
-                })?
+                .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             let mut stmt = conn.prepare("SELECT app, port FROM live")?;
             let live = stmt
-                .query_map([], |row| {
-                    Ok((row.get::<_, String>(0)?, row.get::<_, u16>(1)?))
-                })?
+                .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok((counts, live))
         })
         .await?;
-    let (counts, live) = rows;
-    let mut text = String::from("# TYPE nonstop_deployments_total counter\n");
-    for (app, status, count) in counts {
-        text.push_str(&format!(
-            "nonstop_deployments_total{{app=\"{app}\",status=\"{status}\"}} {count}\n"
-        ));
+    let mut instances = Vec::new();
+    for app in state.apps.iter() {
+        match crate::metrics::read_now(app, &state.db).await {
+            Ok(counts) => {
+                instances.extend(counts.into_iter().map(|c| (app.config.name.to_string(), c)));
+            }
+            // A proxy process that does not answer costs its lines, not the scrape.
+            Err(err) => {
+                tracing::warn!(app = %app.config.name, error = %err, "could not read what the proxy measured")
+            }
+        }
     }
-    text.push_str("# TYPE nonstop_live_port gauge\n");
-    for (app, port) in live {
-        text.push_str(&format!("nonstop_live_port{{app=\"{app}\"}} {port}\n"));
-    }
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
+    let scrape = crate::metrics::Scrape {
+        deployments,
+        live,
+        instances,
+    };
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+        )],
+        scrape.render(),
+    ))
 }

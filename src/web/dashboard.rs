@@ -300,6 +300,12 @@ struct DeploymentPage {
     cause: Option<TriggerView>,
     /// Its app's lock, while there is one.
     lock: Option<LockView>,
+    /// The guard window's traffic chart (SVG), live while it is open, as kept once over.
+    chart: Option<String>,
+    /// Seconds left of an open guard window.
+    guard_secs_left: Option<i64>,
+    /// How the window ended (`passed`, `tripped`, `ended`).
+    guard_outcome: String,
 }
 
 async fn deployment_page(
@@ -315,17 +321,32 @@ async fn deployment_page(
                 return Ok(None);
             };
             let lock = db::lock_of(conn, deployment.app.as_str())?;
+            let guard = db::guard_of(conn, id)?;
+            let kept_chart = db::guard_chart(conn, id)?;
             Ok(Some((
                 db::stages(conn, id)?,
                 db::switches_of(conn, id)?,
                 db::trigger_of(conn, id)?,
                 lock,
                 deployment,
+                (guard, kept_chart),
             )))
         })
         .await?;
-    let (stages, switches, cause, lock, deployment) =
+    let (stages, switches, cause, lock, deployment, (guard, kept_chart)) =
         found.ok_or_else(|| AppError::NotFound(format!("no deployment {id}")))?;
+    let chart = match (&guard, kept_chart) {
+        (_, Some(kept)) => serde_json::from_str(&kept).ok(),
+        (Some(window), None) if window.outcome.is_none() => {
+            Some(crate::guard::chart_of(&state.traffic, window))
+        }
+        _ => None,
+    };
+    let guard_secs_left = guard
+        .as_ref()
+        .filter(|g| g.outcome.is_none())
+        .map(|g| ((g.ends_at - now).max(0) + 999) / 1000);
+    let guard_outcome = guard.and_then(|g| g.outcome).unwrap_or_default();
     render(&DeploymentPage {
         csrf: csrf_of(&state, &headers),
         branch: deployment.branch.clone(),
@@ -339,6 +360,9 @@ async fn deployment_page(
         switches: switches.iter().map(|s| SwitchView::new(s, now)).collect(),
         cause: cause.as_ref().map(|t| TriggerView::new(t, now)),
         lock: lock.as_ref().map(|l| LockView::new(l, now)),
+        chart: chart.as_ref().and_then(super::chart::svg),
+        guard_secs_left,
+        guard_outcome,
     })
 }
 

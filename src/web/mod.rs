@@ -7,6 +7,7 @@
 mod access;
 mod actions;
 mod api;
+mod chart;
 mod console;
 mod dashboard;
 mod error;

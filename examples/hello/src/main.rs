@@ -9,6 +9,8 @@
 //! fragments, ping and close), each reply prefixed with the version; `GET /stream` is an
 //! endless server-sent event stream, one event a second naming the version. Both show that
 //! an open connection stays on the version it opened on while a deploy switches traffic.
+//! Its constants `ERROR_EVERY` (every N-th `/` answers 500) and `SLOW_MS` (each `/` waits)
+//! make a version that passes its health check and then serves badly, for the guard.
 //! It must never panic on bad input (it answers 400 and closes) and never listens beyond
 //! loopback: nonstop's proxy (or nginx) is its only client.
 
@@ -17,11 +19,17 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::Duration;
 
 /// A version with this set to false never passes its health check (the failure tests flip it).
 const HEALTHY: bool = true;
+/// When N > 0, every N-th request to `/` answers 500 (health and `/profile` stay fine), so
+/// a version passes its health check and then fails its users: what the guard catches.
+const ERROR_EVERY: u32 = 0;
+/// Milliseconds each request to `/` waits before it is answered: a version that is only slow.
+const SLOW_MS: u64 = 0;
 
 /// How long an idle keep-alive connection stays open. Longer than the 90 s pool idle timeout
 /// of hyper's client, so the proxy is the one that closes idle connections and never sends
@@ -47,6 +55,10 @@ struct App {
     version: String,
     profile: String,
     healthy: bool,
+    error_every: u32,
+    slow: Duration,
+    /// Requests to `/` so far, for `error_every`.
+    served: AtomicU32,
 }
 
 fn main() -> ExitCode {
@@ -65,6 +77,9 @@ fn main() -> ExitCode {
         version,
         profile: args.profile,
         healthy: HEALTHY,
+        error_every: ERROR_EVERY,
+        slow: Duration::from_millis(SLOW_MS),
+        served: AtomicU32::new(0),
     });
 
     let listener = match TcpListener::bind((Ipv4Addr::LOCALHOST, args.port)) {
@@ -217,13 +232,25 @@ fn route(app: &App, method: &str, target: &str) -> Response {
         return Response::new(404, "not found\n");
     }
     match path {
-        "/" => Response::new(200, format!("{}\n", app.version)),
+        "/" => root(app),
         "/profile" if app.healthy => Response::new(200, format!("{}\n", app.profile)),
         "/health" if app.healthy => Response::new(200, "ok\n"),
         "/profile" | "/health" => Response::new(503, "unhealthy\n"),
         "/ws" => Response::new(426, "a WebSocket handshake only\n"),
         _ => Response::new(404, "not found\n"),
     }
+}
+
+/// `/`: the version, after `slow`, or a 500 for every `error_every`-th request.
+fn root(app: &App) -> Response {
+    let n = app.served.fetch_add(1, Ordering::Relaxed) + 1;
+    if !app.slow.is_zero() {
+        thread::sleep(app.slow);
+    }
+    if app.error_every > 0 && n % app.error_every == 0 {
+        return Response::new(500, format!("{} failed on purpose\n", app.version));
+    }
+    Response::new(200, format!("{}\n", app.version))
 }
 
 #[derive(Debug, PartialEq)]
@@ -246,6 +273,7 @@ impl Response {
             400 => "Bad Request",
             404 => "Not Found",
             426 => "Upgrade Required",
+            500 => "Internal Server Error",
             503 => "Service Unavailable",
             _ => "",
         }
@@ -851,6 +879,9 @@ mod tests {
             version: "1.0.1-SNAPSHOT-20240101000000".to_string(),
             profile: "real2".to_string(),
             healthy,
+            error_every: 0,
+            slow: Duration::ZERO,
+            served: AtomicU32::new(0),
         }
     }
 
@@ -1011,6 +1042,18 @@ mod tests {
         );
         assert_eq!(route(&app, "GET", "/nope").status, 404);
         assert_eq!(route(&app, "POST", "/").status, 404);
+    }
+
+    #[test]
+    fn error_every_fails_every_nth_root_request_and_leaves_health_alone() {
+        let app = App {
+            error_every: 3,
+            ..app(true)
+        };
+        let statuses: Vec<u16> = (0..6).map(|_| route(&app, "GET", "/").status).collect();
+        assert_eq!(statuses, [200, 200, 500, 200, 200, 500]);
+        assert_eq!(route(&app, "GET", "/profile").status, 200);
+        assert_eq!(route(&app, "GET", "/health").status, 200);
     }
 
     #[test]

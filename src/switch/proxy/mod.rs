@@ -10,12 +10,14 @@
 //! between client and app, and who is trusted to say who the client is), `tunnel`
 //! (WebSocket and every other HTTP/1.1 `Upgrade`: after the app's `101`, the client's
 //! connection and a new upstream one are spliced, on the instance they opened on, past any
-//! switch). Streamed responses (server-sent events) flow frame by frame; the proxy sets no
+//! switch), `meter` (what each instance answered, counted per worker and added up when
+//! read). Streamed responses (server-sent events) flow frame by frame; the proxy sets no
 //! response timeout. It serves HTTP/1.1 only, so HTTP/2 extended `CONNECT` (RFC 8441) is
 //! not in scope yet; plain `CONNECT` is refused.
 
 mod admission;
 mod headers;
+pub mod meter;
 mod open;
 mod pool;
 #[cfg(test)]
@@ -60,10 +62,12 @@ pub struct Target {
     host: HeaderValue,
     /// Its requests in flight and tunnels, counted by every worker.
     open: open::OpenCounts,
+    /// What this instance answers is counted here.
+    meter: Arc<meter::InstanceMeter>,
 }
 
 impl Target {
-    pub fn new(port: u16) -> Result<Self, SwitchError> {
+    fn new(port: u16, meter: Arc<meter::InstanceMeter>) -> Result<Self, SwitchError> {
         if port == 0 {
             return Err(SwitchError::Rejected(
                 "port 0 is not an instance's port".to_string(),
@@ -77,6 +81,7 @@ impl Target {
             address,
             host,
             open: open::OpenCounts::default(),
+            meter,
         })
     }
 
@@ -103,6 +108,8 @@ pub struct Proxy {
     targets: Mutex<Vec<Weak<Target>>>,
     /// One per worker: a cut wakes each, to end what waits there on the cut target.
     cut_signals: Vec<Arc<Notify>>,
+    /// What each instance answered, counted by the workers.
+    meters: meter::Meters,
     /// The workers' threads, to wait for after shutdown.
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// A copy of each worker's listening socket, for a handover to the next proxy process;
@@ -166,12 +173,16 @@ impl Proxy {
         live: Option<u16>,
         options: ProxyOptions,
     ) -> Result<Arc<Proxy>, SwitchError> {
-        let live = live.map(Target::new).transpose()?.map(Arc::new);
         let local_addr = listeners
             .first()
             .ok_or_else(|| SwitchError::Rejected("no listening socket".into()))?
             .local_addr()?;
         let workers = listeners.len();
+        let meters = meter::Meters::new(workers);
+        let live = live
+            .map(|port| Target::new(port, meters.instance(port, None)))
+            .transpose()?
+            .map(Arc::new);
 
         let live = Arc::new(ArcSwapOption::new(live));
         let admission =
@@ -197,6 +208,7 @@ impl Proxy {
                 std::thread::Builder::new()
                     .name(format!("proxy-{}-{index}", local_addr.port()))
                     .spawn(move || {
+                        meter::become_worker(index);
                         worker::run(listener, live, options, admission, shutdown_rx, cut_signal)
                     })?,
             );
@@ -216,6 +228,7 @@ impl Proxy {
             shutdown,
             targets,
             cut_signals,
+            meters,
             threads: Mutex::new(threads),
             sockets: Mutex::new(sockets),
         }))
@@ -223,6 +236,26 @@ impl Proxy {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Switches to `port`, counting what it answers as `version`'s.
+    pub fn switch_with_version(&self, port: u16, version: Option<&str>) -> Result<(), SwitchError> {
+        let target = Arc::new(Target::new(port, self.meters.instance(port, version))?);
+        self.targets
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(Arc::downgrade(&target));
+        // The whole switch: one atomic store. Requests that already loaded the old target
+        // keep their `Arc` to it and finish there; the workers' pools drop what they kept
+        // for it at their next request or sweep.
+        let previous = self.live.swap(Some(target));
+        info!(from = ?previous.map(|t| t.port), to = port, version, "traffic switched");
+        Ok(())
+    }
+
+    /// What each instance this proxy pointed at answered so far (the newest few).
+    pub fn readings(&self) -> Vec<meter::InstanceCounts> {
+        self.meters.read()
     }
 
     /// Stops accepting; open connections finish their current request (graceful) and are
@@ -350,17 +383,15 @@ impl TrafficSwitch for Proxy {
     }
 
     async fn switch_to(&self, port: u16) -> Result<(), SwitchError> {
-        let target = Arc::new(Target::new(port)?);
-        self.targets
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .push(Arc::downgrade(&target));
-        // The whole switch: one atomic store. Requests that already loaded the old target
-        // keep their `Arc` to it and finish there; the workers' pools drop what they kept
-        // for it at their next request or sweep.
-        let previous = self.live.swap(Some(target));
-        info!(from = ?previous.map(|t| t.port), to = port, "traffic switched");
-        Ok(())
+        self.switch_with_version(port, None)
+    }
+
+    async fn switch_to_version(&self, port: u16, version: &str) -> Result<(), SwitchError> {
+        self.switch_with_version(port, Some(version))
+    }
+
+    async fn measured(&self) -> Result<Vec<meter::InstanceCounts>, SwitchError> {
+        Ok(self.readings())
     }
 
     async fn open_connections(&self) -> Result<Vec<OpenOn>, SwitchError> {

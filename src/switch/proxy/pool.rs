@@ -26,6 +26,7 @@ use tokio::sync::oneshot;
 use tracing::debug;
 
 use super::Target;
+use super::meter::UpstreamFailure;
 
 /// Idle upstream connections are closed after one to two of these, so keep-alive traffic
 /// skips the TCP handshake while a quiet app is not held open forever.
@@ -67,6 +68,44 @@ impl UpstreamError {
     pub(super) fn is_unreachable(&self) -> bool {
         matches!(self, Self::Connect(_) | Self::ConnectTimeout)
     }
+
+    /// How the instance failed to answer, as the meter counts it.
+    pub(super) fn failure(&self) -> UpstreamFailure {
+        match self {
+            Self::Connect(err) if err.kind() == std::io::ErrorKind::ConnectionRefused => {
+                UpstreamFailure::Refused
+            }
+            Self::Connect(err) if err.kind() == std::io::ErrorKind::ConnectionReset => {
+                UpstreamFailure::Reset
+            }
+            Self::ConnectTimeout => UpstreamFailure::Timeout,
+            // Connections that closed under the request, or mid-response.
+            Self::Unusable => UpstreamFailure::Reset,
+            Self::Request(err) | Self::Handshake(err)
+                if err.is_incomplete_message() || err.is_canceled() || is_reset(err) =>
+            {
+                UpstreamFailure::Reset
+            }
+            _ => UpstreamFailure::Other,
+        }
+    }
+}
+
+/// Whether a reset connection is somewhere under `err`.
+fn is_reset(err: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            );
+        }
+        source = cause.source();
+    }
+    false
 }
 
 pub(super) struct UpstreamPool {
@@ -360,6 +399,11 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
+        if let (Some(Ok(frame)), Some(lease)) = (&frame, &this.lease)
+            && let Some(data) = frame.data_ref()
+        {
+            lease.target.meter.sent(data.len());
+        }
         match &frame {
             None => this.release(),
             Some(Ok(_)) if this.body.is_end_stream() => this.release(),

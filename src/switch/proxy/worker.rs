@@ -162,6 +162,7 @@ impl Worker {
                 "nonstop: no live instance\n",
             );
         };
+        let arrived = Instant::now();
         // Counted on its target until its answer has been sent, or its tunnel is open.
         let open = OpenRequest::new(&target);
 
@@ -178,6 +179,7 @@ impl Worker {
             if req.extensions().get::<OnUpgrade>().is_some() {
                 return self.or_bad_gateway(
                     &target,
+                    arrived,
                     tunnel::open(
                         &self.tasks,
                         &self.cuts,
@@ -200,18 +202,26 @@ impl Worker {
                 Either::Left(CountedBody::new(body, open, &self.cuts)),
             )
         });
-        self.or_bad_gateway(&target, response)
+        self.or_bad_gateway(&target, arrived, response)
     }
 
-    /// The response, or the 502 that says the upstream request failed.
+    /// The response, or the 502 that says the upstream request failed; either is counted
+    /// for the target.
     fn or_bad_gateway(
         &self,
         target: &Target,
+        arrived: Instant,
         response: Result<Response<ProxyBody>, UpstreamError>,
     ) -> Response<ProxyBody> {
         match response {
-            Ok(response) => response,
+            Ok(response) => {
+                target
+                    .meter
+                    .answered(response.status().as_u16(), arrived.elapsed());
+                response
+            }
             Err(err) => {
+                target.meter.failed(err.failure());
                 self.failures.borrow_mut().warn(target, &err);
                 // The client learns what happened, not where the app listens.
                 let reason = if err.is_unreachable() {

@@ -89,6 +89,32 @@ impl Repo {
         std::fs::write(&main, broken).unwrap();
         self.commit_all("Break the health check")
     }
+
+    /// Sets one of the example app's constants (`ERROR_EVERY`, `SLOW_MS`) and commits.
+    fn commit_constant(&self, name: &str, kind: &str, value: u64) -> String {
+        let main = self.path.join("src/main.rs");
+        let source = std::fs::read_to_string(&main).unwrap();
+        let prefix = format!("const {name}: {kind} = ");
+        let line = source
+            .lines()
+            .find(|line| line.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("the example app no longer has the {name} constant"))
+            .to_owned();
+        let changed = source.replace(&line, &format!("{prefix}{value};"));
+        std::fs::write(&main, changed).unwrap();
+        self.commit_all(&format!("Set {name} to {value}"))
+    }
+
+    /// A commit whose build passes its health check but answers every `n`-th `/` with 500
+    /// (0: none).
+    pub fn commit_error_every(&self, n: u32) -> String {
+        self.commit_constant("ERROR_EVERY", "u32", n.into())
+    }
+
+    /// A commit whose build waits `ms` before answering each `/` (0: not at all).
+    pub fn commit_slow(&self, ms: u64) -> String {
+        self.commit_constant("SLOW_MS", "u64", ms)
+    }
 }
 
 /// Where a test's processes listen. `server` and a built-in `proxy` are 0 until the process
@@ -299,6 +325,7 @@ ports = [{a}, {b}]
 profiles = ["real1", "real2"]
 health = {{ path = "/profile", attempts = 40, interval_ms = 100 }}
 hook_timeout_secs = 60
+{guard}
 {switch}
 {extra_app}
 {extra_tables}"#,
@@ -316,6 +343,8 @@ hook_timeout_secs = 60
                 .replace('\\', "\\\\")
                 .replace('"', "\\\""),
             extra_server = extra.server,
+            // Tests not about the guard take no 60 s window after each switch.
+            guard = extra.guard.unwrap_or("guard = false"),
             extra_app = extra.app,
             extra_tables = extra.tables,
             server = ports.server,
@@ -841,7 +870,7 @@ hook_timeout_secs = 60
         loop {
             let (_, body) = self.get_json(&format!("/api/deployments/{id}")).await;
             let status = body["deployment"]["status"].as_str().unwrap_or("");
-            if !["", "queued", "running"].contains(&status) {
+            if !["", "queued", "running", "guarding"].contains(&status) {
                 return body;
             }
             assert!(
@@ -1029,6 +1058,8 @@ pub struct Extra {
     pub tables: String,
     pub env: Vec<(String, String)>,
     pub switch: Option<fn(&Ports, &Path) -> String>,
+    /// The app's `guard = …` line; `guard = false` when `None`.
+    pub guard: Option<&'static str>,
     pub proxy_process: bool,
     /// With `proxy_process`: the test binds the proxy's listening socket itself and passes
     /// it to `nonstop proxy` as systemd's socket activation does (fd 3, `LISTEN_FDS=1`,
@@ -1095,6 +1126,10 @@ pub struct LoadReport {
     pub failed: u64,
     pub failures: Vec<String>,
     pub bodies: std::collections::BTreeMap<String, u64>,
+    /// Answers by HTTP status, 200 included.
+    pub statuses: std::collections::BTreeMap<u16, u64>,
+    /// Requests that got no whole answer at all (connection refused, reset, a cut body).
+    pub connection_errors: u64,
 }
 
 impl LoadReport {
@@ -1133,7 +1168,14 @@ impl Load {
                             break;
                         }
                         sent.fetch_add(1, Ordering::Relaxed);
-                        match client.get(&url).send().await {
+                        let answer = client.get(&url).send().await;
+                        if let Ok(response) = &answer {
+                            *report
+                                .statuses
+                                .entry(response.status().as_u16())
+                                .or_default() += 1;
+                        }
+                        match answer {
                             Ok(response) if response.status() == 200 => match response.text().await
                             {
                                 Ok(body) => {
@@ -1142,6 +1184,7 @@ impl Load {
                                 }
                                 Err(err) => {
                                     report.failed += 1;
+                                    report.connection_errors += 1;
                                     report.failures.push(format!("body: {err}"));
                                 }
                             },
@@ -1155,6 +1198,7 @@ impl Load {
                             }
                             Err(err) => {
                                 report.failed += 1;
+                                report.connection_errors += 1;
                                 report.failures.push(format!("{err:?}"));
                             }
                         }
@@ -1177,12 +1221,21 @@ impl Load {
 
     pub async fn finish(self) -> LoadReport {
         self.stop.store(true, Ordering::Relaxed);
+        self.join().await
+    }
+
+    /// Waits until every client sent its requests (or ran out of time).
+    pub async fn join(self) -> LoadReport {
         let mut total = LoadReport::default();
         for task in self.tasks {
             let report = task.await.unwrap();
             total.ok += report.ok;
             total.failed += report.failed;
             total.failures.extend(report.failures);
+            total.connection_errors += report.connection_errors;
+            for (status, count) in report.statuses {
+                *total.statuses.entry(status).or_default() += count;
+            }
             for (body, count) in report.bodies {
                 *total.bodies.entry(body).or_default() += count;
             }
