@@ -257,6 +257,19 @@ impl Traffic {
             })
             .await?;
         let version = moved.live.version.unwrap_or_default();
+        // A deployment undone while its own hooks still run (the guard can be that quick)
+        // ends when they do, and is announced then, once.
+        let undone = match undone {
+            Some(undone) => self
+                .db
+                .call(move |conn| Ok(db::deployment(conn, undone)?.map(|d| d.status)))
+                .await
+                .ok()
+                .flatten()
+                .filter(|status| *status == DeploymentStatus::RolledBack)
+                .map(|_| undone),
+            None => None,
+        };
         let ended = [
             (Some(id), DeploymentStatus::Succeeded),
             (undone, DeploymentStatus::RolledBack),

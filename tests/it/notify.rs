@@ -409,3 +409,76 @@ async fn a_rollback_marks_the_undone_deployment_inactive_on_github_and_tells_sla
         "{texts:?}"
     );
 }
+
+#[tokio::test]
+async fn a_guard_switch_back_is_a_github_failure_and_a_slack_message_with_the_reason() {
+    let slack = Recorder::start(|_, _| Reply::Status(200, json!("ok"))).await;
+    let github = Recorder::start(github_api()).await;
+    let app = spawn_app_with(Extra {
+        server: "public_url = \"https://deploy.example.com/\"\n".into(),
+        guard: Some("guard = { secs = 30 }"),
+        tables: format!(
+            "[slack]\nwebhook_url_env = \"NONSTOP_TEST_SLACK_URL\"\n\n\
+             [github]\ntoken_env = \"NONSTOP_TEST_GITHUB_TOKEN\"\napi_url = \"{}/api/v3\"\n",
+            github.url
+        ),
+        env: vec![
+            (
+                "NONSTOP_TEST_SLACK_URL".into(),
+                format!("{}{SLACK_PATH}", slack.url),
+            ),
+            ("NONSTOP_TEST_GITHUB_TOKEN".into(), GITHUB_TOKEN.into()),
+        ],
+        ..Extra::default()
+    })
+    .await;
+    app.deploy(&app.repo.commit("One")).await;
+    let load = common::Load::start(format!("{}/", app.proxy()), 2, 5_000, WAIT);
+    load.wait_sent(50).await;
+
+    let id = app.push(&app.repo.commit_error_every(3)).await;
+    let done = app.wait_finished(id).await;
+    assert_eq!(done["deployment"]["status"], "rolled_back", "{done:#}");
+    let reason = done["deployment"]["error"].as_str().unwrap().to_owned();
+
+    let deadline = std::time::Instant::now() + WAIT;
+    let failure = loop {
+        let found = github
+            .requests()
+            .into_iter()
+            .find(|c| c.body["state"] == "failure");
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failure status: {:?}",
+            paths(&github.requests())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        failure.body["description"],
+        format!("switched back: {reason}")
+    );
+    let told = loop {
+        let texts: Vec<String> = slack
+            .requests()
+            .iter()
+            .filter_map(|m| m.body["text"].as_str().map(str::to_owned))
+            .collect();
+        if let Some(text) = texts
+            .iter()
+            .find(|t| t.contains("switched back by the guard"))
+        {
+            break text.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no Slack message: {texts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(told.ends_with(&reason), "{told}");
+    load.finish().await;
+}
