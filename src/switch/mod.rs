@@ -3,6 +3,7 @@
 //! A switch never starts or stops app instances: it only points traffic.
 
 pub mod control;
+pub mod edge;
 pub mod fleet;
 pub mod nginx;
 pub mod proxy;

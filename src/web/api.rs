@@ -158,7 +158,7 @@ fn require_hook_caller(
     peer: SocketAddr,
     headers: &HeaderMap,
 ) -> Result<(), AppError> {
-    require_loopback(peer)?;
+    require_loopback(peer, headers)?;
     let presented = bearer(headers);
     if token_matches(presented, &state.switch_token) || token_matches(presented, &state.admin_token)
     {

@@ -99,9 +99,12 @@ fn token_matches(presented: Option<&str>, expected: &Secret) -> bool {
     presented.is_some_and(|p| bool::from(p.as_bytes().ct_eq(expected.expose().as_bytes())))
 }
 
-fn require_loopback(peer: SocketAddr) -> Result<(), AppError> {
+fn require_loopback(peer: SocketAddr, headers: &HeaderMap) -> Result<(), AppError> {
+    // The shared edge marks what it forwards here, and it connects from this host: a
+    // request through it is a caller from anywhere.
+    let through_edge = headers.contains_key(crate::switch::edge::THROUGH_EDGE);
     // A v4 caller on a dual-stack socket shows up as `::ffff:127.0.0.1`.
-    if peer.ip().to_canonical().is_loopback() {
+    if peer.ip().to_canonical().is_loopback() && !through_edge {
         Ok(())
     } else {
         Err(AppError::Forbidden(

@@ -10,6 +10,7 @@ mod checks;
 mod cli;
 mod dashboard;
 mod deploy;
+mod edge;
 mod faults;
 mod fleet;
 mod hostile;

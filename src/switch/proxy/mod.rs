@@ -34,6 +34,18 @@ use tracing::info;
 
 pub use crate::domain::{BadIpRange, IpRange};
 pub use admission::ConnectionLimits;
+// What the shared edge (`switch::edge`) builds on: it routes a request to an app's live
+// cell and forwards it through that app's own path.
+pub(in crate::switch) use admission::{Admission, Refused};
+pub(in crate::switch) use headers::ClientPeer;
+pub(in crate::switch) use worker::{
+    ClientConnection, FailureLog, ProxyBody, Stopping, Worker, sweep_idle_connections,
+    text_response,
+};
+
+/// The live target of one app, the one cell every worker (of its own proxy and of the
+/// shared edge) reads per request and `switch_to` swaps.
+pub(in crate::switch) type LiveCell = Arc<ArcSwapOption<Target>>;
 
 use super::{SwitchError, TrafficSwitch};
 
@@ -79,6 +91,19 @@ impl Target {
     pub fn port(&self) -> u16 {
         self.port
     }
+
+    /// An upstream at `address` (an unspecified IP means this host): nonstop's own server
+    /// behind the shared edge.
+    pub(in crate::switch) fn at(mut address: SocketAddr) -> Result<Self, SwitchError> {
+        if address.ip().is_unspecified() {
+            address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        let mut target = Self::new(address.port())?;
+        target.address = address;
+        target.host = HeaderValue::from_str(&address.to_string())
+            .map_err(|err| SwitchError::Rejected(format!("bad upstream {address}: {err}")))?;
+        Ok(target)
+    }
 }
 
 /// The reverse proxy of one app. Dropping the last handle stops accepting, like
@@ -90,8 +115,9 @@ impl Target {
 /// connection then never change threads, nothing they share needs a lock, and the proxy
 /// never waits behind the server's own work.
 pub struct Proxy {
-    live: Arc<ArcSwapOption<Target>>,
-    local_addr: SocketAddr,
+    live: LiveCell,
+    /// `None`: no listener of its own, reached only through the shared edge.
+    local_addr: Option<SocketAddr>,
     /// `true` once shutdown started; dropping the sender means the same to the workers.
     shutdown: watch::Sender<bool>,
 }
@@ -144,13 +170,32 @@ impl Proxy {
 
         Ok(Arc::new(Proxy {
             live,
-            local_addr,
+            local_addr: Some(local_addr),
             shutdown,
         }))
     }
 
+    /// A proxy with no listener of its own: an app the shared edge alone routes to. It
+    /// switches exactly like a listening one; the edge reads its cell.
+    pub fn unbound(live: Option<u16>) -> Result<Arc<Proxy>, SwitchError> {
+        let live = live.map(Target::new).transpose()?.map(Arc::new);
+        let (shutdown, _) = watch::channel(false);
+        Ok(Arc::new(Proxy {
+            live: Arc::new(ArcSwapOption::new(live)),
+            local_addr: None,
+            shutdown,
+        }))
+    }
+
+    /// The address of its own listener (`0.0.0.0:0` for an [`unbound`](Self::unbound) one).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// The live cell, for the shared edge.
+    pub(in crate::switch) fn live_cell(&self) -> LiveCell {
+        Arc::clone(&self.live)
     }
 
     /// Stops accepting; open connections finish their current request (graceful) and are
@@ -162,7 +207,9 @@ impl Proxy {
 
 /// A listening socket that other sockets may bind too, handed over as a std socket so a
 /// worker's own runtime can take it.
-fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+pub(in crate::switch) fn reuseport_listener(
+    addr: SocketAddr,
+) -> std::io::Result<std::net::TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
