@@ -212,3 +212,391 @@ async fn one_listener_routes_each_host_to_its_own_app_and_nonstop_itself_and_not
         "nothing moved"
     );
 }
+
+/// A certificate authority of the test's own, for the edge's certificate files.
+pub struct TestCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().unwrap();
+        Self {
+            issuer: rcgen::CertifiedIssuer::self_signed(params, key).unwrap(),
+        }
+    }
+
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A leaf certificate for `names`: its chain and key, PEM.
+    pub fn leaf(&self, names: &[&str]) -> (String, String) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let params = rcgen::CertificateParams::new(names).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// Writes a leaf for `names` to `cert` and `key`, each replaced whole (temp + rename).
+    pub fn write_leaf(&self, names: &[&str], cert: &std::path::Path, key: &std::path::Path) {
+        let (cert_pem, key_pem) = self.leaf(names);
+        for (path, text) in [(key, key_pem), (cert, cert_pem)] {
+            let temp = path.with_extension("tmp");
+            std::fs::write(&temp, text).unwrap();
+            std::fs::rename(&temp, path).unwrap();
+        }
+    }
+}
+
+/// HTTPS load on one host: `clients` keep-alive clients each of HTTP/1.1 and HTTP/2,
+/// trusting `ca`, each at most `max_per_client` requests and `max_time`.
+struct TlsLoad {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<TlsReport>>,
+}
+
+#[derive(Debug, Default)]
+struct TlsReport {
+    ok: u64,
+    failures: Vec<String>,
+    by_version: std::collections::BTreeMap<String, u64>,
+    bodies: std::collections::BTreeMap<String, u64>,
+}
+
+impl TlsLoad {
+    fn start(
+        url: String,
+        host: &str,
+        port: u16,
+        ca: &str,
+        clients: usize,
+        max_time: Duration,
+    ) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let sent = std::sync::Arc::new(AtomicU64::new(0));
+        let deadline = Instant::now() + max_time;
+        let ca = reqwest::Certificate::from_pem(ca.as_bytes()).unwrap();
+        let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let tasks = (0..clients * 2)
+            .map(|i| {
+                let builder = reqwest::Client::builder()
+                    .add_root_certificate(ca.clone())
+                    .resolve(host, address)
+                    .pool_max_idle_per_host(1);
+                // Half speak HTTP/1.1 (keep-alive), half HTTP/2 (chosen by ALPN).
+                let client = if i % 2 == 0 {
+                    builder.http1_only()
+                } else {
+                    builder
+                }
+                .build()
+                .unwrap();
+                let (url, stop, sent) = (url.clone(), stop.clone(), sent.clone());
+                tokio::spawn(async move {
+                    let mut report = TlsReport::default();
+                    for _ in 0..100_000 {
+                        if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                            break;
+                        }
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        match client.get(&url).send().await {
+                            Ok(response) if response.status() == 200 => {
+                                let version = format!("{:?}", response.version());
+                                match response.text().await {
+                                    Ok(body) => {
+                                        report.ok += 1;
+                                        *report.by_version.entry(version).or_default() += 1;
+                                        *report
+                                            .bodies
+                                            .entry(body.trim().to_owned())
+                                            .or_default() += 1;
+                                    }
+                                    Err(err) => report.failures.push(format!("body: {err}")),
+                                }
+                            }
+                            Ok(response) => report.failures.push(format!("{}", response.status())),
+                            Err(err) => report.failures.push(format!("{err:?}")),
+                        }
+                    }
+                    report
+                })
+            })
+            .collect();
+        Self { stop, sent, tasks }
+    }
+
+    async fn wait_sent(&self, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.sent.load(std::sync::atomic::Ordering::Relaxed) < n {
+            assert!(Instant::now() < deadline, "the TLS load did not get going");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn finish(self) -> TlsReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut total = TlsReport::default();
+        for task in self.tasks {
+            let report = task.await.unwrap();
+            total.ok += report.ok;
+            total.failures.extend(report.failures);
+            for (k, v) in report.by_version {
+                *total.by_version.entry(k).or_default() += v;
+            }
+            for (k, v) in report.bodies {
+                *total.bodies.entry(k).or_default() += v;
+            }
+        }
+        total
+    }
+}
+
+/// The edge with TLS for `hello` (and `world`) from certificate files of `ca`.
+async fn spawn_tls_edge(ca: &TestCa, certs: &std::path::Path, extra_proxy: &str) -> TestApp {
+    let hello = (certs.join("hello.pem"), certs.join("hello.key"));
+    let world = (certs.join("world.pem"), certs.join("world.key"));
+    ca.write_leaf(&["hello.test", "*.hello.test"], &hello.0, &hello.1);
+    ca.write_leaf(&["world.test"], &world.0, &world.1);
+    let tls = |(cert, key): &(std::path::PathBuf, std::path::PathBuf)| {
+        format!(
+            "tls = {{ cert_file = \"{}\", key_file = \"{}\" }}",
+            cert.display(),
+            key.display()
+        )
+    };
+    spawn_app_with(Extra {
+        app: format!(
+            "hosts = [\"hello.test\", \"*.hello.test\"]\n{}",
+            tls(&hello)
+        ),
+        tables: format!(
+            "[proxy]\nhttp = \"127.0.0.1:0\"\nhttps = \"127.0.0.1:0\"\n{extra_proxy}\n{}",
+            world_app(r#""world.test""#, &tls(&world))
+        ),
+        ..Extra::default()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn https_serves_each_host_its_certificate_over_http2_and_http1_with_the_front_doors_limits() {
+    let ca = TestCa::new("Edge Test CA");
+    let certs = tempfile::tempdir().unwrap();
+    let app = spawn_tls_edge(
+        &ca,
+        certs.path(),
+        "redirect_https = true\nhsts_max_age_secs = 600\n[proxy.limits]\nmax_body_bytes = 1024",
+    )
+    .await;
+    let (http, https) = (
+        edge_port(&app, "http").await,
+        edge_port(&app, "https").await,
+    );
+    let ca_file = certs.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let ca_arg = ca_file.to_str().unwrap();
+    let names = ["hello.test", "eu.hello.test", "world.test", "nobody.test"];
+    let tls = |args: &[&str]| {
+        let mut all = vec!["--cacert", ca_arg];
+        all.extend_from_slice(args);
+        curl(https, &names, &all)
+    };
+    let url = |host: &str, path: &str| format!("https://{host}:{https}{path}");
+    let sha = app.repo.commit("Serve over TLS");
+    app.deploy(&sha).await;
+    deploy_by_hand(&app, "world").await;
+
+    for (host, profile) in [
+        ("hello.test", "real1"),
+        ("eu.hello.test", "real1"),
+        ("world.test", "world1"),
+    ] {
+        let h2 = tls(&["--http2", &url(host, "/profile")]);
+        assert_eq!(
+            (h2.status, h2.version.as_str(), h2.body.trim()),
+            (200, "2", profile),
+            "{host}: {h2:?}"
+        );
+        assert!(
+            h2.headers
+                .contains("strict-transport-security: max-age=600"),
+            "{h2:?}"
+        );
+        let h1 = tls(&["--http1.1", &url(host, "/profile")]);
+        assert_eq!(
+            (h1.status, h1.version.as_str(), h1.body.trim()),
+            (200, "1.1", profile),
+            "{host}: {h1:?}"
+        );
+    }
+    // A name no certificate covers gets no handshake; a known one asking for an unknown
+    // host gets the short 404.
+    let refused = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert", ca_arg, "--resolve"])
+        .arg(format!("nobody.test:{https}:127.0.0.1"))
+        .arg(url("nobody.test", "/"))
+        .output()
+        .unwrap();
+    assert!(
+        !refused.status.success(),
+        "a handshake for a name nobody claims"
+    );
+    for version in ["--http2", "--http1.1"] {
+        let unknown = tls(&[version, "-H", "Host: nobody.test", &url("hello.test", "/")]);
+        assert_eq!(
+            (unknown.status, unknown.body.trim()),
+            (404, "404 not found"),
+            "{version}"
+        );
+    }
+
+    // Plain HTTP goes to https, path and query kept.
+    let plain = curl(
+        http,
+        &names,
+        &[&format!("http://hello.test:{http}/a/b?c=d")],
+    );
+    assert_eq!(plain.status, 308, "{plain:?}");
+    let location = format!("location: https://hello.test:{https}/a/b?c=d");
+    assert!(
+        plain.headers.to_lowercase().contains(&location),
+        "{plain:?}"
+    );
+    assert_eq!(
+        curl(http, &names, &[&format!("http://nobody.test:{http}/")]).status,
+        404
+    );
+
+    // Limits: a body over the limit is 413 on both versions, a head over it 431.
+    let big = "x".repeat(2048);
+    for version in ["--http2", "--http1.1"] {
+        let over = tls(&[version, "-d", &big, &url("hello.test", "/")]);
+        assert_eq!(over.status, 413, "{version}: {over:?}");
+    }
+    let small = tls(&["--http2", "-d", "ok", &url("hello.test", "/profile")]);
+    assert_ne!(small.status, 413);
+    let huge_header = format!("X-Big: {}", "y".repeat(70 * 1024));
+    let over = tls(&["--http1.1", "-H", &huge_header, &url("hello.test", "/")]);
+    assert_eq!(over.status, 431, "{over:?}");
+}
+
+#[tokio::test]
+async fn a_replaced_certificate_serves_new_handshakes_and_five_deploys_under_https_load_lose_nothing()
+ {
+    let ca = TestCa::new("Edge Test CA");
+    let certs = tempfile::tempdir().unwrap();
+    let app = spawn_tls_edge(&ca, certs.path(), "").await;
+    let https = edge_port(&app, "https").await;
+    let mut versions = vec![app.deploy(&app.repo.commit("Base")).await];
+    let url = format!("https://hello.test:{https}/");
+
+    let load = TlsLoad::start(
+        url.clone(),
+        "hello.test",
+        https,
+        &ca.pem(),
+        4,
+        Duration::from_secs(240),
+    );
+    load.wait_sent(200).await;
+
+    // Renewal: the files change under open keep-alive and HTTP/2 connections.
+    let renewed = TestCa::new("Renewed CA");
+    renewed.write_leaf(
+        &["hello.test", "*.hello.test"],
+        &certs.path().join("hello.pem"),
+        &certs.path().join("hello.key"),
+    );
+    let renewed_ca = certs.path().join("renewed.pem");
+    std::fs::write(&renewed_ca, renewed.pem()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let fresh = Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--cacert"])
+            .arg(&renewed_ca)
+            .arg("--resolve")
+            .arg(format!("hello.test:{https}:127.0.0.1"))
+            .arg(&url)
+            .output()
+            .unwrap();
+        if fresh.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate was never served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // nghttp2's h2load beside the Rust clients: 4 connections of 8 streams each, for a
+    // bounded time that spans the deploys.
+    let h2load = Command::new("h2load")
+        .args(["-D", "10", "-c", "4", "-m", "8", "--connect-to"])
+        .arg(format!("127.0.0.1:{https}"))
+        .arg(&url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("h2load (Debian's nghttp2-client) is installed");
+    for round in 0..5 {
+        let sha = app.repo.commit(&format!("Round {round}"));
+        versions.push(app.deploy(&sha).await);
+        let before = load.sent.load(std::sync::atomic::Ordering::Relaxed);
+        load.wait_sent(before + 100).await;
+    }
+    let report = load.finish().await;
+    let h2load = tokio::task::spawn_blocking(move || h2load.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let summary = String::from_utf8_lossy(&h2load.stdout).into_owned();
+    println!("h2load: {summary}");
+    let counts = |prefix: &str| -> Vec<u64> {
+        let line = summary
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no `{prefix}` in h2load's output: {summary}"));
+        line.split(|c: char| !c.is_ascii_digit())
+            .filter_map(|n| n.parse().ok())
+            .collect()
+    };
+    // requests: T total, S started, D done, OK succeeded, F failed, E errored, O timeout
+    let requests = counts("requests:");
+    assert!(requests[2] > 100, "h2load sent too little: {summary}");
+    assert_eq!(&requests[3..], &[requests[2], 0, 0, 0], "{summary}");
+    // status codes: N 2xx, 3xx, 4xx, 5xx
+    assert_eq!(counts("status codes:")[0], requests[2], "{summary}");
+
+    println!(
+        "tls load: {} ok, by version {:?}, bodies {:?}",
+        report.ok, report.by_version, report.bodies
+    );
+    assert!(
+        report.failures.is_empty(),
+        "failed: {:?}",
+        &report.failures[..report.failures.len().min(10)]
+    );
+    assert_eq!(
+        report.by_version.len(),
+        2,
+        "both HTTP/1.1 and HTTP/2 served: {:?}",
+        report.by_version
+    );
+    for version in &versions {
+        assert!(
+            report.bodies.contains_key(version),
+            "{version} never served: {:?}",
+            report.bodies
+        );
+    }
+}

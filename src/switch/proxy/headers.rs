@@ -407,6 +407,19 @@ mod tests {
     }
 
     #[test]
+    fn tls_ended_at_the_edge_is_https_to_the_app_and_a_client_cannot_say_otherwise() {
+        let mut headers = HeaderMap::new();
+        headers.insert("host", HeaderValue::from_static("app.test"));
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        let peer = ClientPeer::with_scheme("10.0.0.1".parse().unwrap(), &[], true);
+
+        prepare_request(&mut headers, &peer, &fallback());
+
+        assert_eq!(get(&headers, "x-forwarded-proto"), ["https"]);
+        assert_eq!(get(&headers, "forwarded"), ["for=10.0.0.1;proto=https"]);
+    }
+
+    #[test]
     fn a_request_without_host_gets_the_upstream_address_and_ipv6_is_quoted() {
         let mut headers = HeaderMap::new();
 
