@@ -69,7 +69,12 @@ pub struct TlsConfig {
 }
 
 impl TlsConfig {
-    fn validate(&self, hosts: &[HostName], acme: Option<&AcmeConfig>) -> Result<(), Invalid> {
+    fn validate(
+        &self,
+        hosts: &[HostName],
+        acme: Option<&AcmeConfig>,
+        http: bool,
+    ) -> Result<(), Invalid> {
         let files = self.cert_file.is_some() || self.key_file.is_some();
         require(
             self.acme != files,
@@ -86,6 +91,11 @@ impl TlsConfig {
                 acme.is_some(),
                 "acme",
                 "needs [proxy.acme] with the ACME directory",
+            )?;
+            require(
+                http,
+                "acme",
+                "needs [proxy] http: ACME's HTTP-01 challenge is answered there",
             )?;
             if let Some(wildcard) = hosts.iter().find(|h| h.is_wildcard()) {
                 return Err(Invalid::new(
@@ -222,7 +232,7 @@ pub(super) fn validate(
             )
             .under(&table)?;
             require(!hosts.is_empty(), "tls", "names no hosts to serve").under(&table)?;
-            tls.validate(hosts, proxy.acme.as_ref())
+            tls.validate(hosts, proxy.acme.as_ref(), proxy.http.is_some())
                 .under(&format!("{table}.tls"))?;
         }
     }
@@ -354,7 +364,7 @@ mod tests {
             ),
             (
                 format!(
-                    "[proxy]\nhttps = \"127.0.0.1:0\"\n[proxy.acme]\ndirectory = \"https://acme.test/dir\"\n{}",
+                    "[proxy]\nhttp = \"127.0.0.1:0\"\nhttps = \"127.0.0.1:0\"\n[proxy.acme]\ndirectory = \"https://acme.test/dir\"\n{}",
                     app("hello", "hosts = [\"*.hello.test\"]\ntls = { acme = true }")
                 ),
                 "app.hello.tls.acme: *.hello.test needs a DNS-01 challenge, which nonstop does not answer: give it cert_file and key_file",

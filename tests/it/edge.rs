@@ -600,3 +600,330 @@ async fn a_replaced_certificate_serves_new_handshakes_and_five_deploys_under_htt
         );
     }
 }
+
+/// A tiny DNS answerer for Pebble: every `A` question is answered `127.0.0.1`, anything
+/// else with no records. Returns its port and the names it was asked about.
+async fn loopback_dns() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let port = socket.local_addr().unwrap().port();
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = asked.clone();
+    tokio::spawn(async move {
+        let mut packet = [0u8; 512];
+        loop {
+            let Ok((len, from)) = socket.recv_from(&mut packet).await else {
+                return;
+            };
+            let query = &packet[..len];
+            // Header (12 bytes), then one question: labels, a zero, type and class.
+            let mut at = 12;
+            let mut labels = Vec::new();
+            while at < len && query[at] != 0 {
+                let size = usize::from(query[at]);
+                labels.push(String::from_utf8_lossy(&query[at + 1..at + 1 + size]).into_owned());
+                at += 1 + size;
+            }
+            let question_end = at + 5;
+            if question_end > len {
+                continue;
+            }
+            let qtype = u16::from_be_bytes([query[at + 1], query[at + 2]]);
+            seen.lock().unwrap().push(labels.join("."));
+            let mut answer = Vec::with_capacity(question_end + 16);
+            answer.extend_from_slice(&query[..2]);
+            answer.extend_from_slice(&[0x81, 0x80, 0, 1, 0, u8::from(qtype == 1), 0, 0, 0, 0]);
+            answer.extend_from_slice(&query[12..question_end]);
+            if qtype == 1 {
+                // The name by pointer to the question, A, IN, TTL 60, 4 bytes: 127.0.0.1.
+                answer.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 127, 0, 0, 1]);
+            }
+            let _ = socket.send_to(&answer, from).await;
+        }
+    });
+    (port, asked)
+}
+
+/// Pebble, Let's Encrypt's test ACME server, validating HTTP-01 for real on `http_port`
+/// (names resolved by `dns_port`). Killed on drop.
+struct Pebble {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+    acme_port: u16,
+    management_port: u16,
+}
+
+impl Drop for Pebble {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Pebble {
+    async fn start(http_port: u16, dns_port: u16) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new("Pebble's own TLS");
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        let (cert, key) = ca.leaf(&["localhost", "127.0.0.1"]);
+        std::fs::write(dir.path().join("cert.pem"), cert).unwrap();
+        std::fs::write(dir.path().join("key.pem"), key).unwrap();
+        let (acme_port, management_port) = (unique_port(), unique_port());
+        let config = serde_json::json!({ "pebble": {
+            "listenAddress": format!("127.0.0.1:{acme_port}"),
+            "managementListenAddress": format!("127.0.0.1:{management_port}"),
+            "certificate": dir.path().join("cert.pem"),
+            "privateKey": dir.path().join("key.pem"),
+            "httpPort": http_port,
+            "tlsPort": unique_port(),
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": false,
+        }});
+        std::fs::write(dir.path().join("pebble.json"), config.to_string()).unwrap();
+        let log = std::fs::File::create(dir.path().join("pebble.log")).unwrap();
+        let child = Command::new("pebble")
+            .arg("-config")
+            .arg(dir.path().join("pebble.json"))
+            .arg("-dnsserver")
+            .arg(format!("127.0.0.1:{dns_port}"))
+            // No random sleeps before validating, no nonces refused at random.
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_WFE_NONCEREJECT", "0")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("pebble (Debian's pebble package) is installed");
+        let pebble = Self {
+            child,
+            dir,
+            acme_port,
+            management_port,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", acme_port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "pebble did not start: {}",
+                pebble.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        pebble
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("pebble.log")).unwrap_or_default()
+    }
+
+    fn directory(&self) -> String {
+        format!("https://127.0.0.1:{}/dir", self.acme_port)
+    }
+
+    /// The CA that signs Pebble's own HTTPS.
+    fn tls_ca(&self) -> std::path::PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// The root Pebble issues certificates under, as a file for curl's `--cacert`.
+    async fn issuing_root(&self) -> std::path::PathBuf {
+        let ca = std::fs::read(self.tls_ca()).unwrap();
+        let client = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .build()
+            .unwrap();
+        let url = format!("https://127.0.0.1:{}/roots/0", self.management_port);
+        let root = client.get(url).send().await.unwrap().text().await.unwrap();
+        let path = self.dir.path().join("issuing-root.pem");
+        std::fs::write(&path, root).unwrap();
+        path
+    }
+}
+
+#[tokio::test]
+async fn acme_issues_certificates_for_two_apps_and_nonstop_itself_and_github_deploys_over_https() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dns_port, asked) = loopback_dns().await;
+    let http = unique_port();
+    let pebble = Pebble::start(http, dns_port).await;
+    let app = spawn_app_with(Extra {
+        server: "hosts = [\"deploy.test\"]\ntls = { acme = true }".into(),
+        app: "hosts = [\"hello.test\"]\ntls = { acme = true }".into(),
+        tables: format!(
+            "[proxy]\nhttp = \"127.0.0.1:{http}\"\nhttps = \"127.0.0.1:0\"\nredirect_https = true\n\
+             [proxy.acme]\ndirectory = \"{}\"\ncontact = \"mailto:ops@example.com\"\nca_file = \"{}\"\n{}",
+            pebble.directory(),
+            pebble.tls_ca().display(),
+            world_app(r#""world.test""#, "tls = { acme = true }")
+        ),
+        ..Extra::default()
+    })
+    .await;
+    let https = edge_port(&app, "https").await;
+
+    // Every site gets its certificate at start, proven over HTTP-01 by Pebble itself.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let certificates = loop {
+        let (_, edge) = app.get_json("/api/edge").await;
+        let certificates = edge["certificates"].as_array().cloned().unwrap_or_default();
+        let issued = certificates
+            .iter()
+            .filter(|c| c["not_after"].is_i64())
+            .count();
+        if certificates.len() == 3 && issued == 3 {
+            break certificates;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not issued in 120 s: {edge:#}\npebble: {}\n{}",
+            pebble.log(),
+            app.server_log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for certificate in &certificates {
+        assert!(certificate["error"].is_null(), "{certificate}");
+        assert!(
+            certificate["issuer"]
+                .as_str()
+                .unwrap_or("")
+                .contains("Pebble"),
+            "{certificate}"
+        );
+        let year = 365 * 24 * 60 * 60;
+        let left = certificate["not_after"].as_i64().unwrap() - chrono::Utc::now().timestamp();
+        assert!(
+            left > 30 * 24 * 60 * 60 && left < 10 * year,
+            "{certificate}"
+        );
+    }
+    // Pebble really fetched each challenge from the edge's plain listener (no VA shortcut).
+    let log = pebble.log();
+    for name in ["hello.test", "world.test", "deploy.test"] {
+        let fetched = format!("validate w/ HTTP: http://{name}:{http}/.well-known/acme-challenge/");
+        assert!(
+            log.contains(&fetched),
+            "{name} never validated over HTTP-01:\n{log}"
+        );
+    }
+    assert_eq!(
+        log.matches("set VALID by completed challenge").count(),
+        3,
+        "{log}"
+    );
+    let asked = asked.lock().unwrap().clone();
+    for name in ["hello.test", "world.test", "deploy.test"] {
+        assert!(
+            asked.iter().any(|a| a == name),
+            "Pebble never looked up {name}: {asked:?}"
+        );
+    }
+    let acme_dir = app.data_dir().join("acme");
+    for file in [
+        "account.json",
+        "app.hello/key.pem",
+        "app.hello/cert.pem",
+        "server/key.pem",
+    ] {
+        let mode = std::fs::metadata(acme_dir.join(file))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{file}: {mode:o}");
+    }
+
+    // GitHub's webhook reaches nonstop over HTTPS through the edge and deploys.
+    let root = pebble.issuing_root().await;
+    let root = root.to_str().unwrap();
+    let names = ["hello.test", "world.test", "deploy.test"];
+    let sha = app.repo.commit("Deploy over HTTPS");
+    let body = crate::common::push_payload("refs/heads/main", &sha, crate::common::REPOSITORY);
+    let body_file = app.dir.path().join("push.json");
+    std::fs::write(&body_file, &body).unwrap();
+    let signature = format!("X-Hub-Signature-256: {}", crate::common::sign(&body));
+    let delivery = format!("X-GitHub-Delivery: over-https-{sha}");
+    let data = format!("@{}", body_file.display());
+    let hook = curl(
+        https,
+        &names,
+        &[
+            "--cacert",
+            root,
+            "--http2",
+            "-H",
+            "X-GitHub-Event: push",
+            "-H",
+            &delivery,
+            "-H",
+            &signature,
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            &data,
+            &format!("https://deploy.test:{https}/hooks/github"),
+        ],
+    );
+    assert_eq!((hook.status, hook.version.as_str()), (202, "2"), "{hook:?}");
+    let answer: Value = serde_json::from_str(&hook.body).unwrap();
+    let done = app
+        .wait_finished(answer["deployment_id"].as_i64().unwrap())
+        .await;
+    assert_eq!(done["deployment"]["status"], "succeeded", "{done:#}");
+    let version = done["deployment"]["version"].as_str().unwrap();
+    deploy_by_hand(&app, "world").await;
+
+    for (host, path, expected) in [
+        ("hello.test", "/", version),
+        ("hello.test", "/profile", "real1"),
+        ("world.test", "/profile", "world1"),
+    ] {
+        for protocol in ["--http2", "--http1.1"] {
+            let seen = curl(
+                https,
+                &names,
+                &[
+                    "--cacert",
+                    root,
+                    protocol,
+                    &format!("https://{host}:{https}{path}"),
+                ],
+            );
+            assert_eq!(
+                (seen.status, seen.body.trim()),
+                (200, expected),
+                "{host} {protocol}: {seen:?}"
+            );
+        }
+    }
+    // The challenge path was answered on plain HTTP despite redirect_https; everything
+    // else there is redirected.
+    let plain = curl(http, &names, &[&format!("http://hello.test:{http}/")]);
+    assert_eq!(plain.status, 308, "{plain:?}");
+}
+
+#[tokio::test]
+async fn the_edge_runs_in_the_proxy_process_and_follows_its_switches() {
+    let http = unique_port();
+    let app = spawn_app_with(Extra {
+        proxy_process: true,
+        app: r#"hosts = ["hello.test"]"#.into(),
+        tables: format!("[proxy]\nhttp = \"127.0.0.1:{http}\"\n"),
+        ..Extra::default()
+    })
+    .await;
+    let served = || {
+        curl(
+            http,
+            &["hello.test"],
+            &[&format!("http://hello.test:{http}/")],
+        )
+    };
+    let first = app.deploy(&app.repo.commit("First")).await;
+    assert_eq!(served().body.trim(), first);
+    let second = app.deploy(&app.repo.commit("Second")).await;
+    assert_eq!(served().body.trim(), second);
+    let log = std::fs::read_to_string(app.dir.path().join("proxy.log")).unwrap();
+    assert!(log.contains("edge listening"), "{log}");
+    assert!(
+        !app.server_log().contains("edge listening"),
+        "serve runs no edge of its own"
+    );
+}

@@ -119,6 +119,7 @@ impl Edge {
         let mut names: Vec<&[HostName]> = Vec::new();
         let mut specs = Vec::new();
         let mut default_site = None;
+        let mut acme_sites = Vec::new();
         let data_dir = config.data_dir();
         if !config.server.hosts.is_empty() {
             let address = own_server.ok_or_else(|| {
@@ -134,6 +135,12 @@ impl Edge {
             });
             names.push(&config.server.hosts);
             if let Some(tls) = &config.server.tls {
+                if tls.acme {
+                    acme_sites.push(acme::AcmeSite {
+                        owner: "server".into(),
+                        names: config.server.hosts.iter().map(|h| h.to_string()).collect(),
+                    });
+                }
                 specs.push(cert_spec(
                     "server",
                     &config.server.hosts,
@@ -161,6 +168,12 @@ impl Edge {
             names.push(&app.hosts);
             if let Some(tls) = &app.tls {
                 let owner = format!("app.{}", app.name);
+                if tls.acme {
+                    acme_sites.push(acme::AcmeSite {
+                        owner: owner.clone(),
+                        names: app.hosts.iter().map(|h| h.to_string()).collect(),
+                    });
+                }
                 specs.push(cert_spec(
                     &owner,
                     &app.hosts,
@@ -203,9 +216,21 @@ impl Edge {
             http_admission: Admission::new(limits, trusted.clone()),
             https_admission: Admission::new(limits, trusted),
         };
-        Self::start(shared, proxy.http, proxy.https, certificates)
-            .await
-            .map(Some)
+        let edge = Self::start(shared, proxy.http, proxy.https, certificates, &data_dir).await?;
+        if let (Some(acme), Some(certificates)) = (&proxy.acme, &edge.certificates)
+            && !acme_sites.is_empty()
+        {
+            tokio::spawn(acme::keep(
+                acme.clone(),
+                config.base_dir.clone(),
+                data_dir,
+                acme_sites,
+                Arc::clone(certificates),
+                edge.challenges.clone(),
+                edge.shutdown.subscribe(),
+            ));
+        }
+        Ok(Some(edge))
     }
 
     async fn start(
@@ -213,6 +238,7 @@ impl Edge {
         http: Option<SocketAddr>,
         https: Option<SocketAddr>,
         certificates: Option<Arc<Certificates>>,
+        data_dir: &Path,
     ) -> Result<Arc<Edge>, SwitchError> {
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
         let http = bind_all(http, workers)?;
@@ -236,8 +262,10 @@ impl Edge {
                 .spawn(move || worker::run(listeners, shared, shutdown_rx))?;
         }
         if let Some(certificates) = &certificates {
+            save_status(certificates, data_dir);
             tokio::spawn(reload_certificates(
                 Arc::clone(certificates),
+                data_dir.to_owned(),
                 shutdown_rx.clone(),
             ));
         }
@@ -315,7 +343,28 @@ fn bind_all(
     Ok(all)
 }
 
-async fn reload_certificates(certificates: Arc<Certificates>, mut shutdown: watch::Receiver<bool>) {
+/// Where the edge keeps what it knows about its certificates, for the API (which may run in
+/// another process than the edge).
+pub fn status_file(data_dir: &Path) -> std::path::PathBuf {
+    data_dir.join("edge-certificates.json")
+}
+
+/// Writes every certificate's state to [`status_file`] (whole, temp + rename).
+fn save_status(certificates: &Certificates, data_dir: &Path) {
+    let path = status_file(data_dir);
+    let temp = path.with_extension("tmp");
+    let text = serde_json::to_vec(&certificates.status()).unwrap_or_default();
+    let saved = std::fs::write(&temp, text).and_then(|()| std::fs::rename(&temp, &path));
+    if let Err(err) = saved {
+        tracing::warn!(path = %path.display(), error = %err, "could not save the certificates' state");
+    }
+}
+
+async fn reload_certificates(
+    certificates: Arc<Certificates>,
+    data_dir: std::path::PathBuf,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut every = tokio::time::interval(CERT_RELOAD_INTERVAL);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -323,8 +372,13 @@ async fn reload_certificates(certificates: Arc<Certificates>, mut shutdown: watc
             _ = every.tick() => {}
             _ = shutdown.wait_for(|stopping| *stopping) => return,
         }
-        let certificates = Arc::clone(&certificates);
+        let (certificates, data_dir) = (Arc::clone(&certificates), data_dir.clone());
         // Reading files blocks; a slow disk must not hold up the runtime.
-        let _ = tokio::task::spawn_blocking(move || certificates.reload()).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            if certificates.reload() {
+                save_status(&certificates, &data_dir);
+            }
+        })
+        .await;
     }
 }
