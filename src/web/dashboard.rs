@@ -93,6 +93,41 @@ struct OverviewPage {
     csrf: Option<String>,
     apps: Vec<AppCard>,
     deployments: Vec<DeploymentView>,
+    /// The shared edge's certificates: whose, for which names, issuer, expiry, last error.
+    certificates: Vec<CertificateRow>,
+}
+
+struct CertificateRow {
+    owner: String,
+    names: String,
+    source: &'static str,
+    issuer: String,
+    expires: String,
+    error: Option<String>,
+}
+
+/// What the edge (in this process or in `nonstop proxy`) last wrote about its certificates.
+async fn certificate_rows(state: &AppState) -> Vec<CertificateRow> {
+    let path = crate::switch::edge::status_file(&state.config.data_dir());
+    let Ok(text) = tokio::fs::read(&path).await else {
+        return Vec::new();
+    };
+    let statuses: Vec<crate::switch::edge::CertStatus> =
+        serde_json::from_slice(&text).unwrap_or_default();
+    statuses
+        .into_iter()
+        .map(|status| CertificateRow {
+            owner: status.owner,
+            names: status.names.join(", "),
+            source: if status.acme { "ACME" } else { "files" },
+            issuer: status.issuer.unwrap_or_default(),
+            expires: status
+                .not_after
+                .map(|at| super::views::utc(at.saturating_mul(1000)))
+                .unwrap_or_else(|| "none yet".into()),
+            error: status.error,
+        })
+        .collect()
 }
 
 async fn overview(
@@ -168,6 +203,7 @@ async fn overview(
         csrf: csrf_of(&state, &headers),
         apps,
         deployments: recent.iter().map(|d| DeploymentView::new(d, now)).collect(),
+        certificates: certificate_rows(&state).await,
     })
 }
 

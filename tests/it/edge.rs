@@ -830,6 +830,17 @@ async fn acme_issues_certificates_for_two_apps_and_nonstop_itself_and_github_dep
         assert_eq!(mode & 0o777, 0o600, "{file}: {mode:o}");
     }
 
+    // The dashboard shows each certificate: for whom, from where, its issuer and expiry.
+    let (status, page) = app.get_text("/").await;
+    assert_eq!(status, 200);
+    for owner in ["app.hello", "app.world", "server"] {
+        assert!(
+            page.contains(&format!("data-certificate=\"{owner}\"")),
+            "{owner}: {page}"
+        );
+    }
+    assert!(page.contains("Pebble Intermediate CA"), "{page}");
+
     // GitHub's webhook reaches nonstop over HTTPS through the edge and deploys.
     let root = pebble.issuing_root().await;
     let root = root.to_str().unwrap();
@@ -926,4 +937,48 @@ async fn the_edge_runs_in_the_proxy_process_and_follows_its_switches() {
         !app.server_log().contains("edge listening"),
         "serve runs no edge of its own"
     );
+}
+
+#[tokio::test]
+async fn an_acme_failure_is_shown_with_the_certificate_and_retried() {
+    let app = spawn_app_with(Extra {
+        app: "hosts = [\"hello.test\"]\ntls = { acme = true }".into(),
+        // Nothing listens on port 1: every attempt fails at once.
+        tables: "[proxy]\nhttp = \"127.0.0.1:0\"\nhttps = \"127.0.0.1:0\"\n\
+                 [proxy.acme]\ndirectory = \"https://127.0.0.1:1/dir\"\n"
+            .into(),
+        ..Extra::default()
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let certificate = loop {
+        let (_, edge) = app.get_json("/api/edge").await;
+        let certificate = edge["certificates"][0].clone();
+        if certificate["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("ACME"))
+        {
+            break certificate;
+        }
+        assert!(Instant::now() < deadline, "no ACME error shown: {edge:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(certificate["owner"], "app.hello");
+    assert!(certificate["not_after"].is_null(), "{certificate}");
+    assert_eq!(
+        app.get_json("/api/edge").await.1["routes"][0],
+        serde_json::json!({ "host": "hello.test", "to": "app.hello" })
+    );
+    let (_, page) = app.get_text("/").await;
+    assert!(page.contains("status-failed\">ACME"), "{page}");
+    // The first retry comes 5 s after the first failure.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while app.server_log().matches("ACME failed").count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "never retried:\n{}",
+            app.server_log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

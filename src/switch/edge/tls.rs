@@ -14,7 +14,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::HostName;
 
@@ -34,7 +34,7 @@ pub struct CertSpec {
 }
 
 /// What is known about one certificate, for the API and the dashboard.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CertStatus {
     pub owner: String,
     pub names: Vec<String>,
