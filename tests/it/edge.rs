@@ -982,3 +982,24 @@ async fn an_acme_failure_is_shown_with_the_certificate_and_retried() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test]
+async fn a_client_naming_no_host_gets_the_default_apps_certificate_and_app() {
+    let ca = TestCa::new("Edge Test CA");
+    let certs = tempfile::tempdir().unwrap();
+    let app = spawn_tls_edge(&ca, certs.path(), "default_app = \"world\"").await;
+    let https = edge_port(&app, "https").await;
+    deploy_by_hand(&app, "world").await;
+    // An IP address is no SNI name: the default app's certificate (not checked here: it
+    // names world.test), and its app for a host nobody claims.
+    let seen = curl(
+        https,
+        &[],
+        &[
+            "-k",
+            "--http2",
+            &format!("https://127.0.0.1:{https}/profile"),
+        ],
+    );
+    assert_eq!((seen.status, seen.body.trim()), (200, "world1"), "{seen:?}");
+}

@@ -184,7 +184,10 @@ impl Edge {
             }
         }
         let routes = Routes::new(names, default_site);
-        let certificates = proxy.https.map(|_| Certificates::load(specs));
+        let default_owner = proxy.default_app.as_ref().map(|app| format!("app.{app}"));
+        let certificates = proxy
+            .https
+            .map(|_| Certificates::load(specs, default_owner));
         let tls = match &certificates {
             Some(certificates) => Some(tokio_rustls::TlsAcceptor::from(
                 certificates

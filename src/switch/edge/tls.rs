@@ -50,6 +50,8 @@ pub struct CertStatus {
 struct Table {
     exact: HashMap<String, Arc<CertifiedKey>>,
     wildcard: HashMap<String, Arc<CertifiedKey>>,
+    /// For a client that names no host (no SNI, or an IP address): the default site's.
+    default: Option<Arc<CertifiedKey>>,
 }
 
 /// The files' state when they were last read: a change of either means read again.
@@ -70,6 +72,8 @@ struct Slot {
 pub struct Certificates {
     table: ArcSwap<Table>,
     slots: Mutex<Vec<Slot>>,
+    /// Whose certificate a client without SNI gets (`proxy.default_app`'s).
+    default_owner: Option<String>,
 }
 
 impl std::fmt::Debug for Certificates {
@@ -80,7 +84,7 @@ impl std::fmt::Debug for Certificates {
 
 impl Certificates {
     /// Reads every file once; what cannot be read yet is retried by [`Self::reload`].
-    pub fn load(specs: Vec<CertSpec>) -> Arc<Self> {
+    pub fn load(specs: Vec<CertSpec>, default_owner: Option<String>) -> Arc<Self> {
         let slots = specs
             .into_iter()
             .map(|spec| Slot {
@@ -98,6 +102,7 @@ impl Certificates {
         let certificates = Arc::new(Self {
             table: ArcSwap::from_pointee(Table::default()),
             slots: Mutex::new(slots),
+            default_owner,
         });
         certificates.reload();
         certificates
@@ -138,6 +143,9 @@ impl Certificates {
             let mut table = Table::default();
             for slot in slots.iter() {
                 let Some(key) = &slot.key else { continue };
+                if self.default_owner.as_deref() == Some(slot.spec.owner.as_str()) {
+                    table.default = Some(key.clone());
+                }
                 for name in &slot.spec.names {
                     match name.as_str().strip_prefix("*.") {
                         Some(below) => table.wildcard.insert(below.to_owned(), key.clone()),
@@ -180,8 +188,10 @@ impl Certificates {
 
 impl ResolvesServerCert for Certificates {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let name = hello.server_name()?;
         let table = self.table.load();
+        let Some(name) = hello.server_name() else {
+            return table.default.clone();
+        };
         // rustls hands the SNI name over lowercased already.
         if let Some(key) = table.exact.get(name) {
             return Some(key.clone());
