@@ -401,13 +401,17 @@ struct LoginForm {
 async fn login(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, AppError> {
+    // Through the edge every login comes from this host: the throttle counts the client
+    // the edge saw, so one client's wrong tokens cannot lock everyone else out.
+    let client = super::client_ip(peer, &headers);
     let form: LoginForm = serde_urlencoded::from_bytes(&body)
         .map_err(|err| AppError::BadRequest(format!("malformed login form: {err}")))?;
     let next = after_login(form.next.as_deref()).to_owned();
     let throttle = state.sessions.throttle();
-    if let Err(wait) = throttle.check(peer.ip(), now_ms()) {
+    if let Err(wait) = throttle.check(client, now_ms()) {
         // Rounded up: a client told to come back a moment too early is refused again.
         let wait = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
         return login_refused(
@@ -418,7 +422,7 @@ async fn login(
         );
     }
     if !token_matches(Some(form.token.trim()), &state.admin_token) {
-        throttle.failed(peer.ip(), now_ms());
+        throttle.failed(client, now_ms());
         return login_refused(
             StatusCode::UNAUTHORIZED,
             "That is not the admin token.".into(),
@@ -426,7 +430,7 @@ async fn login(
             next,
         );
     }
-    throttle.succeeded(peer.ip());
+    throttle.succeeded(client);
     let cookie = state.sessions.start(&state.admin_token, now_ms()).await?;
     Ok(([(header::SET_COOKIE, cookie)], Redirect::to(&next)).into_response())
 }
