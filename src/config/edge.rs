@@ -69,12 +69,7 @@ pub struct TlsConfig {
 }
 
 impl TlsConfig {
-    fn validate(
-        &self,
-        hosts: &[HostName],
-        acme: Option<&AcmeConfig>,
-        http: bool,
-    ) -> Result<(), Invalid> {
+    fn validate(&self, hosts: &[HostName], acme: Option<&AcmeConfig>) -> Result<(), Invalid> {
         let files = self.cert_file.is_some() || self.key_file.is_some();
         require(
             self.acme != files,
@@ -91,11 +86,6 @@ impl TlsConfig {
                 acme.is_some(),
                 "acme",
                 "needs [proxy.acme] with the ACME directory",
-            )?;
-            require(
-                http,
-                "acme",
-                "needs [proxy] http: ACME's HTTP-01 challenge is answered there",
             )?;
             if let Some(wildcard) = hosts.iter().find(|h| h.is_wildcard()) {
                 return Err(Invalid::new(
@@ -232,7 +222,7 @@ pub(super) fn validate(
             )
             .under(&table)?;
             require(!hosts.is_empty(), "tls", "names no hosts to serve").under(&table)?;
-            tls.validate(hosts, proxy.acme.as_ref(), proxy.http.is_some())
+            tls.validate(hosts, proxy.acme.as_ref())
                 .under(&format!("{table}.tls"))?;
         }
     }

@@ -643,8 +643,8 @@ async fn loopback_dns() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) 
     (port, asked)
 }
 
-/// Pebble, Let's Encrypt's test ACME server, validating HTTP-01 for real on `http_port`
-/// (names resolved by `dns_port`). Killed on drop.
+/// Pebble, Let's Encrypt's test ACME server, validating HTTP-01 for real on `http_port` and
+/// TLS-ALPN-01 on `tls_port` (names resolved by `dns_port`). Killed on drop.
 struct Pebble {
     child: std::process::Child,
     dir: tempfile::TempDir,
@@ -660,7 +660,7 @@ impl Drop for Pebble {
 }
 
 impl Pebble {
-    async fn start(http_port: u16, dns_port: u16) -> Self {
+    async fn start(http_port: u16, tls_port: u16, dns_port: u16) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ca = TestCa::new("Pebble's own TLS");
         std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
@@ -674,7 +674,7 @@ impl Pebble {
             "certificate": dir.path().join("cert.pem"),
             "privateKey": dir.path().join("key.pem"),
             "httpPort": http_port,
-            "tlsPort": unique_port(),
+            "tlsPort": tls_port,
             "ocspResponderURL": "",
             "externalAccountBindingRequired": false,
         }});
@@ -743,7 +743,7 @@ async fn acme_issues_certificates_for_two_apps_and_nonstop_itself_and_github_dep
     use std::os::unix::fs::PermissionsExt;
     let (dns_port, asked) = loopback_dns().await;
     let http = unique_port();
-    let pebble = Pebble::start(http, dns_port).await;
+    let pebble = Pebble::start(http, unique_port(), dns_port).await;
     let app = spawn_app_with(Extra {
         server: "hosts = [\"deploy.test\"]\ntls = { acme = true }".into(),
         app: "hosts = [\"hello.test\"]\ntls = { acme = true }".into(),
@@ -1002,4 +1002,55 @@ async fn a_client_naming_no_host_gets_the_default_apps_certificate_and_app() {
         ],
     );
     assert_eq!((seen.status, seen.body.trim()), (200, "world1"), "{seen:?}");
+}
+
+#[tokio::test]
+async fn without_a_plain_listener_acme_proves_the_names_over_tls_alpn_01() {
+    let (dns_port, _) = loopback_dns().await;
+    let https = unique_port();
+    let pebble = Pebble::start(unique_port(), https, dns_port).await;
+    let app = spawn_app_with(Extra {
+        app: "hosts = [\"hello.test\"]\ntls = { acme = true }".into(),
+        tables: format!(
+            "[proxy]\nhttps = \"127.0.0.1:{https}\"\n[proxy.acme]\ndirectory = \"{}\"\nca_file = \"{}\"\n",
+            pebble.directory(),
+            pebble.tls_ca().display(),
+        ),
+        ..Extra::default()
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, edge) = app.get_json("/api/edge").await;
+        if edge["certificates"][0]["not_after"].is_i64() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not issued: {edge:#}\npebble: {}\n{}",
+            pebble.log(),
+            app.server_log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // No plain listener: Pebble could only have validated over TLS-ALPN-01.
+    let log = pebble.log();
+    assert!(log.contains("set VALID by completed challenge"), "{log}");
+    assert!(
+        app.server_log().contains("TlsAlpn01"),
+        "{}",
+        app.server_log()
+    );
+    app.deploy(&app.repo.commit("Over TLS-ALPN-01")).await;
+    let root = pebble.issuing_root().await;
+    let seen = curl(
+        https,
+        &["hello.test"],
+        &[
+            "--cacert",
+            root.to_str().unwrap(),
+            &format!("https://hello.test:{https}/profile"),
+        ],
+    );
+    assert_eq!((seen.status, seen.body.trim()), (200, "real1"), "{seen:?}");
 }

@@ -1,6 +1,6 @@
 //! Automatic certificates (RFC 8555) for the sites with `tls = { acme = true }`: one
 //! certificate per site covering its names, proven by HTTP-01 on the edge's plain listener
-//! ([`Challenges`]). At start, every site without a certificate valid past the renewal
+//! ([`Challenges`]), or by TLS-ALPN-01 on its TLS listener when there is no plain one. At start, every site without a certificate valid past the renewal
 //! window is issued one; each is renewed `renew_before` its expiry; a failure is retried
 //! with a doubling backoff and shown with the certificate (`Certificates::set_error`). The
 //! account key and the certificates live under `data_dir/acme`, every file 0600. This
@@ -38,8 +38,10 @@ pub enum AcmeError {
         name: String,
         status: AuthorizationStatus,
     },
-    #[error("ACME: {0} offers no http-01 challenge")]
-    NoHttpChallenge(String),
+    #[error("ACME: {name} offers no {kind} challenge")]
+    NoChallenge { name: String, kind: &'static str },
+    #[error("ACME: the TLS-ALPN-01 certificate for {name}: {reason}")]
+    AlpnCertificate { name: String, reason: String },
     #[error("ACME: the order ended {0:?}")]
     Order(OrderStatus),
     #[error("ACME: {path}: {source}")]
@@ -81,9 +83,20 @@ pub fn retry_after(failures: u32) -> Duration {
         .min(MAX_RETRY)
 }
 
+/// How the sites prove they own their names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proof {
+    /// A file under `/.well-known/acme-challenge/` on the plain listener.
+    Http01,
+    /// A certificate for the `acme-tls/1` protocol on the TLS listener.
+    TlsAlpn01,
+}
+
 /// Keeps the certificates of `sites` issued and renewed until `shutdown`.
+#[allow(clippy::too_many_arguments)]
 pub async fn keep(
     config: AcmeConfig,
+    proof: Proof,
     base_dir: PathBuf,
     data_dir: PathBuf,
     sites: Vec<AcmeSite>,
@@ -117,7 +130,7 @@ pub async fn keep(
                 let Some(account) = &account else {
                     unreachable!("the account was just opened");
                 };
-                issue(account, site, &data_dir, &challenges).await
+                issue(account, site, &data_dir, proof, &challenges, &certificates).await
             };
             match issued.await {
                 Ok(()) => {
@@ -201,7 +214,9 @@ async fn issue(
     account: &Account,
     site: &AcmeSite,
     data_dir: &Path,
+    proof: Proof,
     challenges: &Challenges,
+    certificates: &Certificates,
 ) -> Result<(), AcmeError> {
     let identifiers: Vec<Identifier> = site.names.iter().cloned().map(Identifier::Dns).collect();
     let mut order = account.new_order(&NewOrder::new(&identifiers)).await?;
@@ -216,14 +231,37 @@ async fn issue(
                 AuthorizationStatus::Valid => continue,
                 status => return Err(AcmeError::Authorization { name, status }),
             }
-            let mut challenge = authorization
-                .challenge(ChallengeType::Http01)
-                .ok_or_else(|| AcmeError::NoHttpChallenge(name.clone()))?;
-            challenges.publish(
-                challenge.token.clone(),
-                challenge.key_authorization().as_str().to_owned(),
-            );
-            published.push(challenge.token.clone());
+            let (kind, label) = match proof {
+                Proof::Http01 => (ChallengeType::Http01, "http-01"),
+                Proof::TlsAlpn01 => (ChallengeType::TlsAlpn01, "tls-alpn-01"),
+            };
+            let mut challenge =
+                authorization
+                    .challenge(kind)
+                    .ok_or_else(|| AcmeError::NoChallenge {
+                        name: name.clone(),
+                        kind: label,
+                    })?;
+            let key_authorization = challenge.key_authorization();
+            match proof {
+                Proof::Http01 => {
+                    challenges.publish(
+                        challenge.token.clone(),
+                        key_authorization.as_str().to_owned(),
+                    );
+                    published.push(challenge.token.clone());
+                }
+                Proof::TlsAlpn01 => {
+                    certificates
+                        .publish_challenge(&name, key_authorization.digest().as_ref())
+                        .map_err(|reason| AcmeError::AlpnCertificate {
+                            name: name.clone(),
+                            reason,
+                        })?;
+                    published.push(name.clone());
+                }
+            }
+            tracing::info!(%name, ?proof, "ACME challenge answered");
             challenge.set_ready().await?;
         }
         Ok(())
@@ -236,8 +274,11 @@ async fn issue(
         Ok(()) => order.poll_ready(&retries).await.map_err(AcmeError::from),
         Err(err) => Err(err),
     };
-    for token in &published {
-        challenges.withdraw(token);
+    for published in &published {
+        match proof {
+            Proof::Http01 => challenges.withdraw(published),
+            Proof::TlsAlpn01 => certificates.withdraw_challenge(published),
+        }
     }
     match ready? {
         OrderStatus::Ready => {}

@@ -223,8 +223,15 @@ impl Edge {
         if let (Some(acme), Some(certificates)) = (&proxy.acme, &edge.certificates)
             && !acme_sites.is_empty()
         {
+            // HTTP-01 wherever there is a plain listener (it works behind any TLS setup);
+            // TLS-ALPN-01 on the TLS listener otherwise.
+            let proof = match proxy.http {
+                Some(_) => acme::Proof::Http01,
+                None => acme::Proof::TlsAlpn01,
+            };
             tokio::spawn(acme::keep(
                 acme.clone(),
+                proof,
                 config.base_dir.clone(),
                 data_dir,
                 acme_sites,

@@ -18,8 +18,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::HostName;
 
-/// The protocols the TLS listener offers, preferred first.
-pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+/// The protocols the TLS listener offers, preferred first; the last one only ever answers
+/// ACME's TLS-ALPN-01 validation (RFC 8737), which asks for nothing else.
+pub const ALPN: [&[u8]; 3] = [b"h2", b"http/1.1", ACME_TLS_ALPN];
+
+/// ACME's TLS-ALPN-01 protocol name.
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
 /// One certificate's place: the names it serves and its files.
 #[derive(Debug, Clone)]
@@ -71,6 +75,8 @@ struct Slot {
 /// Every site's certificate, swapped whole when one changes.
 pub struct Certificates {
     table: ArcSwap<Table>,
+    /// TLS-ALPN-01 challenge certificates by name, while ACME waits for validation.
+    challenges: Mutex<HashMap<String, Arc<CertifiedKey>>>,
     slots: Mutex<Vec<Slot>>,
     /// Whose certificate a client without SNI gets (`proxy.default_app`'s).
     default_owner: Option<String>,
@@ -101,6 +107,7 @@ impl Certificates {
             .collect();
         let certificates = Arc::new(Self {
             table: ArcSwap::from_pointee(Table::default()),
+            challenges: Mutex::new(HashMap::new()),
             slots: Mutex::new(slots),
             default_owner,
         });
@@ -158,6 +165,31 @@ impl Certificates {
         changed
     }
 
+    /// Answers TLS-ALPN-01 for `name` with a self-signed certificate carrying the key
+    /// authorization's digest (RFC 8737 §3), until [`Self::withdraw_challenge`].
+    pub fn publish_challenge(&self, name: &str, digest: &[u8]) -> Result<(), String> {
+        let digest: [u8; 32] = digest
+            .try_into()
+            .map_err(|_| "the key authorization digest is not 32 bytes".to_owned())?;
+        let mut params =
+            rcgen::CertificateParams::new(vec![name.to_owned()]).map_err(|e| e.to_string())?;
+        params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(&digest)];
+        let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+        let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
+        let key_der = PrivateKeyDer::try_from(key.serialize_der())?;
+        let signing =
+            rustls::crypto::ring::sign::any_supported_type(&key_der).map_err(|e| e.to_string())?;
+        let certified = Arc::new(CertifiedKey::new(vec![cert.der().clone()], signing));
+        let mut challenges = self.challenges.lock().unwrap_or_else(|p| p.into_inner());
+        challenges.insert(name.to_owned(), certified);
+        Ok(())
+    }
+
+    pub fn withdraw_challenge(&self, name: &str) {
+        let mut challenges = self.challenges.lock().unwrap_or_else(|p| p.into_inner());
+        challenges.remove(name);
+    }
+
     /// Every certificate's state.
     pub fn status(&self) -> Vec<CertStatus> {
         let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
@@ -188,6 +220,14 @@ impl Certificates {
 
 impl ResolvesServerCert for Certificates {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let acme = hello
+            .alpn()
+            .is_some_and(|mut offered| offered.all(|p| p == ACME_TLS_ALPN));
+        if acme {
+            let name = hello.server_name()?;
+            let challenges = self.challenges.lock().unwrap_or_else(|p| p.into_inner());
+            return challenges.get(name).cloned();
+        }
         let table = self.table.load();
         let Some(name) = hello.server_name() else {
             return table.default.clone();

@@ -307,6 +307,9 @@ async fn serve_connection(
         (Some(acceptor), true) => {
             let handshake_time = Duration::from_secs(local.shared.limits.header_read_timeout_secs);
             match tokio::time::timeout(handshake_time, acceptor.accept(stream)).await {
+                // A TLS-ALPN-01 validation ends with its handshake (RFC 8737 §3).
+                Ok(Ok(stream))
+                    if stream.get_ref().1.alpn_protocol() == Some(super::tls::ACME_TLS_ALPN) => {}
                 Ok(Ok(stream)) => serve_http(stream, client_addr, tls, local, client).await,
                 Ok(Err(err)) => debug!(client = %client_addr, error = %err, "TLS handshake failed"),
                 Err(_) => debug!(client = %client_addr, "TLS handshake timed out"),
