@@ -27,6 +27,9 @@
 #   NONSTOP_HEALTH_INTERVAL_MS  default 250
 #   NONSTOP_SWITCH_URL          nonstop's switch endpoint (empty: switch nginx instead)
 #   NONSTOP_SWITCH_TOKEN        bearer token for it
+#   NONSTOP_DRAIN_URL           nonstop's drain endpoint, called before an instance is stopped
+#                               (empty: stop at once)
+#   NONSTOP_DRAIN_TIMEOUT_SECS  how long that drain may take, default 30
 # Fleet fallback, when NONSTOP_SWITCH_URL is empty (nginx in front, the classic recipe):
 #   NONSTOP_NGINX_INCLUDE       the file nginx includes: `set $service_url http://127.0.0.1:<port>;`
 #   NONSTOP_NGINX_BIN           default nginx
@@ -309,6 +312,7 @@ stop_instance() {
     return 0
   fi
 
+  drain_instance "$port"
   log "stopping pid $pid on port $port (SIGTERM)"
   # The app leads its own process group (setsid): signal the group, so that anything it
   # started goes too.
@@ -330,6 +334,36 @@ stop_instance() {
   fi
   rm -f "$file"
   log "stopped pid $pid (port $port)"
+}
+
+# Before the instance on port $1 is stopped: nonstop's proxy waits until the connections
+# still open there (WebSockets, streams) have closed, up to the app's drain_timeout_secs,
+# then closes the rest, and says so in one line for the log. Without a drain URL (a fleet
+# host behind nginx), or when the drain cannot be reached, the stop goes on at once; a
+# drain refused because the port is live stops this script: that instance serves traffic.
+drain_instance() {
+  local port=$1 timeout=${NONSTOP_DRAIN_TIMEOUT_SECS:-30} response status body
+  [[ -n ${NONSTOP_DRAIN_URL:-} ]] || return 0
+  require_number NONSTOP_DRAIN_TIMEOUT_SECS "$timeout"
+  # The token goes in on stdin (-H @-), as for the switch.
+  if response=$(
+    printf 'Authorization: Bearer %s\n' "${NONSTOP_SWITCH_TOKEN:-}" |
+      curl -sS --max-time $((timeout + 15)) -X POST -H @- -H 'Content-Type: application/json' \
+        -d "{\"port\": $port}" -w '\n%{http_code}' "$NONSTOP_DRAIN_URL" 2>&1
+  ); then
+    status=${response##*$'\n'}
+    body=${response%$'\n'*}
+    if [[ $status =~ ^2[0-9][0-9]$ && $body =~ \"line\":\"([^\"]*)\" ]]; then
+      log "${BASH_REMATCH[1]}"
+      return 0
+    fi
+    if [[ $status == 409 && $body == *"is live"* ]]; then
+      die "port $port is live: refusing to stop the instance serving traffic ($(one_line "$body"))"
+    fi
+    warn "the drain at $NONSTOP_DRAIN_URL answered $status: $(one_line "$body"); stopping at once"
+  else
+    warn "could not reach the drain at $NONSTOP_DRAIN_URL: $(one_line "$response"); stopping at once"
+  fi
 }
 
 # Closes every open fd above 2 of this (sub)shell, so that a child started next inherits

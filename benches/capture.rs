@@ -113,7 +113,7 @@ async fn main() {
     })
     .await;
     let build = measure(|| async {
-        let built = nonstop::pipeline::build::run(nonstop::pipeline::build::BuildInput {
+        let input = nonstop::pipeline::build::BuildInput {
             app: &app,
             checkout: dir.path(),
             version: "1.0.0",
@@ -121,8 +121,9 @@ async fn main() {
             branch: "main",
             env: &nonstop::app_env::AppEnv::default(),
             env_change: None,
-        })
-        .await;
+        };
+        // What the pipeline does: every line also goes to a console.
+        let built = nonstop::pipeline::build::run(input, &mut nonstop::process::Discard).await;
         match built {
             Ok(done) => done.log.len(),
             Err(failed) => panic!("the build failed: {}\n{}", failed.error, failed.log),

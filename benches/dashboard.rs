@@ -22,6 +22,7 @@ async fn main() {
         r#"[server]
 listen = "127.0.0.1:0"
 data_dir = "data"
+proxy_process = false
 
 [[app]]
 name = "hello"

@@ -135,11 +135,16 @@ impl AppEnv {
     /// `text` with every secret value (of at least `MIN_REDACTED_BYTES`) replaced by `***`:
     /// a build or hook that prints a secret does not publish it in its log.
     pub fn redact(&self, text: &str) -> String {
+        let mut secrets: Vec<&str> = (self.vars.values())
+            .filter(|value| value.secret && value.text.len() >= MIN_REDACTED_BYTES)
+            .map(|value| value.text.as_str())
+            .collect();
+        // Longest first: a secret that holds a shorter one would otherwise be cut in two
+        // and its rest shown.
+        secrets.sort_by_key(|secret| std::cmp::Reverse(secret.len()));
         let mut text = text.to_owned();
-        for value in self.vars.values() {
-            if value.secret && value.text.len() >= MIN_REDACTED_BYTES {
-                text = text.replace(&value.text, "***");
-            }
+        for secret in secrets {
+            text = text.replace(secret, "***");
         }
         text
     }
@@ -319,5 +324,17 @@ env = { RUST_LOG = "info", APP_MODE = "production" }
             "url=*** mode=production",
             "only secret values are hidden"
         );
+    }
+
+    #[test]
+    fn a_secret_holding_a_shorter_one_is_hidden_whole() {
+        let mut config = app(None);
+        config.secret_values = vec![
+            ("A_SHORT".into(), Secret::new("k3y9".into())),
+            ("Z_LONG".into(), Secret::new("xk3y9-tail".into())),
+        ];
+        let env = AppEnv::resolve(&config).unwrap();
+
+        assert_eq!(env.redact("a=xk3y9-tail b=k3y9"), "a=*** b=***");
     }
 }

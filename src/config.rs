@@ -49,6 +49,8 @@ pub struct Config {
     pub github: Option<GitHubConfig>,
     /// `[proxy]`: how the built-in proxies treat their clients.
     pub proxy: ProxyConfig,
+    /// The file itself, for a process started with the same config (`nonstop proxy`).
+    pub file: PathBuf,
 }
 
 /// `[proxy]`.
@@ -91,9 +93,14 @@ pub struct ServerConfig {
     pub admin_token_env: String,
     /// How hooks reach this server's switch endpoint; derived from `listen` when unset.
     pub control_url: Option<String>,
-    /// When set, the built-in proxies run in `nonstop proxy`, which takes switch commands on
-    /// this Unix socket, so restarting `serve` never drops a client connection. Unset: the
-    /// proxies run inside `serve`.
+    /// Whether the built-in proxies run in a `nonstop proxy` process of their own, which
+    /// outlives `serve`: restarting or killing `serve` then drops no client connection.
+    /// `serve` starts it when none answers on `proxy_socket`, else takes it over. `false`:
+    /// one process, the proxies inside `serve` (they stop with it).
+    #[serde(default = "default_proxy_process")]
+    pub proxy_process: bool,
+    /// The proxy process's control socket; `<data_dir>/proxy.sock` when unset. Its live
+    /// ports are kept beside it (`proxy.state.json`), and its pid (`proxy.pid`).
     pub proxy_socket: Option<PathBuf>,
     /// Where people reach the dashboard (links in Slack and GitHub); `http://<listen>` when unset.
     pub public_url: Option<String>,
@@ -152,6 +159,18 @@ pub struct AppConfig {
     /// Per-hook timeout in seconds (CodeDeploy's default is 3600; a local deploy wants less).
     #[serde(default = "default_hook_timeout")]
     pub hook_timeout_secs: u64,
+    /// Run once per deployment in the new release's folder, once ApplicationStart started
+    /// its instance and before the switch (a database migration, say); a failure stops the
+    /// new instance and leaves traffic where it was. Times out after `hook_timeout_secs`.
+    pub release: Option<String>,
+    /// Commands run like `release`: `before_switch` after it, `after_switch` once traffic
+    /// is on the new version.
+    #[serde(default)]
+    pub hooks: ReleaseHooks,
+    /// Before an instance is stopped, how long its open connections (WebSockets, streams,
+    /// requests in flight) get to close by themselves; what is left then is closed.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout_secs: u64,
     #[serde(default)]
     pub switch: SwitchConfig,
     /// Names the shared edge (`[proxy] http`/`https`) routes to this app: exact names, or
@@ -202,6 +221,14 @@ pub struct AppConfig {
     /// Travis CI's public key for this app (its own or the server-wide one), read at load time.
     #[serde(skip)]
     pub travis_key: Option<Arc<rsa::PublicKey>>,
+}
+
+/// The app's own commands around the switch (`hooks = { before_switch, after_switch }`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseHooks {
+    pub before_switch: Option<String>,
+    pub after_switch: Option<String>,
 }
 
 /// Where Travis CI's public key is: a PEM file, or an env var holding the PEM text. Travis
@@ -456,6 +483,12 @@ fn default_health_interval() -> u64 {
 fn default_hook_timeout() -> u64 {
     300
 }
+fn default_proxy_process() -> bool {
+    true
+}
+fn default_drain_timeout() -> u64 {
+    30
+}
 fn default_proxy_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
 }
@@ -582,9 +615,11 @@ impl Config {
                 };
             }
         }
+        let file = base_dir.join(path.file_name().unwrap_or(path.as_os_str()));
         Ok(Self {
             server,
             apps,
+            file,
             base_dir,
             travis: raw.travis,
             slack: raw.slack,
@@ -602,12 +637,13 @@ impl Config {
         self.base_dir.join(&self.server.data_dir)
     }
 
-    /// `server.proxy_socket`, resolved against the config file's folder.
-    pub fn proxy_socket(&self) -> Option<PathBuf> {
-        self.server
-            .proxy_socket
-            .as_ref()
-            .map(|p| self.base_dir.join(p))
+    /// `server.proxy_socket`, resolved against the config file's folder, or the default
+    /// in the data dir.
+    pub fn proxy_socket(&self) -> PathBuf {
+        match &self.server.proxy_socket {
+            Some(socket) => self.base_dir.join(socket),
+            None => self.data_dir().join("proxy.sock"),
+        }
     }
 }
 
@@ -789,6 +825,11 @@ pub const MIN_METRICS_TOKEN_BYTES: usize = 32;
 
 impl ServerConfig {
     fn validate(&self) -> Result<(), Invalid> {
+        require(
+            self.proxy_process || self.proxy_socket.is_none(),
+            "proxy_socket",
+            "has no use with proxy_process = false: the proxies then run inside serve",
+        )?;
         if let Some(url) = &self.public_url {
             http_url("public_url", url)?;
         }
@@ -1038,6 +1079,15 @@ impl AppConfig {
             "may hold only letters, digits, '.', '_', '-' and {timestamp}, {sha}, {branch}: a version names a folder",
         )?;
         self.health.validate().under("health")?;
+        // AfterInstall drains, then stops the instance (up to 15 s), within its own timeout.
+        require(
+            self.drain_timeout_secs + 15 <= self.hook_timeout_secs,
+            "drain_timeout_secs",
+            format!(
+                "must leave AfterInstall 15 s to stop the instance: at most hook_timeout_secs - 15 ({})",
+                self.hook_timeout_secs.saturating_sub(15)
+            ),
+        )?;
         self.validate_checks()?;
         self.validate_env()?;
         self.validate_users()?;
@@ -1057,6 +1107,14 @@ impl AppConfig {
                 matches!(self.store, StoreConfig::S3 { .. }),
                 "runner",
                 "kind = \"codedeploy\" deploys bundles from S3: set store = { kind = \"s3\", bucket = … }",
+            )?;
+            let own_commands = self.release.is_some()
+                || self.hooks.before_switch.is_some()
+                || self.hooks.after_switch.is_some();
+            require(
+                !own_commands,
+                "release",
+                "release and hooks run on this host's runner only: on a CodeDeploy fleet put them in the appspec (see the README)",
             )?;
         }
         self.runner.validate().under("runner")?;
@@ -1313,6 +1371,34 @@ run = "{artifact} --port {port}"
             "reading needs a login by default"
         );
         assert!(config.server.metrics_token.is_none());
+        // Restart-safe out of the box: the proxies outlive `serve`.
+        assert!(config.server.proxy_process);
+        assert!(
+            config.proxy_socket().ends_with("nonstop-data/proxy.sock"),
+            "{}",
+            config.proxy_socket().display()
+        );
+        assert_eq!(app.drain_timeout_secs, 30);
+    }
+
+    #[test]
+    fn the_proxy_and_drain_settings_that_cannot_work_are_refused_naming_their_key() {
+        let one_process = "\n[server]\nproxy_process = false\nproxy_socket = \"p.sock\"\n";
+        let err = parse(&format!("{MINIMAL}{one_process}")).unwrap_err();
+        assert!(err.to_string().contains("server.proxy_socket"), "{err}");
+        let err = parse(&format!(
+            "{MINIMAL}hook_timeout_secs = 40\ndrain_timeout_secs = 30\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("app.hello.drain_timeout_secs: must leave AfterInstall 15 s"),
+            "{err}"
+        );
+        let fits = parse(&format!(
+            "{MINIMAL}hook_timeout_secs = 45\ndrain_timeout_secs = 30\n"
+        ));
+        assert!(fits.is_ok());
     }
 
     #[test]

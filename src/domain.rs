@@ -298,8 +298,9 @@ macro_rules! string_enum {
 }
 
 string_enum! {
-    /// `queued → running → succeeded | failed | rolled_back | superseded | interrupted`;
-    /// an app with `trigger = "travis"` records a push as `waiting` until CI passed it.
+    /// `queued → running → succeeded | failed | rolled_back | superseded | interrupted |
+    /// cancelled`; an app with `trigger = "travis"` records a push as `waiting` until CI
+    /// passed it.
     DeploymentStatus {
         Waiting => "waiting",
         Queued => "queued",
@@ -309,6 +310,7 @@ string_enum! {
         RolledBack => "rolled_back",
         Superseded => "superseded",
         Interrupted => "interrupted",
+        Cancelled => "cancelled",
     }
 }
 
@@ -335,7 +337,8 @@ string_enum! {
     /// app's lock), `superseded` (replaced by a newer one before it ran), `ignored` (another
     /// event, branch, tag or repository, a duplicate, a commit already live, a ping),
     /// `failed` (CI failed the commit), `refused` (bad signature, malformed, too large,
-    /// unknown app, locked, …), and the lock actions `locked` and `unlocked`.
+    /// unknown app, locked, …), the lock actions `locked` and `unlocked`, and `cancelled`
+    /// (a running deployment stopped on request).
     Decision {
         Deployed => "deployed",
         Waiting => "waiting",
@@ -346,6 +349,7 @@ string_enum! {
         Refused => "refused",
         Locked => "locked",
         Unlocked => "unlocked",
+        Cancelled => "cancelled",
     }
 }
 
@@ -431,7 +435,8 @@ impl Hook {
 }
 
 string_enum! {
-    /// Every stage of a deployment, in the order they run: nonstop's own, then the hooks.
+    /// Every stage of a deployment, in the order they run: nonstop's own, then the hooks,
+    /// with the app's own `release` and `hooks` around the switch (ValidateService's end).
     Stage {
         Fetch => "Fetch",
         Build => "Build",
@@ -443,7 +448,10 @@ string_enum! {
         Install => "Install",
         AfterInstall => "AfterInstall",
         ApplicationStart => "ApplicationStart",
+        Release => "Release",
+        BeforeSwitch => "BeforeSwitch",
         ValidateService => "ValidateService",
+        AfterSwitch => "AfterSwitch",
     }
 }
 
@@ -479,6 +487,23 @@ mod tests {
         let names: Vec<_> = Stage::ALL.iter().map(|s| s.as_str()).collect();
         assert_eq!(names[..4], ["Fetch", "Build", "Bundle", "Upload"]);
         let hooks: Vec<_> = Hook::ALL.iter().map(|h| Stage::from(*h).as_str()).collect();
-        assert_eq!(names[4..], hooks[..]);
+        let in_hook_order: Vec<_> = names[4..]
+            .iter()
+            .filter(|name| Hook::parse(name).is_some())
+            .copied()
+            .collect();
+        assert_eq!(in_hook_order, hooks);
+        // The app's own commands run around the switch: after its instance started, and
+        // before and after ValidateService.
+        assert_eq!(
+            names[9..],
+            [
+                "ApplicationStart",
+                "Release",
+                "BeforeSwitch",
+                "ValidateService",
+                "AfterSwitch"
+            ]
+        );
     }
 }

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::domain::{DeploymentId, DeploymentStatus, Stage, StageStatus};
+use crate::output::Output;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -32,21 +33,32 @@ pub enum Event {
 }
 
 #[derive(Clone)]
-pub struct Bus(broadcast::Sender<Event>);
+pub struct Bus {
+    events: broadcast::Sender<Event>,
+    /// The running deployments' consoles: lines are too many for the event stream.
+    output: Output,
+}
 
 impl Bus {
     pub fn new() -> Self {
-        // Enough for a burst of stage changes of several apps; a slow reader skips ahead.
-        Self(broadcast::channel(1024).0)
+        Self {
+            // Enough for a burst of stage changes of several apps; a slow reader skips ahead.
+            events: broadcast::channel(1024).0,
+            output: Output::new(),
+        }
     }
 
     pub fn publish(&self, event: Event) {
         // No subscriber is fine: the database already holds the change.
-        let _ = self.0.send(event);
+        let _ = self.events.send(event);
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.0.subscribe()
+        self.events.subscribe()
+    }
+
+    pub fn output(&self) -> &Output {
+        &self.output
     }
 }
 

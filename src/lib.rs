@@ -32,6 +32,7 @@ pub(crate) mod github_api;
 pub(crate) mod health;
 pub(crate) mod listen;
 pub(crate) mod notify;
+pub(crate) mod output;
 pub(crate) mod queue;
 pub(crate) mod recovery;
 pub(crate) mod rollback;

@@ -36,9 +36,9 @@ pub struct Limits {
     /// Open connections at most; at the cap a new client sheds the oldest idle one of the
     /// client that holds the most.
     pub max_connections: usize,
-    /// Open connections of one client (an IPv4 address or an IPv6 /64) at most: past it a new
-    /// one replaces the client's own oldest idle one, or is closed when all of them are busy,
-    /// so slow requests in flight from one client cannot fill the cap.
+    /// Requests in flight of one client (an IPv4 address or an IPv6 /64) at most: while it
+    /// has that many, its new connections are closed, so one client's slow requests cannot
+    /// fill the cap (its idle and half-open sockets are shed at the cap as anyone's).
     pub max_per_client: usize,
     /// A request head larger than this is answered 431.
     pub max_head_bytes: usize,
@@ -51,7 +51,7 @@ impl Default for Limits {
         Self {
             header_read: Duration::from_secs(10),
             max_connections: 256,
-            max_per_client: 64,
+            max_per_client: 128,
             max_head_bytes: 64 * 1024,
             shutdown_grace: Duration::from_secs(10),
         }
@@ -102,22 +102,20 @@ impl Slot {
 struct Slots(Mutex<VecDeque<Arc<Slot>>>);
 
 impl Slots {
-    /// A slot for a new connection from `client`, shedding one when at the cap (the client's
-    /// own when it holds its share); `None` when every connection that could go is busy.
+    /// A slot for a new connection from `client`, shedding one when at the cap; `None` when
+    /// the client has its share of requests in flight, or every open connection is busy.
     fn admit(&self, limits: &Limits, client: IpAddr) -> Option<Arc<Slot>> {
         let mut slots = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let held = slots.iter().filter(|slot| slot.client == client).count();
-        if held >= limits.max_per_client {
-            // Past its share a client makes room from its own half-open or idle ones only.
-            let own = [FRESH, IDLE].into_iter().find_map(|from| {
-                slots
-                    .iter()
-                    .position(|slot| slot.client == client && slot.try_shed(from))
-            })?;
-            if let Some(shed) = slots.remove(own) {
-                shed.close.cancel();
-            }
-        } else if slots.len() >= limits.max_connections {
+        // Requests in flight are what a shed cannot take back: one client holds at most its
+        // share of them. Its half-open and idle sockets are the cap's to shed, as anyone's.
+        let busy = slots
+            .iter()
+            .filter(|slot| slot.client == client && slot.state.load(Ordering::Acquire) == BUSY)
+            .count();
+        if busy >= limits.max_per_client {
+            return None;
+        }
+        if slots.len() >= limits.max_connections {
             let shed = shed_position(&slots)?;
             if let Some(shed) = slots.remove(shed) {
                 shed.close.cancel();

@@ -1,5 +1,5 @@
 //! The `nonstop` command: `serve` runs the server; `deploy`, `rollback`, `redeploy`, `lock`,
-//! `unlock`, `status`, `history` and `logs` talk to a running one through its HTTP API (the
+//! `unlock`, `cancel`, `status`, `history` and `logs` talk to a running one through its HTTP API (the
 //! client, and following a deployment to its end, are `nonstop::cli`).
 
 use std::path::{Path, PathBuf};
@@ -40,9 +40,21 @@ struct Cli {
 enum Command {
     /// Run the server: webhooks, pipeline, proxies, dashboard.
     Serve,
-    /// Run the built-in proxies in a process of their own (set `server.proxy_socket`), so
-    /// that restarting `serve` drops no connection.
-    Proxy,
+    /// Run the built-in proxies in a process of their own, so that restarting `serve` drops
+    /// no connection (`serve` starts one itself when none runs, unless
+    /// `server.proxy_process = false`).
+    Proxy {
+        /// Stop the running proxy process instead (its listeners close: the apps are no
+        /// longer reachable through it). With `serve` stopped too, nothing of nonstop runs.
+        #[arg(long, conflicts_with = "upgrade")]
+        stop: bool,
+        /// Upgrade the running proxy process in place (as SIGUSR2 to the pid in
+        /// `proxy.pid` does): the binary now on disk takes its listening sockets and new
+        /// connections; the old one finishes its requests, keeps its WebSockets until they
+        /// close or the drain window ends, then exits. No connection is refused.
+        #[arg(long)]
+        upgrade: bool,
+    },
     /// Deploy APP (the branch head, or --commit) on the running server and follow it to its
     /// end: exit 0 when it succeeded, 1 when it did not (the reason is the last line).
     Deploy {
@@ -71,6 +83,9 @@ enum Command {
     },
     /// Unlock APP and deploy the newest push that waited for it.
     Unlock { app: String },
+    /// Stop APP's running deployment at once: its build or hook is killed, what it started
+    /// is stopped, traffic it moved goes back. Exit 0 once it is recorded `cancelled`.
+    Cancel { app: String },
     /// Undo APP's live deployment on the running server: switch back to the previous
     /// instance while it runs, else redeploy the previous version's bundle. Followed like
     /// `deploy`.
@@ -139,7 +154,7 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<Outcome> {
     let load = match cli.command {
         Command::Serve => Config::load,
-        Command::Proxy => Config::load_settings,
+        Command::Proxy { .. } => Config::load_settings,
         Command::Deploy { .. }
         | Command::Redeploy { .. }
         | Command::Rollback { .. }
@@ -147,6 +162,7 @@ async fn run(cli: Cli) -> Result<Outcome> {
         | Command::Logs { .. }
         | Command::Lock { .. }
         | Command::Unlock { .. }
+        | Command::Cancel { .. }
         | Command::Status { .. } => Config::load_settings,
     };
     let config = load(&cli.config).map_err(|err| anyhow::anyhow!("{err}"))?;
@@ -156,7 +172,23 @@ async fn run(cli: Cli) -> Result<Outcome> {
             serve::serve(config, shutdown).await?;
             Ok(Outcome::Succeeded)
         }
-        Command::Proxy => {
+        Command::Proxy { upgrade: true, .. } => {
+            let socket = config.proxy_socket();
+            match nonstop::switch::control::upgrade_process(&socket).await? {
+                Some((old, new)) => println!("upgraded the proxy process: pid {old} -> pid {new}"),
+                None => bail!("no proxy process runs for {}", socket.display()),
+            }
+            Ok(Outcome::Succeeded)
+        }
+        Command::Proxy { stop: true, .. } => {
+            let socket = config.proxy_socket();
+            match nonstop::switch::control::stop_process(&socket).await? {
+                Some(pid) => println!("stopped the proxy process (pid {pid})"),
+                None => println!("no proxy process runs for {}", socket.display()),
+            }
+            Ok(Outcome::Succeeded)
+        }
+        Command::Proxy { .. } => {
             let shutdown = start_logging_and_signals();
             serve::run_proxies(config, shutdown).await?;
             Ok(Outcome::Succeeded)
@@ -228,6 +260,7 @@ async fn run(cli: Cli) -> Result<Outcome> {
             }
             Ok(Outcome::Succeeded)
         }
+        Command::Cancel { app } => cancel(&client(&config)?, &app).await,
         Command::Status { app } => {
             status(&client(&config)?, app.as_deref()).await?;
             Ok(Outcome::Succeeded)
@@ -249,6 +282,39 @@ async fn run(cli: Cli) -> Result<Outcome> {
             cli::logs::show(&path, lines, follow).await?;
             Ok(Outcome::Succeeded)
         }
+    }
+}
+
+/// Asks the server to cancel `app`'s running deployment and waits (up to two minutes) for
+/// its record to end: `cancelled`, or whatever it reached first.
+async fn cancel(client: &Client, app: &str) -> Result<Outcome> {
+    let answer = client
+        .post_json(&format!("/api/apps/{app}/cancel"), &serde_json::json!({}))
+        .await?;
+    let id = answer["deployment_id"]
+        .as_i64()
+        .context("the server named no deployment")?;
+    println!("cancelling deployment {id} of {app}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let record: cli::follow::Record =
+            client.get_json(&format!("/api/deployments/{id}")).await?;
+        let deployment = &record.deployment;
+        if deployment.status.is_finished() {
+            let reason = deployment.error.as_deref().unwrap_or("no reason recorded");
+            println!("deployment {id} {}: {reason}", deployment.status);
+            return Ok(match deployment.status {
+                nonstop::domain::DeploymentStatus::Cancelled => Outcome::Succeeded,
+                _ => Outcome::Failed,
+            });
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "deployment {id} is still {} after two minutes",
+                deployment.status
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -176,6 +176,28 @@ pub trait LineSink: Send {
     async fn lines(&mut self, lines: &str);
 }
 
+/// A sink for output nobody follows.
+pub struct Discard;
+
+#[async_trait]
+impl LineSink for Discard {
+    async fn lines(&mut self, _lines: &str) {}
+}
+
+/// A sink that hands lines on after `redact` (whole lines in, whole lines out).
+pub struct Redacting<'a, F> {
+    pub sink: &'a mut dyn LineSink,
+    pub redact: F,
+}
+
+#[async_trait]
+impl<F: Fn(&str) -> String + Send + Sync> LineSink for Redacting<'_, F> {
+    async fn lines(&mut self, lines: &str) {
+        let lines = (self.redact)(lines);
+        self.sink.lines(&lines).await;
+    }
+}
+
 /// Runs `command` to its end or until `timeout`, whichever comes first.
 pub async fn run(command: Command, timeout: Duration) -> Result<Finished, SpawnError> {
     run_with_sink(command, timeout, None).await
@@ -417,6 +439,11 @@ impl Tail {
         self.dropped_lines += dropped.iter().filter(|&&b| b == b'\n').count() as u64;
         self.dropped_bytes += cut as u64;
         self.text.drain(..cut);
+    }
+
+    /// The lines kept so far (a little more than the bound until the next trim).
+    pub fn kept(&self) -> &str {
+        &self.text
     }
 
     /// The kept lines, after one line saying how many were dropped (when any were).

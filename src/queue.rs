@@ -11,19 +11,38 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::apps::{App, Apps};
-use crate::db::{self, CiOutcome, Db, DbError, Enqueued, Unlocked};
+use crate::db::{self, CiOutcome, Db, DbError, Deployment, Enqueued, Unlocked};
 use crate::domain::{
     AppName, CiBuild, CommitSha, Delivery, DeploymentId, DeploymentStatus, Trigger,
 };
 use crate::events::{Bus, Event};
 use crate::gate::{Evidence, Required};
 use crate::pipeline::Pipeline;
+use crate::traffic::Traffic;
 
 #[derive(Clone)]
 pub struct Queue {
     db: Db,
     bus: Bus,
     wake: Arc<HashMap<String, Arc<Notify>>>,
+    running: Running,
+}
+
+/// The deployment each app's worker runs now, and how to stop it.
+#[derive(Clone, Default)]
+struct Running(Arc<std::sync::Mutex<HashMap<String, Run>>>);
+
+struct Run {
+    id: DeploymentId,
+    cancel: CancellationToken,
+    /// Who asked for it to stop, once someone did.
+    cancelled_by: Option<String>,
+}
+
+impl Running {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Run>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Queue {
@@ -33,18 +52,25 @@ impl Queue {
         db: Db,
         bus: Bus,
         pipeline: Pipeline,
+        traffic: Traffic,
         apps: &Apps,
         mut before: HashMap<String, JoinHandle<()>>,
         shutdown: CancellationToken,
     ) -> Self {
         let mut wake = HashMap::new();
+        let running = Running::default();
         for backends in apps.iter() {
             let notify = Arc::new(Notify::new());
             wake.insert(backends.config.name.to_string(), notify.clone());
-            tokio::spawn(worker(
-                db.clone(),
-                pipeline.clone(),
-                backends.clone(),
+            let worker = Worker {
+                db: db.clone(),
+                bus: bus.clone(),
+                pipeline: pipeline.clone(),
+                traffic: traffic.clone(),
+                backends: backends.clone(),
+                running: running.clone(),
+            };
+            tokio::spawn(worker.run(
                 before.remove(backends.config.name.as_str()),
                 notify,
                 shutdown.clone(),
@@ -54,7 +80,19 @@ impl Queue {
             db,
             bus,
             wake: Arc::new(wake),
+            running,
         }
+    }
+
+    /// Stops `app`'s running deployment at once, for `actor`: its processes are killed,
+    /// traffic it moved goes back, what it started is stopped, and it ends `cancelled`.
+    /// Returns its id (the clean-up goes on in the app's worker); `None` when none runs.
+    pub fn cancel(&self, app: &AppName, actor: &str) -> Option<DeploymentId> {
+        let mut running = self.running.lock();
+        let run = running.get_mut(app.as_str())?;
+        run.cancelled_by.get_or_insert_with(|| actor.to_owned());
+        run.cancel.cancel();
+        Some(run.id)
     }
 
     /// Records the deployment and wakes the app's worker.
@@ -231,44 +269,123 @@ impl Queue {
     }
 }
 
-async fn worker(
+/// One app's worker: runs its deployments one at a time.
+struct Worker {
     db: Db,
+    bus: Bus,
     pipeline: Pipeline,
+    traffic: Traffic,
     backends: Arc<App>,
-    before: Option<JoinHandle<()>>,
-    wake: Arc<Notify>,
-    shutdown: CancellationToken,
-) {
-    let app = backends.config.name.to_string();
-    if let Some(before) = before {
-        tokio::select! {
-            _ = before => {}
-            () = shutdown.cancelled() => return,
-        }
-    }
-    loop {
-        loop {
-            let name = app.clone();
-            match db.call(move |conn| db::claim_next(conn, &name)).await {
-                Ok(Some(deployment)) => {
-                    let span = tracing::info_span!("deployment", deployment_id = %deployment.id, app = %app);
-                    tokio::select! {
-                        () = pipeline.run(deployment, &backends).instrument(span) => {}
-                        // Dropping the run kills its child processes; the next start marks
-                        // the deployment interrupted.
-                        () = shutdown.cancelled() => return,
-                    }
-                }
-                Ok(None) => break,
-                Err(err) => {
-                    tracing::error!(app = %app, error = %err, "could not read the queue");
-                    break;
-                }
+    running: Running,
+}
+
+impl Worker {
+    async fn run(
+        self,
+        before: Option<JoinHandle<()>>,
+        wake: Arc<Notify>,
+        shutdown: CancellationToken,
+    ) {
+        let app = self.backends.config.name.to_string();
+        if let Some(before) = before {
+            tokio::select! {
+                _ = before => {}
+                () = shutdown.cancelled() => return,
             }
         }
-        tokio::select! {
-            () = wake.notified() => {}
-            () = shutdown.cancelled() => return,
+        loop {
+            loop {
+                let name = app.clone();
+                match self.db.call(move |conn| db::claim_next(conn, &name)).await {
+                    Ok(Some(deployment)) => {
+                        if !self.one(deployment, &shutdown).await {
+                            return;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(err) => {
+                        tracing::error!(app = %app, error = %err, "could not read the queue");
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                () = wake.notified() => {}
+                () = shutdown.cancelled() => return,
+            }
         }
+    }
+
+    /// Runs one deployment to its end, or until it is cancelled; false at shutdown.
+    async fn one(&self, deployment: Deployment, shutdown: &CancellationToken) -> bool {
+        let (id, app) = (deployment.id, self.backends.config.name.to_string());
+        let cancel = CancellationToken::new();
+        self.running.lock().insert(
+            app.clone(),
+            Run {
+                id,
+                cancel: cancel.clone(),
+                cancelled_by: None,
+            },
+        );
+        let span = tracing::info_span!("deployment", deployment_id = %id, app = %app);
+        // A cancel waits for a switch in progress to be recorded: dropped between the
+        // switch and its record, the run would leave the way back unknown.
+        let stop = async {
+            cancel.cancelled().await;
+            self.backends.moving.lock().await
+        };
+        let go_on = tokio::select! {
+            () = self.pipeline.run(deployment, &self.backends).instrument(span) => true,
+            // Dropping the run kills its child processes (their whole process groups).
+            not_moving = stop => {
+                drop(not_moving);
+                let actor = self.running.lock().get(&app).and_then(|run| run.cancelled_by.clone());
+                self.cancelled(id, actor.as_deref().unwrap_or("someone")).await;
+                true
+            }
+            // The next start marks the deployment interrupted and undoes it.
+            () = shutdown.cancelled() => false,
+        };
+        self.running.lock().remove(&app);
+        go_on
+    }
+
+    /// Records `id` cancelled, then undoes it as a restart undoes an interrupted one.
+    async fn cancelled(&self, id: DeploymentId, actor: &str) {
+        let reason = format!("cancelled by {actor}");
+        tracing::info!(deployment_id = %id, actor, "deployment cancelled");
+        let cut = {
+            let reason = reason.clone();
+            self.db
+                .call(move |conn| db::cancel_running(conn, id, &reason))
+                .await
+        };
+        let output = self.bus.output();
+        output.push(id, &format!("── cancelled: {reason}\n"));
+        output.end(id);
+        match cut {
+            Ok(Some((deployment, started_instances))) => {
+                self.publish(&deployment, DeploymentStatus::Cancelled);
+                let cut = crate::recovery::Cut {
+                    deployment,
+                    started_instances,
+                };
+                crate::recovery::put_back(&self.traffic, &self.backends, cut).await;
+            }
+            Ok(None) => {}
+            Err(err) => {
+                tracing::error!(deployment_id = %id, error = %err, "could not record a cancelled deployment");
+            }
+        }
+    }
+
+    fn publish(&self, deployment: &Deployment, status: DeploymentStatus) {
+        self.bus.publish(Event::Deployment {
+            id: deployment.id,
+            app: deployment.app.to_string(),
+            status,
+            version: deployment.version.clone().unwrap_or_default(),
+        });
     }
 }

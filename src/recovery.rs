@@ -74,14 +74,20 @@ pub fn undo(apps: &Apps, cut: Vec<Cut>, traffic: &Traffic) -> HashMap<String, Jo
             let traffic = traffic.clone();
             let task = tokio::spawn(async move {
                 for c in cut {
-                    if move_traffic_back(&traffic, &app, c.deployment.id).await {
-                        stop_half_started(&app, c).await;
-                    }
+                    put_back(&traffic, &app, c).await;
                 }
             });
             Some((name, task))
         })
         .collect()
+}
+
+/// Undoes one deployment cut short (by a stop, or cancelled): traffic it moved goes back,
+/// then what it started is stopped. Whatever still serves traffic is never stopped.
+pub async fn put_back(traffic: &Traffic, app: &App, cut: Cut) {
+    if move_traffic_back(traffic, app, cut.deployment.id).await {
+        stop_half_started(app, cut).await;
+    }
 }
 
 /// When the interrupted deployment `id` had moved traffic (its last switch is still live),

@@ -217,6 +217,7 @@ mod tests {
             f.db.clone(),
             f.bus.clone(),
             pipeline,
+            f.traffic.clone(),
             &no_apps,
             HashMap::new(),
             CancellationToken::new(),

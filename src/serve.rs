@@ -57,6 +57,8 @@ pub struct Server {
     proxies: Vec<(AppName, Arc<Proxy>)>,
     /// The shared edge, when `[proxy]` asks for one and the proxies run in this process.
     pub edge: Option<Arc<Edge>>,
+    /// Every app's proxy address, in this process or the proxy process.
+    proxy_addrs: Vec<(AppName, SocketAddr)>,
 }
 
 /// Tells whoever started this process where a listener is bound, as one line on stdout: a
@@ -88,16 +90,16 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
         // database and the builds: an eighth of the limit, at most the default cap.
         max_connections: (fd_limit as usize / 8)
             .clamp(16, crate::listen::Limits::default().max_connections),
-        // One client's slow requests may hold a quarter of them, never all.
-        max_per_client: (fd_limit as usize / 32)
-            .clamp(4, crate::listen::Limits::default().max_per_client),
+        // One client's slow requests may hold half of them, never all.
+        max_per_client: (fd_limit as usize / 16)
+            .clamp(8, crate::listen::Limits::default().max_per_client),
         ..crate::listen::Limits::default()
     };
     let server = prepare(config, shutdown.clone()).await?;
-    for (app, proxy) in &server.proxies {
+    for (app, addr) in &server.proxy_addrs {
         // An app reached only through the edge has no listener to announce.
-        if proxy.local_addr().port() != 0 {
-            announce(format_args!("proxy {app} on {}", proxy.local_addr()));
+        if addr.port() != 0 {
+            announce(format_args!("proxy {app} on {addr}"));
         }
     }
     announce_edge(server.edge.as_deref());
@@ -143,10 +145,10 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
             data_dir.display()
         ))
     })?;
-    let db = Db::open(&data_dir.join("nonstop.db")).await?;
-    // SQLite gives its -wal and -shm files the database file's mode.
-    set_mode(&data_dir.join("nonstop.db"), 0o600)
+    let database = data_dir.join("nonstop.db");
+    make_private(&database)
         .map_err(|err| ServeError::Setup(format!("cannot make the database private: {err}")))?;
+    let db = Db::open(&database).await?;
     let cut = recovery::mark_interrupted(&db, &data_dir).await?;
     let admin_token = admin_token(&config, &data_dir)?;
     let listener = tokio::net::TcpListener::bind(config.server.listen)
@@ -163,9 +165,17 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
         data_dir: data_dir.clone(),
         control_url: config.server.control_url.clone().unwrap_or(bound.clone()),
         switch_token: Secret::new(random_token()),
-        proxy_socket: config.proxy_socket(),
+        proxy_socket: config.server.proxy_process.then(|| config.proxy_socket()),
         proxy_options: proxy_options(&config),
     };
+    if let Some(socket) = &wiring.proxy_socket
+        && config
+            .apps
+            .iter()
+            .any(|app| matches!(app.switch, SwitchConfig::Proxy { .. }))
+    {
+        control::attach_or_start(socket, &config.file, &data_dir.join("proxy.log")).await?;
+    }
 
     // Notifiers subscribe before the queue starts, so resumed deployments are reported too.
     let bus = Bus::new();
@@ -187,6 +197,15 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
             Edge::from_config(&config, &proxies, own, &wiring.proxy_options).await?
         }
     };
+    let proxy_addrs = apps
+        .iter()
+        .filter_map(|app| match app.config.switch {
+            SwitchConfig::Proxy {
+                listen: Some(listen),
+            } => Some((app.config.name.clone(), listen)),
+            _ => None,
+        })
+        .collect();
     let traffic = Traffic::new(db.clone(), bus.clone());
     let recoveries = recovery::undo(&apps, cut, &traffic);
     let env_key = private_key(&data_dir.join("env-key"))?;
@@ -195,6 +214,7 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
         db.clone(),
         bus.clone(),
         pipeline,
+        traffic.clone(),
         &apps,
         recoveries,
         shutdown.clone(),
@@ -227,13 +247,14 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
         listener,
         proxies,
         edge,
+        proxy_addrs,
     })
 }
 
 /// What start-up settles once and every app's backends share.
 struct Wiring {
     data_dir: PathBuf,
-    /// What every built-in proxy of this process is started with.
+    /// What every built-in proxy of this process is started with (`proxy_socket` unset).
     proxy_options: ProxyOptions,
     /// How hooks on this host reach the switch endpoint.
     control_url: String,
@@ -292,8 +313,23 @@ async fn build_switch(
 ) -> Result<Arc<dyn TrafficSwitch>, ServeError> {
     match (&app.switch, &wiring.proxy_socket) {
         (SwitchConfig::Proxy { .. }, Some(socket)) => {
-            let remote = RemoteProxy::connect(socket.clone(), app.name.to_string(), live).await?;
+            let remote = RemoteProxy::connect(socket.clone(), app.name.to_string(), live)
+                .await
+                .map_err(|err| {
+                    ServeError::Setup(format!(
+                        "app.{}: the proxy process at {}: {err} (after a change of the apps or their proxies, stop it with `nonstop proxy --stop` and start serve again)",
+                        app.name,
+                        socket.display()
+                    ))
+                })?;
             tracing::info!(app = %app.name, live_port = remote.live(), "driving the proxy process");
+            // The address the proxy process really listens on (port 0 in the config).
+            // An app reached only through the edge has none (port 0).
+            if let Some(listen) = remote.listen().filter(|addr| addr.port() != 0) {
+                app.switch = SwitchConfig::Proxy {
+                    listen: Some(listen),
+                };
+            }
             Ok(Arc::new(remote))
         }
         (SwitchConfig::Proxy { listen: None }, None) => {
@@ -390,27 +426,47 @@ async fn build_runner(
 }
 
 /// `nonstop proxy`: every app's built-in proxy, in a process of its own that `serve` drives
-/// through `server.proxy_socket`; runs until `shutdown`. Starts on the live ports it saved.
+/// through `server.proxy_socket` (and starts, when none runs); runs until `shutdown`.
+/// Starts on the live ports it saved.
 pub async fn run_proxies(config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
     forbid_inspection();
-    let socket = config.proxy_socket().ok_or_else(|| {
-        ServeError::Setup(
-            "server.proxy_socket is not set: `nonstop proxy` listens there for `serve`".into(),
-        )
-    })?;
+    if !config.server.proxy_process {
+        return Err(ServeError::Setup(
+            "server.proxy_process = false: the proxies run inside `serve`".into(),
+        ));
+    }
+    let socket = config.proxy_socket();
+    // Sockets passed to this process (systemd's socket activation, or the proxy process
+    // this one takes over from) are used instead of binding.
+    let mut inherited = crate::switch::activation::Inherited::from_env();
+    if inherited.is_empty()
+        && let Some(pid) = control::running_pid(&socket)
+        && control::answers(&socket).await
+    {
+        return Err(ServeError::Setup(format!(
+            "a proxy process already runs (pid {pid}, {}); `nonstop proxy --stop` stops it",
+            socket.display()
+        )));
+    }
     let saved = control::load_state(&socket);
     let mut proxies = HashMap::new();
     for app in &config.apps {
         if let SwitchConfig::Proxy { listen } = app.switch {
             let live = saved.get(app.name.as_str()).copied();
             let proxy = match listen {
+                None => Proxy::unbound(live)?,
                 Some(listen) => {
-                    let proxy = Proxy::start_with(listen, live, proxy_options(&config)).await?;
+                    let passed = inherited.take(app.name.as_str(), listen);
+                    let proxy = if passed.is_empty() {
+                        Proxy::start_with(listen, live, proxy_options(&config)).await?
+                    } else {
+                        tracing::info!(app = %app.name, sockets = passed.len(), "listening on the sockets passed to this process");
+                        Proxy::start_on(passed, live, proxy_options(&config)).await?
+                    };
                     tracing::info!(app = %app.name, proxy = %proxy.local_addr(), live_port = live, "proxy listening");
                     announce(format_args!("proxy {} on {}", app.name, proxy.local_addr()));
                     proxy
                 }
-                None => Proxy::unbound(live)?,
             };
             let ports = app.ports;
             proxies.insert(app.name.to_string(), control::Controlled { proxy, ports });
@@ -431,14 +487,82 @@ pub async fn run_proxies(config: Config, shutdown: CancellationToken) -> Result<
     let own = Some(config.server.listen).filter(|addr| addr.port() != 0);
     let edge = Edge::from_config(&config, &routed, own, &proxy_options(&config)).await?;
     announce_edge(edge.as_deref());
-    let all: Vec<_> = proxies.values().map(|c| c.proxy.clone()).collect();
+    for addr in inherited.left() {
+        tracing::warn!(%addr, "a passed socket that no app's switch.listen names: unused");
+    }
+    let all: Vec<(String, Arc<Proxy>)> = proxies
+        .iter()
+        .map(|(app, c)| (app.clone(), c.proxy.clone()))
+        .collect();
     tracing::info!(socket = %socket.display(), "taking switch commands");
-    let served = control::serve_control(socket.clone(), proxies, shutdown).await;
-    for proxy in all {
+    let pid_file = control::pid_file(&socket);
+    let control_stop = CancellationToken::new();
+    let order = control::SwitchOrder::default();
+    let mut control = tokio::spawn(control::serve_control(
+        socket.clone(),
+        proxies,
+        control_stop.clone(),
+        order.clone(),
+        {
+            let pid_file = pid_file.clone();
+            move || {
+                // Written once the socket is bound: a pid file names a process that answers.
+                if let Err(err) =
+                    write_private(&pid_file, std::process::id().to_string().as_bytes())
+                {
+                    tracing::warn!(path = %pid_file.display(), error = %err, "could not write the pid file");
+                }
+            }
+        },
+    ));
+    let mut upgrade = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2())
+        .map_err(|err| ServeError::Setup(format!("cannot take SIGUSR2: {err}")))?;
+    let mut served = Ok(());
+    let mut handed_over = false;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            ended = &mut control => {
+                served = ended.unwrap_or_else(|err| Err(std::io::Error::other(err)));
+                break;
+            }
+            _ = upgrade.recv() => match control::hand_over(&config.file, &all, &socket, &order).await {
+                Ok(next) => {
+                    tracing::info!(next_pid = next, "handed the listening sockets over; finishing what is open here");
+                    handed_over = true;
+                    break;
+                }
+                Err(err) => tracing::error!(error = %err, "the upgrade failed: this process keeps serving"),
+            },
+        }
+    }
+    control_stop.cancel();
+    if !control.is_finished() {
+        let _ = control.await;
+    }
+    // The pid file names the process that took over, if one did.
+    if control::running_pid(&socket) == Some(std::process::id() as i32) {
+        let _ = std::fs::remove_file(&pid_file);
+    }
+    for (_, proxy) in &all {
         proxy.shutdown();
     }
-    if let Some(edge) = edge {
+    if let Some(edge) = &edge {
         edge.shutdown();
+    }
+    if handed_over {
+        // In-flight requests finish here; long-lived connections get the drain window.
+        let window = config
+            .apps
+            .iter()
+            .map(|app| app.drain_timeout_secs)
+            .max()
+            .unwrap_or(0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(window);
+        for (_, proxy) in &all {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            proxy.stopped(left).await;
+        }
     }
     served.map_err(|err| ServeError::Setup(format!("control socket {}: {err}", socket.display())))
 }
@@ -534,6 +658,27 @@ fn open_data_dir(config: &Config, dir: &Path) -> std::io::Result<()> {
         } else {
             std::fs::create_dir_all(&app_dir)?;
             set_mode(&app_dir, 0o700)?;
+        }
+    }
+    Ok(())
+}
+
+/// Creates the database file 0600 before SQLite opens it, since SQLite gives its -wal and
+/// -shm files the database file's mode; and makes private what an older start left open.
+fn make_private(database: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(database)?;
+    set_mode(database, 0o600)?;
+    for suffix in ["-wal", "-shm"] {
+        let mut name = database.as_os_str().to_owned();
+        name.push(suffix);
+        match set_mode(Path::new(&name), 0o600) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err),
+            _ => {}
         }
     }
     Ok(())

@@ -24,7 +24,12 @@
       const fresh = page.getElementById("live-region");
       if (!fresh || !region()) return;
       const open = openPanels();
+      const console_ = region().querySelector("[data-console]");
       region().replaceChildren(...fresh.childNodes);
+      const placeholder = region().querySelector("[data-console]");
+      if (console_ && placeholder && placeholder.dataset.console === console_.dataset.console) {
+        placeholder.replaceWith(console_);
+      }
       open.forEach((name) => {
         const panel = document.querySelector(`[data-stage="${CSS.escape(name)}"] details`);
         if (panel) panel.open = true;
@@ -64,11 +69,35 @@
   }, 10000);
 
   if (!window.EventSource) return;
+
+  // A running deployment's console: lines as they are printed, the newest kept in view
+  // unless the reader scrolled up to read. Kept across the refreshes above; when the stream
+  // ends (or the server goes away) the stages' own logs on the page take over.
+  function followConsole() {
+    const box = document.querySelector("[data-console]");
+    if (!box || box.dataset.following) return;
+    box.dataset.following = "yes";
+    const pre = box.querySelector("pre");
+    const stream = new EventSource(box.dataset.console);
+    stream.addEventListener("lines", (event) => {
+      const following = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 8;
+      pre.append(event.data);
+      if (following) pre.scrollTop = pre.scrollHeight;
+    });
+    const stop = () => { stream.close(); box.dataset.following = "ended"; };
+    stream.addEventListener("end", stop);
+    stream.onerror = stop;
+  }
+  followConsole();
+
   let lostConnection = false;
   const events = new EventSource("/events");
   events.addEventListener("hello", () => {
     document.body.dataset.live = "connected";
-    if (lostConnection) { lostConnection = false; schedule(); }
+    // What changed between this page's rendering and the stream's start (or while the
+    // server was away) was never announced on it: catch up once.
+    lostConnection = false;
+    schedule();
   });
   events.onmessage = schedule;
   events.onerror = () => {

@@ -70,6 +70,9 @@ pub struct Follower {
     switch_shown: bool,
     waiting_shown: bool,
     outcome: Option<Outcome>,
+    /// The console streams the stages' lines as they are printed, so a finished stage's
+    /// tail is not shown again.
+    streaming: bool,
 }
 
 impl Follower {
@@ -83,7 +86,22 @@ impl Follower {
             switch_shown: false,
             waiting_shown: false,
             outcome: None,
+            streaming: false,
         }
+    }
+
+    /// The line for a stage the console says started, unless it was printed already.
+    pub fn on_stage_started(&mut self, stage: Stage) -> Vec<String> {
+        if self.outcome.is_none() && self.started.insert(stage) {
+            vec![format!("{stage} started")]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Whether the console stream is showing the stages' lines (with `verbose`).
+    pub fn set_streaming(&mut self, streaming: bool) {
+        self.streaming = streaming;
     }
 
     pub fn outcome(&self) -> Option<&Outcome> {
@@ -200,7 +218,7 @@ impl Follower {
             _ => String::new(),
         };
         lines.push(format!("{name} {}{took}", stage.status));
-        if self.verbose && stage.status != StageStatus::Skipped {
+        if self.verbose && !self.streaming && stage.status != StageStatus::Skipped {
             let log: Vec<&str> = stage.log.lines().collect();
             let tail = &log[log.len().saturating_sub(LOG_TAIL_LINES)..];
             lines.extend(tail.iter().map(|line| format!("  | {line}")));
@@ -247,6 +265,54 @@ impl SseReader {
             }
         }
         events
+    }
+}
+
+/// What the console says: a stage started (its `── Stage` header), or a printed line.
+#[derive(Debug, PartialEq)]
+pub enum ConsoleItem {
+    Started(Stage),
+    Line(String),
+}
+
+/// `GET /api/deployments/{id}/log?follow=1` read as it arrives: the lines the deployment's
+/// processes print, indented under the stage lines, each stage's start (its header: it
+/// comes before the stage's first line, which a look at the record may not), and whether
+/// the console ended. How a stage ended and the outcome are the record's to tell.
+#[derive(Default)]
+pub struct ConsoleReader {
+    pending: String,
+    pub ended: bool,
+}
+
+impl ConsoleReader {
+    pub fn feed(&mut self, chunk: &[u8]) -> Vec<ConsoleItem> {
+        self.pending.push_str(&String::from_utf8_lossy(chunk));
+        let mut lines = Vec::new();
+        while let Some(end) = self.pending.find("\n\n") {
+            let block: String = self.pending.drain(..end + 2).collect();
+            let mut event = "message";
+            let mut data = Vec::new();
+            for line in block.lines() {
+                if let Some(name) = line.strip_prefix("event:") {
+                    event = if name.trim() == "end" { "end" } else { "lines" };
+                } else if let Some(text) = line.strip_prefix("data:") {
+                    data.push(text.strip_prefix(' ').unwrap_or(text));
+                }
+            }
+            match event {
+                "end" => self.ended = true,
+                "lines" => lines.extend(data.iter().filter_map(
+                    |line| match line.strip_prefix("── ") {
+                        Some(header) => Stage::parse(header).map(ConsoleItem::Started),
+                        None if line.is_empty() => None,
+                        None => Some(ConsoleItem::Line(format!("  | {line}"))),
+                    },
+                )),
+                _ => {}
+            }
+        }
+        lines
     }
 }
 
@@ -389,6 +455,47 @@ mod tests {
                 "  | line two"
             ]
         );
+    }
+
+    #[test]
+    fn with_the_console_streaming_a_finished_stage_shows_no_tail_again() {
+        let mut follower = Follower::new(id(7), None, true);
+        follower.set_streaming(true);
+        let lines = follower.on_record(&record(
+            "running",
+            &[("Build", "succeeded", Some(1_000), Some(2_000))],
+        ));
+        assert_eq!(lines, ["Build started", "Build succeeded in 1.0 s"]);
+    }
+
+    #[test]
+    fn the_console_shows_printed_lines_indented_and_hears_its_end() {
+        let mut reader = ConsoleReader::default();
+        let first = reader.feed(
+            b"event: lines\ndata: \xe2\x94\x80\xe2\x94\x80 Build\ndata: Compiling hello\ndata: ",
+        );
+        assert!(
+            first.is_empty(),
+            "half an event waits for its end: {first:?}"
+        );
+        let lines = reader.feed(
+            b"\n\n: keep-alive\n\nevent: lines\ndata: done\ndata: \xe2\x94\x80\xe2\x94\x80 Build succeeded\ndata: \n\n",
+        );
+        assert_eq!(
+            lines,
+            [
+                ConsoleItem::Started(Stage::Build),
+                ConsoleItem::Line("  | Compiling hello".into()),
+                ConsoleItem::Line("  | done".into()),
+            ]
+        );
+        let mut follower = Follower::new(id(7), None, true);
+        assert_eq!(follower.on_stage_started(Stage::Build), ["Build started"]);
+        let record = record("running", &[("Build", "running", Some(1_000), None)]);
+        assert!(follower.on_record(&record).is_empty(), "told once");
+        assert!(!reader.ended);
+        assert!(reader.feed(b"event: end\ndata: {}\n\n").is_empty());
+        assert!(reader.ended);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 
 use crate::domain::DeploymentId;
 use crate::elapsed::human;
-use follow::{Follower, Outcome, Record, SseReader};
+use follow::{ConsoleItem, ConsoleReader, Follower, Outcome, Record, SseReader};
 
 /// One request of the API that is not the event stream: the server answers in milliseconds,
 /// so a minute without an answer means it is gone (and following falls back to polling).
@@ -175,6 +175,53 @@ async fn refused_unless_success(
     })
 }
 
+impl Client {
+    /// Follows deployment `id`'s console (`--verbose`); `None` when the server does not
+    /// offer one.
+    async fn console(&self, id: DeploymentId) -> Option<ConsoleStream> {
+        let url = format!("{}/api/deployments/{id}/log?follow=1", self.base);
+        let response = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .ok()?;
+        let response = refused_unless_success(response).await.ok()?;
+        Some(ConsoleStream {
+            response,
+            reader: ConsoleReader::default(),
+        })
+    }
+}
+
+/// A deployment's console, read as it arrives.
+struct ConsoleStream {
+    response: reqwest::Response,
+    reader: ConsoleReader,
+}
+
+impl ConsoleStream {
+    /// The lines of the next chunk; `None` once the console ended, or its stream broke.
+    async fn next(&mut self) -> Option<Vec<ConsoleItem>> {
+        if self.reader.ended {
+            return None;
+        }
+        match self.response.chunk().await {
+            Ok(Some(chunk)) => Some(self.reader.feed(&chunk)),
+            Ok(None) | Err(_) => None,
+        }
+    }
+}
+
+/// The next lines of the console; never, once it is gone.
+async fn next_console(console: &mut Option<ConsoleStream>) -> Option<Vec<ConsoleItem>> {
+    match console {
+        Some(stream) => stream.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// `GET /events`, read as it arrives.
 pub struct EventStream {
     response: reqwest::Response,
@@ -214,6 +261,13 @@ pub async fn follow(
     let deadline = tokio::time::Instant::now() + options.timeout;
     let mut screen = Screen::new();
     let mut follower = Follower::new(id, live_before, options.verbose);
+    // With --verbose, the stages' lines as they are printed; after a server restart the
+    // finished stages' tails stand in for them.
+    let mut console = match options.verbose {
+        true => client.console(id).await,
+        false => None,
+    };
+    follower.set_streaming(console.is_some());
     let mut record: Option<Record> = None;
     let mut progress = tokio::time::interval(PROGRESS_EVERY);
     let mut last_read = Instant::now() - RECORD_EVERY;
@@ -252,6 +306,24 @@ pub async fn follow(
                     }
                 }
                 None => events = None,
+            },
+            lines = next_console(&mut console) => match lines {
+                Some(items) => {
+                    for item in items {
+                        let lines = match item {
+                            ConsoleItem::Started(stage) => follower.on_stage_started(stage),
+                            ConsoleItem::Line(line) => vec![line],
+                        };
+                        screen.lines(&lines);
+                    }
+                }
+                None => {
+                    // Ended with its deployment: every line was shown. Broken: the record's
+                    // tails show the stages still to end.
+                    let ended = console.as_ref().is_some_and(|c| c.reader.ended);
+                    console = None;
+                    follower.set_streaming(ended);
+                }
             },
             _ = progress.tick() => {
                 if let Some((stage, since)) = record.as_ref().and_then(Follower::running) {

@@ -395,6 +395,20 @@ pub fn set_port(conn: &Connection, id: DeploymentId, port: u16) -> rusqlite::Res
     Ok(())
 }
 
+/// The version the newest deployment that went live on `port` started there: what still
+/// runs on the app's other port while it is kept for a rollback.
+pub fn version_on(conn: &Connection, app: &str, port: u16) -> rusqlite::Result<Option<String>> {
+    conn.query_row(
+        "SELECT version FROM deployments
+         WHERE app = ?1 AND port = ?2 AND version IS NOT NULL
+           AND status IN ('succeeded', 'rolled_back')
+         ORDER BY id DESC LIMIT 1",
+        params![app, port],
+        |row| row.get(0),
+    )
+    .optional()
+}
+
 pub fn set_bundle(
     conn: &Connection,
     id: DeploymentId,
@@ -435,6 +449,20 @@ pub fn stage_started(conn: &Connection, id: DeploymentId, stage: Stage) -> rusql
     conn.execute(
         "UPDATE stages SET status = 'running', started_at = ?3 WHERE deployment_id = ?1 AND name = ?2",
         params![id, stage.as_str(), now_ms()],
+    )?;
+    Ok(())
+}
+
+/// A running stage's log so far (its end writes the whole of it).
+pub fn stage_output(
+    conn: &Connection,
+    id: DeploymentId,
+    stage: Stage,
+    log: &str,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE stages SET log = ?3 WHERE deployment_id = ?1 AND name = ?2 AND status = 'running'",
+        params![id, stage.as_str(), log],
     )?;
     Ok(())
 }
@@ -490,12 +518,7 @@ pub fn interrupt_running(conn: &mut Connection) -> rusqlite::Result<Vec<(Deploym
         .collect::<rusqlite::Result<_>>()?;
     let mut interrupted = Vec::with_capacity(running.len());
     for deployment in running {
-        let started_instances: bool = conn.query_row(
-            "SELECT COUNT(*) > 0 FROM stages WHERE deployment_id = ?1
-             AND name IN ('AfterInstall', 'ApplicationStart', 'ValidateService') AND status != 'pending'",
-            [deployment.id],
-            |row| row.get(0),
-        )?;
+        let started_instances = started_instances(conn, deployment.id)?;
         finish(
             conn,
             deployment.id,
@@ -505,6 +528,34 @@ pub fn interrupt_running(conn: &mut Connection) -> rusqlite::Result<Vec<(Deploym
         interrupted.push((deployment, started_instances));
     }
     Ok(interrupted)
+}
+
+/// Whether a hook that starts instances (AfterInstall or later) had begun.
+fn started_instances(conn: &Connection, id: DeploymentId) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT COUNT(*) > 0 FROM stages WHERE deployment_id = ?1
+         AND name IN ('AfterInstall', 'ApplicationStart', 'ValidateService') AND status != 'pending'",
+        [id],
+        |row| row.get(0),
+    )
+}
+
+/// Ends the running deployment `id` as `cancelled` with `reason`; returns it as it was,
+/// with whether a hook that starts instances had begun. `None` when it no longer runs.
+pub fn cancel_running(
+    conn: &mut Connection,
+    id: DeploymentId,
+    reason: &str,
+) -> rusqlite::Result<Option<(Deployment, bool)>> {
+    let Some(deployment) = deployment(conn, id)? else {
+        return Ok(None);
+    };
+    if deployment.status != DeploymentStatus::Running {
+        return Ok(None);
+    }
+    let started_instances = started_instances(conn, id)?;
+    finish(conn, id, DeploymentStatus::Cancelled, Some(reason))?;
+    Ok(Some((deployment, started_instances)))
 }
 
 /// The newest deployment of `app` that went live, other than `except`.

@@ -51,7 +51,7 @@ pub enum Kind {
     Started,
     Succeeded,
     Failed,
-    /// nonstop stopped while it ran; reported after the restart.
+    /// nonstop stopped while it ran (reported after the restart), or it was cancelled.
     Interrupted,
     RolledBack,
 }
@@ -204,7 +204,8 @@ impl Dispatcher {
             DeploymentStatus::Running if !self.started.contains(&id) => Kind::Started,
             DeploymentStatus::Succeeded => Kind::Succeeded,
             DeploymentStatus::Failed => Kind::Failed,
-            DeploymentStatus::Interrupted => Kind::Interrupted,
+            // Ended without a verdict, as an interrupted one: the reason says who.
+            DeploymentStatus::Interrupted | DeploymentStatus::Cancelled => Kind::Interrupted,
             DeploymentStatus::RolledBack => Kind::RolledBack,
             _ => return,
         };

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use super::{FailedStage, Kind, Notice, Notifier, NotifyError, status_error, with_retries};
 use crate::config::{AppConfig, Secret, SlackConfig};
-use crate::domain::DeploymentId;
+use crate::domain::{DeploymentId, DeploymentStatus};
 use crate::elapsed;
 
 pub struct Slack {
@@ -301,16 +301,19 @@ fn interrupted(notice: &Notice, facts: Facts) -> (String, Vec<Value>) {
         link,
         ..
     } = facts;
+    // Stopped by nonstop's own stop, or on someone's request.
+    let word = match notice.deployment.status {
+        DeploymentStatus::Cancelled => "cancelled",
+        _ => "interrupted",
+    };
     let why = escape(&clip(
-        notice.deployment.error.as_deref().unwrap_or("interrupted"),
+        notice.deployment.error.as_deref().unwrap_or(word),
         500,
     ));
     (
-        format!("{app} deployment #{id} was interrupted"),
+        format!("{app} deployment #{id} was {word}"),
         vec![
-            section(format!(
-                ":warning: *{app} deployment was interrupted*: {why}"
-            )),
+            section(format!(":warning: *{app} deployment was {word}*: {why}")),
             fields(&[("Version", version), ("Commit", commit), ("Live", live)]),
             link,
         ],
@@ -513,6 +516,16 @@ mod tests {
         assert_eq!(
             body["blocks"][1]["fields"][2]["text"],
             "*Live*\nport 8081 · real1"
+        );
+
+        let mut cancelled = notice(Kind::Interrupted);
+        cancelled.deployment.status = DeploymentStatus::Cancelled;
+        cancelled.deployment.error = Some("cancelled by admin".into());
+        let body = message(&cancelled, None);
+        assert_eq!(body["text"], "hello deployment #7 was cancelled");
+        assert_eq!(
+            body["blocks"][0]["text"]["text"],
+            ":warning: *hello deployment was cancelled*: cancelled by admin"
         );
 
         let mut ci_failed = notice(Kind::Failed);

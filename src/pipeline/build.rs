@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::app_env::AppEnv;
 use crate::config::AppConfig;
-use crate::process::{self, ChildEnv, Exit, SpawnError};
+use crate::process::{self, ChildEnv, Exit, LineSink, Redacting, SpawnError};
 use crate::runner::step::{Done, Failed};
 
 /// What a build can fail with, in one line; its log has the command's output.
@@ -51,7 +51,10 @@ pub fn build_env(input: &BuildInput<'_>) -> ChildEnv {
 }
 
 /// Runs the build; on success its value is the artifact's path.
-pub async fn run(input: BuildInput<'_>) -> Result<Done<PathBuf>, Failed<BuildError>> {
+pub async fn run(
+    input: BuildInput<'_>,
+    console: &mut dyn LineSink,
+) -> Result<Done<PathBuf>, Failed<BuildError>> {
     let app = input.app;
     let mut command = build_env(&input).command("sh");
     command
@@ -66,7 +69,11 @@ pub async fn run(input: BuildInput<'_>) -> Result<Done<PathBuf>, Failed<BuildErr
         Some(change) => format!("{change}\n$ {}\n", app.build),
         None => format!("$ {}\n", app.build),
     };
-    let done = match process::run(command, timeout).await {
+    let mut console = Redacting {
+        sink: console,
+        redact: |lines: &str| input.env.redact(lines),
+    };
+    let done = match process::run_with_sink(command, timeout, Some(&mut console)).await {
         Ok(done) => done,
         Err(err) => return Err(Failed::after(log, err.into())),
     };

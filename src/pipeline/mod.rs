@@ -8,9 +8,10 @@ pub mod build;
 pub mod bundle;
 pub mod source;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -20,9 +21,10 @@ use crate::apps::App;
 use crate::config::AppConfig;
 use crate::config::Secret;
 use crate::db::{self, Db, DbError, Deployment};
-use crate::domain::{BundleRef, DeploymentId, DeploymentStatus, Hook, Stage, StageStatus};
+use crate::domain::{BundleRef, DeploymentId, DeploymentStatus, Stage, StageStatus};
 use crate::events::{Bus, Event};
-use crate::runner::step::{self, Done, Failed, Steps};
+use crate::process::{LineSink, Tail};
+use crate::runner::step::{self, Done, Failed};
 use crate::runner::{self, Job, Progress, RunnerError};
 use crate::store::{StoreError, StoredBundle};
 use build::BuildError;
@@ -78,6 +80,50 @@ struct Recorder {
     bus: Bus,
     id: DeploymentId,
     app: String,
+    /// Stages whose lines reached the console as they were printed.
+    streamed: Arc<Mutex<HashSet<Stage>>>,
+}
+
+/// How often a running stage's log so far is written to the database.
+const SAVE_EVERY: Duration = Duration::from_secs(1);
+
+/// One stage's processes' lines as they are printed (already redacted by the step): onto
+/// the deployment's console at once, and into the stage's log in the database every
+/// `SAVE_EVERY`, so a restart or another reader sees them before the stage ends.
+struct StageConsole {
+    db: Db,
+    bus: Bus,
+    id: DeploymentId,
+    stage: Stage,
+    streamed: Arc<Mutex<HashSet<Stage>>>,
+    log: Tail,
+    saved_at: Option<Instant>,
+}
+
+#[async_trait]
+impl LineSink for StageConsole {
+    async fn lines(&mut self, lines: &str) {
+        if self.saved_at.is_none() {
+            self.streamed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(self.stage);
+            self.saved_at = Some(Instant::now());
+        }
+        self.bus.output().push(self.id, lines);
+        self.log.push(lines);
+        if self.saved_at.is_some_and(|at| at.elapsed() >= SAVE_EVERY) {
+            self.saved_at = Some(Instant::now());
+            let (id, stage, log) = (self.id, self.stage, self.log.kept().to_owned());
+            if let Err(err) = self
+                .db
+                .call(move |conn| db::stage_output(conn, id, stage, &log))
+                .await
+            {
+                tracing::warn!(deployment_id = %id, error = %err, "could not save a stage's output so far");
+            }
+        }
+    }
 }
 
 impl Recorder {
@@ -85,15 +131,40 @@ impl Recorder {
         let id = self.id;
         self.write(move |conn| db::stage_started(conn, id, stage))
             .await;
+        self.bus.output().push(id, &format!("── {stage}\n"));
         self.publish(stage, StageStatus::Running);
     }
 
     async fn finished(&self, stage: Stage, status: StageStatus, log: &str) {
         crate::fault::hold_before_recording_end(self.id, stage).await;
-        let (id, log) = (self.id, log.to_owned());
-        self.write(move |conn| db::stage_finished(conn, id, stage, status, &log))
+        let (id, saved) = (self.id, log.to_owned());
+        self.write(move |conn| db::stage_finished(conn, id, stage, status, &saved))
             .await;
+        let streamed = self
+            .streamed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&stage);
+        if !streamed {
+            self.bus.output().push(id, log);
+        }
+        self.bus
+            .output()
+            .push(id, &format!("── {stage} {status}\n"));
         self.publish(stage, status);
+    }
+
+    /// Where `stage`'s processes print: its console, and its log in the database.
+    fn console(&self, stage: Stage) -> StageConsole {
+        StageConsole {
+            db: self.db.clone(),
+            bus: self.bus.clone(),
+            id: self.id,
+            stage,
+            streamed: self.streamed.clone(),
+            log: Tail::default(),
+            saved_at: None,
+        }
     }
 
     fn publish(&self, stage: Stage, status: StageStatus) {
@@ -117,24 +188,17 @@ impl Recorder {
 }
 
 #[async_trait]
-impl Steps<Stage> for Recorder {
-    async fn step_started(&self, stage: Stage) {
+impl Progress for Recorder {
+    async fn stage_started(&self, stage: Stage) {
         self.started(stage).await;
     }
 
-    async fn step_finished(&self, stage: Stage, status: StageStatus, log: &str) {
+    async fn stage_finished(&self, stage: Stage, status: StageStatus, log: &str) {
         self.finished(stage, status, log).await;
     }
-}
 
-#[async_trait]
-impl Progress for Recorder {
-    async fn hook_started(&self, hook: Hook) {
-        self.started(hook.into()).await;
-    }
-
-    async fn hook_finished(&self, hook: Hook, status: StageStatus, log: &str) {
-        self.finished(hook.into(), status, log).await;
+    fn console(&self, stage: Stage) -> Option<Box<dyn LineSink>> {
+        Some(Box::new(Recorder::console(self, stage)))
     }
 
     async fn target_port(&self, port: u16) {
@@ -180,7 +244,9 @@ impl Pipeline {
             bus: self.bus.clone(),
             id,
             app: deployment.app.to_string(),
+            streamed: Arc::default(),
         };
+        self.bus.output().begin(id);
         self.publish_deployment(id).await;
         let outcome = self.stages(&deployment, backends, &recorder).await;
         if let (Ok(()), Some(undone)) = (&outcome, deployment.rollback_of) {
@@ -191,6 +257,10 @@ impl Pipeline {
             Err(err) => (DeploymentStatus::Failed, Some(err.to_string())),
         };
         tracing::info!(deployment_id = %id, app = %deployment.app, status = %status, error = error.as_deref(), "deployment ended");
+        let end = match &error {
+            None => format!("── {status}\n"),
+            Some(reason) => format!("── {status}: {reason}\n"),
+        };
         let finished = self
             .db
             .call(move |conn| db::finish(conn, id, status, error.as_deref()))
@@ -198,6 +268,9 @@ impl Pipeline {
         if let Err(err) = finished {
             tracing::error!(deployment_id = %id, error = %err, "could not record the end of a deployment");
         }
+        self.bus.output().push(id, &end);
+        // After the record: a follower that then reads the database finds every stage's log.
+        self.bus.output().end(id);
         self.publish_deployment(id).await;
     }
 
@@ -261,15 +334,19 @@ impl Pipeline {
             .stamp_version(deployment, &app.config, &fetched)
             .await?;
         self.publish_deployment(id).await;
-        let built = build::run(build::BuildInput {
-            app: &app.config,
-            checkout: &checkout,
-            version: &version,
-            commit: &fetched.sha,
-            branch: &deployment.branch,
-            env: &env,
-            env_change: env_change.as_deref(),
-        });
+        let mut console = recorder.console(Stage::Build);
+        let built = build::run(
+            build::BuildInput {
+                app: &app.config,
+                checkout: &checkout,
+                version: &version,
+                commit: &fetched.sha,
+                branch: &deployment.branch,
+                env: &env,
+                env_change: env_change.as_deref(),
+            },
+            &mut console,
+        );
         let artifact = step::record(recorder, Stage::Build, built).await?;
         let bundle = self
             .data_dir
@@ -279,10 +356,21 @@ impl Pipeline {
         step::record(recorder, Stage::Bundle, bundled).await?;
         let uploaded = self.upload(app, id, &version, &bundle);
         let stored = step::record(recorder, Stage::Upload, uploaded).await?;
+        let previous_version = {
+            let name = app.config.name.to_string();
+            self.db
+                .call(move |conn| db::live(conn, &name))
+                .await
+                .ok()
+                .flatten()
+                .and_then(|live| live.version)
+        };
         let job = Job {
             deployment_id: id,
             app: app.config.clone(),
             version,
+            commit: Some(fetched.sha.to_string()),
+            previous_version,
             bundle: BundleRef {
                 key: stored.key,
                 sha256: stored.sha256,
@@ -475,6 +563,8 @@ pub fn stored_job(deployment: &Deployment, app: &Arc<AppConfig>, env: Arc<AppEnv
         deployment_id: deployment.id,
         app: app.clone(),
         version: deployment.version.clone()?,
+        commit: deployment.commit_sha.as_ref().map(|sha| sha.to_string()),
+        previous_version: None,
         bundle: deployment.bundle.clone()?,
         env,
     })

@@ -25,8 +25,13 @@ pub enum SourceError {
     },
     #[error(transparent)]
     Spawn(#[from] SpawnError),
-    #[error("git {args} ({exit})")]
-    Git { args: String, exit: Exit },
+    #[error("git {args} ({exit}){}", said_of(said))]
+    Git {
+        args: String,
+        exit: Exit,
+        /// What git said of why, in its own words (its last `fatal:`/`error:` line).
+        said: String,
+    },
     #[error("git log printed no commit id: {0}")]
     NoCommit(String),
     #[error("copying {} to {}: {source}", seed.display(), repo.display())]
@@ -130,7 +135,34 @@ async fn run_git(command: Command, log: &mut String) -> Result<String, SourceErr
         Err(SourceError::Git {
             args,
             exit: done.status,
+            said: why_git_failed(&output),
         })
+    }
+}
+
+/// Git's own reason in `output`: its last `fatal:` or `error:` line, else its last line,
+/// cut to one readable line.
+fn why_git_failed(output: &str) -> String {
+    let mut lines = output
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty());
+    let said = lines
+        .clone()
+        .rfind(|line| line.starts_with("fatal:") || line.starts_with("error:"))
+        .or_else(|| lines.next_back())
+        .unwrap_or_default();
+    match said.char_indices().nth(300) {
+        Some((cut, _)) => format!("{}…", &said[..cut]),
+        None => said.to_owned(),
+    }
+}
+
+fn said_of(said: &str) -> String {
+    if said.is_empty() {
+        String::new()
+    } else {
+        format!(": {said}")
     }
 }
 
@@ -433,7 +465,15 @@ mod tests {
         .await
         .unwrap_err();
         assert!(matches!(error, SourceError::Git { .. }), "{error}");
-        assert!(error.to_string().contains("git"), "{error}");
+        // The reason is git's own, after the command that failed.
+        let reason = error.to_string();
+        assert!(reason.starts_with("git -C "), "{reason}");
+        assert!(reason.contains("(exit code "), "{reason}");
+        assert!(
+            reason.contains(": fatal: ") || reason.contains(": error: "),
+            "{reason}"
+        );
+        assert!(!reason.contains('\n'), "{reason}");
         assert!(log.contains(&missing), "{log}");
     }
 }

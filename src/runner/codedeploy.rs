@@ -572,12 +572,12 @@ impl Told {
             return;
         }
         if !self.started.contains(&report.hook) {
-            progress.hook_started(report.hook).await;
+            progress.stage_started(report.hook.into()).await;
             self.started.push(report.hook);
         }
         if report.status != StageStatus::Running {
             progress
-                .hook_finished(report.hook, report.status, &report.log)
+                .stage_finished(report.hook.into(), report.status, &report.log)
                 .await;
             self.finished.push(report.hook);
         }
@@ -655,7 +655,7 @@ impl Runner for CodeDeployRunner {
         // Nothing of a fleet deployment runs on this host. One nonstop no longer follows
         // must not go on unwatched: AWS stops it (rolling back as the group is set to).
         let fail = |error: CodeDeployError| RunnerError {
-            hook: Hook::ApplicationStop,
+            stage: Hook::ApplicationStop.into(),
             reason: error.into(),
         };
         let aws_id = match record.runner_ref {
@@ -704,7 +704,7 @@ impl Runner for CodeDeployRunner {
     async fn run(&self, job: &Job, progress: &dyn Progress) -> Result<(), RunnerError> {
         let at = |hook: Hook| {
             move |error: CodeDeployError| RunnerError {
-                hook,
+                stage: hook.into(),
                 reason: error.into(),
             }
         };

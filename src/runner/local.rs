@@ -15,7 +15,7 @@ use super::appspec::{self, AppSpec, AppSpecError};
 use super::step::{self, Done, Failed};
 use super::{Interrupted, Job, Progress, PruneError, Runner, RunnerError};
 use crate::config::{AppConfig, RunnerConfig, Secret};
-use crate::domain::Hook;
+use crate::domain::{Hook, Stage};
 use crate::process::{self, ChildEnv, Exit, SpawnError};
 use crate::store::{ArtifactStore, StoreError};
 use crate::switch::TrafficSwitch;
@@ -148,7 +148,9 @@ impl LocalRunner {
         archive: &Path,
         hook: Hook,
         context: &HookContext<'_>,
+        progress: Option<&dyn Progress>,
     ) -> Result<String, Failed<LocalError>> {
+        let mut console = progress.and_then(|progress| progress.console(hook.into()));
         let env = context.env(hook);
         let default_timeout = Duration::from_secs(context.job.app.hook_timeout_secs);
         let mut log = String::new();
@@ -167,11 +169,21 @@ impl LocalRunner {
                 script.location,
                 timeout.as_secs()
             ));
-            let done = match process::run(command, timeout).await {
+            let done = match &mut console {
+                Some(console) => {
+                    let mut console = process::Redacting {
+                        sink: console.as_mut(),
+                        redact: |lines: &str| context.redact(lines),
+                    };
+                    process::run_with_sink(command, timeout, Some(&mut console)).await
+                }
+                None => process::run(command, timeout).await,
+            };
+            let done = match done {
                 Ok(done) => done,
                 Err(err) => return Err(Failed::after(log, err.into())),
             };
-            let output = context.job.env.redact(&done.log);
+            let output = context.redact(&done.log);
             log.push_str(&output);
             if !done.success {
                 log.push_str(&format!("{} ended: {}\n", script.location, done.status));
@@ -190,6 +202,7 @@ impl LocalRunner {
     async fn stop_previous(
         &self,
         context: &HookContext<'_>,
+        progress: &dyn Progress,
     ) -> Result<Done<()>, Failed<LocalError>> {
         let previous = tokio::fs::read_to_string(self.last_revision_marker())
             .await
@@ -206,7 +219,7 @@ impl LocalRunner {
             return Ok(Done::skipped((), NOTHING_TO_STOP));
         };
         let log = self
-            .run_scripts(&spec, &dir, Hook::ApplicationStop, context)
+            .run_scripts(&spec, &dir, Hook::ApplicationStop, context, Some(progress))
             .await?;
         Ok(Done::new((), log))
     }
@@ -248,6 +261,7 @@ impl LocalRunner {
         spec: &AppSpec,
         folders: &Folders,
         context: &HookContext<'_>,
+        progress: &dyn Progress,
     ) -> Result<Done<()>, Failed<LocalError>> {
         if hook == Hook::Install {
             let files = install(&folders.archive, &folders.release).await?;
@@ -260,8 +274,100 @@ impl LocalRunner {
             return Ok(Done::skipped((), "no script for this hook\n"));
         }
         let log = self
-            .run_scripts(spec, &folders.archive, hook, context)
+            .run_scripts(spec, &folders.archive, hook, context, Some(progress))
             .await?;
+        Ok(Done::new((), log))
+    }
+
+    /// Release, then BeforeSwitch: the new instance runs, traffic is still on the old one.
+    /// Either failing stops the new instance (AfterInstall's scripts stop what runs on the
+    /// idle port) and fails the deployment before any traffic reached it.
+    async fn before_switch(
+        &self,
+        spec: &AppSpec,
+        folders: &Folders,
+        context: &HookContext<'_>,
+        progress: &dyn Progress,
+    ) -> Result<(), RunnerError> {
+        let app = &context.job.app;
+        for (stage, command) in [
+            (Stage::Release, &app.release),
+            (Stage::BeforeSwitch, &app.hooks.before_switch),
+        ] {
+            let work = self.app_command(stage, command.as_deref(), folders, context, progress);
+            if let Err(error) = step::record(progress, stage, work).await {
+                let stopped = self
+                    .run_scripts(spec, &folders.archive, Hook::AfterInstall, context, None)
+                    .await;
+                if let Err(failed) = stopped {
+                    tracing::warn!(deployment_id = %context.job.deployment_id, error = %failed.error, "could not stop the new instance after {stage} failed");
+                }
+                return Err(at(stage)(error));
+            }
+        }
+        Ok(())
+    }
+
+    /// AfterSwitch, once traffic is on the new version. Its failure is recorded on the
+    /// stage; the deployment stays live (the switch is done and the version answers).
+    async fn after_switch(
+        &self,
+        folders: &Folders,
+        context: &HookContext<'_>,
+        progress: &dyn Progress,
+    ) {
+        let command = context.job.app.hooks.after_switch.as_deref();
+        let work = self.app_command(Stage::AfterSwitch, command, folders, context, progress);
+        if let Err(error) = step::record(progress, Stage::AfterSwitch, work).await {
+            tracing::warn!(deployment_id = %context.job.deployment_id, error = %error, "after_switch failed; the new version stays live");
+        }
+    }
+
+    /// One of the app's own commands (`release`, `hooks.*`), run by `sh` in the release's
+    /// folder as `run_as`, with the app's env and what it is told of the deployment.
+    async fn app_command(
+        &self,
+        stage: Stage,
+        command: Option<&str>,
+        folders: &Folders,
+        context: &HookContext<'_>,
+        progress: &dyn Progress,
+    ) -> Result<Done<()>, Failed<LocalError>> {
+        let Some(command) = command else {
+            return Ok(Done::skipped((), "not configured\n"));
+        };
+        let mut child = context.release_env(stage).command("sh");
+        child.arg("-c").arg(command).current_dir(&folders.release);
+        if let Some(user) = &context.job.app.run_user {
+            user.apply(&mut child);
+        }
+        let timeout = Duration::from_secs(context.job.app.hook_timeout_secs);
+        let mut log = format!("$ {command} (timeout {}s)\n", timeout.as_secs());
+        let done = match progress.console(stage) {
+            Some(mut console) => {
+                let mut console = process::Redacting {
+                    sink: console.as_mut(),
+                    redact: |lines: &str| context.redact(lines),
+                };
+                process::run_with_sink(child, timeout, Some(&mut console)).await
+            }
+            None => process::run(child, timeout).await,
+        };
+        let done = match done {
+            Ok(done) => done,
+            Err(err) => return Err(Failed::after(log, err.into())),
+        };
+        let output = context.redact(&done.log);
+        log.push_str(&output);
+        if !done.success {
+            log.push_str(&format!("{stage} ended: {}\n", done.status));
+            let error = LocalError::Script {
+                last_line: last_line(&output).to_owned(),
+                script: command.to_owned(),
+                exit: done.status,
+            };
+            return Err(Failed { log, error });
+        }
         Ok(Done::new((), log))
     }
 
@@ -323,6 +429,17 @@ pub struct HookContext<'a> {
 }
 
 impl HookContext<'_> {
+    /// A script's output as its log may show it: neither the app's secrets nor the token
+    /// that lets a hook move traffic, should a script print its environment.
+    fn redact(&self, output: &str) -> String {
+        let output = self.job.env.redact(output);
+        match self.switch_token {
+            // Real tokens are long; a short one (tests) would blank out ordinary words.
+            token if token.len() >= 16 => output.replace(token, "***"),
+            _ => output,
+        }
+    }
+
     /// A hook's whole environment: the base allow-list, the app's own env, then what
     /// `vars` tells every hook, and the names of the app's env (deploy.sh passes those on to
     /// the instance, and nothing else of the hook's).
@@ -330,6 +447,39 @@ impl HookContext<'_> {
         let mut env = ChildEnv::base();
         env.extend(self.job.env.pairs());
         env.extend(self.vars(hook));
+        env.set("NONSTOP_APP_ENV", self.job.env.names());
+        env
+    }
+
+    /// The environment of the app's own commands (`release`, `hooks.*`): the base, the app's
+    /// env, and the deployment in five names. `NONSTOP_IDLE_PORT` is the new version's port
+    /// and `NONSTOP_LIVE_PORT` the previous one's, before the switch and after it alike; no
+    /// switch token (they do not move traffic).
+    pub fn release_env(&self, stage: Stage) -> ChildEnv {
+        let app: &AppConfig = &self.job.app;
+        let mut env = ChildEnv::base();
+        env.extend(self.job.env.pairs());
+        env.extend([
+            ("NONSTOP_STAGE", stage.as_str().to_owned()),
+            ("NONSTOP_VERSION", self.job.version.clone()),
+            (
+                "NONSTOP_COMMIT",
+                self.job.commit.clone().unwrap_or_default(),
+            ),
+            (
+                "NONSTOP_PREVIOUS_VERSION",
+                self.job.previous_version.clone().unwrap_or_default(),
+            ),
+            ("NONSTOP_IDLE_PORT", app.idle_port(self.live).to_string()),
+            (
+                "NONSTOP_LIVE_PORT",
+                self.live.map(|p| p.to_string()).unwrap_or_default(),
+            ),
+            (
+                "NONSTOP_RELEASE_DIR",
+                self.release_dir.display().to_string(),
+            ),
+        ]);
         env.set("NONSTOP_APP_ENV", self.job.env.names());
         env
     }
@@ -397,6 +547,14 @@ impl HookContext<'_> {
                 format!("{}/api/apps/{}/switch", self.switch_url, app.name),
             ),
             ("NONSTOP_SWITCH_TOKEN", self.switch_token.to_owned()),
+            (
+                "NONSTOP_DRAIN_URL",
+                format!("{}/api/apps/{}/drain", self.switch_url, app.name),
+            ),
+            (
+                "NONSTOP_DRAIN_TIMEOUT_SECS",
+                app.drain_timeout_secs.to_string(),
+            ),
         ];
         pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
     }
@@ -423,10 +581,11 @@ fn last_line(log: &str) -> &str {
         .unwrap_or("no output")
 }
 
-/// Ties a hook's error to the hook, as the pipeline records it.
-fn at(hook: Hook) -> impl FnOnce(LocalError) -> RunnerError {
+/// Ties a step's error to its stage, as the pipeline records it.
+fn at(stage: impl Into<Stage>) -> impl FnOnce(LocalError) -> RunnerError {
+    let stage = stage.into();
     move |error| RunnerError {
-        hook,
+        stage,
         reason: error.into(),
     }
 }
@@ -454,7 +613,7 @@ impl Runner for LocalRunner {
         step::record(
             progress,
             Hook::ApplicationStop,
-            self.stop_previous(&context),
+            self.stop_previous(&context, progress),
         )
         .await
         .map_err(at(Hook::ApplicationStop))?;
@@ -468,14 +627,21 @@ impl Runner for LocalRunner {
             Hook::ApplicationStart,
             Hook::ValidateService,
         ] {
-            step::record(progress, hook, self.hook(hook, &spec, &folders, &context))
-                .await
-                .map_err(at(hook))?;
+            step::record(
+                progress,
+                hook,
+                self.hook(hook, &spec, &folders, &context, progress),
+            )
+            .await
+            .map_err(at(hook))?;
             if hook == Hook::ApplicationStart {
                 progress.instance_started(idle).await;
+                self.before_switch(&spec, &folders, &context, progress)
+                    .await?;
             }
         }
         self.remember_revision(&folders.archive).await;
+        self.after_switch(&folders, &context, progress).await;
         Ok(())
     }
 
@@ -497,7 +663,7 @@ impl Runner for LocalRunner {
         // AfterInstall is the hook that stops whatever runs on the idle port: the same host
         // script cleans up, with the live port as it is now.
         let context = self.context(job, &folders, self.switch.live());
-        self.run_scripts(&spec, &folders.archive, Hook::AfterInstall, &context)
+        self.run_scripts(&spec, &folders.archive, Hook::AfterInstall, &context, None)
             .await
             .map_err(|failed| at(Hook::AfterInstall)(failed.error))
     }
@@ -666,6 +832,8 @@ run = "{artifact} --port {port} --profile {profile}"
             deployment_id: crate::domain::DeploymentId::new(7),
             app: Arc::new(app),
             version: "1.0.1-SNAPSHOT-20261125140000".into(),
+            commit: None,
+            previous_version: None,
             env: Arc::default(),
             bundle: crate::domain::BundleRef {
                 key: "hello/v.zip".into(),
@@ -704,6 +872,11 @@ run = "{artifact} --port {port} --profile {profile}"
             env["NONSTOP_SWITCH_URL"],
             "http://127.0.0.1:9000/api/apps/hello/switch"
         );
+        assert_eq!(
+            env["NONSTOP_DRAIN_URL"],
+            "http://127.0.0.1:9000/api/apps/hello/drain"
+        );
+        assert_eq!(env["NONSTOP_DRAIN_TIMEOUT_SECS"], "30");
 
         let first = HookContext {
             live: None,
@@ -753,6 +926,30 @@ run = "{artifact} --port {port} --profile {profile}"
                 "{name} is none of the hook's own"
             );
         }
+    }
+
+    #[test]
+    fn a_hooks_log_hides_the_switch_token_and_the_apps_secrets() {
+        let mut job = job();
+        let mut app = (*job.app).clone();
+        app.secret_values = vec![("DATABASE_URL".into(), Secret::new("postgres://s".into()))];
+        job.env = Arc::new(crate::app_env::AppEnv::resolve(&app).unwrap());
+        let token = "0123456789abcdef0123";
+        let context = HookContext {
+            job: &job,
+            group: "local",
+            live: None,
+            release_dir: Path::new("/data/releases/v"),
+            run_dir: Path::new("/data/run"),
+            switch_url: "http://127.0.0.1:9000",
+            switch_token: token,
+        };
+
+        let log = context.redact(&format!(
+            "NONSTOP_SWITCH_TOKEN={token}\nDATABASE_URL=postgres://s\n"
+        ));
+
+        assert_eq!(log, "NONSTOP_SWITCH_TOKEN=***\nDATABASE_URL=***\n");
     }
 
     #[test]

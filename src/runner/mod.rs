@@ -16,7 +16,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::config::AppConfig;
-use crate::domain::{BundleRef, DeploymentId, Hook, StageStatus};
+use crate::domain::{BundleRef, DeploymentId, Stage, StageStatus};
 
 /// One deployment of one bundle.
 #[derive(Clone, Debug)]
@@ -24,6 +24,10 @@ pub struct Job {
     pub deployment_id: DeploymentId,
     pub app: Arc<AppConfig>,
     pub version: String,
+    /// The commit it deploys, when known (a redeploy of an old record may not say).
+    pub commit: Option<String>,
+    /// What was live when it started: the app's `release` and `hooks` are told.
+    pub previous_version: Option<String>,
     pub bundle: BundleRef,
     /// The app's own env vars for this deployment (this host's hooks and instances get them;
     /// a fleet gets the bundle's `env` and its hosts' own env file).
@@ -33,8 +37,13 @@ pub struct Job {
 /// How a runner tells the pipeline what happens, as it happens.
 #[async_trait]
 pub trait Progress: Send + Sync {
-    async fn hook_started(&self, hook: Hook);
-    async fn hook_finished(&self, hook: Hook, status: StageStatus, log: &str);
+    async fn stage_started(&self, stage: Stage);
+    async fn stage_finished(&self, stage: Stage, status: StageStatus, log: &str);
+    /// Where `stage`'s processes print as they run (already redacted), when anyone listens.
+    fn console(&self, stage: Stage) -> Option<Box<dyn crate::process::LineSink>> {
+        let _ = stage;
+        None
+    }
     /// The new version will be started on `port` (known before any hook runs, so that a
     /// restart after a crash knows where to clean up).
     async fn target_port(&self, port: u16);
@@ -58,9 +67,9 @@ pub struct Interrupted<'a> {
 
 /// A hook that failed, with why (its output is already reported through `Progress`).
 #[derive(Debug, thiserror::Error)]
-#[error("{hook} failed: {reason}")]
+#[error("{stage} failed: {reason}")]
 pub struct RunnerError {
-    pub hook: Hook,
+    pub stage: Stage,
     pub reason: HookError,
 }
 

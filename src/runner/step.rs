@@ -11,7 +11,7 @@ use std::future::Future;
 use async_trait::async_trait;
 
 use super::Progress;
-use crate::domain::{Hook, StageStatus};
+use crate::domain::{Hook, Stage, StageStatus};
 
 /// What hears of a step's start and end: any `Progress` for a runner's hooks, the
 /// pipeline's recorder for its own stages.
@@ -24,11 +24,22 @@ pub trait Steps<S>: Send + Sync {
 #[async_trait]
 impl<P: Progress + ?Sized> Steps<Hook> for P {
     async fn step_started(&self, hook: Hook) {
-        self.hook_started(hook).await;
+        self.stage_started(hook.into()).await;
     }
 
     async fn step_finished(&self, hook: Hook, status: StageStatus, log: &str) {
-        self.hook_finished(hook, status, log).await;
+        self.stage_finished(hook.into(), status, log).await;
+    }
+}
+
+#[async_trait]
+impl<P: Progress + ?Sized> Steps<Stage> for P {
+    async fn step_started(&self, stage: Stage) {
+        self.stage_started(stage).await;
+    }
+
+    async fn step_finished(&self, stage: Stage, status: StageStatus, log: &str) {
+        self.stage_finished(stage, status, log).await;
     }
 }
 
@@ -133,18 +144,18 @@ mod tests {
     use std::sync::Mutex;
 
     #[derive(Default)]
-    struct Heard(Mutex<Vec<(Hook, StageStatus, String)>>);
+    struct Heard(Mutex<Vec<(Stage, StageStatus, String)>>);
 
     #[async_trait]
     impl Progress for Heard {
-        async fn hook_started(&self, hook: Hook) {
+        async fn stage_started(&self, stage: Stage) {
             self.0
                 .lock()
                 .unwrap()
-                .push((hook, StageStatus::Running, String::new()));
+                .push((stage, StageStatus::Running, String::new()));
         }
-        async fn hook_finished(&self, hook: Hook, status: StageStatus, log: &str) {
-            self.0.lock().unwrap().push((hook, status, log.to_owned()));
+        async fn stage_finished(&self, stage: Stage, status: StageStatus, log: &str) {
+            self.0.lock().unwrap().push((stage, status, log.to_owned()));
         }
         async fn target_port(&self, _: u16) {}
         async fn instance_started(&self, _: u16) {}
@@ -178,21 +189,21 @@ mod tests {
         assert_eq!(
             heard,
             [
-                (Hook::Install, running, String::new()),
+                (Stage::Install, running, String::new()),
                 (
-                    Hook::Install,
+                    Stage::Install,
                     StageStatus::Succeeded,
                     "copied 3 files\n".into()
                 ),
-                (Hook::BeforeInstall, running, String::new()),
+                (Stage::BeforeInstall, running, String::new()),
                 (
-                    Hook::BeforeInstall,
+                    Stage::BeforeInstall,
                     StageStatus::Skipped,
                     "no script for this hook\n".into()
                 ),
-                (Hook::AfterInstall, running, String::new()),
+                (Stage::AfterInstall, running, String::new()),
                 (
-                    Hook::AfterInstall,
+                    Stage::AfterInstall,
                     StageStatus::Failed,
                     "$ deploy.sh\nstopping\nexit code 1\n".into()
                 ),

@@ -2,13 +2,16 @@
 //! moves it. The built-in proxy (`proxy`) is the default; `nginx` rewrites an include file.
 //! A switch never starts or stops app instances: it only points traffic.
 
+pub mod activation;
 pub mod control;
+pub mod drain;
 pub mod edge;
 pub mod fleet;
 pub mod nginx;
 pub mod proxy;
 
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
 
 /// Why a switch could not move traffic. Traffic stays where it was whenever this is returned.
 #[derive(Debug, thiserror::Error)]
@@ -31,4 +34,39 @@ pub trait TrafficSwitch: Send + Sync {
     fn live(&self) -> Option<u16>;
     /// Sends every new request to `port`; requests already in flight finish where they are.
     async fn switch_to(&self, port: u16) -> Result<(), SwitchError>;
+    /// What is still open on each port: requests in flight (streamed responses among them)
+    /// and tunnels (WebSockets). Empty when this switch cannot tell (nginx).
+    async fn open_connections(&self) -> Result<Vec<OpenOn>, SwitchError> {
+        Ok(Vec::new())
+    }
+    /// Ends what is still open on `port`, which is not live; returns how much that was.
+    /// A switch that cannot tell cuts nothing.
+    async fn cut(&self, port: u16) -> Result<usize, SwitchError> {
+        let _ = port;
+        Ok(0)
+    }
+}
+
+/// Connections still open on one instance's port.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenOn {
+    pub port: u16,
+    /// Requests in flight, streamed responses (server-sent events, downloads) among them.
+    pub requests: usize,
+    /// Upgraded connections (WebSockets).
+    pub tunnels: usize,
+}
+
+impl OpenOn {
+    pub fn none(port: u16) -> Self {
+        Self {
+            port,
+            ..Self::default()
+        }
+    }
+
+    /// Everything open there: requests and tunnels.
+    pub fn total(&self) -> usize {
+        self.requests + self.tunnels
+    }
 }

@@ -208,6 +208,7 @@ mod tests {
             "/api/apps/hello/deploy",
             "/api/apps/hello/lock",
             "/api/apps/hello/unlock",
+            "/api/apps/hello/cancel",
             "/api/apps/hello/switch",
             "/logout",
         ] {

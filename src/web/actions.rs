@@ -1,5 +1,5 @@
 //! Actions people take: deploy the branch head, roll back, redeploy a past version, lock and
-//! unlock an app. Each is a plain function over `AppState`; the handlers accept the admin
+//! unlock an app, cancel its running deployment. Each is a plain function over `AppState`; the handlers accept the admin
 //! token (scripts, JSON) or a dashboard session with its CSRF token (forms, answered with a
 //! redirect), and each answer carries its why-log entry (`why::Heard`).
 //!
@@ -32,6 +32,7 @@ pub fn routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/api/apps/{app}/rollback", post(rollback))
         .route("/api/apps/{app}/lock", post(lock))
         .route("/api/apps/{app}/unlock", post(unlock))
+        .route("/api/apps/{app}/cancel", post(cancel))
         .route("/api/deployments/{id}/redeploy", post(redeploy))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -208,6 +209,29 @@ async fn rollback(
         &app.config.name,
         Decision::Deployed,
         format!("rollback as #{id}"),
+        Some(id),
+    );
+    Ok(answer(&action, id, heard))
+}
+
+/// Stops the app's running deployment; the previous version keeps serving.
+async fn cancel(
+    State(state): State<Arc<AppState>>,
+    Path(app): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, AppError> {
+    let action = read_action(&state, &headers, &body)?;
+    let name = state.app(&app)?.config.name.clone();
+    let id = state
+        .queue
+        .cancel(&name, action.actor.as_str())
+        .ok_or_else(|| AppError::Conflict(format!("no deployment of `{name}` is running")))?;
+    tracing::info!(app = %name, deployment_id = %id, actor = action.actor.as_str(), "cancel asked");
+    let heard = Heard::new(
+        &name,
+        Decision::Cancelled,
+        format!("cancel of #{id} by {}", action.actor.as_str()),
         Some(id),
     );
     Ok(answer(&action, id, heard))

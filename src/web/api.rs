@@ -9,12 +9,13 @@ use axum::http::{HeaderMap, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{AppError, AppJson, AppState, bearer, require_loopback, token_matches};
 use crate::db::{self, Live};
 use crate::domain::{DeploymentId, DeploymentStatus};
+use crate::switch::OpenOn;
 use crate::traffic::TrafficError;
 
 pub fn routes() -> Router<Arc<AppState>> {
@@ -25,6 +26,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/api/edge", get(edge))
         .route("/api/apps/{app}/live", get(live))
         .route("/api/apps/{app}/switch", post(switch).get(switched))
+        .route("/api/apps/{app}/drain", post(drain))
         .route("/api/deployments", get(deployments))
         .route("/api/deployments/{id}", get(deployment))
 }
@@ -63,10 +65,32 @@ async fn apps(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, A
     Ok(Json(apps))
 }
 
+/// The live instance, and what is still open on each of the app's ports.
+#[derive(Serialize)]
+struct LiveAnswer {
+    #[serde(flatten)]
+    live: Live,
+    connections: Vec<OpenOn>,
+}
+
 async fn live(
     State(state): State<Arc<AppState>>,
     Path(app): Path<String>,
-) -> Result<Json<Live>, AppError> {
+) -> Result<Json<LiveAnswer>, AppError> {
+    let live = live_instance(&state, &app).await?;
+    // The record answers even when the proxy process does not.
+    let connections = match state.app(&app)?.switch.open_connections().await {
+        Ok(connections) => connections,
+        Err(err) => {
+            tracing::warn!(app = %app, error = %err, "could not count open connections");
+            Vec::new()
+        }
+    };
+    Ok(Json(LiveAnswer { live, connections }))
+}
+
+async fn live_instance(state: &AppState, app: &str) -> Result<Live, AppError> {
+    let app = app.to_owned();
     let runtime = state.app(&app)?;
     let name = app.clone();
     let recorded = state.db.call(move |conn| db::live(conn, &name)).await?;
@@ -84,7 +108,7 @@ async fn live(
             .await?
             .into_iter()
             .next();
-        return Ok(Json(Live {
+        return Ok(Live {
             app,
             port: slot.port,
             profile: slot.profile,
@@ -94,11 +118,9 @@ async fn live(
                 .and_then(|d| d.finished_at)
                 .or(recorded.map(|r| r.since))
                 .unwrap_or_default(),
-        }));
+        });
     }
-    recorded
-        .map(Json)
-        .ok_or_else(|| AppError::NotFound(format!("`{app}` has no live instance yet")))
+    recorded.ok_or_else(|| AppError::NotFound(format!("`{app}` has no live instance yet")))
 }
 
 #[derive(Deserialize)]
@@ -200,6 +222,42 @@ async fn switch(
         }
         Err(err) => Err(err.into()),
     }
+}
+
+/// What `deploy.sh` calls before it stops an instance: waits until the connections open on
+/// `port` (not live) have closed, at most the app's `drain_timeout_secs`, then closes what
+/// is left. Loopback only, with the switch (or admin) token.
+async fn drain(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(app): Path<String>,
+    headers: HeaderMap,
+    body: Result<AppJson<SwitchRequest>, AppError>,
+) -> Result<Json<serde_json::Value>, AppError> {
+    require_hook_caller(&state, peer, &headers)?;
+    let AppJson(request) = body.map_err(|err| match err {
+        AppError::BadRequest(reason) => {
+            AppError::BadRequest(format!("expected {{\"port\": N}}: {reason}"))
+        }
+        other => other,
+    })?;
+    let app = state.app(&app)?;
+    if !app.config.ports.contains(&request.port) {
+        return Err(AppError::BadRequest(format!(
+            "port {} is not one of {}'s ports {:?}",
+            request.port, app.config.name, app.config.ports
+        )));
+    }
+    let timeout = std::time::Duration::from_secs(app.config.drain_timeout_secs);
+    let drained = crate::switch::drain::drain(app.switch.as_ref(), request.port, timeout).await?;
+    // `line` is what deploy.sh writes into the stage log, so it parses no numbers.
+    Ok(Json(json!({
+        "port": drained.port,
+        "drained": drained.drained,
+        "seconds": drained.seconds,
+        "closed": drained.closed,
+        "line": drained.line(),
+    })))
 }
 
 /// Which port the switch points at now: how `deploy.sh` learns whether a switch whose

@@ -85,6 +85,15 @@ struct AppCard {
     running: Option<Progress>,
     /// While locked: pushes wait, and a deploy must be forced.
     lock: Option<LockView>,
+    /// Connections still open on the instance that is not live (after a switch, until
+    /// they close or the next deploy drains them).
+    still_open: Vec<StillOpen>,
+}
+
+struct StillOpen {
+    port: u16,
+    connections: usize,
+    version: Option<String>,
 }
 
 #[derive(Template)]
@@ -136,13 +145,31 @@ async fn overview(
 ) -> Result<Response, AppError> {
     let now = now_ms();
     let names: Vec<String> = state.apps.names().map(str::to_owned).collect();
+    let open = futures_util::future::join_all(state.apps.iter().map(|app| async {
+        // A card without the counts is better than no page.
+        let switch = &app.switch;
+        let open = switch.open_connections().await.unwrap_or_default();
+        let live = switch.live();
+        open.into_iter()
+            .filter(|on| Some(on.port) != live && on.total() > 0)
+            .collect::<Vec<_>>()
+    }))
+    .await;
     let (per_app, recent) = {
         let names = names.clone();
         state
             .db
             .call(move |conn| {
                 let mut per_app = Vec::new();
-                for name in &names {
+                for (name, open) in names.iter().zip(open) {
+                    let mut still_open = Vec::new();
+                    for on in open {
+                        still_open.push(StillOpen {
+                            port: on.port,
+                            connections: on.total(),
+                            version: db::version_on(conn, name, on.port)?,
+                        });
+                    }
                     let live = db::live(conn, name)?;
                     let running = match db::running_deployment(conn, name)? {
                         Some(id) => db::deployment(conn, id)?.map(|d| (d, db::stages(conn, id))),
@@ -152,31 +179,35 @@ async fn overview(
                         Some((d, stages)) => Some((d, stages?)),
                         None => None,
                     };
-                    per_app.push((live, running, db::lock_of(conn, name)?));
+                    per_app.push((live, running, db::lock_of(conn, name)?, still_open));
                 }
                 Ok((per_app, db::deployments(conn, None, None, 10, 0)?))
             })
             .await?
     };
-    let probes = state.apps.iter().zip(&per_app).map(|(app, (live, _, _))| {
-        let path = app.config.health.path.clone();
-        let port = live.as_ref().map(|l| l.port);
-        async move {
-            match port {
-                Some(port) => {
-                    Some(crate::health::answers(port, &path, Duration::from_millis(300)).await)
+    let probes = state
+        .apps
+        .iter()
+        .zip(&per_app)
+        .map(|(app, (live, _, _, _))| {
+            let path = app.config.health.path.clone();
+            let port = live.as_ref().map(|l| l.port);
+            async move {
+                match port {
+                    Some(port) => {
+                        Some(crate::health::answers(port, &path, Duration::from_millis(300)).await)
+                    }
+                    None => None,
                 }
-                None => None,
             }
-        }
-    });
+        });
     let health = futures_util::future::join_all(probes).await;
     let apps = state
         .apps
         .iter()
         .zip(per_app)
         .zip(health)
-        .map(|((app, (live, running, lock)), healthy)| {
+        .map(|((app, (live, running, lock, still_open)), healthy)| {
             let config = &app.config;
             AppCard {
                 entry: config.entry(),
@@ -196,6 +227,7 @@ async fn overview(
                 }),
                 name: config.name.to_string(),
                 lock: lock.as_ref().map(|l| LockView::new(l, now)),
+                still_open,
             }
         })
         .collect();

@@ -2,7 +2,9 @@
 //! `{"error": "..."}` form: `AppError`, and the `From` impls that map each lower module's
 //! error to it, once. `AppJson` is the JSON extractor whose rejections take the same form.
 //! Nothing here decides *whether* a request fails; it only says how a failure is answered,
-//! and a server error's cause is logged, never sent.
+//! An internal error's cause is logged, never sent (it may name a file or a query); a bad
+//! gateway's reason (which instance failed its health look, what the switch said) is the
+//! operator's to act on and is sent.
 
 use axum::Json;
 use axum::extract::FromRequest;
@@ -60,7 +62,10 @@ impl IntoResponse for AppError {
         if status.is_server_error() {
             tracing::warn!(status = status.as_u16(), reason = %self, "request failed");
         }
-        let reason = self.to_string();
+        let reason = match self {
+            Self::Internal(_) => "internal error".to_owned(),
+            _ => self.to_string(),
+        };
         let mut response = (status, Json(serde_json::json!({ "error": reason }))).into_response();
         // The why log records a refused trigger with this reason (`why::record`).
         response.extensions_mut().insert(Refusal(reason));
@@ -132,6 +137,16 @@ impl From<TrafficError> for AppError {
                 Self::BadGateway(err.to_string())
             }
             TrafficError::Record { source, .. } => source.into(),
+        }
+    }
+}
+
+impl From<crate::switch::SwitchError> for AppError {
+    fn from(err: crate::switch::SwitchError) -> Self {
+        match err {
+            // The live port, or one that is not the app's.
+            crate::switch::SwitchError::Rejected(_) => Self::Conflict(err.to_string()),
+            _ => Self::BadGateway(err.to_string()),
         }
     }
 }
@@ -225,6 +240,19 @@ mod tests {
             let reason = answer["error"].as_str().unwrap_or_default();
             assert!(!reason.is_empty() && !reason.contains('\n'), "{answer}");
         }
+    }
+
+    #[tokio::test]
+    async fn an_internal_errors_cause_is_not_sent() {
+        let response = AppError::Internal("no such table: deployments in data/nonstop.db".into())
+            .into_response();
+
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&bytes).unwrap(),
+            serde_json::json!({ "error": "internal error" })
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 mod access;
 mod actions;
 mod api;
+mod console;
 mod dashboard;
 mod error;
 mod headers;
@@ -71,6 +72,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(actions::routes(&state))
         .merge(dashboard::routes())
         .merge(why::routes())
+        .merge(console::routes())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             access::gate,

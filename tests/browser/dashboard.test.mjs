@@ -122,7 +122,8 @@ test("a push shows its stages turn green and the live card flip, with no reload"
   await detail.waitForSelector('[data-stage="ValidateService"][data-stage-status="succeeded"]', { timeout: WAIT });
   await detail.waitForSelector('[data-deployment-status="succeeded"]', { timeout: WAIT });
   const statuses = await detail.$$eval("[data-stage]", (items) => items.map((i) => [i.dataset.stage, i.dataset.stageStatus]));
-  assert.equal(statuses.length, 11);
+  // nonstop's four, CodeDeploy's seven hooks, and the app's own Release, BeforeSwitch, AfterSwitch.
+  assert.equal(statuses.length, 14);
   for (const [stage, status] of statuses) {
     assert.ok(["succeeded", "skipped"].includes(status), `${stage} is ${status}`);
   }
@@ -197,6 +198,32 @@ test("a failing deploy shows its failing stage and its output", async () => {
 
 // Asks tests/it/browser.rs to kill the server (SIGKILL) and start it again; resolves once it
 // answers again.
+test("a running build's lines appear in its Output panel as they are printed", async () => {
+  const sha = commit("Slow build, healthy again", () => {
+    writeFileSync(join(REPO, "SLOW_BUILD"), "30 lines\n");
+    const main = join(REPO, "src/main.rs");
+    writeFileSync(main, readFileSync(main, "utf8").replace("const HEALTHY: bool = false;", "const HEALTHY: bool = true;"));
+  });
+  const id = await push(sha);
+  const page = await newPage();
+  await page.goto(`${BASE}/deployments/${id}`);
+  const output = page.locator("[data-console] pre");
+  await output.filter({ hasText: "line 3\n" }).waitFor({ timeout: WAIT });
+  // Shown while the build still runs.
+  const shown = await output.textContent();
+  const record = await (await fetch(`${BASE}/api/deployments/${id}`, AS_ADMIN)).json();
+  assert.equal(record.stages.find((s) => s.name === "Build").status, "running", shown);
+  assert.ok(!shown.includes("line 30\n"), shown);
+  await shot(page, "console-while-building");
+  await output.filter({ hasText: "line 30\n" }).waitFor({ timeout: WAIT });
+  const lines = (await output.textContent()).split("\n").filter((l) => l.startsWith("line "));
+  assert.deepEqual(lines, Array.from({ length: 30 }, (_, i) => `line ${i + 1}`));
+  await page.waitForSelector("[data-deployment-status=succeeded]", { timeout: WAIT });
+  git("rm", "--quiet", "SLOW_BUILD");
+  git("commit", "--quiet", "-m", "Fast builds again");
+  await page.context().close();
+});
+
 async function restartServer() {
   const done = join(HANDSHAKE, "restarted");
   rmSync(done, { force: true });

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use nonstop::aws::{self, Endpoint, Timeouts};
-use nonstop::domain::{Hook, StageStatus};
+use nonstop::domain::{Hook, Stage, StageStatus};
 use nonstop::runner::codedeploy::{CodeDeployRunner, CodeDeploySettings};
 use nonstop::runner::lifecycle::{self, TargetsResponse};
 use nonstop::runner::{Interrupted, Job, Progress, Runner};
@@ -423,13 +423,15 @@ struct Recorded {
 
 #[async_trait]
 impl Progress for Recorded {
-    async fn hook_started(&self, hook: Hook) {
+    async fn stage_started(&self, stage: Stage) {
+        let hook = Hook::parse(stage.as_str()).expect("a fleet reports hooks only");
         self.events
             .lock()
             .unwrap()
             .push((hook, StageStatus::Running, String::new()));
     }
-    async fn hook_finished(&self, hook: Hook, status: StageStatus, log: &str) {
+    async fn stage_finished(&self, stage: Stage, status: StageStatus, log: &str) {
+        let hook = Hook::parse(stage.as_str()).expect("a fleet reports hooks only");
         self.events
             .lock()
             .unwrap()
@@ -470,6 +472,8 @@ runner = { kind = "codedeploy", application = "hello", group = "fleet" }
         deployment_id: nonstop::domain::DeploymentId::new(1),
         app: Arc::new(config.apps[0].clone()),
         version: "v1".into(),
+        commit: None,
+        previous_version: None,
         bundle: nonstop::domain::BundleRef {
             key: bundle_key.into(),
             sha256: sha256.into(),
@@ -522,7 +526,7 @@ async fn a_codedeploy_deployment_is_created_in_moto_and_followed_until_nonstop_g
         "took {:?}",
         started.elapsed()
     );
-    assert_eq!(err.hook, Hook::ApplicationStop);
+    assert_eq!(err.stage, Hook::ApplicationStop.into());
     let reason = err.reason.to_string();
     assert!(reason.contains("still Created after 3 s"), "{reason}");
     let finished = progress.finished();
@@ -596,7 +600,7 @@ async fn a_missing_deployment_group_fails_with_codedeploys_words() {
         .run(&job(&stored.key, &stored.sha256), &progress)
         .await
         .unwrap_err();
-    assert_eq!(err.hook, Hook::ApplicationStop);
+    assert_eq!(err.stage, Hook::ApplicationStop.into());
     let reason = err.reason.to_string();
     assert!(
         reason.contains("CreateDeployment for application `hello`, group `fleet`"),
@@ -790,7 +794,7 @@ async fn a_deployment_aws_reports_failed_ends_failed_with_its_reason_and_every_h
         .await
         .unwrap_err();
 
-    assert_eq!(err.hook, Hook::ValidateService);
+    assert_eq!(err.stage, Hook::ValidateService.into());
     assert_eq!(
         progress.runner_ref.lock().unwrap().as_deref(),
         Some("d-8K3SZ7QXA"),

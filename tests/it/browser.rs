@@ -4,11 +4,21 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{ADMIN_TOKEN, REPOSITORY, SECRET, spawn_app};
+use crate::common::{ADMIN_TOKEN, Extra, REPOSITORY, SECRET, spawn_app_with};
 
 #[tokio::test]
 async fn the_dashboard_in_a_real_browser() {
-    let mut app = spawn_app().await;
+    // A commit holding a file named SLOW_BUILD builds slowly, printing as it goes: the
+    // console test watches its lines appear.
+    let mut app = spawn_app_with(Extra {
+        build: Some(
+            "if [ -f SLOW_BUILD ]; then for i in $(seq 1 30); do echo \"line $i\"; sleep 0.1; done; fi; \
+             cargo build --release --target-dir target"
+                .into(),
+        ),
+        ..Extra::default()
+    })
+    .await;
     app.deploy(&app.repo.commit("First live version")).await;
     let started = Instant::now();
 
@@ -75,7 +85,7 @@ async fn the_dashboard_in_a_real_browser() {
         app.server_log()
     );
     assert!(
-        report.contains("# pass 5") && report.contains("# fail 0"),
+        report.contains("# pass 6") && report.contains("# fail 0"),
         "not all browser tests ran:\n{report}"
     );
 }

@@ -236,3 +236,64 @@ async fn deploy_keeps_following_through_a_server_restart() {
     );
     assert!(text.contains("ValidateService started"), "{text}");
 }
+
+#[tokio::test]
+async fn deploy_verbose_streams_the_running_stages_lines_as_they_are_printed() {
+    let app = crate::common::spawn_app_with(crate::common::Extra {
+        build: Some(
+            "for i in $(seq 1 30); do echo \"line $i\"; sleep 0.1; done; \
+             cargo build --release --target-dir target"
+                .into(),
+        ),
+        ..crate::common::Extra::default()
+    })
+    .await;
+    app.repo.commit("Slow build");
+    let mut cli = app.cli_started(&["deploy", "hello", "--verbose"]);
+    let stdout = cli.stdout.take().unwrap();
+
+    // Read on a thread of its own: each line as the command prints it.
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let _ = lines_tx.send(line.unwrap());
+        }
+    });
+    let mut printed = Vec::new();
+    let mut build_running_at_line_5 = None;
+    while let Some(line) = tokio::time::timeout(Duration::from_secs(180), lines.recv())
+        .await
+        .expect("the command goes on printing")
+    {
+        if line == "  | line 5" {
+            let (_, record) = app.get_json("/api/deployments/1").await;
+            build_running_at_line_5 = Some(stage(&record, "Build")["status"].clone());
+        }
+        printed.push(line);
+    }
+    let out = cli.wait_with_output().unwrap();
+
+    assert_eq!(out.status.code(), Some(0), "{printed:#?}");
+    assert_eq!(
+        build_running_at_line_5,
+        Some(serde_json::json!("running")),
+        "line 5 was printed while the build ran: {printed:#?}"
+    );
+    let streamed: Vec<&str> = printed
+        .iter()
+        .filter_map(|line| line.strip_prefix("  | line "))
+        .collect();
+    let expected: Vec<String> = (1..=30).map(|i| i.to_string()).collect();
+    assert_eq!(streamed, expected, "each line once, in order: {printed:#?}");
+    let started = printed.iter().position(|l| l == "Build started").unwrap();
+    let first = printed.iter().position(|l| l == "  | line 1").unwrap();
+    assert!(started < first, "{printed:#?}");
+    assert!(
+        printed
+            .last()
+            .unwrap()
+            .starts_with("deployment 1 succeeded in "),
+        "{printed:#?}"
+    );
+}

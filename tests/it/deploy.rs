@@ -69,7 +69,10 @@ async fn every_stage_is_recorded_with_its_output() {
             ("Install", "succeeded"),
             ("AfterInstall", "succeeded"),
             ("ApplicationStart", "succeeded"),
+            ("Release", "skipped"),
+            ("BeforeSwitch", "skipped"),
             ("ValidateService", "succeeded"),
+            ("AfterSwitch", "skipped"),
         ]
     );
     let log_of = |name: &str| stage(&done, name)["log"].as_str().unwrap().to_owned();
@@ -652,7 +655,7 @@ async fn a_deployment_records_which_env_names_changed_and_never_their_values() {
 }
 
 /// Sends `text` on a WebSocket and returns the answer, within a deadline.
-async fn say<S>(socket: &mut tokio_tungstenite::WebSocketStream<S>, text: &str) -> String
+pub async fn say<S>(socket: &mut tokio_tungstenite::WebSocketStream<S>, text: &str) -> String
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -674,7 +677,7 @@ where
 }
 
 /// The next server-sent event's `data:` line of a `/stream` response.
-async fn next_event_data(stream: &mut reqwest::Response, buffered: &mut String) -> String {
+pub async fn next_event_data(stream: &mut reqwest::Response, buffered: &mut String) -> String {
     let read = async {
         loop {
             if let Some(end) = buffered.find("\n\n") {
@@ -723,4 +726,24 @@ async fn an_open_websocket_and_event_stream_stay_on_their_version_through_a_depl
     let (mut new_socket, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
     assert_eq!(say(&mut new_socket, "new").await, format!("{second}: new"));
     assert_eq!(say(&mut old_socket, "bye").await, format!("{first}: bye"));
+
+    // The API and the dashboard say who is still on the old instance.
+    let old_port = app.ports.app[0];
+    let (_, live) = app.get_json("/api/apps/hello/live").await;
+    let on_old = live["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|on| on["port"] == old_port)
+        .cloned();
+    assert_eq!(
+        on_old,
+        Some(serde_json::json!({ "port": old_port, "requests": 1, "tunnels": 1 })),
+        "{live}"
+    );
+    let (_, page) = app.get_text("/").await;
+    assert!(
+        page.contains(&format!("2 connections still on {old_port}, v{first}")),
+        "{page}"
+    );
 }

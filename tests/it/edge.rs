@@ -112,7 +112,7 @@ async fn deploy_by_hand(test: &TestApp, app: &str) -> String {
 #[tokio::test]
 async fn one_listener_routes_each_host_to_its_own_app_and_nonstop_itself_and_nothing_else() {
     let app = spawn_app_with(Extra {
-        server: r#"hosts = ["deploy.test"]"#.into(),
+        server: "proxy_process = false\nhosts = [\"deploy.test\"]".into(),
         app: r#"hosts = ["hello.test", "*.hello.test"]"#.into(),
         tables: format!(
             "[proxy]\nhttp = \"127.0.0.1:0\"\n{}",
@@ -374,6 +374,7 @@ async fn spawn_tls_edge(ca: &TestCa, certs: &std::path::Path, extra_proxy: &str)
         )
     };
     spawn_app_with(Extra {
+        server: "proxy_process = false".into(),
         app: format!(
             "hosts = [\"hello.test\", \"*.hello.test\"]\n{}",
             tls(&hello)
@@ -745,7 +746,7 @@ async fn acme_issues_certificates_for_two_apps_and_nonstop_itself_and_github_dep
     let http = unique_port();
     let pebble = Pebble::start(http, unique_port(), dns_port).await;
     let app = spawn_app_with(Extra {
-        server: "hosts = [\"deploy.test\"]\ntls = { acme = true }".into(),
+        server: "proxy_process = false\nhosts = [\"deploy.test\"]\ntls = { acme = true }".into(),
         app: "hosts = [\"hello.test\"]\ntls = { acme = true }".into(),
         tables: format!(
             "[proxy]\nhttp = \"127.0.0.1:{http}\"\nhttps = \"127.0.0.1:0\"\nredirect_https = true\n\
@@ -942,6 +943,7 @@ async fn the_edge_runs_in_the_proxy_process_and_follows_its_switches() {
 #[tokio::test]
 async fn an_acme_failure_is_shown_with_the_certificate_and_retried() {
     let app = spawn_app_with(Extra {
+        server: "proxy_process = false".into(),
         app: "hosts = [\"hello.test\"]\ntls = { acme = true }".into(),
         // Nothing listens on port 1: every attempt fails at once.
         tables: "[proxy]\nhttp = \"127.0.0.1:0\"\nhttps = \"127.0.0.1:0\"\n\
@@ -1010,6 +1012,7 @@ async fn without_a_plain_listener_acme_proves_the_names_over_tls_alpn_01() {
     let https = unique_port();
     let pebble = Pebble::start(unique_port(), https, dns_port).await;
     let app = spawn_app_with(Extra {
+        server: "proxy_process = false".into(),
         app: "hosts = [\"hello.test\"]\ntls = { acme = true }".into(),
         tables: format!(
             "[proxy]\nhttps = \"127.0.0.1:{https}\"\n[proxy.acme]\ndirectory = \"{}\"\nca_file = \"{}\"\n",

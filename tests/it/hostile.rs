@@ -1418,6 +1418,11 @@ async fn builds_hooks_and_instances_run_as_the_users_the_config_names_and_cannot
     let mode = |path: &Path| std::fs::metadata(path).unwrap().mode() & 0o777;
     assert_eq!(mode(&app.data_dir()), 0o711);
     assert_eq!(mode(&app.db_path()), 0o600);
+    for suffix in ["-wal", "-shm"] {
+        let mut name = app.db_path().into_os_string();
+        name.push(suffix);
+        assert_eq!(mode(Path::new(&name)), 0o600, "nonstop.db{suffix}");
+    }
     assert_eq!(mode(&app.data_dir().join("artifacts")), 0o700);
 
     // The next deployment's hooks, as nobody, stop and start nobody's instances.

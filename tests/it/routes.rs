@@ -57,6 +57,8 @@ impl Routes {
             r#"[server]
 listen = "127.0.0.1:0"
 data_dir = "data"
+# In this process: the router is driven without the `nonstop` binary.
+proxy_process = false
 {server}
 
 [[app]]
@@ -990,6 +992,37 @@ async fn a_login_goes_back_to_the_page_it_was_asked_for_and_never_to_another_sit
         assert_eq!(page.contains("/deployments?app=hello"), kept, "{page}");
         assert!(!page.contains("evil.example"), "{page}");
     }
+}
+
+#[tokio::test]
+async fn cancel_refuses_unknown_apps_and_strangers_and_says_when_nothing_runs() {
+    let routes = Routes::start().await;
+    let admin = routes.admin_token();
+
+    assert_eq!(
+        routes
+            .send(post("/api/apps/nope/cancel", Some(&admin), json!({})))
+            .await,
+        (StatusCode::NOT_FOUND, error("no app named `nope`"))
+    );
+    assert_eq!(
+        routes
+            .send(post("/api/apps/hello/cancel", None, json!({})))
+            .await,
+        (
+            StatusCode::UNAUTHORIZED,
+            error("log in on the dashboard or send the admin token (Authorization: Bearer …)")
+        )
+    );
+    assert_eq!(
+        routes
+            .send(post("/api/apps/hello/cancel", Some(&admin), json!({})))
+            .await,
+        (
+            StatusCode::CONFLICT,
+            error("no deployment of `hello` is running")
+        )
+    );
 }
 
 #[tokio::test]

@@ -51,6 +51,9 @@ const CERT_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 /// One site behind the edge: an app, or nonstop's own server.
 struct Site {
     live: LiveCell,
+    /// The app's proxy, whose cuts must reach this site's lanes too (`None`: nonstop's own
+    /// server, never cut).
+    proxy: Option<Arc<Proxy>>,
     /// nonstop's own router: its requests carry [`THROUGH_EDGE`].
     own_server: bool,
 }
@@ -131,6 +134,7 @@ impl Edge {
             let target = Arc::new(Target::at(address)?);
             sites.push(Site {
                 live: Arc::new(arc_swap::ArcSwapOption::new(Some(target))),
+                proxy: None,
                 own_server: true,
             });
             names.push(&config.server.hosts);
@@ -163,6 +167,7 @@ impl Edge {
             }
             sites.push(Site {
                 live: routed.live_cell(),
+                proxy: Some(Arc::clone(routed)),
                 own_server: false,
             });
             names.push(&app.hosts);

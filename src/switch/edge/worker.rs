@@ -29,7 +29,7 @@ use tracing::{debug, warn};
 
 use super::super::proxy::{
     Admission, ClientConnection, ClientPeer, FailureLog, ProxyBody, Refused, Stopping, Worker,
-    sweep_idle_connections, text_response,
+    sweep_idle_connections, text_response, wake_on_cut,
 };
 use super::{ACME_CHALLENGE_PREFIX, Shared, THROUGH_EDGE};
 
@@ -84,8 +84,11 @@ pub(super) fn run(listeners: Listeners, shared: Arc<Shared>, shutdown: watch::Re
     };
     LocalSet::new().block_on(&runtime, async move {
         let local = Rc::new(Local::new(shared));
-        for lane in &local.lanes {
+        for (lane, site) in local.lanes.iter().zip(&local.shared.sites) {
             tokio::task::spawn_local(sweep_idle_connections(Rc::clone(lane)));
+            if let Some(proxy) = &site.proxy {
+                tokio::task::spawn_local(wake_on_cut(Rc::clone(lane), proxy.cut_signal()));
+            }
         }
         let connections = TaskTracker::new();
         let mut accepting = Vec::new();

@@ -16,6 +16,7 @@
 
 mod admission;
 mod headers;
+mod open;
 mod pool;
 #[cfg(test)]
 mod tests;
@@ -23,13 +24,13 @@ mod tunnel;
 mod worker;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
 use hyper::header::HeaderValue;
 use tokio::net::TcpSocket;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tracing::info;
 
 pub use crate::domain::{BadIpRange, IpRange};
@@ -40,14 +41,14 @@ pub(in crate::switch) use admission::{Admission, Refused};
 pub(in crate::switch) use headers::ClientPeer;
 pub(in crate::switch) use worker::{
     ClientConnection, FailureLog, ProxyBody, Stopping, Worker, sweep_idle_connections,
-    text_response,
+    text_response, wake_on_cut,
 };
 
 /// The live target of one app, the one cell every worker (of its own proxy and of the
 /// shared edge) reads per request and `switch_to` swaps.
 pub(in crate::switch) type LiveCell = Arc<ArcSwapOption<Target>>;
 
-use super::{SwitchError, TrafficSwitch};
+use super::{OpenOn, SwitchError, TrafficSwitch};
 
 /// How the proxy treats its clients; the default trusts nobody.
 #[derive(Clone, Debug, Default)]
@@ -69,6 +70,8 @@ pub struct Target {
     address: SocketAddr,
     /// `Host` for clients that sent none (HTTP/1.0), pre-built so no request formats it.
     host: HeaderValue,
+    /// Its requests in flight and tunnels, counted by every worker.
+    open: open::OpenCounts,
 }
 
 impl Target {
@@ -85,6 +88,7 @@ impl Target {
             port,
             address,
             host,
+            open: open::OpenCounts::default(),
         })
     }
 
@@ -120,6 +124,17 @@ pub struct Proxy {
     local_addr: Option<SocketAddr>,
     /// `true` once shutdown started; dropping the sender means the same to the workers.
     shutdown: watch::Sender<bool>,
+    /// Every target made, while anything holds it (the live cell, a request, a tunnel):
+    /// where the open counts are read. Touched by switches and reads, never by a request.
+    targets: Mutex<Vec<Weak<Target>>>,
+    /// One per worker (the shared edge's too): a cut wakes each, to end what waits there
+    /// on the cut target.
+    cut_signals: Mutex<Vec<Arc<Notify>>>,
+    /// The workers' threads, to wait for after shutdown.
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// A copy of each worker's listening socket, for a handover to the next proxy process;
+    /// dropped at shutdown, so no socket outlives the workers that accept on it.
+    sockets: Mutex<Vec<std::net::TcpListener>>,
 }
 
 impl Proxy {
@@ -136,42 +151,100 @@ impl Proxy {
         live: Option<u16>,
         options: ProxyOptions,
     ) -> Result<Arc<Proxy>, SwitchError> {
-        let live = live.map(Target::new).transpose()?.map(Arc::new);
         let bind_error = |source| SwitchError::Bind {
             addr: listen,
             source,
         };
         let first = reuseport_listener(listen).map_err(bind_error)?;
         let local_addr = first.local_addr()?;
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut listeners = vec![first];
-        for _ in 1..workers {
+        for _ in 1..worker_count() {
             // Every worker binds the address the first one got (port 0 included).
             listeners.push(reuseport_listener(local_addr).map_err(bind_error)?);
         }
+        Self::serve_on(listeners, live, options)
+    }
+
+    /// [`Proxy::start_with`] on listening sockets made elsewhere (one systemd passed, or
+    /// those of the proxy process this one takes over from): with one socket every worker
+    /// accepts on it (a dup each), with several one worker each; none binds its own, so
+    /// whatever queued in their backlogs while no proxy ran is served, and nothing queues on
+    /// a socket that dies with this process.
+    pub async fn start_on(
+        mut listeners: Vec<std::net::TcpListener>,
+        live: Option<u16>,
+        options: ProxyOptions,
+    ) -> Result<Arc<Proxy>, SwitchError> {
+        for listener in &listeners {
+            listener.set_nonblocking(true)?;
+        }
+        if let [only] = listeners.as_slice() {
+            let only = only.try_clone()?;
+            for _ in 1..worker_count() {
+                listeners.push(only.try_clone()?);
+            }
+        }
+        Self::serve_on(listeners, live, options)
+    }
+
+    /// Starts a worker on each of `listeners` (the same address, all of them).
+    fn serve_on(
+        listeners: Vec<std::net::TcpListener>,
+        live: Option<u16>,
+        options: ProxyOptions,
+    ) -> Result<Arc<Proxy>, SwitchError> {
+        let live = live.map(Target::new).transpose()?.map(Arc::new);
+        let local_addr = listeners
+            .first()
+            .ok_or_else(|| SwitchError::Rejected("no listening socket".into()))?
+            .local_addr()?;
+        let workers = listeners.len();
 
         let live = Arc::new(ArcSwapOption::new(live));
         let admission =
             admission::Admission::new(options.limits, options.trusted_proxies.clone().into());
         let options = Arc::new(options);
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut cut_signals = Vec::new();
+        let mut threads = Vec::new();
+        let sockets = listeners
+            .iter()
+            .map(std::net::TcpListener::try_clone)
+            .collect::<Result<Vec<_>, _>>()?;
         for (index, listener) in listeners.into_iter().enumerate() {
+            let cut_signal = Arc::new(Notify::new());
+            cut_signals.push(Arc::clone(&cut_signal));
             let (live, options, admission, shutdown_rx) = (
                 Arc::clone(&live),
                 Arc::clone(&options),
                 Arc::clone(&admission),
                 shutdown_rx.clone(),
             );
-            std::thread::Builder::new()
-                .name(format!("proxy-{}-{index}", local_addr.port()))
-                .spawn(move || worker::run(listener, live, options, admission, shutdown_rx))?;
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("proxy-{}-{index}", local_addr.port()))
+                    .spawn(move || {
+                        worker::run(listener, live, options, admission, shutdown_rx, cut_signal)
+                    })?,
+            );
         }
+        let targets = Mutex::new(
+            live.load()
+                .as_ref()
+                .map(Arc::downgrade)
+                .into_iter()
+                .collect(),
+        );
         info!(addr = %local_addr, workers, live = ?live.load().as_ref().map(|t| t.port), "proxy listening");
 
         Ok(Arc::new(Proxy {
             live,
             local_addr: Some(local_addr),
             shutdown,
+            targets,
+            cut_signals: Mutex::new(cut_signals),
+            threads: Mutex::new(threads),
+            sockets: Mutex::new(sockets),
         }))
     }
 
@@ -180,10 +253,15 @@ impl Proxy {
     pub fn unbound(live: Option<u16>) -> Result<Arc<Proxy>, SwitchError> {
         let live = live.map(Target::new).transpose()?.map(Arc::new);
         let (shutdown, _) = watch::channel(false);
+        let targets = Mutex::new(live.as_ref().map(Arc::downgrade).into_iter().collect());
         Ok(Arc::new(Proxy {
             live: Arc::new(ArcSwapOption::new(live)),
             local_addr: None,
             shutdown,
+            targets,
+            cut_signals: Mutex::new(Vec::new()),
+            threads: Mutex::new(Vec::new()),
+            sockets: Mutex::new(Vec::new()),
         }))
     }
 
@@ -198,11 +276,121 @@ impl Proxy {
         Arc::clone(&self.live)
     }
 
+    /// A cut signal for one more worker (one of the shared edge's), woken by every cut.
+    pub(in crate::switch) fn cut_signal(&self) -> Arc<Notify> {
+        let signal = Arc::new(Notify::new());
+        self.cut_signals
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(Arc::clone(&signal));
+        signal
+    }
+
     /// Stops accepting; open connections finish their current request (graceful) and are
     /// then closed. Returns at once, without waiting for them.
     pub fn shutdown(&self) {
         self.shutdown.send_replace(true);
+        self.sockets
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clear();
     }
+
+    /// The listening sockets (one per worker), for the process that takes over from this
+    /// one; empty once shutdown started.
+    pub fn listening_fds(&self) -> Vec<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.sockets
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .map(AsRawFd::as_raw_fd)
+            .collect()
+    }
+
+    /// After [`Proxy::shutdown`]: waits until every worker has finished its connections and
+    /// tunnels, at most `timeout`. Whether they all did.
+    pub async fn stopped(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let finished = self
+                .threads
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .iter()
+                .all(std::thread::JoinHandle::is_finished);
+            if finished {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The targets still held by anything, the live one first if any.
+    fn targets(&self) -> Vec<Arc<Target>> {
+        let mut targets = self
+            .targets
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        targets.retain(|target| target.strong_count() > 0);
+        targets.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// What is open on each port: the live one (even with nothing open), then any other
+    /// with requests or tunnels still on it.
+    pub fn open_connections(&self) -> Vec<OpenOn> {
+        let mut by_port: Vec<OpenOn> = self.live().map(OpenOn::none).into_iter().collect();
+        for target in self.targets() {
+            let (requests, tunnels) = (target.open.requests(), target.open.tunnels());
+            match by_port.iter_mut().find(|open| open.port == target.port) {
+                Some(open) => {
+                    open.requests += requests;
+                    open.tunnels += tunnels;
+                }
+                None if requests + tunnels > 0 => by_port.push(OpenOn {
+                    port: target.port,
+                    requests,
+                    tunnels,
+                }),
+                None => {}
+            }
+        }
+        by_port
+    }
+
+    /// Ends what is still open on `port`: its tunnels close and its streamed responses end
+    /// where they are. Refused for the live port (its new requests would be cut too).
+    /// Returns how many requests and tunnels were open there when the cut came.
+    pub fn cut(&self, port: u16) -> Result<usize, SwitchError> {
+        if self.live() == Some(port) {
+            return Err(SwitchError::Rejected(format!(
+                "port {port} is live: its connections are not cut"
+            )));
+        }
+        let cut: usize = self
+            .targets()
+            .iter()
+            .filter(|target| target.port == port)
+            .map(|target| target.open.cut())
+            .sum();
+        let signals = self
+            .cut_signals
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for signal in signals.iter() {
+            signal.notify_one();
+        }
+        info!(port, cut, "cut what was still open");
+        Ok(cut)
+    }
+}
+
+/// One worker per core.
+fn worker_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// A listening socket that other sockets may bind too, handed over as a std socket so a
@@ -230,11 +418,23 @@ impl TrafficSwitch for Proxy {
 
     async fn switch_to(&self, port: u16) -> Result<(), SwitchError> {
         let target = Arc::new(Target::new(port)?);
+        self.targets
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(Arc::downgrade(&target));
         // The whole switch: one atomic store. Requests that already loaded the old target
         // keep their `Arc` to it and finish there; the workers' pools drop what they kept
         // for it at their next request or sweep.
         let previous = self.live.swap(Some(target));
         info!(from = ?previous.map(|t| t.port), to = port, "traffic switched");
         Ok(())
+    }
+
+    async fn open_connections(&self) -> Result<Vec<OpenOn>, SwitchError> {
+        Ok(Proxy::open_connections(self))
+    }
+
+    async fn cut(&self, port: u16) -> Result<usize, SwitchError> {
+        Proxy::cut(self, port)
     }
 }

@@ -17,6 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc};
 
 use super::*;
+use crate::switch::OpenOn;
 
 /// Every test finishes in well under a second; this only turns a hang into a failure.
 const TEST_DEADLINE: Duration = Duration::from_secs(60);
@@ -886,4 +887,83 @@ async fn an_open_websocket_keeps_its_place_under_the_connection_limits() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     assert_eq!(say(&mut again, "back").await, "A: back");
+}
+
+/// Polls the proxy's open counts until they are `want`, within the test deadline.
+async fn wait_open(proxy: &Proxy, want: &[OpenOn]) {
+    let deadline = Instant::now() + TEST_DEADLINE;
+    loop {
+        let open = proxy.open_connections();
+        if open == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "open: {open:?}, want {want:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn tunnels_on(port: u16, tunnels: usize) -> OpenOn {
+    OpenOn {
+        tunnels,
+        ..OpenOn::none(port)
+    }
+}
+
+#[tokio::test]
+async fn a_request_in_flight_is_counted_on_its_port_until_it_is_answered() {
+    let app = spawn_upstream("app").await;
+    let proxy = start_proxy(Some(app.port)).await;
+    wait_open(&proxy, &[OpenOn::none(app.port)]).await;
+
+    let mut client = connect(proxy.local_addr()).await;
+    let slow = tokio::spawn(async move { send_ok(&mut client, get("/slow")).await });
+    app.slow_arrived.notified().await;
+    let in_flight = OpenOn {
+        requests: 1,
+        ..OpenOn::none(app.port)
+    };
+    wait_open(&proxy, &[in_flight]).await;
+
+    app.slow_release.notify_one();
+    assert_eq!(slow.await.expect("request task"), "app");
+    wait_open(&proxy, &[OpenOn::none(app.port)]).await;
+}
+
+#[tokio::test]
+async fn tunnels_left_on_the_old_instance_are_counted_there_until_a_cut_closes_them() {
+    use futures_util::StreamExt;
+    let (a, b) = (
+        spawn_websocket_upstream("A").await,
+        spawn_websocket_upstream("B").await,
+    );
+    let proxy = start_proxy(Some(a)).await;
+    let mut on_a = [
+        open_websocket(proxy.local_addr(), "/ws").await,
+        open_websocket(proxy.local_addr(), "/ws").await,
+    ];
+    for socket in &mut on_a {
+        assert_eq!(say(socket, "hi").await, "A: hi");
+    }
+    wait_open(&proxy, &[tunnels_on(a, 2)]).await;
+
+    proxy.switch_to(b).await.expect("switch to B");
+    let mut on_b = open_websocket(proxy.local_addr(), "/ws").await;
+    assert_eq!(say(&mut on_b, "new").await, "B: new");
+    wait_open(&proxy, &[tunnels_on(b, 1), tunnels_on(a, 2)]).await;
+    assert_eq!(say(&mut on_a[0], "still").await, "A: still");
+
+    let refused = proxy.cut(b).expect_err("the live port is never cut");
+    assert!(refused.to_string().contains("is live"), "{refused}");
+    assert_eq!(proxy.cut(a).expect("cut A"), 2);
+    for socket in &mut on_a {
+        let end = tokio::time::timeout(TEST_DEADLINE, socket.next())
+            .await
+            .expect("closed in time");
+        assert!(
+            !matches!(end, Some(Ok(_))),
+            "a cut tunnel answered: {end:?}"
+        );
+    }
+    wait_open(&proxy, &[tunnels_on(b, 1)]).await;
+    assert_eq!(say(&mut on_b, "still").await, "B: still");
 }

@@ -26,20 +26,27 @@ use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::LocalSet;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::admission::{Admission, Refused, Ticket};
 use super::headers::{self, ClientPeer};
-use super::pool::{self, UPSTREAM_IDLE_SWEEP, UpstreamBody, UpstreamError, UpstreamPool};
-use super::tunnel::{self, Tunnels};
+use super::open::{self, CountedBody, Cuts, OpenRequest};
+use super::pool::{self, UPSTREAM_IDLE_SWEEP, UpstreamError, UpstreamPool};
+use super::tunnel;
 use super::{ProxyOptions, Target};
 use crate::domain::IpRange;
 
 /// Accept errors are mostly fd exhaustion; retrying at once would spin a core.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Once shutdown started, a kept-alive client connection that sends no request in this
+/// long is closed. One that does is answered with `Connection: close` and closed after its
+/// answer: closing an idle connection races with a request the client may be sending on
+/// it right then (it would fail), while a client that was told to close never sends one.
+const STOPPING_LINGER: Duration = Duration::from_secs(2);
 
 /// A dead instance fails every request; one warning per worker this often says so without
 /// writing a line per request.
@@ -47,7 +54,7 @@ const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Body of every response the proxy sends: the upstream's, streamed through, or a short
 /// text the proxy wrote itself.
-pub(in crate::switch) type ProxyBody = Either<UpstreamBody, Full<Bytes>>;
+pub(in crate::switch) type ProxyBody = Either<CountedBody, Full<Bytes>>;
 
 /// What one worker's connection tasks share. The shared edge keeps one per app and
 /// thread, and forwards through it.
@@ -55,8 +62,10 @@ pub(in crate::switch) struct Worker {
     /// The live target: the same cell in every worker, swapped by `Proxy::switch_to`.
     live: Arc<ArcSwapOption<Target>>,
     pool: Rc<RefCell<UpstreamPool>>,
-    /// Upgraded connections open, by target; they stay where they opened.
-    tunnels: Rc<Tunnels>,
+    /// This worker's streams and tunnels waiting on their upstream, for a cut to end.
+    cuts: Rc<Cuts>,
+    /// Its client connections and tunnels: the worker ends once all of them have.
+    tasks: TaskTracker,
     trusted_proxies: Arc<[IpRange]>,
     failures: RefCell<FailureLog>,
     /// Connections closed at the limits, logged like failures: at most one line a second.
@@ -75,6 +84,7 @@ pub(super) fn run(
     options: Arc<ProxyOptions>,
     admission: Arc<Admission>,
     shutdown: watch::Receiver<bool>,
+    cut_signal: Arc<Notify>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -97,10 +107,13 @@ pub(super) fn run(
         };
         let worker = Rc::new(Worker::new(live, &options, admission));
         tokio::task::spawn_local(sweep_idle(Rc::clone(&worker.pool)));
-        let connections = TaskTracker::new();
-        accept_loop(listener, worker, shutdown, &connections).await;
-        connections.close();
-        connections.wait().await;
+        tokio::task::spawn_local(open::wake_on_cut(Rc::clone(&worker.cuts), cut_signal));
+        let tasks = worker.tasks.clone();
+        accept_loop(listener, worker, shutdown, &tasks).await;
+        // Tunnels too: after a handover the old process keeps them until they close or its
+        // drain window ends (then the process exits).
+        tasks.close();
+        tasks.wait().await;
     });
 }
 
@@ -118,7 +131,8 @@ impl Worker {
             .timer(TokioTimer::new());
         Self {
             pool: Rc::new(RefCell::new(UpstreamPool::new(Arc::clone(&live)))),
-            tunnels: Rc::default(),
+            cuts: Rc::default(),
+            tasks: TaskTracker::new(),
             live,
             trusted_proxies: options.trusted_proxies.clone().into(),
             failures: RefCell::new(FailureLog::default()),
@@ -149,6 +163,8 @@ impl Worker {
                 "nonstop: no live instance\n",
             );
         };
+        // Counted on its target until its answer has been sent, or its tunnel is open.
+        let open = OpenRequest::new(&target);
 
         // Upstream connections are ours: origin-form, and HTTP/1.1 (HTTP/1.0 clients would
         // make the upstream close after every response).
@@ -163,7 +179,15 @@ impl Worker {
             if req.extensions().get::<OnUpgrade>().is_some() {
                 return self.or_bad_gateway(
                     &target,
-                    tunnel::open(&self.tunnels, &target, Rc::clone(client), req).await,
+                    tunnel::open(
+                        &self.tasks,
+                        &self.cuts,
+                        &target,
+                        open,
+                        Rc::clone(client),
+                        req,
+                    )
+                    .await,
                 );
             }
             headers::forget_upgrade(req.headers_mut());
@@ -172,7 +196,10 @@ impl Worker {
         let response = pool::send(&self.pool, &target, req).await.map(|response| {
             let (mut parts, body) = response.into_parts();
             headers::strip_hop_by_hop(&mut parts.headers);
-            Response::from_parts(parts, Either::Left(body))
+            Response::from_parts(
+                parts,
+                Either::Left(CountedBody::new(body, open, &self.cuts)),
+            )
         });
         self.or_bad_gateway(&target, response)
     }
@@ -202,6 +229,12 @@ impl Worker {
 /// Closes upstream connections that stayed idle, every [`UPSTREAM_IDLE_SWEEP`].
 pub(in crate::switch) async fn sweep_idle_connections(worker: Rc<Worker>) {
     sweep_idle(Rc::clone(&worker.pool)).await;
+}
+
+/// Ends what waits on a cut target in `worker` whenever `signal` fires (a shared edge's
+/// lane, woken by its app proxy's cuts).
+pub(in crate::switch) async fn wake_on_cut(worker: Rc<Worker>, signal: Arc<Notify>) {
+    open::wake_on_cut(Rc::clone(&worker.cuts), signal).await;
 }
 
 async fn sweep_idle(pool: Rc<RefCell<UpstreamPool>>) {
@@ -289,7 +322,17 @@ async fn serve_connection(
     let service_worker = Rc::clone(&worker);
     let service = service_fn(move |req| {
         let (worker, client) = (Rc::clone(&service_worker), Rc::clone(&client));
-        async move { Ok::<_, Infallible>(worker.forward(&client, req).await) }
+        async move {
+            let mut response = worker.forward(&client, req).await;
+            if worker.stopping.started.get() && response.status() != StatusCode::SWITCHING_PROTOCOLS
+            {
+                // hyper closes the connection once this answer is sent.
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(response)
+        }
     });
     let connection = worker
         .http1
@@ -300,9 +343,15 @@ async fn serve_connection(
     let result = tokio::select! {
         result = connection.as_mut() => result,
         () = worker.stopping.wait() => {
-            // Lets the request in progress finish, then closes instead of keeping alive.
-            connection.as_mut().graceful_shutdown();
-            connection.await
+            // Its next answer says `Connection: close`; if none comes, it is closed after the
+            // linger (letting a request in progress finish first).
+            tokio::select! {
+                result = connection.as_mut() => result,
+                () = tokio::time::sleep(STOPPING_LINGER) => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            }
         }
     };
     if let Err(err) = result {

@@ -239,6 +239,9 @@ pub struct TestApp {
     server: Option<Child>,
     /// `nonstop proxy`, when the proxies run apart from the server.
     proxy_process: Option<Child>,
+    /// The proxy's listening socket, held by the test as systemd holds a socket unit's
+    /// (`Extra::socket_activated`).
+    activation_socket: Option<std::net::TcpListener>,
     /// What the test added to the config, kept to write it again once the ports are known.
     extra: Extra,
 }
@@ -500,6 +503,14 @@ hook_timeout_secs = 60
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }
 
+    /// Replaces the lines added to the `[[app]]` table and restarts the server (SIGTERM, so
+    /// nothing is cut short) to read them.
+    pub async fn set_app_config(&mut self, lines: &str) {
+        self.extra.app = lines.to_owned();
+        self.write_config();
+        self.restart_with(libc::SIGTERM).await;
+    }
+
     /// Stops the server the hard way (SIGKILL) and starts it again on the same folder.
     pub async fn restart(&mut self) {
         self.restart_with(libc::SIGKILL).await;
@@ -608,10 +619,41 @@ hook_timeout_secs = 60
     /// its control socket.
     async fn start_proxy_process(&mut self) {
         let log_path = self.dir.path().join("proxy.log");
-        let log = std::fs::File::create(&log_path).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_nonstop"))
-            .arg("proxy")
-            .arg("--config")
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_nonstop"));
+        if self.extra.socket_activated {
+            if self.activation_socket.is_none() {
+                let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                self.ports.proxy = socket.local_addr().unwrap().port();
+                self.activation_socket = Some(socket);
+                self.write_config();
+            }
+            let fd = std::os::fd::AsRawFd::as_raw_fd(self.activation_socket.as_ref().unwrap());
+            // `$$` is the shell's pid, which `exec` hands to nonstop: what LISTEN_PID must name.
+            command = Command::new("sh");
+            command.arg("-c").arg(
+                "LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=hello exec \"$0\" proxy --config \"$1\"",
+            );
+            command.arg(env!("CARGO_BIN_EXE_nonstop"));
+            use std::os::unix::process::CommandExt;
+            // SAFETY: dup2 is async-signal-safe; it puts the listening socket at fd 3 (and,
+            // unlike the original, without close-on-exec) in the child only.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::dup2(fd, 3) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        } else {
+            command.arg("proxy").arg("--config");
+        }
+        let mut child = command
             .arg(self.config_path())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -632,6 +674,19 @@ hook_timeout_secs = 60
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// SIGKILLs the `nonstop proxy` process the test started and waits until it is gone.
+    pub fn kill_proxy_process(&mut self) {
+        let mut child = self.proxy_process.take().expect("a proxy process runs");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Starts `nonstop proxy` again after `kill_proxy_process` (on the same held socket
+    /// when socket-activated).
+    pub async fn start_proxy_process_again(&mut self) {
+        self.start_proxy_process().await;
     }
 
     /// Sends a signed GitHub webhook as JSON; returns the status and JSON body.
@@ -870,6 +925,27 @@ impl Drop for TestApp {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // So is the proxy process `serve` starts (it outlives `serve`): stop it by its pid file.
+        for pid_file in [
+            self.data_dir().join("proxy.pid"),
+            self.dir
+                .path()
+                .join(self.proxy_socket())
+                .with_extension("pid"),
+        ] {
+            if let Ok(pid) = std::fs::read_to_string(pid_file)
+                .unwrap_or_default()
+                .trim()
+                .parse::<i32>()
+                && std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|cmdline| cmdline.split(|b| *b == 0).any(|arg| arg == b"proxy"))
+            {
+                // SAFETY: kill(2) on the proxy process this test's server started.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
         // The app instances are detached on purpose (they outlive nonstop): stop them here.
         let run_dir = self.data_dir().join("apps/hello/run");
         for entry in std::fs::read_dir(run_dir).into_iter().flatten().flatten() {
@@ -942,6 +1018,10 @@ pub struct Extra {
     pub env: Vec<(String, String)>,
     pub switch: Option<fn(&Ports, &Path) -> String>,
     pub proxy_process: bool,
+    /// With `proxy_process`: the test binds the proxy's listening socket itself and passes
+    /// it to `nonstop proxy` as systemd's socket activation does (fd 3, `LISTEN_FDS=1`,
+    /// `LISTEN_PID`, `LISTEN_FDNAMES=hello`), keeping it open while the proxy is down.
+    pub socket_activated: bool,
     /// Where `server.proxy_socket` is (relative to the test's folder); `proxy.sock` if `None`.
     pub proxy_socket: Option<&'static str>,
     /// Folders (relative to the test's folder) that the server sees as small filesystems
@@ -973,9 +1053,16 @@ pub async fn spawn_app_with(extra: Extra) -> TestApp {
         dir,
         repo,
         ports,
-        http: reqwest::Client::new(),
+        // The server closes a keep-alive connection idle for its header timeout (10 s); a
+        // test that blocked its runtime meanwhile (waiting for the CLI) would otherwise send
+        // on a connection it has not yet seen closed.
+        http: reqwest::Client::builder()
+            .pool_idle_timeout(Duration::from_secs(5))
+            .build()
+            .unwrap(),
         server: None,
         proxy_process: None,
+        activation_socket: None,
         extra,
     };
     app.write_config();
