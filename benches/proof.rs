@@ -845,6 +845,7 @@ fn start_nginx_tls(dir: &Path, upstream: u16, cert: &Path, key: &Path) -> (Nginx
          client_body_temp_path {d}/tmp/body; proxy_temp_path {d}/tmp/proxy;\n\
          fastcgi_temp_path {d}/tmp/fcgi; uwsgi_temp_path {d}/tmp/uwsgi; scgi_temp_path {d}/tmp/scgi;\n\
          upstream kept {{ server 127.0.0.1:{upstream}; keepalive 64; }}\n\
+         keepalive_requests 1000000;\n\
          server {{ listen 127.0.0.1:{port} ssl http2; ssl_certificate {}; ssl_certificate_key {};\n\
          location / {{ proxy_pass http://kept; proxy_http_version 1.1; proxy_set_header Connection \"\"; {NGINX_FORWARDING} }} }}\n}}\n",
         cert.display(), key.display()
@@ -929,7 +930,10 @@ fn tls_load(load: TlsLoad, port: u16, connections: u32, dir: &Path) -> Wrk {
             parse_wrk(&run(command.arg(&url)))
         }
         TlsLoad::Http2 => {
-            let log = dir.join("h2load.log");
+            // Its own file each run: h2load writes none when it fails, and an old one would
+            // pass for this run's.
+            let log = dir.join(format!("h2load-{port}.log"));
+            let _ = std::fs::remove_file(&log);
             let out = run(Command::new("h2load")
                 .args(["-t1", &format!("-c{connections}"), "-m1", "-D"])
                 .arg(LOAD_SECONDS.to_string())
@@ -1086,7 +1090,7 @@ fn replace_https_section(path: &str, section: &str) {
                 .map_or(report.len(), |at| start + heading.len() + at + 1);
             format!("{}{section}{}", &report[..start], &report[end..])
         }
-        None => format!("{}\n{section}", report.trim_end()),
+        None => format!("{}\n\n{section}", report.trim_end()),
     };
     std::fs::write(path, updated).unwrap();
 }
