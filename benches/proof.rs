@@ -776,8 +776,340 @@ fn idle_connections(port: u16, count: usize) -> Vec<TcpStream> {
         .collect()
 }
 
+// --- HTTPS: the shared edge beside nginx (`ssl` + `http2`) and HAProxy (`ssl crt`) -------
+
+/// One certificate for `localhost` that all three serve.
+fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let (cert_file, key_file, both) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("both.pem"),
+    );
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    std::fs::write(&both, format!("{}{}", cert.pem(), key.serialize_pem())).unwrap();
+    (cert_file, key_file, both)
+}
+
+/// nonstop's edge in `nonstop proxy`, TLS on `port` for `localhost`, the default app.
+fn start_edge(dir: &Path, live: u16, other: u16, cert: &Path, key: &Path) -> (Child, u16) {
+    std::fs::create_dir_all(dir).unwrap();
+    let port = free_port();
+    std::fs::write(
+        dir.join("nonstop.toml"),
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"data\"\nproxy_socket = \"proxy.sock\"\n\n\
+             [proxy]\nhttps = \"127.0.0.1:{port}\"\ndefault_app = \"hello\"\n\n\
+             [[app]]\nname = \"hello\"\nrepo = \"hello-repo\"\nbuild = \"true\"\nartifact = \"hello\"\n\
+             run = \"{{artifact}} --port {{port}} --profile {{profile}}\"\nports = [{live}, {other}]\n\
+             hosts = [\"localhost\"]\ntls = {{ cert_file = \"{}\", key_file = \"{}\" }}\n",
+            free_port(),
+            cert.display(),
+            key.display(),
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("proxy.state.json"),
+        format!("{{\"hello\": {live}}}"),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join("proxy.log")).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_nonstop"))
+        .args(["proxy", "--config"])
+        .arg(dir.join("nonstop.toml"))
+        .env("RUST_LOG", "warn")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    wait_listens(port, "nonstop's edge");
+    (child, port)
+}
+
+/// nginx with `listen … ssl http2` and an `upstream` keep-alive pool.
+fn start_nginx_tls(dir: &Path, upstream: u16, cert: &Path, key: &Path) -> (NginxServer, u16) {
+    for sub in ["logs", "tmp"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+    }
+    let d = dir.display();
+    let port = free_port();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(&conf, format!(
+        "daemon off;\npid {d}/nginx.pid;\nerror_log {d}/logs/error.log;\nworker_processes auto;\n\
+         events {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n\
+         client_body_temp_path {d}/tmp/body; proxy_temp_path {d}/tmp/proxy;\n\
+         fastcgi_temp_path {d}/tmp/fcgi; uwsgi_temp_path {d}/tmp/uwsgi; scgi_temp_path {d}/tmp/scgi;\n\
+         upstream kept {{ server 127.0.0.1:{upstream}; keepalive 64; }}\n\
+         keepalive_requests 1000000;\n\
+         server {{ listen 127.0.0.1:{port} ssl http2; ssl_certificate {}; ssl_certificate_key {};\n\
+         location / {{ proxy_pass http://kept; proxy_http_version 1.1; proxy_set_header Connection \"\"; {NGINX_FORWARDING} }} }}\n}}\n",
+        cert.display(), key.display()
+    )).unwrap();
+    std::fs::write(dir.join("service-url.inc"), render_include(upstream)).unwrap();
+    let log = std::fs::File::create(dir.join("logs/stderr.log")).unwrap();
+    let child = Command::new("nginx")
+        .arg("-c")
+        .arg(&conf)
+        .arg("-p")
+        .arg(dir)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    wait_listens(port, "nginx (TLS)");
+    let server = NginxServer {
+        conf,
+        include: dir.join("service-url.inc"),
+        dir: dir.to_owned(),
+        child,
+    };
+    (server, port)
+}
+
+/// HAProxy with `bind … ssl crt … alpn h2,http/1.1` and `http-reuse always`.
+fn start_haproxy_tls(dir: &Path, upstream: u16, both: &Path) -> (Child, u16) {
+    std::fs::create_dir_all(dir).unwrap();
+    let port = free_port();
+    let conf = dir.join("haproxy.cfg");
+    std::fs::write(&conf, format!(
+        "global\n  maxconn 4096\n  nbthread 2\n\
+         defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+         http-reuse always\n  option forwardfor\n\
+         frontend web\n  bind 127.0.0.1:{port} ssl crt {} alpn h2,http/1.1\n  http-request set-header X-Real-IP %[src]\n\
+         http-request set-header X-Forwarded-Proto https\n  http-request set-header X-Forwarded-Host %[req.hdr(host)]\n\
+         default_backend app\n\
+         backend app\n  server p{upstream} 127.0.0.1:{upstream}\n",
+        both.display()
+    )).unwrap();
+    let log = std::fs::File::create(dir.join("haproxy.log")).unwrap();
+    let child = Command::new("haproxy")
+        .arg("-db")
+        .arg("-f")
+        .arg(&conf)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    wait_listens(port, "haproxy (TLS)");
+    (child, port)
+}
+
+/// How a load reaches a TLS listener.
+#[derive(Clone, Copy, PartialEq)]
+enum TlsLoad {
+    /// wrk: HTTP/1.1 keep-alive.
+    Http1,
+    /// h2load: HTTP/2, one stream per connection at a time (as many requests in flight as
+    /// wrk's).
+    Http2,
+    /// wrk with `Connection: close`: one full handshake per request.
+    Handshakes,
+}
+
+fn tls_load(load: TlsLoad, port: u16, connections: u32, dir: &Path) -> Wrk {
+    let url = format!("https://127.0.0.1:{port}/");
+    match load {
+        TlsLoad::Http1 | TlsLoad::Handshakes => {
+            let mut command = Command::new("wrk");
+            command.args([
+                "-t1",
+                &format!("-c{connections}"),
+                &format!("-d{LOAD_SECONDS}s"),
+                "--latency",
+                "--timeout",
+                "5s",
+            ]);
+            if load == TlsLoad::Handshakes {
+                command.args(["-H", "Connection: close"]);
+            }
+            parse_wrk(&run(command.arg(&url)))
+        }
+        TlsLoad::Http2 => {
+            // Its own file each run: h2load writes none when it fails, and an old one would
+            // pass for this run's.
+            let log = dir.join(format!("h2load-{port}.log"));
+            let _ = std::fs::remove_file(&log);
+            let out = run(Command::new("h2load")
+                .args(["-t1", &format!("-c{connections}"), "-m1", "-D"])
+                .arg(LOAD_SECONDS.to_string())
+                .arg("--log-file")
+                .arg(&log)
+                .arg(&url));
+            let mut report = Wrk::default();
+            let mut times: Vec<f64> = std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|line| line.split('\t').nth(2)?.parse::<f64>().ok())
+                .map(|us| us / 1000.0)
+                .collect();
+            times.sort_by(|a, b| a.total_cmp(b));
+            let at = |q: f64| {
+                times
+                    .get(((times.len() as f64 - 1.0) * q) as usize)
+                    .copied()
+                    .unwrap_or(f64::NAN)
+            };
+            report.p50_ms = at(0.5);
+            report.p99_ms = at(0.99);
+            for line in out.lines() {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                match words.as_slice() {
+                    ["finished", "in", _, rps, "req/s,", ..] => {
+                        report.rps = rps.parse().unwrap_or(0.0)
+                    }
+                    [
+                        "requests:",
+                        _,
+                        "total,",
+                        _,
+                        "started,",
+                        done,
+                        "done,",
+                        ok,
+                        "succeeded,",
+                        ..,
+                    ] => {
+                        let (done, ok): (u64, u64) =
+                            (done.parse().unwrap_or(0), ok.parse().unwrap_or(0));
+                        report.requests = ok;
+                        report.failed += done - ok.min(done);
+                    }
+                    _ => {}
+                }
+            }
+            report
+        }
+    }
+}
+
+/// The HTTPS table: three loads, three proxies in a rotating order, medians of the rounds.
+fn https_side_by_side(dir: &Path, upstream: u16, other: u16) -> Vec<String> {
+    let (cert, key, both) = tls_files(&dir.join("tls"));
+    let (mut edge, edge_port) = start_edge(&dir.join("edge"), upstream, other, &cert, &key);
+    let (nginx, nginx_port) = start_nginx_tls(&dir.join("nginx-tls"), upstream, &cert, &key);
+    let (mut haproxy, haproxy_port) = start_haproxy_tls(&dir.join("haproxy-tls"), upstream, &both);
+    let contenders = [
+        Contender {
+            name: "nonstop edge",
+            port: edge_port,
+            pids: vec![edge.id()],
+        },
+        Contender {
+            name: "nginx, `ssl http2` + `keepalive 64`",
+            port: nginx_port,
+            pids: nginx.pids(),
+        },
+        Contender {
+            name: "HAProxy, `ssl crt` + `http-reuse always`",
+            port: haproxy_port,
+            pids: vec![haproxy.id()],
+        },
+    ];
+    let mut rows = vec![
+        "| proxy | load | connections | req/s | p50 / p99 ms | CPU µs per request | CPU vs nginx | CPU vs HAProxy | req/s vs nginx |".to_owned(),
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |".to_owned(),
+    ];
+    for (load, what) in [
+        (TlsLoad::Http1, "HTTP/1.1 keep-alive (wrk)"),
+        (TlsLoad::Http2, "HTTP/2 (h2load, 1 stream per connection)"),
+        (
+            TlsLoad::Handshakes,
+            "a new TLS handshake per request (wrk, `Connection: close`)",
+        ),
+    ] {
+        let connections = 50;
+        let mut runs: Vec<Vec<Measured>> = vec![Vec::new(); contenders.len()];
+        for round in 0..ROUNDS {
+            for k in 0..contenders.len() {
+                let i = (round + k) % contenders.len();
+                let contender = &contenders[i];
+                let before = cpu_seconds(&contender.pids);
+                let result = tls_load(load, contender.port, connections, dir);
+                let cpu = cpu_seconds(&contender.pids) - before;
+                runs[i].push(Measured {
+                    rps: result.rps,
+                    p50_ms: result.p50_ms,
+                    p99_ms: result.p99_ms,
+                    cpu_us_per_request: cpu * 1e6 / result.requests.max(1) as f64,
+                    rss_mib: 0.0,
+                    failed: result.failed,
+                });
+            }
+        }
+        let results: Vec<Measured> = runs.iter().map(|r| medians(r)).collect();
+        let (by_nginx, by_haproxy) = (results[1], results[2]);
+        for (contender, m) in contenders.iter().zip(&results) {
+            rows.push(format!(
+                "| {} | {what} | {connections} | {:.0} | {:.2} / {:.2} | {:.1} | {:.2}× | {:.2}× | {:.2}× |",
+                contender.name,
+                m.rps,
+                m.p50_ms,
+                m.p99_ms,
+                m.cpu_us_per_request,
+                m.cpu_us_per_request / by_nginx.cpu_us_per_request,
+                m.cpu_us_per_request / by_haproxy.cpu_us_per_request,
+                m.rps / by_nginx.rps,
+            ));
+            println!("{}  (failed: {})", rows.last().unwrap(), m.failed);
+        }
+    }
+    let _ = edge.kill();
+    let _ = edge.wait();
+    let _ = haproxy.kill();
+    let _ = haproxy.wait();
+    drop(nginx);
+    rows
+}
+
+/// The HTTPS section of the report, between its heading and the next one.
+fn https_section(rows: &[String]) -> String {
+    format!(
+        "## HTTPS: the shared edge, nginx and HAProxy\n\n`scripts/bench https`: TLS 1.3 \
+         (each proxy's default suite), one ECDSA P-256 certificate for all three, to the same \
+         examples/hello instance over HTTP/1.1 keep-alive; {ROUNDS} rounds of {LOAD_SECONDS} s in a \
+         rotating order, medians. CPU is the proxy's own processes (`/proc/<pid>/stat`) over the \
+         run ÷ requests. nonstop's edge runs in `nonstop proxy` (2 worker threads), nginx with \
+         `worker_processes auto` (2), HAProxy with `nbthread 2`.\n\n{}\n",
+        rows.join("\n")
+    )
+}
+
+/// Puts `section` in place of the report's HTTPS section (or at its end).
+fn replace_https_section(path: &str, section: &str) {
+    let report = std::fs::read_to_string(path).unwrap_or_default();
+    let heading = "## HTTPS: ";
+    let updated = match report.find(heading) {
+        Some(start) => {
+            let end = report[start + heading.len()..]
+                .find("\n## ")
+                .map_or(report.len(), |at| start + heading.len() + at + 1);
+            format!("{}{section}{}", &report[..start], &report[end..])
+        }
+        None => format!("{}\n\n{section}", report.trim_end()),
+    };
+    std::fs::write(path, updated).unwrap();
+}
+
 #[tokio::main]
 async fn main() {
+    if std::env::var("NONSTOP_BENCH_ONLY").as_deref() == Ok("https") {
+        let dir = tempfile::tempdir().unwrap();
+        println!("building the example app…");
+        let hello = build_hello(dir.path());
+        let (a, b) = (free_port(), free_port());
+        let _blue = Instance::start(&hello, a, "real1", "blue");
+        let rows = https_side_by_side(dir.path(), a, b);
+        println!("\n{}", rows.join("\n"));
+        if let Ok(path) = std::env::var("NONSTOP_BENCH_REPORT") {
+            replace_https_section(&path, &https_section(&rows));
+        }
+        return;
+    }
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let mut table = Vec::<String>::new();
@@ -854,6 +1186,9 @@ async fn main() {
         ));
         println!("{}", proxies.last().unwrap());
     }
+
+    // 2b. The same over HTTPS, with the shared edge.
+    let https_rows = https_side_by_side(&dir.path().join("https"), a, b);
 
     // 3. Switch latency.
     row("| measure | nonstop | nginx (classic include + reload) | HAProxy (runtime API) |".into());
@@ -1019,12 +1354,13 @@ async fn main() {
              `nonstop proxy`, nginx's master and workers, HAProxy) over the run ÷ requests \
              served; RSS is theirs after the run. All three set the same forwarding headers \
              (`Host` kept, `X-Forwarded-For`, `X-Real-IP`, `X-Forwarded-Proto`, \
-             `X-Forwarded-Host`; nonstop also `Forwarded`).\n\n{}\n\n## Switches, deploys, memory\n\n{}\n",
+             `X-Forwarded-Host`; nonstop also `Forwarded`).\n\n{}\n\n{}\n## Switches, deploys, memory\n\n{}\n",
             chrono::Utc::now().format("%Y-%m-%d"),
             std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(0),
             proxies.join("\n"),
+            https_section(&https_rows),
             table.join("\n")
         );
         std::fs::write(path, report).unwrap();

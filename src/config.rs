@@ -11,6 +11,9 @@ use serde::Deserialize;
 
 use crate::domain::AppName;
 
+mod edge;
+pub use edge::{AcmeConfig, EdgeLimits, HostName, TlsConfig};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
@@ -115,6 +118,22 @@ pub struct ProxyConfig {
     /// they are replaced with what the proxy saw.
     #[serde(default)]
     pub trusted_proxies: Vec<crate::domain::IpRange>,
+    /// The shared edge's plain-HTTP listener, for every app that names `hosts`.
+    pub http: Option<SocketAddr>,
+    /// The shared edge's TLS listener (HTTP/2 and HTTP/1.1 by ALPN).
+    pub https: Option<SocketAddr>,
+    /// Plain HTTP answers 308 to https (ACME HTTP-01 challenges excepted).
+    #[serde(default)]
+    pub redirect_https: bool,
+    /// `Strict-Transport-Security: max-age=N` on every TLS answer that has none.
+    pub hsts_max_age_secs: Option<u64>,
+    /// The app that answers a host nobody claims; unset: a short 404.
+    pub default_app: Option<AppName>,
+    /// `[proxy.limits]`: the front door's limits, each with a safe default.
+    #[serde(default)]
+    pub limits: EdgeLimits,
+    /// `[proxy.acme]`: automatic certificates for apps with `tls = { acme = true }`.
+    pub acme: Option<AcmeConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -151,6 +170,11 @@ pub struct ServerConfig {
     /// Filled from `metrics_token_env` at load time; never logged.
     #[serde(skip)]
     pub metrics_token: Option<Secret>,
+    /// Names under which the shared edge serves this server (dashboard, API, webhooks).
+    #[serde(default)]
+    pub hosts: Vec<HostName>,
+    /// The certificate for `hosts` on the edge's TLS listener.
+    pub tls: Option<TlsConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -208,6 +232,12 @@ pub struct AppConfig {
     pub drain_timeout_secs: u64,
     #[serde(default)]
     pub switch: SwitchConfig,
+    /// Names the shared edge (`[proxy] http`/`https`) routes to this app: exact names, or
+    /// `*.name` for one label below it.
+    #[serde(default)]
+    pub hosts: Vec<HostName>,
+    /// The certificate for `hosts` on the edge's TLS listener.
+    pub tls: Option<TlsConfig>,
     #[serde(default)]
     pub store: StoreConfig,
     #[serde(default)]
@@ -432,10 +462,11 @@ impl Default for HealthConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum SwitchConfig {
-    /// The built-in reverse proxy, listening on `listen`.
+    /// The built-in reverse proxy, listening on `listen`; `None` only for an app reached
+    /// through the shared edge alone (it names `hosts` and no `listen`).
     Proxy {
-        #[serde(default = "default_proxy_listen")]
-        listen: SocketAddr,
+        #[serde(default)]
+        listen: Option<SocketAddr>,
     },
     /// nginx in front: `include` is the file holding `set $service_url …;`.
     Nginx {
@@ -449,9 +480,7 @@ pub enum SwitchConfig {
 
 impl Default for SwitchConfig {
     fn default() -> Self {
-        Self::Proxy {
-            listen: default_proxy_listen(),
-        }
+        Self::Proxy { listen: None }
     }
 }
 
@@ -734,6 +763,15 @@ impl Config {
         let mut apps = raw.apps;
         for app in &mut apps {
             app.env_file = app.env_file.as_ref().map(|file| base_dir.join(file));
+            // An app the edge routes to needs no listener of its own; any other one gets
+            // the classic 127.0.0.1:8080.
+            if let SwitchConfig::Proxy { listen: None } = app.switch
+                && app.hosts.is_empty()
+            {
+                app.switch = SwitchConfig::Proxy {
+                    listen: Some(default_proxy_listen()),
+                };
+            }
         }
         let file = base_dir.join(path.file_name().unwrap_or(path.as_os_str()));
         Ok(Self {
@@ -783,7 +821,10 @@ impl RawConfig {
             let table = format!("app.{}", app.name);
             require(names.insert(&app.name), "name", "two apps have this name").under(&table)?;
             app.validate(&sections).under(&table)?;
-            if let SwitchConfig::Proxy { listen } = app.switch {
+            if let SwitchConfig::Proxy {
+                listen: Some(listen),
+            } = app.switch
+            {
                 // Port 0 (any free port, for tests and benchmarks) never collides.
                 let free = listen.port() == 0 || listens.insert(listen);
                 let taken = format!("{listen} is already used by the server or another app");
@@ -811,6 +852,7 @@ impl RawConfig {
             )
             .under(&table)?;
         }
+        edge::validate(&self.proxy, server, &self.apps)?;
         if let Some(source) = &self.travis {
             source.validate().under("travis")?;
         }
@@ -1422,17 +1464,33 @@ impl AppConfig {
         if let Some(url) = self.public_url.as_deref().or(self.fleet_url()) {
             return url.trim_end_matches('/').to_owned();
         }
-        match &self.switch {
-            SwitchConfig::Proxy { listen } => format!("http://{listen}"),
-            SwitchConfig::Nginx { .. } => "http://127.0.0.1".into(),
+        match (&self.switch, self.hosts.iter().find(|h| !h.is_wildcard())) {
+            (_, Some(host)) if self.tls.is_some() => format!("https://{host}"),
+            (_, Some(host)) => format!("http://{host}"),
+            (
+                SwitchConfig::Proxy {
+                    listen: Some(listen),
+                },
+                None,
+            ) => format!("http://{listen}"),
+            _ => "http://127.0.0.1".into(),
         }
     }
 
     /// Where the app's traffic comes in, for people: `proxy 127.0.0.1:8080` or the include.
     pub fn entry(&self) -> String {
-        match &self.switch {
-            SwitchConfig::Proxy { listen } => format!("proxy {listen}"),
+        let own = match &self.switch {
+            SwitchConfig::Proxy {
+                listen: Some(listen),
+            } => format!("proxy {listen}"),
+            SwitchConfig::Proxy { listen: None } => String::new(),
             SwitchConfig::Nginx { include, .. } => format!("nginx via {}", include.display()),
+        };
+        let hosts: Vec<&str> = self.hosts.iter().map(HostName::as_str).collect();
+        match (own.is_empty(), hosts.is_empty()) {
+            (_, true) => own,
+            (true, false) => format!("edge {}", hosts.join(", ")),
+            (false, false) => format!("{own}, edge {}", hosts.join(", ")),
         }
     }
 

@@ -24,6 +24,7 @@ use crate::store::local::LocalStore;
 use crate::store::s3::{S3Settings, S3Store};
 use crate::switch::TrafficSwitch;
 use crate::switch::control::{self, RemoteProxy};
+use crate::switch::edge::Edge;
 use crate::switch::nginx::Nginx;
 use crate::switch::proxy::{ConnectionLimits, Proxy, ProxyOptions};
 use crate::traffic::Traffic;
@@ -54,6 +55,8 @@ pub struct Server {
     pub state: Arc<AppState>,
     pub listener: tokio::net::TcpListener,
     proxies: Vec<(AppName, Arc<Proxy>)>,
+    /// The shared edge, when `[proxy]` asks for one and the proxies run in this process.
+    pub edge: Option<Arc<Edge>>,
     /// Every app's proxy address, in this process or the proxy process.
     proxy_addrs: Vec<(AppName, SocketAddr)>,
 }
@@ -94,8 +97,12 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
     };
     let server = prepare(config, shutdown.clone()).await?;
     for (app, addr) in &server.proxy_addrs {
-        announce(format_args!("proxy {app} on {addr}"));
+        // An app reached only through the edge has no listener to announce.
+        if addr.port() != 0 {
+            announce(format_args!("proxy {app} on {addr}"));
+        }
     }
+    announce_edge(server.edge.as_deref());
     if let Ok(addr) = server.listener.local_addr() {
         announce(format_args!("listening on {addr}"));
     }
@@ -110,7 +117,20 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Se
     for (_, proxy) in server.proxies {
         proxy.shutdown();
     }
+    if let Some(edge) = server.edge {
+        edge.shutdown();
+    }
     Ok(())
+}
+
+fn announce_edge(edge: Option<&Edge>) {
+    let Some(edge) = edge else { return };
+    if let Some(addr) = edge.http_addr() {
+        announce(format_args!("edge http on {addr}"));
+    }
+    if let Some(addr) = edge.https_addr() {
+        announce(format_args!("edge https on {addr}"));
+    }
 }
 
 /// Everything `serve` does before it answers requests: opens the database, marks what the
@@ -179,10 +199,20 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
     for app in &config.apps {
         apps.insert(build_app(&config, app, &db, &wiring, &mut proxies).await?);
     }
+    let edge = match wiring.proxy_socket {
+        // The proxy process runs the edge beside the proxies.
+        Some(_) => None,
+        None => {
+            let own = listener.local_addr().ok();
+            Edge::from_config(&config, &proxies, own, &wiring.proxy_options).await?
+        }
+    };
     let proxy_addrs = apps
         .iter()
         .filter_map(|app| match app.config.switch {
-            SwitchConfig::Proxy { listen } => Some((app.config.name.clone(), listen)),
+            SwitchConfig::Proxy {
+                listen: Some(listen),
+            } => Some((app.config.name.clone(), listen)),
             _ => None,
         })
         .collect();
@@ -206,8 +236,10 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
         .map_err(|err| ServeError::Setup(err.to_string()))?;
     let secure = dashboard_url.starts_with("https://");
     let sessions = web::Sessions::load(db.clone(), secure).await?;
-    let allowed_hosts =
-        web::AllowedHosts::new(config.server.public_url.as_deref(), std::iter::empty());
+    let allowed_hosts = web::AllowedHosts::new(
+        config.server.public_url.as_deref(),
+        config.server.hosts.iter().map(|h| h.as_str()),
+    );
     let state = Arc::new(AppState {
         config: Arc::new(config),
         db,
@@ -226,6 +258,7 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> Result<Serv
         state,
         listener,
         proxies,
+        edge,
         proxy_addrs,
     })
 }
@@ -303,17 +336,31 @@ async fn build_switch(
                 })?;
             tracing::info!(app = %app.name, live_port = remote.live(), "driving the proxy process");
             // The address the proxy process really listens on (port 0 in the config).
-            if let Some(listen) = remote.listen() {
-                app.switch = SwitchConfig::Proxy { listen };
+            // An app reached only through the edge has none (port 0).
+            if let Some(listen) = remote.listen().filter(|addr| addr.port() != 0) {
+                app.switch = SwitchConfig::Proxy {
+                    listen: Some(listen),
+                };
             }
             Ok(Arc::new(remote))
         }
-        (SwitchConfig::Proxy { listen }, None) => {
+        (SwitchConfig::Proxy { listen: None }, None) => {
+            // Reached through the shared edge alone.
+            let proxy = Proxy::unbound(live)?;
+            proxies.push((app.name.clone(), proxy.clone()));
+            Ok(proxy)
+        }
+        (
+            SwitchConfig::Proxy {
+                listen: Some(listen),
+            },
+            None,
+        ) => {
             let proxy = Proxy::start_with(*listen, live, wiring.proxy_options.clone()).await?;
             tracing::info!(app = %app.name, proxy = %proxy.local_addr(), live_port = live, "proxy listening");
             // Port 0 in the config: the app's entry shows the port the proxy really got.
             app.switch = SwitchConfig::Proxy {
-                listen: proxy.local_addr(),
+                listen: Some(proxy.local_addr()),
             };
             proxies.push((app.name.clone(), proxy.clone()));
             Ok(proxy)
@@ -418,19 +465,40 @@ pub async fn run_proxies(config: Config, shutdown: CancellationToken) -> Result<
     for app in &config.apps {
         if let SwitchConfig::Proxy { listen } = app.switch {
             let live = saved.get(app.name.as_str()).copied();
-            let passed = inherited.take(app.name.as_str(), listen);
-            let proxy = if passed.is_empty() {
-                Proxy::start_with(listen, live, proxy_options(&config)).await?
-            } else {
-                tracing::info!(app = %app.name, sockets = passed.len(), "listening on the sockets passed to this process");
-                Proxy::start_on(passed, live, proxy_options(&config)).await?
+            let proxy = match listen {
+                None => Proxy::unbound(live)?,
+                Some(listen) => {
+                    let passed = inherited.take(app.name.as_str(), listen);
+                    let proxy = if passed.is_empty() {
+                        Proxy::start_with(listen, live, proxy_options(&config)).await?
+                    } else {
+                        tracing::info!(app = %app.name, sockets = passed.len(), "listening on the sockets passed to this process");
+                        Proxy::start_on(passed, live, proxy_options(&config)).await?
+                    };
+                    tracing::info!(app = %app.name, proxy = %proxy.local_addr(), live_port = live, "proxy listening");
+                    announce(format_args!("proxy {} on {}", app.name, proxy.local_addr()));
+                    proxy
+                }
             };
-            tracing::info!(app = %app.name, proxy = %proxy.local_addr(), live_port = live, "proxy listening");
-            announce(format_args!("proxy {} on {}", app.name, proxy.local_addr()));
             let ports = app.ports;
             proxies.insert(app.name.to_string(), control::Controlled { proxy, ports });
         }
     }
+    // The edge runs here, beside the proxies it routes to; it reaches `serve` at its
+    // configured address (which must then name a port).
+    let routed: Vec<(AppName, Arc<Proxy>)> = config
+        .apps
+        .iter()
+        .filter_map(|app| {
+            Some((
+                app.name.clone(),
+                proxies.get(app.name.as_str())?.proxy.clone(),
+            ))
+        })
+        .collect();
+    let own = Some(config.server.listen).filter(|addr| addr.port() != 0);
+    let edge = Edge::from_config(&config, &routed, own, &proxy_options(&config)).await?;
+    announce_edge(edge.as_deref());
     for addr in inherited.left() {
         tracing::warn!(%addr, "a passed socket that no app's switch.listen names: unused");
     }
@@ -490,6 +558,9 @@ pub async fn run_proxies(config: Config, shutdown: CancellationToken) -> Result<
     }
     for (_, proxy) in &all {
         proxy.shutdown();
+    }
+    if let Some(edge) = &edge {
+        edge.shutdown();
     }
     if handed_over {
         // In-flight requests finish here; long-lived connections get the drain window.

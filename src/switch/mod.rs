@@ -5,6 +5,7 @@
 pub mod activation;
 pub mod control;
 pub mod drain;
+pub mod edge;
 pub mod fleet;
 pub mod nginx;
 pub mod proxy;

@@ -23,6 +23,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/api/apps", get(apps))
+        .route("/api/edge", get(edge))
         .route("/api/apps/{app}/live", get(live))
         .route("/api/apps/{app}/traffic", get(traffic))
         .route("/api/apps/{app}/switch", post(switch).get(switched))
@@ -191,7 +192,7 @@ fn require_hook_caller(
     peer: SocketAddr,
     headers: &HeaderMap,
 ) -> Result<(), AppError> {
-    require_loopback(peer)?;
+    require_loopback(peer, headers)?;
     let presented = bearer(headers);
     if token_matches(presented, &state.switch_token) || token_matches(presented, &state.admin_token)
     {
@@ -280,6 +281,37 @@ async fn switched(
 ) -> Result<Json<serde_json::Value>, AppError> {
     require_hook_caller(&state, peer, &headers)?;
     Ok(Json(json!({ "port": state.app(&app)?.switch.live() })))
+}
+
+/// The shared edge: which names route where, and each certificate's issuer, expiry and
+/// last error (as the edge, in this process or in `nonstop proxy`, last wrote them down).
+async fn edge(State(state): State<Arc<AppState>>) -> Result<Json<serde_json::Value>, AppError> {
+    let config = &state.config;
+    let mut routes: Vec<serde_json::Value> = config
+        .server
+        .hosts
+        .iter()
+        .map(|host| json!({ "host": host.as_str(), "to": "server" }))
+        .collect();
+    for app in &config.apps {
+        routes.extend(
+            app.hosts
+                .iter()
+                .map(|host| json!({ "host": host.as_str(), "to": format!("app.{}", app.name) })),
+        );
+    }
+    let path = crate::switch::edge::status_file(&config.data_dir());
+    let certificates = match tokio::fs::read(&path).await {
+        Ok(text) => serde_json::from_slice(&text)
+            .map_err(|err| AppError::Internal(format!("{}: {err}", path.display())))?,
+        Err(_) => serde_json::Value::Array(Vec::new()),
+    };
+    Ok(Json(json!({
+        "http": config.proxy.http,
+        "https": config.proxy.https,
+        "routes": routes,
+        "certificates": certificates,
+    })))
 }
 
 /// Each instance's requests per second over the last ten minutes, as the proxy counted them.

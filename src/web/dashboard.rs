@@ -102,6 +102,41 @@ struct OverviewPage {
     csrf: Option<String>,
     apps: Vec<AppCard>,
     deployments: Vec<DeploymentView>,
+    /// The shared edge's certificates: whose, for which names, issuer, expiry, last error.
+    certificates: Vec<CertificateRow>,
+}
+
+struct CertificateRow {
+    owner: String,
+    names: String,
+    source: &'static str,
+    issuer: String,
+    expires: String,
+    error: Option<String>,
+}
+
+/// What the edge (in this process or in `nonstop proxy`) last wrote about its certificates.
+async fn certificate_rows(state: &AppState) -> Vec<CertificateRow> {
+    let path = crate::switch::edge::status_file(&state.config.data_dir());
+    let Ok(text) = tokio::fs::read(&path).await else {
+        return Vec::new();
+    };
+    let statuses: Vec<crate::switch::edge::CertStatus> =
+        serde_json::from_slice(&text).unwrap_or_default();
+    statuses
+        .into_iter()
+        .map(|status| CertificateRow {
+            owner: status.owner,
+            names: status.names.join(", "),
+            source: if status.acme { "ACME" } else { "files" },
+            issuer: status.issuer.unwrap_or_default(),
+            expires: status
+                .not_after
+                .map(|at| super::views::utc(at.saturating_mul(1000)))
+                .unwrap_or_else(|| "none yet".into()),
+            error: status.error,
+        })
+        .collect()
 }
 
 async fn overview(
@@ -200,6 +235,7 @@ async fn overview(
         csrf: csrf_of(&state, &headers),
         apps,
         deployments: recent.iter().map(|d| DeploymentView::new(d, now)).collect(),
+        certificates: certificate_rows(&state).await,
     })
 }
 
@@ -421,13 +457,17 @@ struct LoginForm {
 async fn login(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, AppError> {
+    // Through the edge every login comes from this host: the throttle counts the client
+    // the edge saw, so one client's wrong tokens cannot lock everyone else out.
+    let client = super::client_ip(peer, &headers);
     let form: LoginForm = serde_urlencoded::from_bytes(&body)
         .map_err(|err| AppError::BadRequest(format!("malformed login form: {err}")))?;
     let next = after_login(form.next.as_deref()).to_owned();
     let throttle = state.sessions.throttle();
-    if let Err(wait) = throttle.check(peer.ip(), now_ms()) {
+    if let Err(wait) = throttle.check(client, now_ms()) {
         // Rounded up: a client told to come back a moment too early is refused again.
         let wait = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
         return login_refused(
@@ -438,7 +478,7 @@ async fn login(
         );
     }
     let Some(owner) = state.token_owner(Some(form.token.trim())) else {
-        throttle.failed(peer.ip(), now_ms());
+        throttle.failed(client, now_ms());
         return login_refused(
             StatusCode::UNAUTHORIZED,
             "That is not the admin token.".into(),
@@ -446,7 +486,7 @@ async fn login(
             next,
         );
     };
-    throttle.succeeded(peer.ip());
+    throttle.succeeded(client);
     // The admin token's login acts as `dashboard`, as it always did; a user's as its name.
     let actor = match owner.as_str() {
         super::session::ADMIN => super::session::DASHBOARD,

@@ -118,13 +118,63 @@ fn token_matches(presented: Option<&str>, expected: &Secret) -> bool {
     presented.is_some_and(|p| bool::from(p.as_bytes().ct_eq(expected.expose().as_bytes())))
 }
 
-fn require_loopback(peer: SocketAddr) -> Result<(), AppError> {
+/// Who the client is: the peer, or for a request the shared edge forwarded from this host,
+/// the address the edge saw (its `X-Real-IP`, which it always sets and a client cannot).
+fn client_ip(peer: SocketAddr, headers: &HeaderMap) -> std::net::IpAddr {
+    let through_edge = headers.contains_key(crate::switch::edge::THROUGH_EDGE);
+    if through_edge && peer.ip().to_canonical().is_loopback() {
+        let seen = headers
+            .get("x-real-ip")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        if let Some(seen) = seen {
+            return seen;
+        }
+    }
+    peer.ip()
+}
+
+fn require_loopback(peer: SocketAddr, headers: &HeaderMap) -> Result<(), AppError> {
+    // The shared edge marks what it forwards here, and it connects from this host: a
+    // request through it is a caller from anywhere.
+    let through_edge = headers.contains_key(crate::switch::edge::THROUGH_EDGE);
     // A v4 caller on a dual-stack socket shows up as `::ffff:127.0.0.1`.
-    if peer.ip().to_canonical().is_loopback() {
+    if peer.ip().to_canonical().is_loopback() && !through_edge {
         Ok(())
     } else {
         Err(AppError::Forbidden(
             "only callers on this host may switch traffic".into(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn through_the_edge_a_caller_is_the_client_the_edge_saw_and_never_local() {
+        let local: SocketAddr = "127.0.0.1:50000".parse().unwrap();
+        let mut edge = HeaderMap::new();
+        edge.insert(crate::switch::edge::THROUGH_EDGE, "1".parse().unwrap());
+        edge.insert("x-real-ip", "203.0.113.7".parse().unwrap());
+
+        assert_eq!(
+            client_ip(local, &edge),
+            "203.0.113.7".parse::<std::net::IpAddr>().unwrap()
+        );
+        assert!(require_loopback(local, &edge).is_err());
+        assert!(require_loopback(local, &HeaderMap::new()).is_ok());
+
+        // Only the edge on this host is believed: from elsewhere the header means nothing.
+        let remote: SocketAddr = "198.51.100.1:50000".parse().unwrap();
+        assert_eq!(client_ip(remote, &edge), remote.ip());
+        let mut direct = HeaderMap::new();
+        direct.insert("x-real-ip", "203.0.113.7".parse().unwrap());
+        assert_eq!(
+            client_ip(local, &direct),
+            local.ip(),
+            "no edge mark: the peer"
+        );
     }
 }

@@ -13,6 +13,7 @@ mod console;
 mod dashboard;
 mod deploy;
 mod drain;
+mod edge;
 mod faults;
 mod fleet;
 mod guard;

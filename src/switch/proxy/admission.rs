@@ -41,13 +41,13 @@ impl Default for ConnectionLimits {
 
 /// Why a connection was not admitted.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Refused {
+pub(in crate::switch) enum Refused {
     Full,
     ClientFull,
 }
 
 /// The open connections of one proxy, shared by its workers.
-pub(super) struct Admission {
+pub(in crate::switch) struct Admission {
     limits: ConnectionLimits,
     trusted: Arc<[IpRange]>,
     open: Mutex<Open>,
@@ -60,14 +60,14 @@ struct Open {
 }
 
 /// An admitted connection's place; given back when dropped.
-pub(super) struct Ticket {
+pub(in crate::switch) struct Ticket {
     admission: Arc<Admission>,
     /// `None` for a trusted proxy's connection, which counts only in the total.
     client: Option<IpAddr>,
 }
 
 impl Admission {
-    pub(super) fn new(limits: ConnectionLimits, trusted: Arc<[IpRange]>) -> Arc<Self> {
+    pub(in crate::switch) fn new(limits: ConnectionLimits, trusted: Arc<[IpRange]>) -> Arc<Self> {
         Arc::new(Self {
             limits,
             trusted,
@@ -75,7 +75,7 @@ impl Admission {
         })
     }
 
-    pub(super) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Ticket, Refused> {
+    pub(in crate::switch) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Ticket, Refused> {
         let ip = ip.to_canonical();
         let client = (!self.trusted.iter().any(|range| range.contains(ip))).then(|| client_of(ip));
         let mut open = self.lock();

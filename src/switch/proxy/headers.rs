@@ -35,7 +35,7 @@ pub(super) const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 /// message means to the app (who is logged in, which host, who the client is, how long
 /// the body is). RFC 9110 lets a sender list any field there; a proxy that obeyed blindly
 /// would let a client strip its own `Authorization` check or the proxy's `X-Forwarded-For`.
-const END_TO_END: [HeaderName; 16] = [
+const END_TO_END: [HeaderName; 17] = [
     header::HOST,
     header::AUTHORIZATION,
     header::COOKIE,
@@ -52,36 +52,51 @@ const END_TO_END: [HeaderName; 16] = [
     X_FORWARDED_PROTO,
     X_FORWARDED_HOST,
     X_REAL_IP,
+    // The edge's mark on requests to nonstop's own router: a client must not strip it.
+    crate::switch::edge::THROUGH_EDGE,
 ];
 
 /// What `Connection` says on an upgrade we pass on: nothing else of the client's.
 const CONNECTION_UPGRADE: HeaderValue = HeaderValue::from_static("upgrade");
 
-/// The only scheme this proxy serves (TLS is not terminated here yet).
+/// `X-Forwarded-Proto` when the client's connection is plain, and when TLS ended here.
 const PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
+const PROTO_HTTPS: HeaderValue = HeaderValue::from_static("https");
 
 /// What the rewrite needs to know about the client's end of one connection, built when the
 /// connection is accepted so that each request only clones these values.
 #[derive(Debug)]
-pub(super) struct ClientPeer {
+pub(in crate::switch) struct ClientPeer {
     /// The peer is a proxy we trust, so the forwarding headers it sent are kept and extended.
     trusted: bool,
     /// The peer's address as apps expect it (`a.b.c.d`, also for `::ffff:a.b.c.d`).
     address: HeaderValue,
     /// Our own `Forwarded` element for this peer (RFC 7239 §4).
     forwarded: HeaderValue,
+    /// `http`, or `https` when the edge terminated TLS for this connection.
+    proto: HeaderValue,
 }
 
 impl ClientPeer {
     pub(super) fn new(ip: IpAddr, trusted_proxies: &[IpRange]) -> Self {
+        Self::with_scheme(ip, trusted_proxies, false)
+    }
+
+    /// A peer whose connection is TLS (`tls`) or plain.
+    pub(in crate::switch) fn with_scheme(
+        ip: IpAddr,
+        trusted_proxies: &[IpRange],
+        tls: bool,
+    ) -> Self {
+        let proto = if tls { "https" } else { "http" };
         let ip = ip.to_canonical();
         let trusted = trusted_proxies.iter().any(|range| range.contains(ip));
         let address =
             HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"));
         // IPv6 addresses must be quoted and bracketed in `Forwarded`.
         let forwarded = match ip {
-            IpAddr::V4(ip) => format!("for={ip};proto=http"),
-            IpAddr::V6(ip) => format!("for=\"[{ip}]\";proto=http"),
+            IpAddr::V4(ip) => format!("for={ip};proto={proto}"),
+            IpAddr::V6(ip) => format!("for=\"[{ip}]\";proto={proto}"),
         };
         let forwarded =
             HeaderValue::from_str(&forwarded).unwrap_or(HeaderValue::from_static("for=unknown"));
@@ -89,6 +104,7 @@ impl ClientPeer {
             trusted,
             address,
             forwarded,
+            proto: if tls { PROTO_HTTPS } else { PROTO_HTTP },
         }
     }
 }
@@ -121,7 +137,7 @@ pub(super) fn prepare_request(
         // `insert` replaces every value the client sent under the same name.
         headers.insert(X_FORWARDED_FOR, peer.address.clone());
         headers.insert(X_REAL_IP, peer.address.clone());
-        headers.insert(X_FORWARDED_PROTO, PROTO_HTTP);
+        headers.insert(X_FORWARDED_PROTO, peer.proto.clone());
         headers.insert(X_FORWARDED_HOST, host);
         headers.insert(header::FORWARDED, peer.forwarded.clone());
     }
@@ -139,7 +155,7 @@ fn extend_forwarding(headers: &mut HeaderMap, peer: &ClientPeer, host: HeaderVal
         headers.insert(X_REAL_IP, peer.address.clone());
     }
     if !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO, PROTO_HTTP);
+        headers.insert(X_FORWARDED_PROTO, peer.proto.clone());
     }
     if !headers.contains_key(&X_FORWARDED_HOST) {
         headers.insert(X_FORWARDED_HOST, host);
@@ -388,6 +404,19 @@ mod tests {
             get(&headers, "forwarded"),
             ["for=203.0.113.7, for=10.0.0.1;proto=http"]
         );
+    }
+
+    #[test]
+    fn tls_ended_at_the_edge_is_https_to_the_app_and_a_client_cannot_say_otherwise() {
+        let mut headers = HeaderMap::new();
+        headers.insert("host", HeaderValue::from_static("app.test"));
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        let peer = ClientPeer::with_scheme("10.0.0.1".parse().unwrap(), &[], true);
+
+        prepare_request(&mut headers, &peer, &fallback());
+
+        assert_eq!(get(&headers, "x-forwarded-proto"), ["https"]);
+        assert_eq!(get(&headers, "forwarded"), ["for=10.0.0.1;proto=https"]);
     }
 
     #[test]

@@ -37,6 +37,18 @@ use tracing::info;
 
 pub use crate::domain::{BadIpRange, IpRange};
 pub use admission::ConnectionLimits;
+// What the shared edge (`switch::edge`) builds on: it routes a request to an app's live
+// cell and forwards it through that app's own path.
+pub(in crate::switch) use admission::{Admission, Refused};
+pub(in crate::switch) use headers::ClientPeer;
+pub(in crate::switch) use worker::{
+    ClientConnection, FailureLog, ProxyBody, Stopping, Worker, sweep_idle_connections,
+    text_response, wake_on_cut,
+};
+
+/// The live target of one app, the one cell every worker (of its own proxy and of the
+/// shared edge) reads per request and `switch_to` swaps.
+pub(in crate::switch) type LiveCell = Arc<ArcSwapOption<Target>>;
 
 use super::{OpenOn, SwitchError, TrafficSwitch};
 
@@ -88,6 +100,21 @@ impl Target {
     pub fn port(&self) -> u16 {
         self.port
     }
+
+    /// An upstream at `address` (an unspecified IP means this host): nonstop's own server
+    /// behind the shared edge.
+    pub(in crate::switch) fn at(mut address: SocketAddr) -> Result<Self, SwitchError> {
+        if address.ip().is_unspecified() {
+            address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        // nonstop's own answers are not an instance's: counted nowhere anyone reads.
+        let uncounted = meter::Meters::new(1).instance(address.port(), None);
+        let mut target = Self::new(address.port(), uncounted)?;
+        target.address = address;
+        target.host = HeaderValue::from_str(&address.to_string())
+            .map_err(|err| SwitchError::Rejected(format!("bad upstream {address}: {err}")))?;
+        Ok(target)
+    }
 }
 
 /// The reverse proxy of one app. Dropping the last handle stops accepting, like
@@ -99,15 +126,17 @@ impl Target {
 /// connection then never change threads, nothing they share needs a lock, and the proxy
 /// never waits behind the server's own work.
 pub struct Proxy {
-    live: Arc<ArcSwapOption<Target>>,
-    local_addr: SocketAddr,
+    live: LiveCell,
+    /// `None`: no listener of its own, reached only through the shared edge.
+    local_addr: Option<SocketAddr>,
     /// `true` once shutdown started; dropping the sender means the same to the workers.
     shutdown: watch::Sender<bool>,
     /// Every target made, while anything holds it (the live cell, a request, a tunnel):
     /// where the open counts are read. Touched by switches and reads, never by a request.
     targets: Mutex<Vec<Weak<Target>>>,
-    /// One per worker: a cut wakes each, to end what waits there on the cut target.
-    cut_signals: Vec<Arc<Notify>>,
+    /// One per worker (the shared edge's too): a cut wakes each, to end what waits there
+    /// on the cut target.
+    cut_signals: Mutex<Vec<Arc<Notify>>>,
     /// What each instance answered, counted by the workers.
     meters: meter::Meters,
     /// The workers' threads, to wait for after shutdown.
@@ -224,18 +253,59 @@ impl Proxy {
 
         Ok(Arc::new(Proxy {
             live,
-            local_addr,
+            local_addr: Some(local_addr),
             shutdown,
             targets,
-            cut_signals,
+            cut_signals: Mutex::new(cut_signals),
             meters,
             threads: Mutex::new(threads),
             sockets: Mutex::new(sockets),
         }))
     }
 
+    /// A proxy with no listener of its own: an app the shared edge alone routes to. It
+    /// switches exactly like a listening one; the edge reads its cell.
+    pub fn unbound(live: Option<u16>) -> Result<Arc<Proxy>, SwitchError> {
+        // The edge's workers are no worker of this proxy: what they forward is not counted
+        // here yet (see `meter`).
+        let meters = meter::Meters::new(1);
+        let live = live
+            .map(|port| Target::new(port, meters.instance(port, None)))
+            .transpose()?
+            .map(Arc::new);
+        let (shutdown, _) = watch::channel(false);
+        let targets = Mutex::new(live.as_ref().map(Arc::downgrade).into_iter().collect());
+        Ok(Arc::new(Proxy {
+            live: Arc::new(ArcSwapOption::new(live)),
+            local_addr: None,
+            shutdown,
+            targets,
+            cut_signals: Mutex::new(Vec::new()),
+            meters,
+            threads: Mutex::new(Vec::new()),
+            sockets: Mutex::new(Vec::new()),
+        }))
+    }
+
+    /// The address of its own listener (`0.0.0.0:0` for an [`unbound`](Self::unbound) one).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// The live cell, for the shared edge.
+    pub(in crate::switch) fn live_cell(&self) -> LiveCell {
+        Arc::clone(&self.live)
+    }
+
+    /// A cut signal for one more worker (one of the shared edge's), woken by every cut.
+    pub(in crate::switch) fn cut_signal(&self) -> Arc<Notify> {
+        let signal = Arc::new(Notify::new());
+        self.cut_signals
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(Arc::clone(&signal));
+        signal
     }
 
     /// Switches to `port`, counting what it answers as `version`'s.
@@ -348,7 +418,11 @@ impl Proxy {
             .filter(|target| target.port == port)
             .map(|target| target.open.cut())
             .sum();
-        for signal in &self.cut_signals {
+        let signals = self
+            .cut_signals
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for signal in signals.iter() {
             signal.notify_one();
         }
         info!(port, cut, "cut what was still open");
@@ -363,7 +437,9 @@ fn worker_count() -> usize {
 
 /// A listening socket that other sockets may bind too, handed over as a std socket so a
 /// worker's own runtime can take it.
-fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+pub(in crate::switch) fn reuseport_listener(
+    addr: SocketAddr,
+) -> std::io::Result<std::net::TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {

@@ -195,7 +195,7 @@ impl Drop for CutOff {
 /// the body is gone, and a cut ends it where it is (a chunked stream ends as if the app
 /// had ended it, so an `EventSource` reconnects, to the live instance; the upstream
 /// connection, left mid-body, is closed).
-pub(super) struct CountedBody {
+pub(in crate::switch) struct CountedBody {
     body: Option<UpstreamBody>,
     open: OpenRequest,
     cuts: Rc<Cuts>,

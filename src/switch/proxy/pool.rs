@@ -365,7 +365,7 @@ struct Lease {
 /// The upstream's response body, streamed through; its connection goes back to the pool
 /// when the body ends, and is closed if the body is dropped before that (a client that
 /// went away mid-response leaves bytes on it that no next request may read).
-pub(super) struct UpstreamBody {
+pub(in crate::switch) struct UpstreamBody {
     body: Incoming,
     lease: Option<Lease>,
 }

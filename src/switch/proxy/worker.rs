@@ -54,10 +54,11 @@ const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Body of every response the proxy sends: the upstream's, streamed through, or a short
 /// text the proxy wrote itself.
-pub(super) type ProxyBody = Either<CountedBody, Full<Bytes>>;
+pub(in crate::switch) type ProxyBody = Either<CountedBody, Full<Bytes>>;
 
-/// What one worker's connection tasks share.
-pub(super) struct Worker {
+/// What one worker's connection tasks share. The shared edge keeps one per app and
+/// thread, and forwards through it.
+pub(in crate::switch) struct Worker {
     /// The live target: the same cell in every worker, swapped by `Proxy::switch_to`.
     live: Arc<ArcSwapOption<Target>>,
     pool: Rc<RefCell<UpstreamPool>>,
@@ -105,7 +106,7 @@ pub(super) fn run(
             }
         };
         let worker = Rc::new(Worker::new(live, &options, admission));
-        tokio::task::spawn_local(sweep_idle_connections(Rc::clone(&worker.pool)));
+        tokio::task::spawn_local(sweep_idle(Rc::clone(&worker.pool)));
         tokio::task::spawn_local(open::wake_on_cut(Rc::clone(&worker.cuts), cut_signal));
         let tasks = worker.tasks.clone();
         accept_loop(listener, worker, shutdown, &tasks).await;
@@ -117,7 +118,7 @@ pub(super) fn run(
 }
 
 impl Worker {
-    fn new(
+    pub(in crate::switch) fn new(
         live: Arc<ArcSwapOption<Target>>,
         options: &ProxyOptions,
         admission: Arc<Admission>,
@@ -142,7 +143,7 @@ impl Worker {
         }
     }
 
-    async fn forward(
+    pub(in crate::switch) async fn forward(
         &self,
         client: &Rc<ClientConnection>,
         mut req: Request<Incoming>,
@@ -236,7 +237,17 @@ impl Worker {
 }
 
 /// Closes upstream connections that stayed idle, every [`UPSTREAM_IDLE_SWEEP`].
-async fn sweep_idle_connections(pool: Rc<RefCell<UpstreamPool>>) {
+pub(in crate::switch) async fn sweep_idle_connections(worker: Rc<Worker>) {
+    sweep_idle(Rc::clone(&worker.pool)).await;
+}
+
+/// Ends what waits on a cut target in `worker` whenever `signal` fires (a shared edge's
+/// lane, woken by its app proxy's cuts).
+pub(in crate::switch) async fn wake_on_cut(worker: Rc<Worker>, signal: Arc<Notify>) {
+    open::wake_on_cut(Rc::clone(&worker.cuts), signal).await;
+}
+
+async fn sweep_idle(pool: Rc<RefCell<UpstreamPool>>) {
     let mut every = tokio::time::interval(UPSTREAM_IDLE_SWEEP);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -288,11 +299,20 @@ async fn accept_loop(
 }
 
 /// One client connection as its requests see it.
-struct ClientConnection {
+pub(in crate::switch) struct ClientConnection {
     peer: ClientPeer,
     /// Its place under the connection limits, given back when the last holder lets go: the
     /// connection's task, or the tunnel it became.
     _ticket: Ticket,
+}
+
+impl ClientConnection {
+    pub(in crate::switch) fn new(peer: ClientPeer, ticket: Ticket) -> Self {
+        Self {
+            peer,
+            _ticket: ticket,
+        }
+    }
 }
 
 /// Serves one client connection until it ends or is upgraded into a tunnel.
@@ -360,7 +380,7 @@ async fn shutdown_started(shutdown: &mut watch::Receiver<bool>) {
 /// read here, where a `watch` receiver takes a lock and re-registers (~400 instructions a
 /// request, measured with callgrind).
 #[derive(Default)]
-struct Stopping {
+pub(in crate::switch) struct Stopping {
     started: Cell<bool>,
     next_key: Cell<u64>,
     /// The connections waiting, woken once by `start`.
@@ -368,7 +388,7 @@ struct Stopping {
 }
 
 impl Stopping {
-    fn start(&self) {
+    pub(in crate::switch) fn start(&self) {
         self.started.set(true);
         let waiting = std::mem::take(&mut *self.waiting.borrow_mut());
         for waker in waiting.into_values() {
@@ -376,7 +396,7 @@ impl Stopping {
         }
     }
 
-    fn wait(&self) -> StoppingStarted<'_> {
+    pub(in crate::switch) fn wait(&self) -> StoppingStarted<'_> {
         StoppingStarted {
             stopping: self,
             key: None,
@@ -384,7 +404,7 @@ impl Stopping {
     }
 }
 
-struct StoppingStarted<'a> {
+pub(in crate::switch) struct StoppingStarted<'a> {
     stopping: &'a Stopping,
     key: Option<u64>,
 }
@@ -429,7 +449,10 @@ pub(super) fn origin_form(client_uri: &Uri) -> Uri {
     )
 }
 
-fn text_response(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
+pub(in crate::switch) fn text_response(
+    status: StatusCode,
+    body: &'static str,
+) -> Response<ProxyBody> {
     let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(
         body.as_bytes(),
     ))));
@@ -444,14 +467,14 @@ fn text_response(status: StatusCode, body: &'static str) -> Response<ProxyBody> 
 /// Warnings about failed upstream requests, at most one per [`FAILURE_LOG_INTERVAL`]; the
 /// ones held back are counted in the next.
 #[derive(Default)]
-pub(super) struct FailureLog {
+pub(in crate::switch) struct FailureLog {
     last_warning: Option<Instant>,
     held_back: u64,
 }
 
 impl FailureLog {
     /// Whether a failure at `now` gets its own warning; `Some(n)`: yes, after `n` held back.
-    pub(super) fn admit(&mut self, now: Instant) -> Option<u64> {
+    pub(in crate::switch) fn admit(&mut self, now: Instant) -> Option<u64> {
         match self.last_warning {
             Some(last) if now.duration_since(last) < FAILURE_LOG_INTERVAL => {
                 self.held_back += 1;
