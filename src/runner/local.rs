@@ -16,7 +16,7 @@ use super::step::{self, Done, Failed};
 use super::{Interrupted, Job, Progress, PruneError, Runner, RunnerError};
 use crate::config::{AppConfig, RunnerConfig, Secret};
 use crate::domain::{Hook, Stage};
-use crate::process::{self, ChildEnv, Exit, SpawnError};
+use crate::process::{self, ChildEnv, Exit, LineSink, SpawnError};
 use crate::store::{ArtifactStore, StoreError};
 use crate::switch::TrafficSwitch;
 
@@ -161,37 +161,20 @@ impl LocalRunner {
                 .unwrap_or(default_timeout);
             let mut command = env.command(archive.join(&script.location));
             command.current_dir(archive);
-            if let Some(user) = &context.job.app.run_user {
-                user.apply(&mut command);
-            }
             log.push_str(&format!(
                 "$ {} ({hook}, timeout {}s)\n",
                 script.location,
                 timeout.as_secs()
             ));
-            let done = match &mut console {
-                Some(console) => {
-                    let mut console = process::Redacting {
-                        sink: console.as_mut(),
-                        redact: |lines: &str| context.redact(lines),
-                    };
-                    process::run_with_sink(command, timeout, Some(&mut console)).await
-                }
-                None => process::run(command, timeout).await,
-            };
-            let done = match done {
-                Ok(done) => done,
-                Err(err) => return Err(Failed::after(log, err.into())),
-            };
-            let output = context.redact(&done.log);
-            log.push_str(&output);
-            if !done.success {
-                log.push_str(&format!("{} ended: {}\n", script.location, done.status));
-                let error = LocalError::Script {
-                    last_line: last_line(&output).to_owned(),
-                    script: script.location.clone(),
-                    exit: done.status,
-                };
+            let ran = run_logged(
+                command,
+                &script.location,
+                timeout,
+                context,
+                &mut console,
+                &mut log,
+            );
+            if let Err(error) = ran.await {
                 return Err(Failed { log, error });
             }
         }
@@ -338,37 +321,13 @@ impl LocalRunner {
         };
         let mut child = context.release_env(stage).command("sh");
         child.arg("-c").arg(command).current_dir(&folders.release);
-        if let Some(user) = &context.job.app.run_user {
-            user.apply(&mut child);
-        }
         let timeout = Duration::from_secs(context.job.app.hook_timeout_secs);
         let mut log = format!("$ {command} (timeout {}s)\n", timeout.as_secs());
-        let done = match progress.console(stage) {
-            Some(mut console) => {
-                let mut console = process::Redacting {
-                    sink: console.as_mut(),
-                    redact: |lines: &str| context.redact(lines),
-                };
-                process::run_with_sink(child, timeout, Some(&mut console)).await
-            }
-            None => process::run(child, timeout).await,
-        };
-        let done = match done {
-            Ok(done) => done,
-            Err(err) => return Err(Failed::after(log, err.into())),
-        };
-        let output = context.redact(&done.log);
-        log.push_str(&output);
-        if !done.success {
-            log.push_str(&format!("{stage} ended: {}\n", done.status));
-            let error = LocalError::Script {
-                last_line: last_line(&output).to_owned(),
-                script: command.to_owned(),
-                exit: done.status,
-            };
-            return Err(Failed { log, error });
+        let mut console = progress.console(stage);
+        match run_logged(child, command, timeout, context, &mut console, &mut log).await {
+            Ok(()) => Ok(Done::new((), log)),
+            Err(error) => Err(Failed { log, error }),
         }
-        Ok(Done::new((), log))
     }
 
     /// Gives `path` to the app's `run_as` user, when it has one, and lets it pass through
@@ -579,6 +538,47 @@ fn last_line(log: &str) -> &str {
         .rev()
         .find(|l| !l.trim().is_empty())
         .unwrap_or("no output")
+}
+
+/// Runs `command` (an appspec script, or the app's `release` or `hooks`, named `what`) as
+/// `run_as` to its end or `timeout`: its lines onto `console` as they are printed and its
+/// output onto `log`, redacted both; a failure's error is its last line.
+async fn run_logged(
+    mut command: tokio::process::Command,
+    what: &str,
+    timeout: Duration,
+    context: &HookContext<'_>,
+    console: &mut Option<Box<dyn LineSink>>,
+    log: &mut String,
+) -> Result<(), LocalError> {
+    if let Some(user) = &context.job.app.run_user {
+        user.apply(&mut command);
+    }
+    let done = match console {
+        Some(console) => {
+            let mut console = process::Redacting {
+                sink: console.as_mut(),
+                redact: |lines: &str| context.redact(lines),
+            };
+            process::run_with_sink(command, timeout, Some(&mut console)).await
+        }
+        None => process::run(command, timeout).await,
+    };
+    let done = done.map_err(|err| {
+        log.push_str(&format!("{err}\n"));
+        LocalError::from(err)
+    })?;
+    let output = context.redact(&done.log);
+    log.push_str(&output);
+    if done.success {
+        return Ok(());
+    }
+    log.push_str(&format!("{what} ended: {}\n", done.status));
+    Err(LocalError::Script {
+        last_line: last_line(&output).to_owned(),
+        script: what.to_owned(),
+        exit: done.status,
+    })
 }
 
 /// Ties a step's error to its stage, as the pipeline records it.
