@@ -1363,6 +1363,23 @@ async fn main() {
             https_section(&https_rows),
             table.join("\n")
         );
+        // `scripts/bench ws` writes a section of its own: keep its last run.
+        let previous = std::fs::read_to_string(&path).unwrap_or_default();
+        let ws = previous
+            .find("\n## WebSockets, idle connections")
+            .map(|start| {
+                let rest = &previous[start + 1..];
+                match rest[3..].find("\n## ") {
+                    Some(end) => &rest[..end + 3],
+                    None => rest,
+                }
+            })
+            .unwrap_or("");
+        let report = if ws.is_empty() {
+            report
+        } else {
+            format!("{report}\n{}\n", ws.trim_end())
+        };
         std::fs::write(path, report).unwrap();
     }
 }
