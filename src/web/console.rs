@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use super::{AppError, AppState};
 use crate::db::{self, Deployment, StageRow};
-use crate::domain::{DeploymentId, StageStatus};
+use crate::domain::{DeploymentId, DeploymentStatus, StageStatus};
 use crate::output::{Follow, Piece, Seen};
 
 pub fn routes() -> Router<Arc<AppState>> {
@@ -52,8 +52,13 @@ async fn log(
         return Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response());
     };
     let shutdown = state.shutdown.clone();
-    let stream = if console.snapshot.is_none() && deployment.status.is_finished() {
-        // It ended (here or before a restart): its record is the whole of it.
+    let yet_to_print = matches!(
+        deployment.status,
+        DeploymentStatus::Waiting | DeploymentStatus::Queued | DeploymentStatus::Running
+    );
+    let stream = if console.snapshot.is_none() && !yet_to_print {
+        // Its pipeline ended (here or before a restart; a guarded one may still be
+        // `guarding`): its record is the whole of it.
         let text = recorded(&deployment, &stages);
         futures_util::stream::iter([lines_event(&text), Ok(end_event())]).boxed()
     } else {

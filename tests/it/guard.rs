@@ -126,6 +126,26 @@ async fn a_good_version_stays_live_guarding_with_a_countdown_then_succeeds() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!((1..=3).contains(&secs_left), "{secs_left}");
+    // Its console ended with its pipeline: following it while it guards gets the record
+    // and the end, never a stream left open.
+    let console = tokio::time::timeout(
+        Duration::from_secs(30),
+        app.http
+            .get(format!("{}/api/deployments/{id}/log?follow=1", app.base()))
+            .bearer_auth(crate::common::ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .text(),
+    )
+    .await
+    .expect("the follow of a guarding deployment ends")
+    .unwrap();
+    assert!(console.contains("ValidateService succeeded"), "{console}");
+    assert!(
+        console.trim_end().ends_with("event: end\ndata: {}"),
+        "{console}"
+    );
     let done = app.wait_finished(id).await;
 
     assert_eq!(done["deployment"]["status"], "succeeded", "{done:#}");
