@@ -154,6 +154,18 @@ impl Local {
         }
     }
 
+    /// A refused body up to this size is read and dropped before the 413 goes out: an HTTP/2
+    /// client whose stream is reset while it still writes (curl, for one) reports a framing
+    /// error instead of the answer. A larger one is answered at once.
+    const DISCARD_BYTES: u64 = 64 * 1024;
+
+    /// Reads `body` to its end and drops it, for at most a few seconds.
+    async fn discard(mut body: Incoming) {
+        use http_body_util::BodyExt;
+        let reading = async { while let Some(Ok(_)) = body.frame().await {} };
+        let _ = tokio::time::timeout(Duration::from_secs(5), reading).await;
+    }
+
     /// One request: the ACME challenge, the route, the limits, then the site's own path.
     async fn handle(
         &self,
@@ -185,7 +197,10 @@ impl Local {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|length| length > shared.limits.max_body_bytes) {
+        if let Some(length) = declared.filter(|length| *length > shared.limits.max_body_bytes) {
+            if length <= Self::DISCARD_BYTES {
+                Self::discard(req.into_body()).await;
+            }
             return text_response(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "413 request body too large\n",
