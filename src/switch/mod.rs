@@ -15,6 +15,12 @@ use serde::{Deserialize, Serialize};
 
 pub use proxy::meter::InstanceCounts;
 
+/// Set by the shared edge on every request it forwards to nonstop's own server (a client's
+/// own value is replaced, and the proxy strips it from what it forwards to apps), so the
+/// server never takes such a request for a local caller.
+pub const THROUGH_EDGE: hyper::header::HeaderName =
+    hyper::header::HeaderName::from_static("x-nonstop-edge");
+
 /// Why a switch could not move traffic. Traffic stays where it was whenever this is returned.
 #[derive(Debug, thiserror::Error)]
 pub enum SwitchError {

@@ -26,7 +26,7 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use hyper::header::{HeaderName, HeaderValue};
+use hyper::header::HeaderValue;
 use tokio::sync::watch;
 use tracing::info;
 
@@ -38,9 +38,7 @@ use super::proxy::{Admission, ConnectionLimits, LiveCell, Proxy, ProxyOptions, T
 use crate::config::{Config, EdgeLimits, HostName, TlsConfig};
 use crate::domain::AppName;
 
-/// Set by the edge on every request it forwards to nonstop's own server (a client's own
-/// value is replaced), so the server never takes such a request for a local caller.
-pub const THROUGH_EDGE: HeaderName = HeaderName::from_static("x-nonstop-edge");
+pub use super::THROUGH_EDGE;
 
 /// Where ACME's HTTP-01 challenges are answered.
 pub const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";

@@ -53,7 +53,7 @@ const END_TO_END: [HeaderName; 17] = [
     X_FORWARDED_HOST,
     X_REAL_IP,
     // The edge's mark on requests to nonstop's own router: a client must not strip it.
-    crate::switch::edge::THROUGH_EDGE,
+    crate::switch::THROUGH_EDGE,
 ];
 
 /// What `Connection` says on an upgrade we pass on: nothing else of the client's.
