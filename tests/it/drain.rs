@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::common::{Extra, spawn_app_with, stage};
+use crate::common::{Extra, TestApp, spawn_app_with, stage};
 use crate::deploy::{next_event_data, say};
 
 /// What one WebSocket saw while it talked every 50 ms: how many answers, whether each named
@@ -26,6 +26,24 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64
+}
+
+/// Opens `n` WebSockets through `app`'s proxy, checks that `version` answers each, and
+/// keeps each talking (`keep_talking`) until `stop`.
+pub async fn open_talkers(
+    app: &TestApp,
+    version: &str,
+    stop: &Arc<AtomicBool>,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<Talked>> {
+    let ws_url = format!("ws://127.0.0.1:{}/ws", app.ports.proxy);
+    let mut talkers = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (mut socket, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
+        assert_eq!(say(&mut socket, "hi").await, format!("{version}: hi"));
+        talkers.push(keep_talking(socket, version.to_owned(), stop.clone()));
+    }
+    talkers
 }
 
 /// Talks on `socket` every 50 ms until it is closed or `stop` is set (bounded: 10,000
@@ -88,14 +106,8 @@ async fn connections_survive_the_deploy_that_switches_away_and_are_drained_by_th
     })
     .await;
     let first = app.deploy(&app.repo.commit("First")).await;
-    let ws_url = format!("ws://127.0.0.1:{}/ws", app.ports.proxy);
     let stop = Arc::new(AtomicBool::new(false));
-    let mut talkers = Vec::new();
-    for _ in 0..3 {
-        let (mut socket, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
-        assert_eq!(say(&mut socket, "hi").await, format!("{first}: hi"));
-        talkers.push(keep_talking(socket, first.clone(), stop.clone()));
-    }
+    let talkers = open_talkers(&app, &first, &stop, 3).await;
     let mut events = reqwest::get(format!("{}/stream", app.proxy()))
         .await
         .unwrap();
@@ -167,7 +179,6 @@ async fn two_dozen_websockets_across_five_deploys_end_only_at_their_instances_dr
         ..Extra::default()
     })
     .await;
-    let ws_url = format!("ws://127.0.0.1:{}/ws", app.ports.proxy);
     let stop = Arc::new(AtomicBool::new(false));
     // (round opened, handle); the round's deploy decides the version and the port.
     let mut talkers = Vec::new();
@@ -189,11 +200,8 @@ async fn two_dozen_websockets_across_five_deploys_end_only_at_their_instances_dr
                 "{log}"
             );
         }
-        for _ in 0..PER_ROUND {
-            let (mut socket, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
-            assert_eq!(say(&mut socket, "hi").await, format!("{version}: hi"));
-            talkers.push((round, keep_talking(socket, version.clone(), stop.clone())));
-        }
+        let opened = open_talkers(&app, &version, &stop, PER_ROUND).await;
+        talkers.extend(opened.into_iter().map(|talker| (round, talker)));
     }
     // Let the last ones talk a little, then stop them.
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -9,8 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use crate::common::{Extra, Load, spawn_app, spawn_app_with};
-use crate::deploy::say;
-use crate::drain::keep_talking;
+use crate::drain::open_talkers;
 
 #[tokio::test]
 async fn restarting_serve_three_times_under_load_loses_no_request() {
@@ -68,14 +67,8 @@ async fn with_the_default_config_serve_restarts_and_crashes_lose_no_request_and_
         .to_owned();
     assert_ne!(proxy_pid, app.server_pid().to_string());
 
-    let ws_url = format!("ws://127.0.0.1:{}/ws", app.ports.proxy);
     let stop = Arc::new(AtomicBool::new(false));
-    let mut talkers = Vec::new();
-    for _ in 0..5 {
-        let (mut socket, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
-        assert_eq!(say(&mut socket, "hi").await, format!("{first}: hi"));
-        talkers.push(keep_talking(socket, first.clone(), stop.clone()));
-    }
+    let talkers = open_talkers(&app, &first, &stop, 5).await;
     let load = Load::start(
         format!("{}/", app.proxy()),
         8,
@@ -289,14 +282,8 @@ async fn three_upgrades_of_the_proxy_in_place_under_load_fail_no_request() {
     })
     .await;
     let first = app.deploy(&app.repo.commit("Before the upgrades")).await;
-    let ws_url = format!("ws://127.0.0.1:{}/ws", app.ports.proxy);
     let stop = Arc::new(AtomicBool::new(false));
-    let mut talkers = Vec::new();
-    for _ in 0..3 {
-        let (mut socket, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
-        assert_eq!(say(&mut socket, "hi").await, format!("{first}: hi"));
-        talkers.push(keep_talking(socket, first.clone(), stop.clone()));
-    }
+    let talkers = open_talkers(&app, &first, &stop, 3).await;
     let load = Load::start(
         format!("{}/", app.proxy()),
         8,
